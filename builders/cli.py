@@ -1,0 +1,34 @@
+"""The `enginesmith` console entry point: one typer app, one module per sub-command."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="enginesmith",
+    help="Plan, convert, build, serve and benchmark an LLM deployment from one YAML recipe.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# Each module defines `register(app)`; a sub-command exists only once its module is here.
+COMMAND_MODULES: list[str] = [
+]
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
