@@ -80,8 +80,8 @@ class ModelSpec:
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=cfg.get("rope_scaling"),
+                rope_theta=_rope_theta(cfg),
+                rope_scaling=_rope_scaling(cfg),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attn_bias=SUPPORTED_ARCHITECTURES[arch] == "qwen2" or bool(cfg.get("attention_bias", False)),
                 num_experts=num_experts,
@@ -101,3 +101,18 @@ class ModelSpec:
         if not p.is_file():
             raise ModelSpecError(f"no config.json in {path}")
         return cls.from_hf_config(json.loads(p.read_text()), name=str(path))
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    """transformers >= 5 writes `rope_parameters: {rope_theta, rope_type, ...}` instead of `rope_theta`."""
+    params = cfg.get("rope_parameters") or {}
+    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    if cfg.get("rope_scaling"):
+        return cfg["rope_scaling"]
+    params = cfg.get("rope_parameters") or {}
+    if params.get("rope_type", "default") == "default":
+        return None
+    return {k: v for k, v in params.items() if k != "rope_theta"}
