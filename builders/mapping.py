@@ -44,6 +44,9 @@ class Mapping:
     def create(cls, tp_size: int = 1, pp_size: int = 1, moe_ep_size: int | None = None,
                moe_tp_size: int | None = None, gpus_per_node: int = 8) -> Mapping:
         """Build a mapping, deriving the MoE split as TensorRT-LLM does when one side is unset."""
+        for name, value in (("tp_size", tp_size), ("moe_ep_size", moe_ep_size), ("moe_tp_size", moe_tp_size)):
+            if value is not None and value < 1:
+                raise MappingError(f"{name}={value} must be >= 1")
         if moe_ep_size is None and moe_tp_size is None:
             moe_tp_size, moe_ep_size = tp_size, 1
         elif moe_tp_size is None:
@@ -76,9 +79,15 @@ class Mapping:
         return [self.rank_coords(r) for r in range(self.world_size)]
 
     def tp_group(self, pp_rank: int) -> list[int]:
+        """Global ranks of PP stage `pp_rank` (one TP group)."""
+        if not 0 <= pp_rank < self.pp_size:
+            raise MappingError(f"pp_rank={pp_rank} outside 0..{self.pp_size - 1}")
         return [pp_rank * self.tp_size + t for t in range(self.tp_size)]
 
     def pp_group(self, tp_rank: int) -> list[int]:
+        """Global ranks sharing `tp_rank` across the stages (one PP group)."""
+        if not 0 <= tp_rank < self.tp_size:
+            raise MappingError(f"tp_rank={tp_rank} outside 0..{self.tp_size - 1}")
         return [p * self.tp_size + tp_rank for p in range(self.pp_size)]
 
     def to_trtllm_dict(self) -> dict:
@@ -102,8 +111,10 @@ class RankCoords:
 
 def pp_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
     """Global layer indices of one PP stage: `torch.tensor_split` order, first stages get the extra layers."""
-    if num_layers < pp_size:
-        raise MappingError(f"pp_size={pp_size} exceeds num_hidden_layers={num_layers}")
+    if pp_size < 1 or num_layers < pp_size:
+        raise MappingError(f"pp_size={pp_size} must be in 1..num_hidden_layers={num_layers}")
+    if not 0 <= pp_rank < pp_size:
+        raise MappingError(f"pp_rank={pp_rank} outside 0..{pp_size - 1}")
     base, extra = divmod(num_layers, pp_size)
     start = pp_rank * base + min(pp_rank, extra)
     return range(start, start + base + (1 if pp_rank < extra else 0))
@@ -111,8 +122,10 @@ def pp_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
 
 def ep_experts(num_experts: int, moe_ep_size: int, moe_ep_rank: int) -> range:
     """Contiguous block of experts owned by one EP rank."""
-    if num_experts % moe_ep_size:
+    if moe_ep_size < 1 or num_experts % moe_ep_size:
         raise MappingError(f"moe_ep_size={moe_ep_size} must divide num_experts={num_experts}")
+    if not 0 <= moe_ep_rank < moe_ep_size:
+        raise MappingError(f"moe_ep_rank={moe_ep_rank} outside 0..{moe_ep_size - 1}")
     n = num_experts // moe_ep_size
     return range(moe_ep_rank * n, (moe_ep_rank + 1) * n)
 

@@ -1,0 +1,122 @@
+"""Score one explicit layout: ranks, memory, roofline, communication, pipeline and the SLA verdict."""
+
+from __future__ import annotations
+
+import math
+
+from builders.hardware import HardwareSpec
+from builders.mapping import Mapping, ep_experts, pad_vocab_size, pp_layers
+from builders.memory import MemoryInputs, RankMemory, rank_memory, stage_totals
+from builders.model_spec import ModelSpec
+from builders.plan_types import MemorySummary, PipelineInfo, Plan, RankPlan
+from builders.recipe import ParallelSection, Recipe
+from builders.roofline import PerfModel, StageShape, bubble_fraction
+from builders.sla import sla_checks, verdict
+
+
+def memory_inputs(recipe: Recipe, hw: HardwareSpec) -> MemoryInputs:
+    b = recipe.build
+    return MemoryInputs(dtype=recipe.model.dtype, weights=recipe.quantization.weights,
+                        kv_cache=recipe.quantization.kv_cache, gpu_memory_bytes=hw.memory_bytes,
+                        max_batch_size=b.max_batch_size, max_beam_width=b.max_beam_width,
+                        max_num_tokens=b.max_num_tokens, max_seq_len=b.max_seq_len,
+                        tokens_per_block=b.tokens_per_block, kv_fraction=recipe.serve.kv_cache_free_gpu_mem_fraction)
+
+
+def _ranks(spec: ModelSpec, m: Mapping, stage_mem: list[RankMemory], stage_layers: list[list[int]]) -> list[RankPlan]:
+    out = []
+    for c in m.ranks():
+        experts = list(ep_experts(spec.num_experts, m.moe_ep_size, c.moe_ep_rank)) if spec.is_moe else []
+        out.append(RankPlan(rank=c.rank, tp_rank=c.tp_rank, pp_rank=c.pp_rank, moe_ep_rank=c.moe_ep_rank,
+                            moe_tp_rank=c.moe_tp_rank, node=c.node, local_gpu=c.local_gpu,
+                            layers=stage_layers[c.pp_rank], experts=experts, memory=stage_mem[c.pp_rank]))
+    return out
+
+
+def _summary(recipe: Recipe, stage_mem: list[RankMemory], m: Mapping, hw: HardwareSpec) -> MemorySummary:
+    kv_tokens = min(r.kv_tokens for r in stage_mem)
+    return MemorySummary(
+        gpu_memory_bytes=hw.memory_bytes,
+        weight_bytes_max=max(r.weight_bytes for r in stage_mem),
+        workspace_bytes_max=max(r.workspace_bytes for r in stage_mem),
+        kv_bytes_per_token_max=max(r.kv_bytes_per_token for r in stage_mem),
+        kv_tokens=kv_tokens, kv_sequences=kv_tokens // recipe.build.max_seq_len,
+        sla_sequences=kv_tokens // (recipe.sla.isl + recipe.sla.osl),
+        model_weight_bytes=sum(r.weight_bytes for r in stage_mem) * m.tp_size,
+        fits=all(r.fits for r in stage_mem))
+
+
+def _concurrency(recipe: Recipe, perf: PerfModel) -> int:
+    """Given concurrency, or request_rate x end-to-end latency (Little's law, iterated to a fixed point)."""
+    s = recipe.sla
+    if s.concurrency is not None:
+        return s.concurrency
+    ttft = perf.prefill(s.isl).estimate_ms
+    c = 1
+    for _ in range(30):
+        batch = min(c, recipe.build.max_batch_size)
+        e2e_s = (ttft + (s.osl - 1) * perf.decode(batch, s.isl + s.osl / 2).estimate_ms) / 1e3
+        nxt = max(1, math.ceil(s.request_rate * e2e_s))
+        if nxt == c or nxt > 64 * recipe.build.max_batch_size:
+            return nxt
+        c = nxt
+    return c
+
+
+def _notes(recipe: Recipe, spec: ModelSpec, m: Mapping, hw: HardwareSpec, concurrency: int) -> list[str]:
+    notes = []
+    if m.world_size < hw.total_gpus:
+        notes.append(f"uses {m.world_size} of the {hw.total_gpus} GPUs")
+    if m.tp_size > 1 and len({r // hw.gpus_per_node for r in m.tp_group(0)}) > 1:
+        notes.append(f"the TP group spans nodes: every all-reduce crosses {hw.inter_node.kind}")
+    if m.pp_size > 1 and len({s * m.tp_size // hw.gpus_per_node for s in range(m.pp_size)}) > 1:
+        notes.append("pipeline stages span nodes: only stage boundaries cross the inter-node link")
+    if spec.is_mla and m.tp_size > 1:
+        notes.append(f"MLA caches one latent per token: it is replicated on all {m.tp_size} TP ranks")
+    elif m.tp_size > spec.num_key_value_heads:
+        reps = m.tp_size // spec.num_key_value_heads
+        notes.append(f"tp_size {m.tp_size} > num_key_value_heads {spec.num_key_value_heads}: each KV head is "
+                     f"duplicated on {reps} ranks (weights and KV cache)")
+    if (pad := pad_vocab_size(spec.vocab_size, m.tp_size)) != spec.vocab_size:
+        notes.append(f"lm_head padded from {spec.vocab_size} to {pad} rows ({pad // m.tp_size} per TP rank)")
+    if recipe.quantization.weights in ("int8_weight_only", "int4_weight_only"):
+        notes.append(f"weight-only: weights stored as int{8 if 'int8' in recipe.quantization.weights else 4}, "
+                     f"GEMMs run in {recipe.model.dtype} (A16)")
+    if concurrency > recipe.build.max_batch_size:
+        notes.append(f"{concurrency} requests in flight exceed build.max_batch_size={recipe.build.max_batch_size}")
+    return notes
+
+
+def default_micro_batches(recipe: Recipe, pp_size: int, batch: int) -> int:
+    """The recipe's pp_micro_batches, else 4 * pp_size (bubble <= 1/5 at p=2) capped by the batch."""
+    if isinstance(recipe.parallel, ParallelSection) and recipe.parallel.pp_micro_batches:
+        return recipe.parallel.pp_micro_batches
+    return 1 if pp_size == 1 else max(1, min(4 * pp_size, batch))
+
+
+def evaluate(recipe: Recipe, spec: ModelSpec, hw: HardwareSpec, m: Mapping) -> Plan:
+    """The full plan of `recipe` on layout `m` (no search, no quantization alternatives)."""
+    x = memory_inputs(recipe, hw)
+    layers = [list(pp_layers(spec.num_hidden_layers, m.pp_size, s)) for s in range(m.pp_size)]
+    mem = [rank_memory(spec, m, s, layers[s], x) for s in range(m.pp_size)]
+    stages = [StageShape(s, layers[s], stage_totals(spec, m, s, layers[s], lambda sh: sh.numel),
+                         mem[s].weights_by_component, mem[s].kv_bytes_per_token) for s in range(m.pp_size)]
+    compute_dtype = "fp8" if recipe.quantization.weights == "fp8" else recipe.model.dtype
+    perf = PerfModel(spec, m, hw, stages, x.act_bytes, compute_dtype)
+    s = recipe.sla
+    concurrency = _concurrency(recipe, perf)
+    batch = min(concurrency, recipe.build.max_batch_size)
+    prefill, decode = perf.prefill(s.isl), perf.decode(batch, s.isl + s.osl / 2)
+    micro = default_micro_batches(recipe, m.pp_size, batch)
+    burst = perf.prefill_burst(batch, s.isl, micro)
+    summary = _summary(recipe, mem, m, hw)
+    checks = sla_checks(s, used_bytes=max(r.weight_bytes + r.workspace_bytes for r in mem),
+                        gpu_bytes=hw.memory_bytes, kv_tokens=summary.kv_tokens, max_seq_len=recipe.build.max_seq_len,
+                        concurrency=concurrency, max_batch_size=recipe.build.max_batch_size,
+                        prefill=prefill, decode=decode)
+    pipeline = PipelineInfo(m.pp_size, micro, bubble_fraction(m.pp_size, micro), decode.micro_batches)
+    return Plan(recipe=recipe, spec=spec, hardware=hw, mapping=m, ranks=_ranks(spec, m, mem, layers),
+                memory=summary, concurrency=concurrency, batch=batch, prefill=prefill, decode=decode,
+                prefill_burst=burst, pipeline=pipeline, sla=verdict(checks),
+                notes=_notes(recipe, spec, m, hw, concurrency))
+

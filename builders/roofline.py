@@ -1,0 +1,160 @@
+"""Roofline floors and step-time estimates for prefill and decode on a layout.
+
+Per PP stage: FLOPs = 2 * tokens * (dense params + routed-expert params * top_k / num_experts) + the
+attention core (4 * heads * head_dim per attended position; MLA: 2 * heads * (2 * kv_lora + rope)) + the
+lm_head for one token per sequence; HBM bytes = weights read once per micro-batch (routed experts only
+the fraction 1-(1-k/E)^tokens that any token touches) + KV read and written. The floor is
+max(FLOPs / peak, bytes / HBM bandwidth); the estimate divides by the achievable fractions below and
+adds the stage's communication (builders.comms).
+
+Pipelines: prefill of one request walks the stages in turn. Decode keeps pp_size micro-batches in flight
+(TensorRT-LLM's in-flight batching with PP), so TPOT = max(sum of stage times + sends,
+micro-batches * slowest stage). A burst of prompts split into m micro-batches runs GPipe-style:
+sum of stage times + (m-1) * slowest stage, idle fraction (p-1)/(m+p-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from builders.comms import CommFigure, merge, p2p_comm, stage_comm
+from builders.hardware import HardwareSpec
+from builders.mapping import Mapping
+from builders.model_spec import ModelSpec
+
+COMPUTE_EFFICIENCY = 0.6
+"""Achievable fraction of peak tensor-core FLOP/s for the GEMMs of a step (MFU)."""
+HBM_EFFICIENCY = 0.8
+"""Achievable fraction of HBM bandwidth when streaming weights and KV (MBU)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageShape:
+    """What the performance model needs about one PP stage (any of its TP ranks)."""
+
+    pp_rank: int
+    layers: list[int]
+    params: dict[str, int]
+    """Elements by component on one rank."""
+    weight_bytes: dict[str, int]
+    kv_bytes_per_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class StageCost:
+    compute_s: float
+    hbm_s: float
+    comm_s: float
+    flops: float
+    hbm_bytes: float
+    comm: list[CommFigure] = field(default_factory=list)
+
+    @property
+    def floor_s(self) -> float:
+        return max(self.compute_s, self.hbm_s)
+
+    @property
+    def estimate_s(self) -> float:
+        return max(self.compute_s / COMPUTE_EFFICIENCY, self.hbm_s / HBM_EFFICIENCY) + self.comm_s
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseEstimate:
+    """One kind of step on the whole pipeline."""
+
+    phase: str
+    """prefill (one request) | decode (the SLA batch) | prefill_burst (the SLA batch's prompts at once)."""
+    tokens: int
+    sequences: int
+    micro_batches: int
+    flops_per_gpu: float
+    """Busiest GPU, whole step."""
+    hbm_bytes_per_gpu: float
+    compute_ms: float
+    """The step if only compute counted (stages' compute floors through the pipeline)."""
+    hbm_ms: float
+    """The step if only HBM traffic counted."""
+    floor_ms: float
+    """Roofline floor of the step: pipeline of max(compute, HBM) per stage, communication excluded."""
+    comm_ms: float
+    estimate_ms: float
+    """Expected step time: achievable fractions of peak, communication and the pipeline included."""
+    bound_by: str
+    """compute | memory bandwidth | communication"""
+    comm: list[CommFigure]
+
+
+def _pipeline(times: list[float], m: int, p2p: float, inflight: bool) -> float:
+    if inflight:
+        return max(sum(times) + p2p, m * max(times))
+    return sum(times) + p2p + (m - 1) * max(times)
+
+
+@dataclass(frozen=True, slots=True)
+class PerfModel:
+    spec: ModelSpec
+    mapping: Mapping
+    hw: HardwareSpec
+    stages: list[StageShape]
+    act_bytes: int
+    compute_dtype: str
+
+    def stage_cost(self, st: StageShape, tokens: int, seqs: int, attended: float, kv_read: float) -> StageCost:
+        """Cost of one micro-batch on stage `st`."""
+        spec, k, e = self.spec, self.spec.num_experts_per_tok, self.spec.num_experts
+        p, w = st.params, st.weight_bytes
+        dense = sum(v for c, v in p.items() if c in ("attention", "mlp", "shared_experts", "router"))
+        routed = p.get("experts", 0) * k / e if spec.is_moe else 0.0
+        nh = spec.num_attention_heads // self.mapping.tp_size
+        per_pos = 2 * nh * (2 * spec.kv_lora_rank + spec.qk_rope_head_dim) if spec.is_mla else 4 * nh * spec.head_dim
+        flops = 2 * tokens * (dense + routed) + 2 * seqs * p.get("lm_head", 0) + per_pos * attended * len(st.layers)
+        touched = 1 - (1 - k / e) ** tokens if spec.is_moe else 0.0
+        weights = sum(v for c, v in w.items() if c not in ("embedding", "experts")) + w.get("experts", 0) * touched
+        embed_rows = tokens * spec.hidden_size * self.act_bytes if "embedding" in w else 0
+        nbytes = weights + embed_rows + (kv_read + tokens) * st.kv_bytes_per_token
+        comm = stage_comm(spec, self.mapping, self.hw, st.pp_rank, st.layers, tokens, seqs, self.act_bytes)
+        return StageCost(compute_s=flops / self.hw.peak_flops(self.compute_dtype),
+                         hbm_s=nbytes / (self.hw.hbm_gbps * 1e9), comm_s=sum(c.time_s for c in comm),
+                         flops=flops, hbm_bytes=nbytes, comm=comm)
+
+    def phase(self, name: str, tokens: int, seqs: int, attended: float, kv_read: float, m: int,
+              inflight: bool) -> PhaseEstimate:
+        """A step of `tokens` from `seqs` sequences, split into `m` micro-batches."""
+        costs = [self.stage_cost(st, -(-tokens // m), -(-seqs // m), attended / m, kv_read / m)
+                 for st in self.stages]
+        p2p = p2p_comm(self.spec, self.mapping, self.hw, -(-tokens // m), self.act_bytes)
+        p2p_s = p2p.time_s if p2p else 0.0
+        floor = _pipeline([c.floor_s for c in costs], m, 0.0, inflight)
+        estimate = _pipeline([c.estimate_s for c in costs], m, p2p_s, inflight)
+        shares = {"compute": 0.0, "memory bandwidth": 0.0, "communication": p2p_s}
+        for c in costs:
+            c_s, h_s = c.compute_s / COMPUTE_EFFICIENCY, c.hbm_s / HBM_EFFICIENCY
+            shares["compute" if c_s >= h_s else "memory bandwidth"] += max(c_s, h_s)
+            shares["communication"] += c.comm_s
+        comm = merge([f for c in costs for f in c.comm] + ([p2p] if p2p else []))
+        return PhaseEstimate(
+            phase=name, tokens=tokens, sequences=seqs, micro_batches=m,
+            flops_per_gpu=max(c.flops for c in costs) * m, hbm_bytes_per_gpu=max(c.hbm_bytes for c in costs) * m,
+            compute_ms=1e3 * _pipeline([c.compute_s for c in costs], m, 0.0, inflight),
+            hbm_ms=1e3 * _pipeline([c.hbm_s for c in costs], m, 0.0, inflight),
+            floor_ms=1e3 * floor, comm_ms=1e3 * (sum(c.comm_s for c in costs) + p2p_s),
+            estimate_ms=1e3 * estimate, bound_by=max(shares, key=shares.__getitem__), comm=comm)
+
+    def prefill(self, isl: int) -> PhaseEstimate:
+        """One request's prompt (TTFT)."""
+        return self.phase("prefill", isl, 1, isl * (isl + 1) / 2, 0, 1, inflight=False)
+
+    def decode(self, batch: int, context: float) -> PhaseEstimate:
+        """One token for each of `batch` sequences holding `context` tokens (TPOT)."""
+        m = max(1, min(self.mapping.pp_size, batch))
+        return self.phase("decode", batch, batch, batch * context, batch * context, m, inflight=True)
+
+    def prefill_burst(self, batch: int, isl: int, micro_batches: int) -> PhaseEstimate:
+        """`batch` prompts at once through a GPipe of `micro_batches`."""
+        m = max(1, min(micro_batches, batch))
+        return self.phase("prefill_burst", batch * isl, batch, batch * isl * (isl + 1) / 2, 0, m, inflight=False)
+
+
+def bubble_fraction(pp_size: int, micro_batches: int) -> float:
+    """GPipe idle fraction (p-1)/(m+p-1)."""
+    return (pp_size - 1) / (micro_batches + pp_size - 1)

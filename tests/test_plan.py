@@ -1,0 +1,194 @@
+"""make_plan behaviour (verdicts, communication, pipeline, request rate) and the `plan` / `recipe schema` CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from builders.commands_plan import register
+from builders.plan import make_plan
+from builders.recipe import ParallelSection, load_recipe, parse_recipe
+from builders.roofline import bubble_fraction
+
+RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
+REPO = Path(__file__).resolve().parent.parent
+
+
+def recipe_of(name: str):
+    return load_recipe(REPO / "recipes" / f"{name}.yaml")
+
+
+def variant(recipe, **sections):
+    """Copy of `recipe` with sections replaced (dicts are merged into the existing section)."""
+    data = recipe.model_dump()
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data[key], dict) else value
+    return parse_recipe(data)
+
+
+@pytest.fixture()
+def cli():
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_plans_and_serialises(path):
+    plan = make_plan(load_recipe(path))
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert d["recipe"]["name"] == path.stem and d["spec"]["architecture"] == plan.spec.architecture
+    assert d["mapping"]["world_size"] == len(d["ranks"]) == plan.world_size
+    assert {"rank", "tp_rank", "pp_rank", "moe_ep_rank", "moe_tp_rank", "node", "local_gpu", "layers",
+            "experts", "memory"} <= set(d["ranks"][0])
+    assert d["sla"]["binding"] in ("compute", "memory bandwidth", "communication", "KV capacity",
+                                   "memory capacity", "max_batch_size")
+    assert d["prefill"]["floor_ms"] > 0 and d["decode"]["floor_ms"] > 0
+    assert len(d["quantization_options"]) == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.batch = 3  # type: ignore[misc]
+
+
+def test_verdict_names_the_binding_constraint():
+    tiny = recipe_of("tiny-llama")
+    assert make_plan(variant(tiny, sla={"tpot_ms": 1e-4}), with_options=False).sla.binding == "memory bandwidth"
+    slow_prefill = make_plan(variant(tiny, sla={"ttft_ms": 1e-4, "isl": 256}), with_options=False)
+    assert not slow_prefill.sla.meets and slow_prefill.sla.binding == "compute"
+    assert slow_prefill.sla.binding_check == "ttft"
+    big = recipe_of("llama2-13b-tp2-24gb")
+    kv = make_plan(variant(big, sla={"concurrency": 16, "isl": 2048, "osl": 2048}), with_options=False)
+    assert not kv.sla.meets and kv.sla.binding == "KV capacity" and kv.memory.kv_tokens < 16 * 4096
+    queue = make_plan(variant(big, sla={"concurrency": 17, "isl": 64, "osl": 64}), with_options=False)
+    assert queue.sla.binding == "max_batch_size" and queue.batch == 16
+    ok = make_plan(big, with_options=False)
+    assert ok.sla.meets and "meets the SLA" in ok.sla.summary
+
+
+def test_cross_node_tp_uses_the_inter_node_link():
+    big = recipe_of("llama2-13b-tp2-24gb")
+    spread = make_plan(variant(big, hardware={"gpus_per_node": 1, "nodes": 2}), with_options=False)
+    link = {c.kind: c.link for c in spread.decode.comm}
+    assert link["tp_allreduce"] == "infiniband" and any("spans nodes" in n for n in spread.notes)
+    local = make_plan(big, with_options=False)
+    assert {c.kind: c.link for c in local.decode.comm}["tp_allreduce"] == "pcie"
+    assert spread.decode.comm_ms > local.decode.comm_ms
+
+
+def test_expert_parallel_all_to_all_volume():
+    tiny = recipe_of("tiny-mixtral")
+    plan = make_plan(variant(tiny, parallel={"tp_size": 4, "moe_ep_size": 2}), with_options=False)
+    assert (plan.mapping.moe_ep_size, plan.mapping.moe_tp_size) == (2, 2)
+    a2a = next(c for c in plan.decode.comm if c.kind == "ep_alltoall")
+    tokens, k, h, act = plan.batch, 2, 64, 4  # float32 tiny model
+    per_gpu = math.ceil(tokens / 2) * k * h * act * (2 - 1) / 2
+    assert a2a.group_size == 2 and a2a.bytes_per_op == pytest.approx(per_gpu)
+    assert a2a.count == 2 * 3 and a2a.bytes_per_gpu == pytest.approx(2 * 3 * per_gpu)  # dispatch + combine
+    assert {c.kind for c in plan.decode.comm} >= {"tp_allreduce", "moe_tp_allreduce", "lm_head_allgather"}
+    assert [r.experts for r in plan.ranks] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+
+
+def test_pipeline_bubble_and_micro_batches():
+    assert bubble_fraction(2, 2) == pytest.approx(1 / 3)
+    assert bubble_fraction(4, 16) == pytest.approx(3 / 19)
+    assert bubble_fraction(1, 1) == 0
+    tiny = recipe_of("tiny-llama")
+    pp3 = make_plan(variant(tiny, parallel={"tp_size": 1, "pp_size": 3}), with_options=False)
+    assert pp3.pipeline.micro_batches == 4 == pp3.batch  # 4 * pp_size, capped by the batch
+    assert pp3.pipeline.decode_micro_batches == 3 and [r.layers for r in pp3.ranks] == [[0], [1], [2]]
+    pp3m = make_plan(variant(tiny, parallel={"tp_size": 1, "pp_size": 3, "pp_micro_batches": 2}),
+                     with_options=False)
+    assert pp3m.pipeline.bubble_fraction == pytest.approx(2 / 4)
+    assert pp3m.prefill_burst.estimate_ms > pp3.prefill_burst.estimate_ms  # fewer micro-batches, more idle
+
+
+def test_request_rate_sets_concurrency_by_littles_law():
+    tiny = recipe_of("llama2-13b-tp2-24gb")
+    plan = make_plan(variant(tiny, sla={"concurrency": None, "request_rate": 2.0}), with_options=False)
+    s = plan.recipe.sla
+    e2e_s = (plan.prefill.estimate_ms + (s.osl - 1) * plan.decode.estimate_ms) / 1e3
+    assert plan.concurrency == math.ceil(2.0 * e2e_s) and plan.batch == min(plan.concurrency, 16)
+
+
+def test_fp8_runs_only_where_the_gpu_has_it():
+    r70 = recipe_of("llama3-70b-tp2-pp2")
+    fp8 = make_plan(variant(r70, quantization={"weights": "fp8", "kv_cache": "fp8"}), with_options=False)
+    bf16 = make_plan(r70, with_options=False)
+    assert fp8.prefill.compute_ms == pytest.approx(bf16.prefill.compute_ms * 989.4 / 1978.9, rel=0.01)
+    assert fp8.memory.kv_bytes_per_token_max * 2 == bf16.memory.kv_bytes_per_token_max
+    opts = {q.weights: q for q in make_plan(variant(r70, hardware={"gpu": "A100-80"})).quantization_options}
+    assert not opts["fp8"].runnable and "use int8_weight_only (W8A16) or int4_weight_only" in opts["fp8"].reason
+
+
+def test_make_plan_uses_a_given_spec_without_lookup():
+    from builders.specs import load_shipped
+
+    r = parse_recipe({"name": "x", "model": {"source": "nobody/not-on-the-hub"},
+                      "parallel": {"tp_size": 2}, "build": {"max_seq_len": 512, "max_input_len": 256}})
+    plan = make_plan(r, spec=load_shipped("tiny-llama"), with_options=False)
+    assert plan.mapping.tp_size == 2 and any("padded from 315 to 316" in n for n in plan.notes)
+    assert r.parallel == ParallelSection(tp_size=2)
+
+
+def test_cli_plan_json_tables_and_out(cli, tmp_path):
+    runner = CliRunner()
+    recipe = str(REPO / "recipes" / "tiny-mixtral.yaml")
+    res = runner.invoke(cli, ["plan", recipe, "--json", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["mapping"]["tp_size"] == 1 and plan["spec"]["num_experts"] == 8
+    written = json.loads((tmp_path / "tiny-mixtral" / "plan.json").read_text())
+    assert written["sla"] == plan["sla"]
+    res = runner.invoke(cli, ["plan", str(REPO / "recipes" / "mixtral-8x22b-16xa100.yaml")],
+                        env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "parallel: auto chose" in res.stdout and "SLA" in res.stdout
+    assert "no FP8 tensor cores" in res.stdout
+
+
+def test_cli_bad_recipe_writes_nothing(cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nmodel: {source: meta-llama/Llama-2-13b-hf}\nparallel: {tp_size: 3}\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["plan", str(bad), "--out", str(out)])
+    assert res.exit_code == 2
+    assert "parallel.tp_size: 3 does not divide num_attention_heads=40" in res.stderr
+    assert not out.exists()
+
+
+def test_cli_check_fails_when_the_sla_is_missed(cli, tmp_path):
+    tight = tmp_path / "tight.yaml"
+    tight.write_text((REPO / "recipes" / "tiny-llama.yaml").read_text().replace("tpot_ms: 1000", "tpot_ms: 0.0001"))
+    res = CliRunner().invoke(cli, ["plan", str(tight), "--check"])
+    assert res.exit_code == 1 and "misses the SLA" in res.stdout
+
+
+def test_cli_recipe_schema(cli, tmp_path):
+    runner = CliRunner()
+    target = tmp_path / "schema.json"
+    assert runner.invoke(cli, ["recipe", "schema", "--output", str(target)]).exit_code == 0
+    schema = json.loads(target.read_text())
+    assert set(schema["properties"]) == {"name", "model", "hardware", "parallel", "quantization", "build",
+                                         "serve", "sla"}
+    res = runner.invoke(cli, ["recipe", "schema"])
+    assert json.loads(res.stdout) == schema
+
+
+def test_the_real_cli_registers_plan_and_recipe():
+    from builders.cli import app
+
+    res = CliRunner().invoke(app, ["plan", str(REPO / "recipes" / "tiny-llama.yaml"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["recipe"]["name"] == "tiny-llama"
+
+
+def test_auto_explains_when_nothing_meets_the_sla():
+    kimi = recipe_of("kimi-k2-16xa100")
+    plan = make_plan(variant(kimi, quantization={"weights": "none"}), with_options=False)
+    assert not plan.sla.meets and plan.sla.binding == "memory capacity"
+    assert plan.search.chosen_reason.startswith("no layout on up to 16 GPUs meets the SLA; closest:")
+    assert all(not c.meets for c in plan.search.runners_up)
