@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 EXTRAS ?= torch,serve,dev
 
-.PHONY: venv test lint plan-all clean
+.PHONY: venv test lint plan-all clean demo
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,47 @@ plan-all: venv
 
 clean:
 	rm -rf $(OUT)
+
+# The main job end to end on the embedded default: the tiny local llama (random weights, local tokenizer),
+# plan -> convert (skipped when up to date) -> build (reference) -> repo -> a real
+# tritonserver (bundled in nvidia-pytriton) -> one request streamed through the ensemble -> server stopped.
+demo: convert-tiny-llama
+	$(ES) plan recipes/tiny-llama.yaml
+	$(ES) build recipes/tiny-llama.yaml --out $(OUT)
+	$(ES) repo recipes/tiny-llama.yaml --out $(OUT)
+	$(ES) demo recipes/tiny-llama.yaml --out $(OUT)
+
+# Download + convert one recipe into $(OUT)/<name>/checkpoint (`make convert-tiny-llama`); the tiny recipes'
+# random model (out/tiny-<arch>-hf) is created first when missing.
+convert-%: venv
+	@if [ "$(findstring tiny-,$*)" = "tiny-" ] && [ ! -f out/$*-hf/config.json ]; then \
+		$(ES) tiny-model out/$*-hf --arch $(patsubst tiny-%,%,$*); fi
+	$(ES) convert recipes/$*.yaml --out $(OUT)
+
+# Reference deployments: plan -> download + convert (`enginesmith convert` fetches the weights first: it needs
+# network access and the real checkpoints, 26-282 GB) -> build -> repo. On a machine without TensorRT-LLM the
+# build step prints the exact trtllm-build commands, then stops with install instructions.
+# DRY_RUN=1 needs no weights, GPU or TensorRT-LLM: it prints the plan and the explained build commands only.
+.PHONY: build-13b-tp build-70b-pp build-moe-ep
+build-13b-tp: REF_RECIPE := recipes/llama2-13b-tp2-24gb.yaml
+build-70b-pp: REF_RECIPE := recipes/llama3-70b-tp2-pp2.yaml
+build-moe-ep: REF_RECIPE := recipes/mixtral-8x22b-16xa100.yaml
+build-13b-tp build-70b-pp build-moe-ep: venv
+	$(ES) plan $(REF_RECIPE)
+ifdef DRY_RUN
+	$(ES) build $(REF_RECIPE) --out $(OUT) --dry-run --explain
+else
+	$(ES) convert $(REF_RECIPE) --out $(OUT)
+	$(ES) build $(REF_RECIPE) --out $(OUT)
+	$(ES) repo $(REF_RECIPE) --out $(OUT)
+endif
+
+# Load sweep on the demo deployment (recipes/tiny-llama.yaml, reference runtime): builds what is missing,
+# serves its repository on free 127.0.0.1 ports for the run, and writes the per-point JSON (vLLM field
+# names), bench.json, the PNG plots and analysis.md into $(OUT)/tiny-llama/bench/.
+BENCH_ARGS ?= --concurrency 1,2,4,8 --num-prompts 32
+.PHONY: bench
+bench: convert-tiny-llama
+	$(ES) build recipes/tiny-llama.yaml --out $(OUT)
+	$(ES) repo recipes/tiny-llama.yaml --out $(OUT)
+	$(ES) bench recipes/tiny-llama.yaml --out $(OUT) --serve $(BENCH_ARGS)

@@ -15,6 +15,12 @@ app = typer.Typer(
 
 # Each module defines `register(app)`; a sub-command exists only once its module is here.
 COMMAND_MODULES: list[str] = [
+    "builders.commands_build",
+    "builders.commands_client",
+    "builders.commands_convert",
+    "builders.commands_demo",
+    "builders.commands_plan",
+    "builders.commands_repo",
 ]
 
 

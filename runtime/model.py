@@ -33,6 +33,13 @@ class LayerWeights:
     gate: torch.Tensor | None  # dense: I/tp, H (HF up_proj)
     proj: torch.Tensor  # dense: H, I/tp | MoE: E_local, H, I/moe_tp
     router: torch.Tensor | None  # E, H float32
+    gate_up: torch.Tensor | None = None  # dense: [fc; gate] (2*I/tp, H); fc and gate are views into it
+
+    def __post_init__(self) -> None:
+        # One GEMV for both halves at decode: fc and gate become views of one contiguous weight.
+        if self.gate is not None and self.gate_up is None and self.fc.dim() == 2:
+            self.gate_up = torch.cat([self.fc, self.gate])
+            self.fc, self.gate = self.gate_up.split(self.fc.shape[0])
 
 
 class RankModel:

@@ -1,0 +1,102 @@
+"""Batch-1 greedy decode of one random-weight model: fast path vs plain path vs the HBM roofline.
+
+Roofline: a decode token must read every weight it uses once (MoE: its top-k experts; the embedding:
+one row) plus its sequence's K/V, so tokens/s <= copy bandwidth / those bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from runtime.fast_decode import FastDecoder
+from runtime.kv_cache import PagedKVCache
+from runtime.model import RankModel
+from runtime.paged_attention import SeqSpan
+from runtime.plain_step import plain_forward
+from runtime.random_model import weight_bytes_per_token
+
+Step = Callable[[int, int], torch.Tensor]  # (token, position) -> (1, V) logits
+SEQ = 7
+
+
+def make_cache(model: RankModel, max_tokens: int, tokens_per_block: int, batch: int = 1) -> PagedKVCache:
+    blocks = batch * -(-max_tokens // tokens_per_block) + 1
+    return PagedKVCache(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads,
+                        head_size=model.head_size, num_blocks=blocks, tokens_per_block=tokens_per_block,
+                        dtype=model.dtype, device=model.device)
+
+
+def greedy(step: Step, token: int, position: int, n: int) -> tuple[list[int], list[torch.Tensor], float]:
+    """n greedy steps (each ends in a host read of the token, as a serving loop does); tokens, logits, seconds."""
+    tokens, logits = [], []
+    start = time.perf_counter()
+    for j in range(n):
+        out = step(token, position + j)
+        token = int(out[0].argmax())
+        tokens.append(token)
+        logits.append(out[0])
+    return tokens, logits, time.perf_counter() - start
+
+
+def run(model: RankModel, *, copy_gbps: float, prompt_len: int, n_fast: int, n_plain: int, tokens_per_block: int,
+        decoder_options: dict, progress: Callable[[str], None]) -> dict:
+    cache = make_cache(model, prompt_len + n_fast + 1, tokens_per_block)
+    cache.reserve(SEQ, prompt_len + n_fast + 1)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=gen).tolist()
+    first = int(plain_forward(model, cache, [SeqSpan(SEQ, 0, prompt_len)], prompt)[0].argmax())
+
+    def plain(tok: int, pos: int) -> torch.Tensor:
+        return plain_forward(model, cache, [SeqSpan(SEQ, pos, 1)], [tok])
+
+    greedy(plain, first, prompt_len, 2)  # warm-up
+    plain_tokens, plain_logits, plain_s = greedy(plain, first, prompt_len, n_plain)
+    progress(f"plain path: {n_plain / plain_s:.1f} tok/s")
+
+    t0 = time.perf_counter()
+    dec = FastDecoder(model, cache, max_batch_size=1, max_seq_len=prompt_len + n_fast + 1, **decoder_options)
+
+    def fast(tok: int, pos: int) -> torch.Tensor:
+        return dec.decode([SEQ], [tok], [pos])
+
+    greedy(fast, first, prompt_len, n_fast)  # warm-up: compiles and captures every bucket the run meets
+    setup_s = time.perf_counter() - t0
+    check = teacher_forced_check(fast, first, prompt_len, plain_tokens, plain_logits)
+    fast_tokens, _, fast_s = greedy(fast, first, prompt_len, n_fast)
+    progress(f"fast path: {n_fast / fast_s:.1f} tok/s (setup {setup_s:.1f} s, {dec.status()['attention']} attention)")
+
+    weights = weight_bytes_per_token(model)
+    kv = (prompt_len + n_fast / 2) * PagedKVCache.bytes_per_token(model.num_local_layers, model.num_kv_heads,
+                                                                   model.head_size, model.dtype)
+    roof = copy_gbps * 1e9 / (weights + kv)
+    fast_tok_s, plain_tok_s = n_fast / fast_s, n_plain / plain_s
+    return dict(
+        dtype=str(model.dtype).removeprefix("torch."), layers=model.num_local_layers, prompt_len=prompt_len,
+        weight_bytes_per_token=weights, kv_bytes_per_token_avg=int(kv), copy_gbps=copy_gbps,
+        roofline_tok_s=roof, fast=dict(tokens=n_fast, tok_s=fast_tok_s, ms_per_token=1e3 * fast_s / n_fast,
+                                       pct_roofline=100 * fast_tok_s / roof, setup_s=setup_s, status=dec.status()),
+        plain=dict(tokens=n_plain, tok_s=plain_tok_s, ms_per_token=1e3 * plain_s / n_plain,
+                   pct_roofline=100 * plain_tok_s / roof),
+        speedup_vs_plain=fast_tok_s / plain_tok_s, fast_vs_plain=check,
+        greedy_prefix_match=_prefix(fast_tokens, plain_tokens))
+
+
+def teacher_forced_check(fast: Step, first: int, start: int, tokens: list[int],
+                         logits: list[torch.Tensor]) -> dict:
+    """Feed the plain path's tokens to the fast path: worst relative logit error and argmax agreement."""
+    errs, agree = [], 0
+    for j, ref in enumerate(logits):
+        out = fast(first if j == 0 else tokens[j - 1], start + j)[0]
+        errs.append(float((out - ref).norm() / ref.norm()))
+        agree += int(out.argmax()) == int(ref.argmax())
+    return dict(steps=len(logits), max_rel_err=max(errs), argmax_agreement=agree / len(logits))
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

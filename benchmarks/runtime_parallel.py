@@ -1,0 +1,237 @@
+"""The multi-rank sections of benchmarks/runtime.py: one spawned process per rank (NCCL on GPUs, gloo on CPU).
+
+tp: greedy decode at batch 1 (latency) and a larger batch (throughput) through FastDecoder with the TP
+all-reduce and vocab all-gather inside the captured graph, at tp=1 and tp=2 on the same machine.
+pp: one prefill-sized step through runtime.pipeline.rank_forward at pp=2 split into m micro-batches;
+the bubble is 1 - (one stage's time for the whole step) / (step time), against (p-1)/(m+p-1).
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.random_model import LLAMA_3_8B, TINY_LLAMA, checkpoint_config, random_rank_model
+
+
+def tp_section(bench) -> dict:
+    tiny, cuda = bench.args.tiny, bench.device.type == "cuda"
+    _need_gpus(cuda, 2)
+    p = dict(shape=TINY_LLAMA if tiny else LLAMA_3_8B, dtype="bfloat16" if cuda else "float32", cuda=cuda,
+             prompt_len=16 if tiny else 512, steps=8 if tiny else 128, batches=(1, 4) if tiny else (1, 32),
+             tpb=4 if tiny else 32, options=bench.decoder_options())
+    res = {}
+    for tp in (1, 2):
+        bench.progress(f"tp={tp}: spawning {tp} rank(s)")
+        res[f"tp{tp}"] = _spawn(_tp_rank, tp, p)
+        bench.progress(f"tp={tp}: " + ", ".join(f"batch {b}: {v['tok_s']:.1f} tok/s" for b, v in res[f"tp{tp}"].items()
+                                                 if isinstance(v, dict)))
+    one, two = res["tp1"], res["tp2"]
+    b1, bn = (str(b) for b in p["batches"])
+    return dict(res, speedup_batch1_latency=two[b1]["tok_s"] / one[b1]["tok_s"],
+                speedup_throughput=two[bn]["tok_s"] / one[bn]["tok_s"], target_speedup_batch1=1.7,
+                greedy_prefix_match=_prefix(one["tokens"], two["tokens"]), tokens_compared=len(one["tokens"]))
+
+
+def pp_section(bench) -> dict:
+    tiny, cuda = bench.args.tiny, bench.device.type == "cuda"
+    _need_gpus(cuda, 2)
+    p = dict(shape=TINY_LLAMA if tiny else LLAMA_3_8B, dtype="bfloat16" if cuda else "float32", cuda=cuda,
+             seqs=8 if tiny else 16, seq_len=8 if tiny else 512, micro=(1, 2, 4, 8), repeat=3)
+    bench.progress("pp=2: spawning 2 ranks")
+    out = _spawn(_pp_rank, 2, p)
+    out["predicted_bubble"] = {m: 1 / (m + 1) for m in p["micro"]}
+    png = _plot(out, Path(bench.out).with_suffix(".pp-bubble.png"))
+    return out | dict(plot=str(png) if png else None)
+
+
+# ---- rank bodies (spawned) ----
+def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
+    from benchmarks.runtime_decode import make_cache
+    from runtime.fast_decode import FastDecoder
+    from runtime.paged_attention import SeqSpan
+    from runtime.plain_step import plain_forward
+
+    device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
+    cfg = checkpoint_config(p["shape"], dtype=p["dtype"], tp_size=world)
+    model = random_rank_model(cfg, rank, device=device, seed=0)
+    reduce, gather = (groups.all_reduce_tp, groups.gather_tp_last_dim) if groups else (None, None)
+    out: dict = {}
+    for bs in p["batches"]:
+        total = p["prompt_len"] + 2 * p["steps"] + 1
+        cache = make_cache(model, total, p["tpb"], batch=bs)
+        gen = torch.Generator().manual_seed(bs)
+        prompts = torch.randint(0, cfg.vocab_size, (bs, p["prompt_len"]), generator=gen)
+        for s in range(bs):
+            cache.reserve(s, total)
+        spans = [SeqSpan(s, 0, p["prompt_len"]) for s in range(bs)]
+        first = plain_forward(model, cache, spans, prompts.flatten().tolist(), reduce, gather).argmax(-1).tolist()
+        dec = FastDecoder(model, cache, max_batch_size=bs, max_seq_len=total, reduce=reduce, gather=gather,
+                          **p["options"])
+        _greedy(dec, first, p["prompt_len"], p["steps"], device)  # warm-up: compile, capture
+        tokens, secs = _greedy(dec, first, p["prompt_len"], p["steps"], device)
+        out[str(bs)] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"], status=dec.status())
+        if bs == 1:
+            out["tokens"] = [t[0] for t in tokens]
+        del dec, cache
+    if groups is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return out if rank == 0 else None
+
+
+def _pp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
+    import torch.distributed as dist
+
+    from runtime.attention import DenseCausalAttention
+    from runtime.pipeline import MicroBatch, rank_forward, run_layers
+
+    device, groups = _join(rank, world, port, p, tp_size=1, pp_size=world)
+    cfg = checkpoint_config(p["shape"], dtype=p["dtype"], pp_size=world)
+    model = random_rank_model(cfg, rank, device=device, seed=0)
+    n, length = p["seqs"], p["seq_len"]
+    ids = torch.randint(0, cfg.vocab_size, (n * length,), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def micro(m: int) -> list[MicroBatch]:
+        per = n // m
+        positions = torch.arange(length, device=device).repeat(per)
+        last = torch.arange(per, device=device) * length + length - 1
+        return [MicroBatch(ids[j * per * length:(j + 1) * per * length], positions, last,
+                           DenseCausalAttention([length] * per)) for j in range(m)]
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(p["repeat"] + 1):
+            dist.barrier(group=groups.control)
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])
+
+    full = micro(1)[0]
+    hidden = torch.randn(n * length, cfg.hidden_size, device=device, dtype=model.dtype) * 0.02
+    with torch.inference_mode():
+        stage = timed(lambda: run_layers(model, None, hidden, full))
+        steps = {m: timed(lambda m=m: rank_forward(model, groups, micro(m))) for m in p["micro"]}
+    stages = [None] * world
+    dist.all_gather_object(stages, stage, group=groups.control)
+    dist.destroy_process_group()
+    if rank:
+        return None
+    t_stage = max(stages)
+    return dict(stage_s=stages, step_s={m: s for m, s in steps.items()},
+                measured_bubble={m: max(0.0, 1 - t_stage / s) for m, s in steps.items()},
+                tokens_per_step=n * length)
+
+
+# ---- process plumbing ----
+def _join(rank: int, world: int, port: int, p: dict, tp_size: int, pp_size: int):
+    from builders.mapping import Mapping
+    from runtime.parallel import init_parallel
+
+    device = torch.device("cuda", rank) if p["cuda"] else torch.device("cpu")
+    if p["cuda"]:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    if world == 1:
+        return device, None
+    mapping = Mapping.create(tp_size=tp_size, pp_size=pp_size)
+    groups = init_parallel(mapping, rank, f"tcp://127.0.0.1:{port}", "nccl" if p["cuda"] else "gloo", 120.0)
+    return device, groups
+
+
+def _entry(fn, rank: int, world: int, port: int, p: dict, queue) -> None:
+    try:
+        queue.put((rank, fn(rank, world, port, p), None))
+    except BaseException as e:  # report, don't hang the parent
+        import traceback
+
+        queue.put((rank, None, "".join(traceback.format_exception(e))[-3000:]))
+
+
+def _spawn(fn, world: int, p: dict, timeout_s: float = 540.0) -> dict:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, p, queue), daemon=True) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    result, errors, deadline = None, [], time.monotonic() + timeout_s
+    try:
+        for _ in range(world):
+            rank, value, err = queue.get(timeout=max(1.0, deadline - time.monotonic()))
+            result = value if rank == 0 else result
+            errors += [f"rank {rank}: {err}"] if err else []
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.terminate()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return result
+
+
+def _need_gpus(cuda: bool, n: int) -> None:
+    if cuda and torch.cuda.device_count() < n:
+        raise RuntimeError(f"this section needs {n} GPUs, the machine has {torch.cuda.device_count()} "
+                           "(run it on nvidia-h100-x2, or with --device cpu --tiny)")
+
+
+def _greedy(dec, first: list[int], start: int, steps: int, device) -> tuple[list[list[int]], float]:
+    seqs, toks, out = list(range(len(first))), list(first), []
+    _sync(device)
+    t = time.perf_counter()
+    for j in range(steps):
+        toks = dec.decode(seqs, toks, [start + j] * len(seqs)).argmax(-1).tolist()
+        out.append(toks)
+    return out, time.perf_counter() - t
+
+
+def _plot(out: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ms = sorted(out["measured_bubble"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ms, [out["measured_bubble"][m] for m in ms], "o-", label="measured")
+    ax.plot(ms, [out["predicted_bubble"][m] for m in ms], "s--", label="(p-1)/(m+p-1)")
+    ax.set(xscale="log", xlabel="micro-batches m", ylabel="bubble fraction", title="pp=2 pipeline bubble")
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

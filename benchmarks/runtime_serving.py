@@ -1,0 +1,131 @@
+"""Offline throughput on mixed-length requests: our in-flight batching engine vs transformers.
+
+All requests arrive at once; throughput is the requested output tokens over the wall time until the
+last one finishes. The engine runs decode tokens through FastDecoder (the hook the engine gets in
+runtime/engine.py; until then this subclass adds it) and prefill chunks through its plain path.
+transformers' static batches use the engine's max_batch_size, in arrival order.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks import runtime_hf
+from runtime.engine import Engine
+from runtime.engine_config import EngineConfig
+from runtime.fast_decode import FastDecoder
+from runtime.model import RankModel
+from runtime.request import FinishReason, Request
+
+Progress = Callable[[str], None]
+
+
+class FastEngine(Engine):
+    """Engine whose steps with decode tokens run through FastDecoder (graphs captured at start-up)."""
+
+    def __init__(self, model: RankModel, config: EngineConfig, decoder_options: dict | None = None, **kwargs):
+        super().__init__(model, config, **kwargs)
+        self.fast_decoder = FastDecoder(model, self.cache, max_batch_size=config.max_batch_size,
+                                        max_seq_len=config.max_seq_len, **(decoder_options or {}))
+        self.fast_decoder.capture_all()
+        self.fast_steps = self.plain_steps = 0
+
+    def _forward(self, sched):
+        logits = self.fast_decoder.forward_schedule(sched)
+        if logits is None:
+            self.plain_steps += 1
+            return super()._forward(sched)
+        self.fast_steps += 1
+        return logits
+
+
+def workload(n: int, isl: tuple[int, int], osl: tuple[int, int], vocab: int, seed: int):
+    """n prompts of uniform random length in isl (random token ids) and output lengths in osl."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(*isl))] for _ in range(n)]
+    return prompts, [rng.randint(*osl) for _ in range(n)]
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], osls: list[int], progress: Progress) -> dict:
+    engine.submit(Request(prompts[0][:16], 4))  # warm-up
+    engine.run_until_idle()
+    start = last = time.perf_counter()
+    finished = 0
+
+    def on_update(update) -> None:
+        nonlocal finished, last
+        finished += update.finished
+        if time.perf_counter() - last > 10:
+            last = time.perf_counter()
+            progress(f"engine: {finished}/{len(prompts)} requests done, {last - start:.0f} s")
+
+    reqs = [Request(p, n, request_id=f"r{i}", on_update=on_update)
+            for i, (p, n) in enumerate(zip(prompts, osls, strict=True))]
+    _sync(engine.model.device)
+    start = time.perf_counter()
+    for r in reqs:
+        engine.submit(r)
+    engine.run_until_idle()
+    _sync(engine.model.device)
+    elapsed = time.perf_counter() - start
+    wrong = [r for r, n in zip(reqs, osls, strict=True)
+             if r.finish_reason is not FinishReason.LENGTH or len(r.output) != n]
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} engine requests ended early or failed, e.g. {wrong[0].request_id}: "
+                           f"{wrong[0].finish_reason} {wrong[0].error}")
+    tokens = sum(osls)
+    return dict(elapsed_s=elapsed, output_tokens=tokens, tok_s=tokens / elapsed)
+
+
+def run(model: RankModel, *, n_requests: int, isl: tuple[int, int], osl: tuple[int, int], seed: int,
+        max_batch_size: int, max_num_tokens: int, tokens_per_block: int, hf_budget_s: float, cb_budget_s: float,
+        cb_options: dict | None, decoder_options: dict, progress: Progress, partial: Callable[[dict], None]) -> dict:
+    prompts, osls = workload(n_requests, isl, osl, model.cfg.vocab_size, seed)
+    out = dict(requests=n_requests, isl=list(isl), osl=list(osl), seed=seed, max_batch_size=max_batch_size,
+               input_tokens=sum(map(len, prompts)), output_tokens=sum(osls))
+    config = EngineConfig(max_batch_size=max_batch_size, max_input_len=isl[1], max_seq_len=isl[1] + osl[1],
+                          max_num_tokens=max_num_tokens, tokens_per_block=tokens_per_block,
+                          dtype=str(model.dtype).removeprefix("torch."))
+    t0 = time.perf_counter()
+    engine = FastEngine(model, config, decoder_options)
+    progress(f"engine ready in {time.perf_counter() - t0:.1f} s ({engine.cache.num_blocks} KV blocks)")
+    out["engine"] = run_engine(engine, prompts, osls, progress) | dict(
+        setup_s=time.perf_counter() - t0, fast_steps=engine.fast_steps, plain_steps=engine.plain_steps,
+        kv_blocks=engine.cache.num_blocks, decoder=engine.fast_decoder.status())
+    progress(f"engine: {out['engine']['tok_s']:.0f} tok/s")
+    partial(out)
+    del engine
+    _free()
+    hf = runtime_hf.hf_llama_sharing(model)
+    try:
+        out["hf_static"] = runtime_hf.static_generate(hf, prompts, osls, max_batch_size, hf_budget_s, progress)
+    except Exception as e:  # an OOM or API change in the baseline must not lose the engine's numbers
+        out["hf_static"] = dict(error=f"{type(e).__name__}: {e}")
+    static = out["hf_static"]
+    out["speedup_vs_static"] = out["engine"]["tok_s"] / static["tok_s"] if "tok_s" in static else None
+    partial(out)
+    _free()
+    try:
+        out["hf_continuous"] = runtime_hf.continuous_batching(hf, prompts, osls, cb_budget_s, progress, cb_options)
+    except Exception as e:
+        out["hf_continuous"] = dict(error=f"{type(e).__name__}: {e}")
+    cb = out["hf_continuous"]
+    out["speedup_vs_continuous"] = out["engine"]["tok_s"] / cb["tok_s"] if cb.get("tok_s") else None
+    out["target_speedup_vs_static"] = 5.0
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,101 @@
+"""`enginesmith convert RECIPE` (HF checkpoint -> unified TensorRT-LLM checkpoint) and `enginesmith tiny-model`."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+EXIT_BAD_INPUT = 1
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
+    """Recipe -> Plan -> fetch -> convert; returns (CheckpointManifest, checkpoint folder)."""
+    from builders.convert import convert_checkpoint
+    from builders.download import fetch_model
+    from builders.model_spec import ModelSpec
+    from builders.plan import make_plan
+    from builders.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    mapping = make_plan(recipe).mapping
+    root = Path(out) / recipe.name
+    fetched = fetch_model(recipe.model.source, recipe.model.revision, root / "hf", allow_pickle=allow_pickle)
+    spec = ModelSpec.from_pretrained_dir(fetched.path)
+    console.print(f"# {recipe.name}: {spec.architecture} from {fetched.repo_id or fetched.path} "
+                  f"@ {fetched.revision}; tp_size={mapping.tp_size} pp_size={mapping.pp_size} "
+                  f"moe_ep_size={mapping.moe_ep_size} moe_tp_size={mapping.moe_tp_size} "
+                  f"dtype={recipe.model.dtype} weights={recipe.quantization.weights}")
+    manifest = convert_checkpoint(
+        fetched.path, root / "checkpoint", mapping, spec, recipe.model.dtype, recipe.quantization.weights,
+        workers=workers, progress=True, source_id=fetched.repo_id, source_revision=fetched.revision,
+        # trtllm-build quantizes float weights itself (with its GPU-specific weight preprocessing).
+        prequantize=recipe.build.target != "trtllm-engine",
+    )
+    return manifest, root / "checkpoint"
+
+
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    from builders.convert import ConvertError
+    from builders.download import DownloadError
+    from builders.mapping import MappingError
+    from builders.model_spec import ModelSpecError
+
+    errors: list[type[Exception]] = [ConvertError, DownloadError, MappingError, ModelSpecError]
+    try:
+        from builders.recipe import RecipeError
+
+        errors.append(RecipeError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("convert")
+    def convert(
+        recipe: Annotated[Path, typer.Argument(help="Recipe YAML.", exists=True, dir_okay=False)],
+        out: Annotated[Path, typer.Option("--out", help="Working directory root.")] = Path("out"),
+        workers: Annotated[int, typer.Option("--workers", min=0,
+                                             help="Rank files written in parallel (0: min(4, CPUs)).")] = 0,
+        allow_pickle: Annotated[bool, typer.Option("--allow-pickle",
+                                                   help="Accept pickle *.bin weights (rewritten as safetensors).")]
+        = False,
+    ) -> None:
+        """Download the recipe's model and write `<out>/<name>/checkpoint/` (config.json, rank{N}.safetensors)."""
+        start = time.perf_counter()
+        try:
+            manifest, ckpt = run_convert(recipe, out, workers or default_workers(), allow_pickle)
+        except _bad_input_errors() as e:
+            err_console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        size = sum((ckpt / f).stat().st_size for f in manifest.rank_files)
+        secs = time.perf_counter() - start
+        console.print(f"wrote {len(manifest.rank_files)} rank file(s), {size / 1e9:.3f} GB in {secs:.1f} s "
+                      f"-> {ckpt} (manifest key {manifest.key[:12]})")
+
+    @app.command("tiny-model")
+    def tiny_model(
+        out_dir: Annotated[Path, typer.Argument(help="Folder to write the HF model into.")],
+        arch: Annotated[str, typer.Option("--arch", help="llama | qwen2 | mixtral")] = "llama",
+        seed: Annotated[int, typer.Option("--seed", help="Random seed of the weights.")] = 0,
+    ) -> None:
+        """Write a tiny random Hugging Face model + tokenizer (no network) for demos and tests."""
+        from builders.tiny_model import ARCH_DEFAULTS, make_tiny_model
+
+        if arch not in ARCH_DEFAULTS:
+            err_console.print(f"[red]error:[/red] --arch {arch!r}: choose one of {', '.join(sorted(ARCH_DEFAULTS))}")
+            raise typer.Exit(EXIT_BAD_INPUT)
+        path = make_tiny_model(out_dir, arch, seed=seed)
+        console.print(f"wrote tiny {arch} model (seed {seed}) to {path}")
+

@@ -1,0 +1,168 @@
+"""Fetch a Hugging Face checkpoint: safetensors, config and tokenizer files only, revision pinned.
+
+`fetch_model` accepts a Hub repo id or a local folder. Hub downloads go through `snapshot_download`
+into the HF cache (its progress bars show), pinned to the commit the revision resolves to; with
+HF_HUB_OFFLINE=1 the cached snapshot is used. `<dest>` (the recipe's `hf/` folder) becomes a link to the
+snapshot or local folder. Pickle `.bin` weights are refused unless `allow_pickle`: then they are loaded
+with `torch.load(weights_only=True)` and rewritten as safetensors next to the link, so the converter only
+ever reads safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builders.convert.tokenizer import TOKENIZER_FILES
+
+WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
+PICKLE_PATTERNS = ["*.bin", "pytorch_model.bin.index.json"]
+META_PATTERNS = ["config.json", *TOKENIZER_FILES]
+
+
+class DownloadError(ValueError):
+    """The source cannot be fetched or holds no weights the converter may read."""
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    path: Path
+    """Folder holding config.json, the safetensors weights and the tokenizer files."""
+    repo_id: str | None
+    """Hub repo id, or None for a local folder."""
+    revision: str
+    """Commit hash of the Hub snapshot, or `local:<hash of names, sizes, mtimes>` for a local folder."""
+    files: list[str] = field(default_factory=list)
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def weight_kind(names: list[str]) -> str:
+    """'safetensors', 'pickle' or 'none' for a list of file names."""
+    if any(n.endswith(".safetensors") for n in names):
+        return "safetensors"
+    if any(n.endswith(".bin") and not n.startswith("training_args") for n in names):
+        return "pickle"
+    return "none"
+
+
+def refuse_pickle(source: str, kind: str, allow_pickle: bool) -> None:
+    if kind == "none":
+        raise DownloadError(f"{source} has no *.safetensors (or *.bin) weights")
+    if kind == "pickle" and not allow_pickle:
+        raise DownloadError(f"{source} has only pickle *.bin weights; unpickling can run arbitrary code. "
+                            "Pass --allow-pickle to accept them (loaded with torch.load(weights_only=True) "
+                            "and rewritten as safetensors)")
+
+
+def local_revision(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return "local:" + h.hexdigest()[:16]
+
+
+def _link(dest: Path | None, target: Path) -> Path:
+    """Point `dest` at `target` (replacing an older link); returns the folder to read from."""
+    if dest is None:
+        return target
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.is_dir():
+        raise DownloadError(f"{dest} exists and is a real folder; remove it or choose another --out")
+    tmp = dest.with_name(f".{dest.name}.link")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.resolve(), target_is_directory=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _hub_snapshot(repo_id: str, revision: str, allow_pickle: bool, cache_dir) -> tuple[Path, str]:
+    """Download (or, offline, locate) the snapshot; returns (folder, commit hash)."""
+    from huggingface_hub import snapshot_download
+
+    kw = dict(repo_id=repo_id, cache_dir=cache_dir)
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    everything = WEIGHT_PATTERNS + PICKLE_PATTERNS + META_PATTERNS
+    if is_offline():
+        try:
+            path = Path(snapshot_download(revision=revision, local_files_only=True, allow_patterns=everything, **kw))
+        except LocalEntryNotFoundError:
+            raise DownloadError(f"{repo_id}@{revision} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                                "download it once online or set model.source to a local folder") from None
+        return path, path.name
+    try:
+        listing = snapshot_download(revision=revision, dry_run=True, allow_patterns=everything, **kw)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise DownloadError(f"cannot list {repo_id}@{revision} on the Hub ({type(e).__name__}: {e}); check the "
+                            "repo id, revision, HF_TOKEN and network, or set HF_HUB_OFFLINE=1 to use the cache") from e
+    names = [f.filename for f in listing]
+    kind = weight_kind(names)
+    refuse_pickle(f"{repo_id}@{revision}", kind, allow_pickle)
+    commit = listing[0].commit_hash
+    patterns = META_PATTERNS + (WEIGHT_PATTERNS if kind == "safetensors" else PICKLE_PATTERNS)
+    return Path(snapshot_download(revision=commit, allow_patterns=patterns, **kw)), commit
+
+
+def fetch_model(source: str, revision: str = "main", dest: str | Path | None = None, allow_pickle: bool = False,
+                cache_dir: str | Path | None = None) -> FetchResult:
+    """Make `source` (Hub id or local folder) available as safetensors under `dest` (a link) or in place."""
+    dest = Path(dest) if dest is not None else None
+    local = Path(source).expanduser()
+    if local.is_dir():
+        folder, repo_id, rev = local.resolve(), None, local_revision(local)
+    elif local.exists() or source.startswith(("/", ".", "~")):
+        raise DownloadError(f"model.source={source!r} is not a folder")
+    else:
+        folder, rev = _hub_snapshot(source, revision, allow_pickle, cache_dir)
+        repo_id = source
+    names = sorted(p.name for p in folder.iterdir())
+    if not (folder / "config.json").is_file():
+        raise DownloadError(f"{source} has no config.json")
+    kind = weight_kind(names)
+    refuse_pickle(source, kind, allow_pickle)
+    if kind == "pickle":
+        if dest is None:
+            raise DownloadError(f"{source}: rewriting pickle weights as safetensors needs a destination folder")
+        path = pickle_to_safetensors(folder, dest)
+    else:
+        path = _link(dest, folder)
+    return FetchResult(path=path, repo_id=repo_id, revision=rev, files=sorted(p.name for p in path.iterdir()))
+
+
+def pickle_to_safetensors(src: Path, dest: Path) -> Path:
+    """Rewrite every `*.bin` of `src` as `dest/<name>.safetensors` (+ index); link config and tokenizer files."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from builders.manifest import atomic_write_text
+
+    if dest.is_symlink():
+        dest.unlink()
+    dest.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for b in sorted(src.glob("*.bin")):
+        if b.name.startswith("training_args"):
+            continue
+        out = dest / (b.stem + ".safetensors")
+        state = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+        if not out.is_file():
+            tmp = dest / f".{out.name}.tmp"
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+            os.replace(tmp, out)
+        weight_map |= {k: out.name for k in state}
+    atomic_write_text(dest / "model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name in META_PATTERNS:
+        if (src / name).is_file() and not (dest / name).exists():
+            (dest / name).symlink_to((src / name).resolve())
+    return dest

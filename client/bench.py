@@ -1,0 +1,236 @@
+"""The load generator: asyncio over tritonclient.grpc.aio streaming, one bidirectional stream per request.
+
+Load is either closed-loop (fixed concurrency: a new request as soon as one finishes) or open-loop (Poisson
+arrivals at a request rate, optionally capped by a concurrency limit). A run is bounded by a prompt count
+and optionally a duration (no new request after it; in-flight ones finish). Warm-up requests run first and
+are excluded. Each point of a sweep also snapshots Triton's statistics and samples /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from client.dataset import Prompt
+from client.grpc_stream import infer_inputs, is_final, result_outputs
+from client.model_info import ModelInfo, grpc_aio_model_info
+from client.params import TIME_OUTPUTS, GenerateParams, build_inputs
+from client.record import RequestRecord
+from client.server_stats import MetricsPoller, stats_delta, stats_snapshot
+from client.stats import finite, per_request_arrays, summarize
+from client.tokenizer import with_token_ids
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    mode: str
+    """"concurrency" (closed loop) or "rate" (Poisson arrivals, req/s; inf sends all at once)."""
+    value: float
+    max_concurrency: int | None = None
+    """Rate mode only: at most this many in flight (the rest wait in the client, counted as queue_times)."""
+
+    @property
+    def label(self) -> str:
+        if self.mode == "concurrency":
+            return f"c{int(self.value)}"
+        return "rinf" if math.isinf(self.value) else f"r{self.value:g}"
+
+
+@dataclass
+class BenchConfig:
+    grpc_url: str
+    model: str = "tensorrt_llm"
+    metrics_url: str | None = None
+    points: list[LoadPoint] = field(default_factory=lambda: [LoadPoint("concurrency", 1)])
+    num_prompts: int = 32
+    """Requests per point (prompts are reused round-robin if the dataset is smaller)."""
+    duration_s: float | None = None
+    warmup: int = 2
+    ignore_eos: bool = True
+    """Ask for exactly the dataset's output length (min_tokens = max_tokens), as trtllm-bench does."""
+    slo_ms: dict[str, float] = field(default_factory=dict)
+    """Goodput SLOs: any of ttft / tpot / e2el in ms."""
+    sampling: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    request_timeout_s: float = 600.0
+    tokenizer_id: str = ""
+    metrics_period_s: float = 0.25
+
+
+def requested_outputs(info: ModelInfo) -> list[Any] | None:
+    """Only the outputs the bench reads (tokens or text, the running token count, the timings): less to
+    serialize on the server and to parse in the client per streamed token."""
+    from tritonclient.grpc import InferRequestedOutput
+
+    wanted = ["output_ids"] if info.contract == "tokens" else ["text_output", "num_output_tokens"]
+    names = [n for n in (*wanted, *TIME_OUTPUTS) if n in info.outputs]
+    return [InferRequestedOutput(n) for n in names] if names else None
+
+
+class _Runner:
+    def __init__(self, cfg: BenchConfig, client: Any, info: ModelInfo, tokenizer: Any):
+        self.cfg, self.client, self.info, self.tokenizer = cfg, client, info, tokenizer
+        self.on_done = None
+        self.outputs = requested_outputs(info)
+
+    def _tensors(self, prompt: Prompt, rid: str) -> list[Any]:
+        p = GenerateParams(text=prompt.text, input_ids=list(prompt.input_ids), max_tokens=prompt.output_len,
+                           stream=True, request_id=rid, **self.cfg.sampling)
+        if self.cfg.ignore_eos:
+            p.min_tokens = prompt.output_len
+        if "return_perf_metrics" in self.info.inputs:
+            p.return_perf_metrics = True
+        if self.info.contract == "text" and "return_num_output_tokens" in self.info.inputs:
+            p.return_num_output_tokens = True
+        if self.info.contract == "tokens":
+            p = with_token_ids(p, self.tokenizer)
+        return infer_inputs(build_inputs(p, self.info.contract, self.info.batched, set(self.info.inputs)))
+
+    def _count(self, outputs: dict[str, np.ndarray], rec: RequestRecord) -> int:
+        if self.info.contract == "tokens":
+            arr = np.asarray(outputs["output_ids"])
+            ids = [int(x) for x in arr.reshape(-1, arr.shape[-1])[0] if x >= 0]  # beam 0
+            rec.token_ids.extend(ids)
+            return len(ids)
+        rec.text += "".join(x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+                            for x in np.asarray(outputs["text_output"], dtype=object).reshape(-1))
+        if "num_output_tokens" in outputs:  # the running total the model reports: exact
+            return max(0, int(np.asarray(outputs["num_output_tokens"]).reshape(-1)[0]) - rec.output_tokens)
+        return 1  # else: a streaming text model sends one response per generated token
+
+    async def send(self, prompt: Prompt, issue_ns: int) -> RequestRecord:
+        rid = uuid.uuid4().hex[:16]
+        rec = RequestRecord(rid, prompt.prompt_len, prompt.output_len, issue_ns=issue_ns)
+        inputs = self._tensors(prompt, rid)
+
+        async def one_request():
+            yield {"model_name": self.cfg.model, "inputs": inputs, "request_id": rid, "outputs": self.outputs}
+
+        rec.start_ns = time.monotonic_ns()
+        try:
+            stream = self.client.stream_infer(one_request(), stream_timeout=self.cfg.request_timeout_s)
+            async for result, error in stream:
+                now = time.monotonic_ns()
+                if error is not None:
+                    rec.error = str(error)
+                    stream.cancel()  # the server stops working on it
+                    break
+                outputs = result_outputs(result)
+                for name in TIME_OUTPUTS:
+                    if name in outputs:
+                        rec.server_times_ns[name] = int(np.asarray(outputs[name]).reshape(-1)[0])
+                if ("output_ids" in outputs or "text_output" in outputs) and (n := self._count(outputs, rec)):
+                    rec.chunk_ns.append(now)
+                    rec.chunk_tokens.append(n)
+                if is_final(result):
+                    rec.end_ns = now
+        except Exception as e:  # noqa: BLE001 - a failed request is data, the run goes on
+            rec.error = f"{type(e).__name__}: {e}"
+        rec.end_ns = rec.end_ns or time.monotonic_ns()
+        if rec.error is None and not rec.chunk_ns:
+            rec.error = "no output tokens"
+        if self.on_done is not None:
+            self.on_done()
+        return rec
+
+    async def drive(self, prompts: list[Prompt], point: LoadPoint, duration_s: float | None) -> list[RequestRecord]:
+        closed = point.mode == "concurrency"
+        limit = int(point.value) if closed else point.max_concurrency
+        sem = asyncio.Semaphore(limit) if limit else None
+        rng = np.random.default_rng(self.cfg.seed)
+        start = time.monotonic()
+        next_at = 0.0
+        tasks: list[asyncio.Task] = []
+
+        async def run(prompt: Prompt, issue_ns: int, acquired: bool) -> RequestRecord:
+            if sem is not None and not acquired:
+                await sem.acquire()
+            try:
+                return await self.send(prompt, issue_ns)
+            finally:
+                if sem is not None:
+                    sem.release()
+
+        for prompt in prompts:
+            if not closed and not math.isinf(point.value):
+                next_at += float(rng.exponential(1.0 / point.value))
+                await asyncio.sleep(max(0.0, start + next_at - time.monotonic()))
+            if closed and sem is not None:
+                await sem.acquire()
+            if duration_s is not None and time.monotonic() - start >= duration_s:
+                if closed and sem is not None:
+                    sem.release()
+                break
+            tasks.append(asyncio.create_task(run(prompt, time.monotonic_ns(), closed)))
+        return list(await asyncio.gather(*tasks))
+
+
+def _prompts_for(prompts: list[Prompt], n: int, offset: int = 0) -> list[Prompt]:
+    """n prompts from `offset` on, wrapping around (fresh prompts per point when there are enough, so a
+    prefix cache does not carry over between points)."""
+    return [prompts[(offset + i) % len(prompts)] for i in range(n)]
+
+
+async def _run_point(runner: _Runner, prompts: list[Prompt], point: LoadPoint) -> dict[str, Any]:
+    cfg = runner.cfg
+    before = stats_snapshot(await runner.client.get_inference_statistics(as_json=True))
+    poller = MetricsPoller(cfg.metrics_url, cfg.model, cfg.metrics_period_s) if cfg.metrics_url else None
+    if poller is not None:
+        await poller.open()
+    t0, t0_ns, cpu0 = time.monotonic(), time.monotonic_ns(), time.process_time()
+    if poller is not None:
+        poller.start(t0)
+    records = await runner.drive(prompts, point, cfg.duration_s)
+    duration, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    series = await poller.stop() if poller is not None else []
+    after = stats_snapshot(await runner.client.get_inference_statistics(as_json=True))
+    if runner.tokenizer is not None:
+        for r in records:
+            r.text = r.text or runner.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+    done = max(1, sum(r.success for r in records))
+    return {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "triton-grpc-stream",
+        "model_id": cfg.model, "tokenizer_id": cfg.tokenizer_id, "num_prompts": len(records),
+        "request_rate": finite(point.value if point.mode == "rate" else math.inf), "burstiness": 1.0,
+        "max_concurrency": int(point.value) if point.mode == "concurrency" else point.max_concurrency,
+        "label": point.label, "load_mode": point.mode, "load_value": finite(point.value),
+        "contract": runner.info.contract, "slo_ms": dict(cfg.slo_ms),
+        **summarize(records, duration, cfg.slo_ms or None),
+        "client_cpu_s": cpu, "client_cpu_s_per_request": cpu / done, "client_cpu_utilization": cpu / duration,
+        "triton_stats": stats_delta(before, after), "metrics_series": series,
+        **per_request_arrays(records, t0_ns),
+    }
+
+
+async def run_bench(cfg: BenchConfig, prompts: list[Prompt], tokenizer: Any = None,
+                    show_progress: bool = True) -> list[dict[str, Any]]:
+    """Warm up, then run every load point in order; one vLLM-style result dict per point."""
+    import tritonclient.grpc.aio as grpcaio
+
+    from client.bench_progress import progress_bar
+
+    if not prompts:
+        raise ValueError("no prompts to send")
+    client = grpcaio.InferenceServerClient(cfg.grpc_url)
+    try:
+        info = await grpc_aio_model_info(client, cfg.model)
+        runner = _Runner(cfg, client, info, tokenizer)
+        if cfg.warmup:
+            await runner.drive(_prompts_for(prompts, cfg.warmup), LoadPoint("concurrency", min(cfg.warmup, 4)), None)
+        results = []
+        with progress_bar(show_progress) as bar:
+            for i, point in enumerate(cfg.points):
+                runner.on_done = bar.task(f"{cfg.model} {point.label}", cfg.num_prompts)
+                batch = _prompts_for(prompts, cfg.num_prompts, cfg.warmup + i * cfg.num_prompts)
+                results.append(await _run_point(runner, batch, point))
+        return results
+    finally:
+        await client.close()
+

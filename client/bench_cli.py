@@ -1,0 +1,201 @@
+"""The `enginesmith bench` and `enginesmith analyze` commands (registered by builders/commands_client.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+Opt = typer.Option
+
+
+def _fail(msg: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {msg}")
+    return typer.Exit(code)
+
+
+def parse_points(concurrency: str | None, request_rate: str | None, max_concurrency: int | None, tgt):
+    """--concurrency 1,2,4 / --request-rate 0.5,1,inf; default: doubling up to twice the recipe's SLA load."""
+    from client.bench import LoadPoint
+
+    def numbers(text: str, name: str) -> list[float]:
+        try:
+            vals = [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise _fail(f"--{name} {text!r}: expected comma-separated numbers, e.g. 1,2,4 (rates may be inf)") from None
+        if not vals or any(v <= 0 for v in vals):
+            raise _fail(f"--{name} {text!r}: every value must be > 0")
+        return vals
+
+    points = [LoadPoint("concurrency", int(c)) for c in numbers(concurrency, "concurrency")] if concurrency else []
+    if request_rate:
+        points += [LoadPoint("rate", r, max_concurrency) for r in numbers(request_rate, "request-rate")]
+    if points:
+        return points
+    if tgt.request_rate:
+        return [LoadPoint("rate", tgt.request_rate * f, max_concurrency) for f in (0.5, 1.0, 2.0)]
+    top = 2 * (tgt.concurrency or 4)
+    return [LoadPoint("concurrency", 2 ** i) for i in range(int(math.log2(top)) + 1)]
+
+
+def parse_goodput(items: list[str] | None, default: dict[str, float]) -> dict[str, float]:
+    if not items:
+        return dict(default)
+    out = {}
+    for item in items:
+        key, _, val = item.partition(":")
+        if key not in ("ttft", "tpot", "e2el") or not val:
+            raise _fail(f"--goodput {item!r}: expected ttft:<ms>, tpot:<ms> or e2el:<ms>")
+        out[key] = float(val)
+    return out
+
+
+def _prompts(dataset: str, dataset_path: Path | None, tok, n: int, isl: int, osl: int, seed: int, tgt):
+    from client.dataset import load_sharegpt, random_prompts
+
+    if dataset == "random":
+        return random_prompts(tok, n, isl, osl, seed)
+    if dataset == "sharegpt":
+        if dataset_path is None:
+            raise _fail("--dataset sharegpt needs --dataset-path FILE.json (ShareGPT conversations format)")
+        return load_sharegpt(dataset_path, tok, n, seed, tgt.max_input_len, tgt.max_seq_len)
+    raise _fail(f"--dataset {dataset!r}: choose random or sharegpt")
+
+
+def _plan_ref(recipe_path: Path | None):
+    if recipe_path is None:
+        return None
+    from builders.plan import make_plan
+    from builders.recipe import load_recipe
+    from client.roofline_check import PlanRef
+
+    return PlanRef.from_plan(make_plan(load_recipe(recipe_path)))
+
+
+@contextmanager
+def _served(tgt, serve: bool, out: Path):
+    """With --serve: run the recipe's repository on free 127.0.0.1 ports for the duration of the bench."""
+    if not serve:
+        yield tgt
+        return
+    if tgt.recipe_path is None:
+        raise _fail("--serve needs a recipe target (it serves <out>/<name>/repo)")
+    from triton_repo.server import ServerError, TritonServer
+
+    repo_dir = tgt.bench_dir.parent / "repo"
+    if not (repo_dir / "manifest.json").is_file():
+        raise _fail(f"{repo_dir} has no repository: run `enginesmith repo {tgt.recipe_path} --out {out}` first")
+    try:
+        server = TritonServer(repo_dir, log_path=tgt.bench_dir.parent / "bench-server.log").start()
+    except ServerError as e:
+        raise _fail(str(e)) from None
+    try:
+        err.print(f"[dim]serving {repo_dir} at {server.grpc_url} (gRPC) for the bench[/dim]")
+        yield replace(tgt, grpc_url=server.grpc_url, http_url=server.http_url, metrics_url=server.metrics_url)
+    finally:
+        server.stop()
+
+
+def bench(
+    target: Annotated[str, typer.Argument(help="A recipe (ports, tokenizer, SLA from it) or the gRPC host:port.")],
+    model: Annotated[str, Opt(help="tensorrt_llm (token ids), ensemble or tensorrt_llm_bls.")] = "tensorrt_llm",
+    out: Annotated[Path, Opt(help="Working directory root (results go to <out>/<recipe>/bench).")] = Path("out"),
+    output_dir: Annotated[Optional[Path], Opt(help="Write results here instead.")] = None,
+    tokenizer: Annotated[Optional[Path], Opt(help="HF tokenizer dir (default: the recipe's).")] = None,
+    concurrency: Annotated[Optional[str], Opt(help="Closed-loop sweep, e.g. 1,2,4,8.")] = None,
+    request_rate: Annotated[Optional[str], Opt(help="Poisson sweep in req/s, e.g. 1,2,inf.")] = None,
+    max_concurrency: Annotated[Optional[int], Opt(help="Cap on requests in flight for rate points.")] = None,
+    num_prompts: Annotated[int, Opt(help="Requests per load point.")] = 64,
+    duration: Annotated[Optional[float], Opt(help="Stop issuing after this many seconds per point.")] = None,
+    warmup: Annotated[int, Opt(help="Warm-up requests before the sweep (not measured).")] = 2,
+    dataset: Annotated[str, Opt(help="random (exact ISL/OSL) or sharegpt.")] = "random",
+    dataset_path: Annotated[Optional[Path], Opt(help="ShareGPT JSON file.")] = None,
+    isl: Annotated[Optional[int], Opt(help="Input tokens per prompt (default: recipe sla.isl).")] = None,
+    osl: Annotated[Optional[int], Opt(help="Output tokens per request (default: recipe sla.osl).")] = None,
+    seed: Annotated[int, Opt()] = 0,
+    metrics_url: Annotated[Optional[str], Opt(help="Prometheus endpoint to sample (default: the recipe's).")] = None,
+    goodput: Annotated[Optional[list[str]], Opt(help="SLO, e.g. ttft:500 (repeatable; default: recipe SLA).")] = None,
+    plots: Annotated[bool, Opt(help="Write PNG plots.")] = True,
+    progress: Annotated[bool, Opt(help="Show a progress bar.")] = True,
+    analyze_after: Annotated[bool, Opt("--analyze/--no-analyze", help="Write analysis.md after the run.")] = True,
+    serve: Annotated[bool, Opt(help="Start the recipe's repository on free ports for the run, then stop it.")] = False,
+) -> None:
+    """Load-test a served model: concurrency or request-rate sweep, vLLM-style JSON, plots, analysis."""
+    from client.bench import BenchConfig, run_bench
+    from client.bench_report import summary_table, write_results
+    from client.dataset import DatasetError
+    from client.params import ClientError
+    from client.target import resolve_target
+    from client.tokenizer import load_tokenizer
+
+    try:
+        tgt = resolve_target(target, out)
+        tok_dir = tokenizer or tgt.tokenizer_dir
+        if tok_dir is None:
+            raise _fail("no tokenizer found: pass --tokenizer DIR (the model's HF tokenizer folder)")
+        tok = load_tokenizer(tok_dir)
+        points = parse_points(concurrency, request_rate, max_concurrency, tgt)
+        n_isl, n_osl = isl or tgt.isl, osl or tgt.osl
+        prompts = _prompts(dataset, dataset_path, tok, num_prompts * len(points) + warmup, n_isl, n_osl, seed, tgt)
+        with _served(tgt, serve, out) as live:
+            cfg = BenchConfig(grpc_url=live.grpc_url, model=model, metrics_url=metrics_url or live.metrics_url,
+                              points=points, num_prompts=num_prompts, duration_s=duration, warmup=warmup,
+                              slo_ms=parse_goodput(goodput, tgt.slo_ms), seed=seed, tokenizer_id=str(tok_dir))
+            runs = asyncio.run(run_bench(cfg, prompts, tok, show_progress=progress))
+    except (ClientError, DatasetError, ValueError) as e:
+        raise _fail(str(e)) from None
+    dest = output_dir or tgt.bench_dir
+    config = {"target": target, "model": model, "dataset": dataset, "isl": n_isl, "osl": n_osl,
+              "num_prompts": num_prompts, "points": [p.label for p in points], "slo_ms": cfg.slo_ms}
+    written = write_results(runs, dest, config, plots=plots)
+    (console if console.is_terminal else Console(highlight=False, width=160)).print(summary_table(runs))
+    if analyze_after:
+        from client.analysis_report import render_markdown
+        from client.analyze import analyze_runs
+        from builders.manifest import atomic_write_text
+
+        ref = _plan_ref(tgt.recipe_path)
+        analyses = analyze_runs(runs, ref)
+        atomic_write_text(dest / "analysis.md", render_markdown(analyses, ref))
+        for a in analyses:
+            console.print(a.summary)
+        written["analysis"] = dest / "analysis.md"
+    for name, p in written.items():
+        console.print(f"[dim]{name}: {p}[/dim]")
+
+
+def analyze(
+    bench_json: Annotated[Path, typer.Argument(help="bench.json (all points) or one point's JSON.")],
+    plan: Annotated[Optional[Path], Opt(help="Recipe whose plan gives the roofline floors.")] = None,
+    markdown: Annotated[Optional[Path], Opt(help="Also write markdown here (default: analysis.md beside it).")] = None,
+    as_json: Annotated[bool, Opt("--json", help="Print the analysis as JSON.")] = False,
+) -> None:
+    """Split time into queueing / prefill / decode, compare with the plan's roofline, name what binds."""
+    from builders.manifest import atomic_write_text
+    from client.analysis_report import render_markdown, render_text
+    from client.analyze import analyze_runs
+    from client.bench_report import load_runs
+
+    try:
+        runs = load_runs(bench_json)
+        ref = _plan_ref(plan)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    analyses = analyze_runs(runs, ref)
+    md_path = markdown or bench_json.parent / "analysis.md"
+    atomic_write_text(md_path, render_markdown(analyses, ref))
+    if as_json:
+        console.print_json(json.dumps({"plan": ref.to_dict() if ref else None,
+                                       "analyses": [a.to_dict() for a in analyses]}))
+    else:
+        console.print(render_text(analyses, ref))
+        console.print(f"[dim]markdown: {md_path}[/dim]")

@@ -1,0 +1,96 @@
+"""One decode step's forward over static device buffers: embedding -> every layer -> logits.
+
+No host work inside: all shapes are fixed by the batch bucket, all indexing uses device tensors, so
+the whole call can be captured once in a CUDA graph and replayed. The compute between communication
+points runs through runtime/decode_layers.py, compiled with torch.compile when asked (one compiled
+function serves every layer, since weights are arguments).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from runtime import decode_layers
+from runtime.decode_attention import DecodeAttention, DecodeBatch
+from runtime.kv_cache import PagedKVCache
+from runtime.layers import rms_norm
+from runtime.model import RankModel
+
+log = logging.getLogger(__name__)
+Collective = Callable[[torch.Tensor], torch.Tensor]
+_REGIONS = ("pre_attention", "dense_mlp", "post_attention_norm", "final_logits")
+
+
+class DecodeStep:
+    def __init__(self, model: RankModel, cache: PagedKVCache, attention: DecodeAttention, compile: bool,
+                 reduce: Collective | None = None, gather: Collective | None = None):
+        self.model, self.attention = model, attention
+        self.reduce = reduce or (lambda x: x)
+        self.gather = gather or (lambda x: x)
+        self.k_layers = [cache.k[i] for i in range(model.num_local_layers)]
+        self.v_layers = [cache.v[i] for i in range(model.num_local_layers)]
+        self.compiled = False
+        self.regions: dict[str, Callable] = {n: getattr(decode_layers, n) for n in _REGIONS}
+        self.moe_grouped, self.moe_note = _check_grouped_moe(model) if model.cfg.is_moe else (False, "dense model")
+        if compile:
+            self.enable_compile()
+
+    def enable_compile(self) -> None:
+        """Route the regions through torch.compile (they compile at their first call, outside any capture)."""
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):  # one compile per bucket shape may be needed
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        self.regions = {n: torch.compile(getattr(decode_layers, n), fullgraph=True) for n in _REGIONS}
+        self.compiled = True
+
+    def disable_compile(self) -> None:
+        self.regions = {n: getattr(decode_layers, n) for n in _REGIONS}
+        self.compiled = False
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
+        """(B,) ids and positions -> (B, V_pad) float32 logits; writes each row's K/V into the cache."""
+        m, r = self.model, self.regions
+        cfg, eps = m.cfg, m.cfg.norm_epsilon
+        h = F.embedding(input_ids, m.embedding)
+        cos, sin = m.rope(positions)
+        res = torch.zeros_like(h)
+        for i, w in enumerate(m.layers):
+            kc, vc = self.k_layers[i], self.v_layers[i]
+            h, q = r["pre_attention"](h, res, w.input_layernorm, w.qkv, w.qkv_bias, cos, sin, kc, vc, batch.slots,
+                                      batch.src_rows, eps, m.num_heads, m.num_kv_heads, m.head_size)
+            o = self.attention(q, kc, vc, batch)
+            a = self.reduce(F.linear(o.reshape(o.shape[0], -1), w.dense))
+            if w.router is None:
+                h, res = r["dense_mlp"](h, a, w.post_layernorm, w.gate_up, w.proj, eps)
+            else:
+                h, x = r["post_attention_norm"](h, a, w.post_layernorm, eps)
+                res = decode_layers.moe_mlp(x, w.router, w.fc, w.proj, cfg.moe_top_k,
+                                            cfg.moe_normalization_mode == 1, m.experts.start, self.moe_grouped)
+            res = self.reduce(res)
+        return self.gather(r["final_logits"](h, res, m.ln_f, m.lm_head, eps))
+
+
+def _check_grouped_moe(model: RankModel) -> tuple[bool, str]:
+    """Use the grouped GEMM only if it runs here and matches RankModel.mlp_partial on random tokens."""
+    w, cfg = model.layers[0], model.cfg
+    gen = torch.Generator(device=model.device).manual_seed(0)
+    h = torch.randn(8, cfg.hidden_size, device=model.device, generator=gen).to(model.dtype)
+    try:
+        with torch.inference_mode():
+            ref = model.mlp_partial(0, h).float()
+            x = rms_norm(h, w.post_layernorm, cfg.norm_epsilon)
+            out = decode_layers.moe_mlp(x, w.router, w.fc, w.proj, cfg.moe_top_k, cfg.moe_normalization_mode == 1,
+                                        model.experts.start).float()
+    except Exception as e:  # e.g. no grouped GEMM kernel for this dtype or card: the masked fallback still works
+        log.warning("grouped-GEMM MoE unusable, using the masked fallback: %s", e)
+        return False, f"grouped GEMM failed ({type(e).__name__}: {str(e)[:200]}); masked fallback"
+    err = float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+    if not err < 2e-2:
+        return False, f"grouped GEMM off by {err:.3g} against RankModel._moe; masked fallback"
+    return True, f"grouped GEMM, relative error {err:.1e}"

@@ -1,0 +1,225 @@
+"""Fast decode steps for the reference engine: static buffers, bucketed CUDA graphs, fused kernels.
+
+A pure-decode step (every sequence adds one token) is the common step of in-flight batching. The plain
+path builds index tensors on the host and launches ~40 kernels per layer from Python; here the host
+only fills one pinned staging buffer (token ids, positions, context lengths, write slots and block
+tables padded to the max), copies it in one transfer, and replays the CUDA graph captured for the
+step's batch bucket (1, 2, 4, ... max_batch_size; with gather attention also a block-count bucket).
+Padding rows repeat row 0, so they write row 0's K/V to row 0's slot and are dropped from the output.
+
+Engine hook: `FastDecoder.for_engine(model, cache, config)` at start-up, then
+`decoder.forward_schedule(sched)` in `_forward` returns the step's logits (None: no decode token in it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from runtime.decode_attention import DecodeAttention, DecodeBatch
+from runtime.decode_step import Collective, DecodeStep
+from runtime.kv_cache import PagedKVCache
+from runtime.model import RankModel
+from runtime.paged_attention import SeqSpan
+from runtime.plain_step import plain_forward
+
+log = logging.getLogger(__name__)
+
+
+def buckets(limit: int) -> list[int]:
+    """Powers of two below `limit`, then `limit`."""
+    out = [1]
+    while out[-1] * 2 < limit:
+        out.append(out[-1] * 2)
+    return out if out[-1] == limit else [*out, limit]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    out: torch.Tensor
+
+
+class FastDecoder:
+    def __init__(self, model: RankModel, cache: PagedKVCache, *, max_batch_size: int, max_seq_len: int,
+                 cuda_graphs: bool | None = None, compile: bool | None = None, attention: str = "auto",
+                 reduce: Collective | None = None, gather: Collective | None = None):
+        """cuda_graphs / compile default to on for CUDA caches; attention: auto | triton | gather.
+        `reduce` / `gather` are the TP all-reduce and vocab all-gather (ParallelGroups' methods) for tp > 1."""
+        if not (model.is_first_stage and model.is_last_stage):
+            raise ValueError("FastDecoder runs single-stage ranks only (pp_size=1)")
+        self.model, self.cache = model, cache
+        self.device = cache.k.device
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        if self.use_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs the KV cache on a CUDA device")
+        self.max_batch_size, self.tpb = max_batch_size, cache.tokens_per_block
+        self.max_blocks = cache.blocks_for(max_seq_len)
+        self.batch_buckets = buckets(max_batch_size)
+        self.attention = DecodeAttention(attention, model.num_heads, cache.k[0], max_batch_size)
+        self.block_buckets = buckets(self.max_blocks) if self.attention.needs_context_buckets else [self.max_blocks]
+        self.step = DecodeStep(model, cache, self.attention, on_cuda if compile is None else compile, reduce, gather)
+        n, w = max_batch_size, self.max_blocks
+        self._dev = torch.zeros(5 * n + n * w, dtype=torch.long, device=self.device)
+        self._host = torch.zeros(5 * n + n * w, dtype=torch.long, pin_memory=on_cuda)
+        self._np = self._host.numpy()
+        self._copied = torch.cuda.Event() if on_cuda else None
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = None
+        self.fallbacks: list[str] = []
+
+    @classmethod
+    def for_engine(cls, model: RankModel, cache: PagedKVCache, config) -> FastDecoder | None:
+        """The engine's decoder (graphs captured now, while the cache is empty), or None where the plain path
+        runs: CPU, several ranks, or ENGINESMITH_FAST_DECODE=0."""
+        if cache.k.device.type != "cuda" or os.environ.get("ENGINESMITH_FAST_DECODE", "1") == "0":
+            return None
+        if model.cfg.mapping.world_size != 1:
+            return None
+        dec = cls(model, cache, max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len)
+        dec.capture_all()
+        return dec
+
+    def status(self) -> dict:
+        return dict(attention=self.attention.kind, attention_note=self.attention.reason, compile=self.step.compiled,
+                    moe=self.step.moe_note,
+                    cuda_graphs=self.use_graphs, graphs=len(self._graphs), batch_buckets=self.batch_buckets,
+                    block_buckets=self.block_buckets, fallbacks=list(self.fallbacks))
+
+    # ---- the step ----
+    def forward_schedule(self, sched) -> torch.Tensor | None:
+        """Logits (sampling chunks, vocab) of an engine Schedule, as Engine._forward returns them; None when no
+        chunk is a decode token (the engine's own path runs). Decode tokens go through the graphs; prefill
+        chunks of the same step through the plain path (they touch other sequences' blocks only)."""
+        chunks = sched.chunks
+        fast = [c.num_tokens == 1 and c.samples and c.start < self.max_blocks * self.tpb for c in chunks]
+        n_fast = sum(fast)
+        if not n_fast or n_fast > self.max_batch_size:
+            return None
+        dec = [c for c, f in zip(chunks, fast, strict=True) if f]
+        logits = self.decode([c.request.seq_id for c in dec], [c.request.tokens[c.start] for c in dec],
+                             [c.start for c in dec])
+        if n_fast == len(chunks):
+            return logits
+        rest = [c for c, f in zip(chunks, fast, strict=True) if not f]
+        spans = [SeqSpan(c.request.seq_id, c.start, c.num_tokens) for c in rest]
+        ids = [t for c in rest for t in c.request.tokens[c.start: c.start + c.num_tokens]]
+        rest_logits = plain_forward(self.model, self.cache, spans, ids, self.step.reduce, self.step.gather)
+        rows, fast_row, rest_row = [], iter(range(n_fast)), iter(range(n_fast, n_fast + len(rest)))
+        for c, f in zip(chunks, fast, strict=True):
+            row = next(fast_row) if f else next(rest_row)
+            if c.samples:
+                rows.append(row)
+        return torch.cat([logits, rest_logits])[torch.tensor(rows, device=logits.device)]
+
+    @torch.inference_mode()
+    def decode(self, seq_ids: list[int], input_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One token per sequence at `positions` (its blocks reserved) -> (B, vocab) float32 logits."""
+        b = len(seq_ids)
+        if not 0 < b <= self.max_batch_size or len(input_ids) != b or len(positions) != b:
+            raise ValueError(f"decode got {b} sequences, {len(input_ids)} ids and {len(positions)} positions "
+                             f"(1..max_batch_size={self.max_batch_size} of each)")
+        bucket = next(x for x in self.batch_buckets if x >= b)
+        need = self._stage(seq_ids, input_ids, positions, bucket)
+        nblk = next(x for x in self.block_buckets if x >= need)
+        out = self._run(bucket, nblk)
+        return out[:b, : self.model.cfg.vocab_size].clone()
+
+    def _stage(self, seq_ids: list[int], input_ids: list[int], positions: list[int], bucket: int) -> int:
+        """Fill the pinned staging buffer and copy it to the device; returns the block columns needed."""
+        n, w, tpb, b = self.max_batch_size, self.max_blocks, self.tpb, len(seq_ids)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has left the buffer
+        h = self._np
+        ids, pos, ctx, src, slots = (h[i * n: i * n + bucket] for i in range(5))
+        table = h[5 * n:].reshape(n, w)
+        for r, (sid, p) in enumerate(zip(seq_ids, positions, strict=True)):
+            t = self.cache.block_table(sid)
+            if not 0 <= p < min(len(t), w) * tpb:
+                raise ValueError(f"sequence {sid} has no KV block for position {p} (table of {len(t)} blocks, "
+                                 f"max_seq_len allows {w}): reserve blocks first")
+            k = min(len(t), w)
+            table[r, :k] = t[:k]
+            slots[r] = t[p // tpb] * tpb + p % tpb
+        ids[:b], pos[:b] = input_ids, positions
+        src[:b] = np.arange(b)
+        ids[b:], pos[b:], slots[b:], src[b:] = ids[0], pos[0], slots[0], 0
+        table[b:bucket] = table[0]
+        ctx[:] = pos + 1
+        self._dev.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        return max(positions) // tpb + 1
+
+    def _views(self, bucket: int, nblk: int):
+        n, d = self.max_batch_size, self._dev
+        ids, pos, ctx, src, slots = (d[i * n: i * n + bucket] for i in range(5))
+        table = d[5 * n:].view(n, self.max_blocks)[:bucket]
+        return ids, pos, DecodeBatch(slots, src, table, ctx, nblk)
+
+    def _run(self, bucket: int, nblk: int) -> torch.Tensor:
+        if not self.use_graphs:
+            return self._eager(bucket, nblk)
+        g = self._graphs.get((bucket, nblk)) or self._capture(bucket, nblk)
+        if g is None:
+            return self._eager(bucket, nblk)
+        g.graph.replay()
+        return g.out
+
+    def _eager(self, bucket: int, nblk: int) -> torch.Tensor:
+        try:
+            return self.step(*self._views(bucket, nblk))
+        except Exception as e:
+            if not self.step.compiled:
+                raise
+            self._fall_back(f"torch.compile failed, running eager regions: {type(e).__name__}: {e}")
+            self.step.disable_compile()
+            return self.step(*self._views(bucket, nblk))
+
+    # ---- CUDA graphs ----
+    def capture_all(self) -> None:
+        """Capture every bucket now (largest first, sharing one memory pool). The dummy steps write block 0,
+        so the cache must hold no sequence yet."""
+        if not self.use_graphs:
+            return
+        if self.cache.num_used_blocks:
+            raise RuntimeError(f"capture_all needs an empty KV cache ({self.cache.num_used_blocks} blocks in use)")
+        with torch.inference_mode():
+            self._np[:] = 0
+            self._np[2 * self.max_batch_size: 3 * self.max_batch_size] = 1  # context length 1 at position 0
+            self._dev.copy_(self._host)
+            for bucket in reversed(self.batch_buckets):
+                for nblk in reversed(self.block_buckets):
+                    if self.use_graphs and (bucket, nblk) not in self._graphs:
+                        self._capture(bucket, nblk)
+
+    def _capture(self, bucket: int, nblk: int) -> _Graph | None:
+        """Warm up (compiles, autotunes, initialises cuBLAS/NCCL) on a side stream, then capture. Warm-up steps
+        rewrite the staged rows' K/V with the same values, so capturing mid-serving is harmless."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._eager(bucket, nblk)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.step(*self._views(bucket, nblk))
+        except Exception as e:
+            self._fall_back(f"CUDA graph capture failed, running without graphs: {type(e).__name__}: {e}")
+            self.use_graphs = False
+            torch.cuda.synchronize(self.device)
+            return None
+        self._pool = self._pool or graph.pool()
+        self._graphs[(bucket, nblk)] = g = _Graph(graph, out)
+        return g
+
+    def _fall_back(self, reason: str) -> None:
+        log.warning("fast decode: %s", reason)
+        self.fallbacks.append(reason[:500])

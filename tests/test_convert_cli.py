@@ -1,0 +1,80 @@
+"""`enginesmith tiny-model` and `enginesmith convert RECIPE` end to end (recipe -> plan -> fetch -> convert)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from builders.cli import app
+from builders.convert import CheckpointManifest
+from tests.support import tiny_hf_model
+
+runner = CliRunner()
+
+
+def write_recipe(path, source, name="tiny-llama", parallel="{tp_size: 2, pp_size: 2}", weights="none"):
+    path.write_text(f"""name: {name}
+model:
+  source: {source}
+  dtype: float32
+hardware:
+  gpu: H100
+parallel: {parallel}
+quantization:
+  weights: {weights}
+build:
+  target: reference
+  max_input_len: 256
+  max_seq_len: 512
+""")
+    return path
+
+
+def test_tiny_model_command(tmp_path):
+    res = runner.invoke(app, ["tiny-model", str(tmp_path / "m"), "--arch", "qwen2", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and (tmp_path / "m" / "tokenizer.json").is_file()
+    bad = runner.invoke(app, ["tiny-model", str(tmp_path / "x"), "--arch", "gpt2"])
+    assert bad.exit_code == 1 and "choose one of llama, mixtral, qwen2" in bad.output
+
+
+def test_convert_command_writes_checkpoint_and_reruns_as_noop(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_hf_model("llama"))
+    res = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out"), "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    ckpt = tmp_path / "out" / "tiny-llama" / "checkpoint"
+    manifest = CheckpointManifest.read(ckpt)
+    assert manifest.rank_files == [f"rank{r}.safetensors" for r in range(4)]
+    assert manifest.mapping["tp_size"] == 2 and manifest.mapping["pp_size"] == 2
+    assert manifest.source["revision"].startswith("local:") and manifest.is_complete(ckpt, manifest.key)
+    assert (tmp_path / "out" / "tiny-llama" / "hf").is_symlink()
+    assert json.loads((ckpt / "config.json").read_text())["mapping"]["world_size"] == 4
+    inodes = [(ckpt / f).stat().st_ino for f in manifest.rank_files]
+    again = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out")])
+    assert again.exit_code == 0, again.output
+    assert [(ckpt / f).stat().st_ino for f in manifest.rank_files] == inodes
+
+
+def test_convert_command_pickle_policy_and_quantization(tmp_path):
+    src = tmp_path / "pickled"
+    src.mkdir()
+    hf = tiny_hf_model("llama")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf / name, src / name)
+    torch.save(load_file(hf / "model.safetensors"), src / "pytorch_model.bin")
+    recipe = write_recipe(tmp_path / "r.yaml", src, name="pickled", parallel="{tp_size: 2}",
+                          weights="int8_weight_only")
+    refused = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out")])
+    assert refused.exit_code == 1 and "--allow-pickle" in refused.output
+    ok = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out"), "--allow-pickle"])
+    assert ok.exit_code == 0, ok.output
+    ckpt = tmp_path / "out" / "pickled" / "checkpoint"
+    rank1 = load_file(ckpt / "rank1.safetensors")
+    assert rank1["transformer.layers.0.attention.qkv.weight"].dtype == torch.int8
+    assert "transformer.layers.0.attention.qkv.per_channel_scale" in rank1
+    assert json.loads((ckpt / "config.json").read_text())["quantization"]["quant_algo"] == "W8A16"

@@ -1,0 +1,80 @@
+"""benchmarks/runtime.py at toy shapes on the CPU, and the random models and baselines it relies on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runtime.emulate import emulate_logits
+from runtime.kv_cache import PagedKVCache
+from runtime.paged_attention import SeqSpan
+from runtime.plain_step import plain_forward
+from runtime.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
+from tests.support import REPO_ROOT
+
+PROMPTS = [[5, 17, 33, 2, 99], [120, 7, 8, 250, 1, 42, 3]]
+
+
+def run_bench(tmp_path, *args: str) -> dict:
+    out = tmp_path / "runtime.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.runtime", "--device", "cpu", "--tiny", "--out", str(out),
+                           *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "section" in proc.stdout.splitlines()[-1] or "metric" in proc.stdout  # the summary table
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("shape,tp,ep", [(TINY_LLAMA, 2, 1), (TINY_MIXTRAL, 2, 2), (TINY_MIXTRAL, 2, 1)])
+def test_random_model_ranks_compose_to_the_single_rank_model(shape, tp, ep):
+    one = [random_rank_model(checkpoint_config(shape), seed=3)]
+    cfg = checkpoint_config(shape, tp_size=tp, moe_ep_size=ep)
+    ranks = [random_rank_model(cfg, r, seed=3) for r in range(tp)]
+    ref = emulate_logits(one, PROMPTS)
+    assert torch.allclose(emulate_logits(ranks, PROMPTS), ref, atol=1e-5)
+    assert not torch.allclose(emulate_logits([random_rank_model(checkpoint_config(shape), seed=4)], PROMPTS), ref)
+
+
+def test_transformers_model_shares_weights_and_computes_the_same_logits():
+    from benchmarks.runtime_hf import hf_llama_sharing
+
+    model = random_rank_model(checkpoint_config(TINY_LLAMA), seed=1)
+    hf = hf_llama_sharing(model)
+    assert hf.model.layers[0].mlp.up_proj.weight.data_ptr() == model.layers[0].gate.data_ptr()
+    cache = PagedKVCache(num_layers=2, num_kv_heads=2, head_size=16, num_blocks=8, tokens_per_block=4)
+    cache.reserve(1, len(PROMPTS[1]))
+    ref = plain_forward(model, cache, [SeqSpan(1, 0, len(PROMPTS[1]))], PROMPTS[1])
+    with torch.no_grad():
+        out = hf(torch.tensor([PROMPTS[1]])).logits[0, -1:]
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_tiny_single_gpu_sections_write_every_number(tmp_path):
+    r = run_bench(tmp_path)
+    assert r["errors"] == {}
+    assert r["hw"]["copy_gbps"] > 0 and r["hw"]["matmul_tflops"] > 0
+    for name in ("decode", "moe"):
+        d = r[name]
+        assert d["fast"]["tok_s"] > 0 and d["plain"]["tok_s"] > 0 and d["roofline_tok_s"] > 0
+        assert 0 < d["fast"]["pct_roofline"] < 100
+        assert d["fast_vs_plain"]["max_rel_err"] < 1e-4 and d["fast_vs_plain"]["argmax_agreement"] == 1.0
+        assert d["greedy_prefix_match"] == d["fast"]["tokens"] or d["greedy_prefix_match"] == d["plain"]["tokens"]
+    s = r["serving"]
+    assert s["engine"]["output_tokens"] == s["output_tokens"] and s["engine"]["fast_steps"] > 0
+    assert s["hf_static"]["requests_measured"] == s["requests"] and s["speedup_vs_static"] > 0
+    assert "tok_s" in s["hf_continuous"] or "error" in s["hf_continuous"]
+
+
+@pytest.mark.slow
+def test_tiny_tp_and_pp_sections_run_real_ranks(tmp_path):
+    r = run_bench(tmp_path, "--sections", "tp,pp")
+    assert r["errors"] == {}
+    tp = r["tp"]
+    assert tp["greedy_prefix_match"] == tp["tokens_compared"] > 0  # tp=2 generates tp=1's tokens (float32)
+    assert tp["tp2"]["1"]["tok_s"] > 0 and tp["speedup_batch1_latency"] > 0
+    pp = r["pp"]
+    assert set(pp["measured_bubble"]) == {"1", "2", "4", "8"} and len(pp["stage_s"]) == 2
+    assert pp["plot"] is None or pp["plot"].endswith(".png")

@@ -1,0 +1,186 @@
+"""Triton Python-backend `tensorrt_llm` model of the `reference` target (copied to tensorrt_llm/1/model.py).
+
+It keeps upstream's tensor contract (runtime/tensor_contract.py) and `parameters` keys, and runs the
+reference engine (runtime/engine.py) in a background thread. Decoupled: every request gets a response
+sender; when streaming, each new token is sent as soon as it is sampled; the last response carries
+TRITONSERVER_RESPONSE_COMPLETE_FINAL (a flag-only final when there is nothing left to send).
+Cancellation: Triton's request cancellation (polled every cancellation_check_period_ms) and a second
+request with the same request id and `stop=true`. A bad request gets an error response; the model
+keeps serving. The project root must be on the stub's PYTHONPATH (the server launcher sets it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import triton_python_backend_utils as pb_utils
+
+from runtime.engine import Engine
+from runtime.engine_config import EngineConfigError
+from runtime.request import Request, RequestError, TokenUpdate
+from runtime.tensor_contract import RowSpec, parse_rows, response_arrays
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+IN_FLIGHT_TYPES = ("inflight_fused_batching", "inflight_batching")
+ITERATION_LOG_ENV = "ENGINESMITH_ITERATION_LOG"
+
+
+def read_parameter(config: dict, name: str, kind=str):
+    """An upstream `parameters` string_value as `kind`; None when absent or empty; ValueError when malformed."""
+    raw = config.get("parameters", {}).get(name, {}).get("string_value")
+    if raw is None or raw.strip() == "":
+        return None
+    if raw.startswith("${") and raw.endswith("}"):
+        raise ValueError(f"parameter {name} is an unfilled template placeholder {raw!r}: give a value or drop it")
+    if kind is bool:
+        low = raw.strip().lower()
+        if low not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(f"parameter {name}={raw!r} is not a boolean (true/false)")
+        return low in ("1", "true", "yes")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"parameter {name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+class _Responder:
+    """Sends the responses of one Triton request (one or more batch rows) through its sender."""
+
+    def __init__(self, sender, num_rows: int, output_names: set[str]):
+        self.sender, self.remaining, self.output_names = sender, num_rows, output_names
+        self.lock = threading.Lock()
+
+    def on_update(self, spec: RowSpec, update: TokenUpdate) -> None:
+        with self.lock:
+            self.remaining -= update.finished
+            flags = FINAL if update.finished and self.remaining == 0 else 0
+        req = update.request
+        if update.error is not None:
+            self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"request {req.request_id or '<no id>'} row {spec.batch_index} failed: {update.error}")), flags=flags)
+        elif spec.streaming and update.new_tokens:
+            self._send(spec, req, update.new_tokens, req.log_probs[-len(update.new_tokens):], flags)
+        elif not spec.streaming and update.finished:
+            tokens = req.output if spec.exclude_input_in_output else req.tokens
+            self._send(spec, req, tokens, req.log_probs, flags)
+        elif flags:
+            self.sender.send(flags=flags)
+
+    def _send(self, spec: RowSpec, req: Request, tokens: list[int], log_probs: list[float], flags: int) -> None:
+        times = {"arrival_time_ns": req.arrival_ns, "first_scheduled_time_ns": req.first_scheduled_ns,
+                 "first_token_time_ns": req.first_token_ns, "last_token_time_ns": req.last_token_ns}
+        arrays = response_arrays(spec, tokens, log_probs, float(sum(req.log_probs)), times,
+                                 len(req.prompt), len(req.output))
+        tensors = [pb_utils.Tensor(name, arr) for name, arr in arrays.items() if name in self.output_names]
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        try:
+            self._configure(config)
+            self.engine = Engine.from_engine_dir(self.engine_dir, device=self._device(config),
+                                                 on_rank_failure=self._on_rank_failure, **self.overrides)
+        except (ValueError, EngineConfigError) as e:
+            raise pb_utils.TritonModelException(f"tensorrt_llm (reference): {e}") from None
+        self.engine.metrics = self._metrics(args, config)
+        self.engine.start()
+
+    def _configure(self, config: dict) -> None:
+        p = lambda name, kind=str: read_parameter(config, name, kind)  # noqa: E731
+        if int(config.get("max_batch_size", 0)) < 1:
+            raise ValueError("max_batch_size must be >= 1 (inputs carry a batch dimension, as upstream)")
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.engine_dir = p("gpt_model_path")
+        if not self.engine_dir:
+            raise ValueError("parameter gpt_model_path (the reference engine directory) is required")
+        if (model_type := p("gpt_model_type")) not in (None, *IN_FLIGHT_TYPES):
+            raise ValueError(f"gpt_model_type={model_type!r}: the reference runtime does in-flight batching only "
+                             f"({' or '.join(IN_FLIGHT_TYPES)})")
+        if p("max_beam_width", int) not in (None, 1):
+            raise ValueError(f"max_beam_width={p('max_beam_width')}: the reference runtime has no beam search")
+        if p("enable_kv_cache_reuse", bool):
+            pb_utils.Logger.log_warn("enable_kv_cache_reuse=true: the reference runtime has no KV reuse; ignored")
+        self.exclude_input = bool(p("exclude_input_in_output", bool))
+        self.stats_period_s = (p("stats_check_period_ms", int) or 100) / 1000
+        self.output_names = {o["name"] for o in config.get("output", [])}
+        self.overrides = dict(
+            batch_scheduler_policy=p("batch_scheduler_policy"),
+            kv_cache_free_gpu_mem_fraction=p("kv_cache_free_gpu_mem_fraction", float),
+            max_tokens_in_paged_kv_cache=p("max_tokens_in_paged_kv_cache", int),
+            enable_chunked_context=p("enable_chunked_context", bool),
+            cancellation_check_period_ms=p("cancellation_check_period_ms", int),
+            iteration_log_path=p("iteration_log_path") or os.environ.get(ITERATION_LOG_ENV) or None)
+
+    @staticmethod
+    def _device(config: dict) -> str:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+        ids = (read_parameter(config, "gpu_device_ids") or "0").replace(";", ",").split(",")
+        return f"cuda:{int(ids[0])}"
+
+    def _metrics(self, args: dict, config: dict):
+        try:
+            from runtime.metrics import TritonMetrics
+        except ImportError:
+            return None
+        c = self.engine.config
+        return TritonMetrics(pb_utils, args["model_name"], args.get("model_version", "1"),
+                             max_batch_size=c.max_batch_size, tokens_per_block=c.tokens_per_block,
+                             period_s=self.stats_period_s)
+
+    def execute(self, requests):
+        for request in requests:
+            arrival_ns = time.monotonic_ns()
+            sender = request.get_response_sender()
+            try:
+                self._handle(request, sender, arrival_ns)
+            except RequestError as e:
+                rid = request.request_id() or "<no id>"
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"request {rid}: {e}")), flags=FINAL)
+            except Exception as e:  # never leave a request without its final response
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"internal error in the reference runtime: {type(e).__name__}: {e}")), flags=FINAL)
+        return None
+
+    def _handle(self, request, sender, arrival_ns: int) -> None:
+        tensors = {t.name(): t.as_numpy() for t in request.inputs()}
+        rid = request.request_id() or ""
+        stop = tensors.get("stop")
+        if stop is not None and stop.size and bool(stop.reshape(-1)[0]):
+            if not rid:
+                raise RequestError("stop=true needs the request id of the request to stop")
+            self.engine.cancel(rid)
+            sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
+            return
+        specs = parse_rows(tensors, decoupled=self.decoupled, exclude_input_default=self.exclude_input)
+        responder = _Responder(sender, len(specs), self.output_names)
+        reqs = [Request(s.prompt, s.max_new_tokens, s.sampling, request_id=rid, arrival_ns=arrival_ns,
+                        on_update=lambda u, s=s: responder.on_update(s, u), is_cancelled=sender.is_cancelled)
+                for s in specs]
+        for r in reqs:  # all rows valid before any is queued
+            self.engine.validate(r)
+        for r in reqs:
+            self.engine.submit(r)
+
+    def _on_rank_failure(self, rank: int, exitcode) -> None:
+        """A rank died: fail what is in flight, then stop the whole server (unready at once, exits within
+        --exit-timeout-secs) rather than hang on a collective; the launcher restarts or reports it."""
+        import signal
+
+        pb_utils.Logger.log_error(f"tensorrt_llm (reference): rank {rank} exited with code {exitcode}; "
+                                  "stopping the server")
+        threading.Thread(target=self.engine.shutdown, daemon=True).start()
+        os.kill(os.getppid(), signal.SIGTERM)
+
+    def finalize(self):
+        self.engine.shutdown()
+        if self.engine.metrics is not None:
+            self.engine.metrics.flush()

@@ -1,0 +1,197 @@
+"""Run tritonserver: start, wait for readiness, stop gracefully, leave no process behind.
+
+The binary and its environment come from `triton_repo.discovery` (on PATH, else nvidia-pytriton's).
+`TritonServer` is a context manager for tests and the `serve` command. The server runs in its own
+process group, so the Python-backend stubs (and mpirun's ranks) are stopped with it: SIGTERM first, then
+SIGKILL to the group after a timeout, then the process is reaped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from triton_repo.discovery import ServerBinary, ServerNotFound, find_server
+from triton_repo.launch import Endpoints, build_mpirun_argv, build_server_argv
+
+__all__ = ["TritonServer", "ServerError", "ServerNotFound", "free_endpoints", "find_server"]
+ADDRESS_IN_USE = ("already in use",)  # "failed to start HTTP service: ... Socket '...' already in use"
+
+
+class ServerError(RuntimeError):
+    """tritonserver did not become ready, or failed."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def free_endpoints(address: str = "127.0.0.1") -> Endpoints:
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    http, grpc, metrics = sorted(ports)
+    return Endpoints(http, grpc, metrics, address, address, address)
+
+
+class TritonServer:
+    """One tritonserver (or one mpirun of `world_size` ranks) serving `model_repository`."""
+
+    def __init__(self, model_repository: str | Path, endpoints: Endpoints | None = None, *,
+                 binary: ServerBinary | None = None, world_size: int = 1, log_path: str | Path | None = None,
+                 ready_timeout_s: float = 180.0, stop_timeout_s: float = 15.0, exit_timeout_s: int = 5,
+                 env: dict[str, str] | None = None, hosts: tuple[str, ...] = (), slots_per_host: int | None = None,
+                 hostfile: str | Path | None = None):
+        self.repo = Path(model_repository).resolve()
+        self.auto_ports = endpoints is None
+        self.endpoints = endpoints or free_endpoints()
+        self.binary = binary
+        self.world_size = world_size
+        self.log_path = Path(log_path) if log_path else _temp_log()
+        self.ready_timeout_s, self.stop_timeout_s, self.exit_timeout_s = ready_timeout_s, stop_timeout_s, exit_timeout_s
+        self.extra_env = env or {}
+        self.mpi_placement = dict(hosts=hosts, slots_per_host=slots_per_host, hostfile=hostfile)
+        self.proc: subprocess.Popen | None = None
+
+    # ---- addresses --------------------------------------------------------------------------------------
+    def _host(self, address: str) -> str:
+        return "127.0.0.1" if address in ("0.0.0.0", "") else address
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._host(self.endpoints.http_address)}:{self.endpoints.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._host(self.endpoints.grpc_address)}:{self.endpoints.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._host(self.endpoints.metrics_address)}:{self.endpoints.metrics_port}/metrics"
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def binary_env(self) -> dict[str, str]:
+        """Environment variables the server binary needs (on top of os.environ)."""
+        return self._binary().env
+
+    def _binary(self) -> ServerBinary:
+        if self.binary is None:
+            self.binary = find_server()
+        return self.binary
+
+    def argv(self, dry: bool = False) -> list[str]:
+        """The command line (`dry`: for display; a missing mpirun is then not an error)."""
+        b = self._binary()
+        kw = dict(backend_dir=b.backend_dir, exit_timeout_s=self.exit_timeout_s)
+        if self.world_size == 1:
+            return build_server_argv(b.path, self.repo, self.endpoints, **kw)
+        mpirun = shutil.which("mpirun") or ("mpirun" if dry else None)
+        if mpirun is None:
+            raise ServerError(f"world_size={self.world_size} needs mpirun (leader mode, one rank per GPU), "
+                              "and none is on PATH; install Open MPI or run in a TensorRT-LLM container")
+        return build_mpirun_argv(self.world_size, b.path, self.repo, self.endpoints, mpirun=mpirun,
+                                 env_vars=tuple(sorted(b.env)), **self.mpi_placement, **kw)
+
+    def start(self) -> TritonServer:
+        """Start and wait until /v2/health/ready answers 200 (retries on fresh ports if one was taken)."""
+        if not (self.repo.is_dir()):
+            raise ServerError(f"model repository {self.repo} does not exist: run `enginesmith repo RECIPE`")
+        self._binary()
+        for attempt in range(3 if self.auto_ports else 1):
+            self._spawn()
+            try:
+                self.wait_ready()
+                return self
+            except ServerError:
+                tail = self.log_tail()
+                self.stop()
+                if attempt < 2 and self.auto_ports and any(s in tail for s in ADDRESS_IN_USE):
+                    self.endpoints = free_endpoints(self.endpoints.http_address)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _spawn(self) -> None:
+        # Rank processes of a multi-rank reference runtime are spawned with this interpreter (the stub is no python).
+        env = {**os.environ, "ENGINESMITH_PYTHON": sys.executable, **self.binary.env, **self.extra_env}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise ServerError(f"tritonserver exited with code {code} before it was ready; log "
+                                  f"{self.log_path}, last lines:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s; log {self.log_path}, "
+                          f"last lines:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait(self) -> int:
+        """Block until the server exits; its exit code."""
+        assert self.proc is not None, "start() first"
+        return self.proc.wait()
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait up to stop_timeout_s, then SIGKILL the whole process group; reap. Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        pgid = proc.pid  # start_new_session: the server leads its own group
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(pgid)
+                proc.wait()
+        _kill_group(pgid)  # stubs or ranks that outlived the server
+        return proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _temp_log() -> Path:
+    fd, path = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+    os.close(fd)
+    return Path(path)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
