@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from builders.perf_constants import COLLECTIVE_LATENCY_US, HOP_LATENCY_US
+
 if TYPE_CHECKING:
     from builders.recipe import HardwareSection
 
@@ -17,8 +19,6 @@ GIB = 1 << 30
 ComputeDtype = Literal["float32", "float16", "bfloat16", "fp8", "int8"]
 LinkKind = Literal["nvlink", "pcie", "infiniband", "ethernet"]
 
-# Per-step latency of one ring hop (the alpha of the alpha-beta model); an estimate, not a datasheet value.
-LINK_LATENCY_US: dict[str, float] = {"nvlink": 1.5, "pcie": 4.0, "infiniband": 6.0, "ethernet": 15.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,20 +71,22 @@ class Link:
     gbps: float
     """GB/s per GPU per direction."""
     latency_us: float
-    """Latency of one ring step."""
+    """Latency of one ring step (builders.perf_constants.HOP_LATENCY_US)."""
+    op_latency_us: float = 0.0
+    """Fixed latency of one operation, paid once however small the message (COLLECTIVE_LATENCY_US)."""
 
     def ring_allreduce_s(self, message_bytes: float, ranks: int) -> float:
-        """Ring all-reduce: 2(p-1) steps, each GPU moves 2(p-1)/p of the message."""
+        """Ring all-reduce: one operation of 2(p-1) steps, each GPU moves 2(p-1)/p of the message."""
         if ranks <= 1:
             return 0.0
         moved = 2 * (ranks - 1) / ranks * message_bytes
-        return 2 * (ranks - 1) * self.latency_us * 1e-6 + moved / (self.gbps * 1e9)
+        return (self.op_latency_us + 2 * (ranks - 1) * self.latency_us) * 1e-6 + moved / (self.gbps * 1e9)
 
     def transfer_s(self, nbytes: float, steps: int = 1) -> float:
-        """Point-to-point (or all-to-all with `steps` peers) of `nbytes` per GPU."""
+        """One point-to-point (or all-to-all with `steps` peers) operation of `nbytes` per GPU."""
         if nbytes <= 0:
             return 0.0
-        return steps * self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
+        return (self.op_latency_us + steps * self.latency_us) * 1e-6 + nbytes / (self.gbps * 1e9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,10 @@ class HardwareSpec:
         return self.intra_node if len(nodes) <= 1 else self.inter_node
 
 
+def _link(kind: str, gbps: float) -> Link:
+    return Link(kind, gbps, HOP_LATENCY_US[kind], COLLECTIVE_LATENCY_US[kind])
+
+
 def resolve_hardware(section: HardwareSection) -> HardwareSpec:
     """Merge catalogue values with the recipe's overrides (all required for `custom`)."""
     base = CATALOGUE.get(section.gpu)
@@ -139,8 +145,8 @@ def resolve_hardware(section: HardwareSection) -> HardwareSpec:
         fp8=fp8,
         gpus_per_node=section.gpus_per_node,
         nodes=section.nodes,
-        intra_node=Link(intra_kind, intra_gbps, LINK_LATENCY_US[intra_kind]),
-        inter_node=Link(inter_kind, inter_gbps, LINK_LATENCY_US[inter_kind]),
+        intra_node=_link(intra_kind, intra_gbps),
+        inter_node=_link(inter_kind, inter_gbps),
     )
 
 

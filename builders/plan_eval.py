@@ -10,7 +10,7 @@ from builders.memory import MemoryInputs, RankMemory, rank_memory, stage_totals
 from builders.model_spec import ModelSpec
 from builders.plan_types import MemorySummary, PipelineInfo, Plan, RankPlan
 from builders.recipe import ParallelSection, Recipe
-from builders.roofline import PerfModel, StageShape, bubble_fraction
+from builders.roofline import PerfModel, StageShape, best_micro_batches, bubble_fraction
 from builders.sla import sla_checks, verdict
 
 
@@ -87,11 +87,17 @@ def _notes(recipe: Recipe, spec: ModelSpec, m: Mapping, hw: HardwareSpec, concur
     return notes
 
 
-def default_micro_batches(recipe: Recipe, pp_size: int, batch: int) -> int:
-    """The recipe's pp_micro_batches, else 4 * pp_size (bubble <= 1/5 at p=2) capped by the batch."""
+def default_micro_batches(recipe: Recipe, pp_size: int, batch: int, stage_s: float, per_micro_s: float) -> int:
+    """The recipe's pp_micro_batches, else the fastest m up to 4 * pp_size (bubble <= 1/5 at p=2) and the batch.
+
+    `stage_s` / `per_micro_s`: the slowest stage's work for the burst and each micro-batch's fixed time;
+    when the work is small next to the fixed time, fewer micro-batches are faster.
+    """
     if isinstance(recipe.parallel, ParallelSection) and recipe.parallel.pp_micro_batches:
         return recipe.parallel.pp_micro_batches
-    return 1 if pp_size == 1 else max(1, min(4 * pp_size, batch))
+    if pp_size == 1:
+        return 1
+    return best_micro_batches(pp_size, stage_s, per_micro_s, max(1, min(4 * pp_size, batch)))
 
 
 def evaluate(recipe: Recipe, spec: ModelSpec, hw: HardwareSpec, m: Mapping) -> Plan:
@@ -107,14 +113,16 @@ def evaluate(recipe: Recipe, spec: ModelSpec, hw: HardwareSpec, m: Mapping) -> P
     concurrency = _concurrency(recipe, perf)
     batch = min(concurrency, recipe.build.max_batch_size)
     prefill, decode = perf.prefill(s.isl), perf.decode(batch, s.isl + s.osl / 2)
-    micro = default_micro_batches(recipe, m.pp_size, batch)
+    work_s, per_micro_s = perf.burst_stage(batch, s.isl)
+    micro = default_micro_batches(recipe, m.pp_size, batch, work_s, per_micro_s)
     burst = perf.prefill_burst(batch, s.isl, micro)
     summary = _summary(recipe, mem, m, hw)
     checks = sla_checks(s, used_bytes=max(r.weight_bytes + r.workspace_bytes for r in mem),
                         gpu_bytes=hw.memory_bytes, kv_tokens=summary.kv_tokens, max_seq_len=recipe.build.max_seq_len,
                         concurrency=concurrency, max_batch_size=recipe.build.max_batch_size,
                         prefill=prefill, decode=decode)
-    pipeline = PipelineInfo(m.pp_size, micro, bubble_fraction(m.pp_size, micro), decode.micro_batches)
+    pipeline = PipelineInfo(m.pp_size, micro, bubble_fraction(m.pp_size, micro, per_micro_s, work_s),
+                            decode.micro_batches)
     return Plan(recipe=recipe, spec=spec, hardware=hw, mapping=m, ranks=_ranks(spec, m, mem, layers),
                 memory=summary, concurrency=concurrency, batch=batch, prefill=prefill, decode=decode,
                 prefill_burst=burst, pipeline=pipeline, sla=verdict(checks),

@@ -96,15 +96,15 @@ def _memory(plan: Plan) -> Table:
 def _phases(plan: Plan) -> Table:
     t = Table(title=f"roofline per step (decode batch {plan.batch}, concurrency {plan.concurrency})")
     for col in ("phase", "tokens", "micro-batches", "compute floor", "HBM floor", "floor", "comm", "estimate",
-                "bound by"):
+                "fixed", "bound by"):
         t.add_column(col, justify="right")
     for ph in (plan.prefill, plan.decode, plan.prefill_burst):
         t.add_row(ph.phase, f"{ph.tokens:,}", str(ph.micro_batches), f"{ph.compute_ms:,.2f} ms",
                   f"{ph.hbm_ms:,.2f} ms", f"{ph.floor_ms:,.2f} ms", f"{ph.comm_ms:,.2f} ms",
-                  f"{ph.estimate_ms:,.2f} ms", ph.bound_by)
+                  f"{ph.estimate_ms:,.2f} ms", f"{ph.fixed_ms:,.2f} ms", ph.bound_by)
     p = plan.pipeline
     if p.pp_size > 1:
-        t.caption = (f"PP bubble (p-1)/(m+p-1) = {p.bubble_fraction:.1%} with {p.micro_batches} micro-batches "
+        t.caption = (f"PP bubble {p.bubble_fraction:.1%} with {p.micro_batches} micro-batches "
                      f"(prefill burst); decode keeps {p.decode_micro_batches} batches in flight")
     return t
 

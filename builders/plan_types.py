@@ -58,9 +58,11 @@ class MemorySummary:
 class PipelineInfo:
     pp_size: int
     micro_batches: int
-    """Micro-batches a burst of prompts is split into (recipe's pp_micro_batches, else 4 * pp_size capped)."""
+    """Micro-batches a burst of prompts is split into (recipe's pp_micro_batches, else the fastest m up to
+    4 * pp_size and the batch)."""
     bubble_fraction: float
-    """(p-1)/(m+p-1) for `micro_batches`."""
+    """Share of the burst that is not the slowest stage's work: (p-1)/(m+p-1) plus each micro-batch's fixed
+    layer time (roofline.bubble_fraction)."""
     decode_micro_batches: int
     """Batches kept in flight during decode (pp_size, as TensorRT-LLM schedules them)."""
 

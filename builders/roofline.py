@@ -4,13 +4,15 @@ Per PP stage: FLOPs = 2 * tokens * (dense params + routed-expert params * top_k 
 attention core (4 * heads * head_dim per attended position; MLA: 2 * heads * (2 * kv_lora + rope)) + the
 lm_head for one token per sequence; HBM bytes = weights read once per micro-batch (routed experts only
 the fraction 1-(1-k/E)^tokens that any token touches) + KV read and written. The floor is
-max(FLOPs / peak, bytes / HBM bandwidth); the estimate divides by the achievable fractions below and
-adds the stage's communication (builders.comms).
+max(FLOPs / peak, bytes / HBM bandwidth); the estimate divides by the achievable fractions and adds a
+fixed time per layer per micro-batch (the small kernels' minimum times) and the stage's communication
+(builders.comms, latency per operation included). Constants: builders.perf_constants.
 
 Pipelines: prefill of one request walks the stages in turn. Decode keeps pp_size micro-batches in flight
 (TensorRT-LLM's in-flight batching with PP), so TPOT = max(sum of stage times + sends,
 micro-batches * slowest stage). A burst of prompts split into m micro-batches runs GPipe-style:
-sum of stage times + (m-1) * slowest stage, idle fraction (p-1)/(m+p-1).
+sum of stage times + (m-1) * slowest stage, idle fraction (p-1)/(m+p-1) when micro-batches cost nothing
+of their own; each pays the stage's fixed layer time, so past an optimum more micro-batches get slower.
 """
 
 from __future__ import annotations
@@ -21,11 +23,7 @@ from builders.comms import CommFigure, merge, p2p_comm, stage_comm
 from builders.hardware import HardwareSpec
 from builders.mapping import Mapping
 from builders.model_spec import ModelSpec
-
-COMPUTE_EFFICIENCY = 0.6
-"""Achievable fraction of peak tensor-core FLOP/s for the GEMMs of a step (MFU)."""
-HBM_EFFICIENCY = 0.8
-"""Achievable fraction of HBM bandwidth when streaming weights and KV (MBU)."""
+from builders.perf_constants import COMPUTE_EFFICIENCY, HBM_EFFICIENCY, LAYER_FIXED_US
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +46,8 @@ class StageCost:
     flops: float
     hbm_bytes: float
     comm: list[CommFigure] = field(default_factory=list)
+    fixed_s: float = 0.0
+    """The layers' fixed kernel time (LAYER_FIXED_US each), paid by every micro-batch."""
 
     @property
     def floor_s(self) -> float:
@@ -55,7 +55,7 @@ class StageCost:
 
     @property
     def estimate_s(self) -> float:
-        return max(self.compute_s / COMPUTE_EFFICIENCY, self.hbm_s / HBM_EFFICIENCY) + self.comm_s
+        return max(self.compute_s / COMPUTE_EFFICIENCY, self.hbm_s / HBM_EFFICIENCY) + self.fixed_s + self.comm_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +78,12 @@ class PhaseEstimate:
     """Roofline floor of the step: pipeline of max(compute, HBM) per stage, communication excluded."""
     comm_ms: float
     estimate_ms: float
-    """Expected step time: achievable fractions of peak, communication and the pipeline included."""
+    """Expected step time: achievable fractions of peak, fixed layer time, communication and the pipeline."""
     bound_by: str
-    """compute | memory bandwidth | communication"""
+    """compute | memory bandwidth | communication (the fixed layer time is no bound of its own)."""
     comm: list[CommFigure]
+    fixed_ms: float = 0.0
+    """Fixed layer time in the step (all stages, every micro-batch)."""
 
 
 def _pipeline(times: list[float], m: int, p2p: float, inflight: bool) -> float:
@@ -115,13 +117,17 @@ class PerfModel:
         comm = stage_comm(spec, self.mapping, self.hw, st.pp_rank, st.layers, tokens, seqs, self.act_bytes)
         return StageCost(compute_s=flops / self.hw.peak_flops(self.compute_dtype),
                          hbm_s=nbytes / (self.hw.hbm_gbps * 1e9), comm_s=sum(c.time_s for c in comm),
-                         flops=flops, hbm_bytes=nbytes, comm=comm)
+                         flops=flops, hbm_bytes=nbytes, comm=comm, fixed_s=len(st.layers) * LAYER_FIXED_US * 1e-6)
+
+    def stage_costs(self, tokens: int, seqs: int, attended: float, kv_read: float, m: int) -> list[StageCost]:
+        """Every stage's cost for one of `m` micro-batches of the step."""
+        return [self.stage_cost(st, -(-tokens // m), -(-seqs // m), attended / m, kv_read / m)
+                for st in self.stages]
 
     def phase(self, name: str, tokens: int, seqs: int, attended: float, kv_read: float, m: int,
               inflight: bool) -> PhaseEstimate:
         """A step of `tokens` from `seqs` sequences, split into `m` micro-batches."""
-        costs = [self.stage_cost(st, -(-tokens // m), -(-seqs // m), attended / m, kv_read / m)
-                 for st in self.stages]
+        costs = self.stage_costs(tokens, seqs, attended, kv_read, m)
         p2p = p2p_comm(self.spec, self.mapping, self.hw, -(-tokens // m), self.act_bytes)
         p2p_s = p2p.time_s if p2p else 0.0
         floor = _pipeline([c.floor_s for c in costs], m, 0.0, inflight)
@@ -138,7 +144,8 @@ class PerfModel:
             compute_ms=1e3 * _pipeline([c.compute_s for c in costs], m, 0.0, inflight),
             hbm_ms=1e3 * _pipeline([c.hbm_s for c in costs], m, 0.0, inflight),
             floor_ms=1e3 * floor, comm_ms=1e3 * (sum(c.comm_s for c in costs) + p2p_s),
-            estimate_ms=1e3 * estimate, bound_by=max(shares, key=shares.__getitem__), comm=comm)
+            estimate_ms=1e3 * estimate, bound_by=max(shares, key=shares.__getitem__), comm=comm,
+            fixed_ms=1e3 * m * sum(c.fixed_s for c in costs))
 
     def prefill(self, isl: int) -> PhaseEstimate:
         """One request's prompt (TTFT)."""
@@ -154,7 +161,23 @@ class PerfModel:
         m = max(1, min(micro_batches, batch))
         return self.phase("prefill_burst", batch * isl, batch, batch * isl * (isl + 1) / 2, 0, m, inflight=False)
 
+    def burst_stage(self, batch: int, isl: int) -> tuple[float, float]:
+        """(work, per-micro-batch fixed time) in seconds of the slowest stage for a burst in one micro-batch."""
+        slowest = max(self.stage_costs(batch * isl, batch, batch * isl * (isl + 1) / 2, 0, 1),
+                      key=lambda c: c.estimate_s)
+        return slowest.estimate_s - slowest.fixed_s, slowest.fixed_s
 
-def bubble_fraction(pp_size: int, micro_batches: int) -> float:
-    """GPipe idle fraction (p-1)/(m+p-1)."""
-    return (pp_size - 1) / (micro_batches + pp_size - 1)
+
+def bubble_fraction(pp_size: int, micro_batches: int, per_micro_s: float = 0.0, stage_s: float = 1.0) -> float:
+    """Share of a GPipe step that is not one stage's work for the whole batch: 1 - (T + c) / ((m+p-1)(T/m + c)).
+
+    T = `stage_s` (one stage's work for the batch), c = `per_micro_s` (what each micro-batch costs on top).
+    With c = 0 this is the idle fraction (p-1)/(m+p-1); with c > 0 it grows again past the best m.
+    """
+    m, p, c, t = micro_batches, pp_size, per_micro_s, stage_s
+    return 1 - (t + c) / ((m + p - 1) * (t / m + c))
+
+
+def best_micro_batches(pp_size: int, stage_s: float, per_micro_s: float, cap: int) -> int:
+    """The m in 1..cap that minimises the GPipe step (m+p-1)(T/m + c); near sqrt((p-1) T / c)."""
+    return min(range(1, max(1, cap) + 1), key=lambda m: ((m + pp_size - 1) * (stage_s / m + per_micro_s), m))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from builders.commands_plan import register
 from builders.plan import make_plan
 from builders.recipe import ParallelSection, load_recipe, parse_recipe
-from builders.roofline import bubble_fraction
+from builders.roofline import best_micro_batches, bubble_fraction
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
 REPO = Path(__file__).resolve().parent.parent
@@ -97,14 +97,24 @@ def test_pipeline_bubble_and_micro_batches():
     assert bubble_fraction(2, 2) == pytest.approx(1 / 3)
     assert bubble_fraction(4, 16) == pytest.approx(3 / 19)
     assert bubble_fraction(1, 1) == 0
+    # T = 180 ms of stage work, c = 3 ms per micro-batch: 1 - (T + c) / ((m+p-1)(T/m + c)) = 1 - 0.183 / 0.2295
+    assert bubble_fraction(2, 8, per_micro_s=0.003, stage_s=0.18) == pytest.approx(1 - 0.183 / 0.2295)
+    assert bubble_fraction(2, 1, per_micro_s=0.003, stage_s=0.18) == pytest.approx(1 / 2)
+    # (m+1)(0.18/m + 0.003): m=7 -> 0.04671, m=8 -> 0.04650, m=9 -> 0.04700 (optimum near sqrt(60) = 7.7)
+    assert best_micro_batches(2, 0.18, 0.003, cap=64) == 8
+    assert best_micro_batches(2, 0.18, 0.003, cap=4) == 4 and best_micro_batches(2, 0.18, 0.0, cap=16) == 16
     tiny = recipe_of("tiny-llama")
+    by_m = {m: make_plan(variant(tiny, parallel={"tp_size": 1, "pp_size": 3, "pp_micro_batches": m}),
+                         with_options=False) for m in (1, 2, 3, 4)}
+    burst = {m: p.prefill_burst.estimate_ms for m, p in by_m.items()}
+    # a one-layer stage of the tiny model does microseconds of work next to 33.6 us fixed per micro-batch:
+    # splitting helps up to 3 micro-batches, the 4th costs more than it saves
+    assert burst[1] > burst[2] > burst[3] < burst[4]
     pp3 = make_plan(variant(tiny, parallel={"tp_size": 1, "pp_size": 3}), with_options=False)
-    assert pp3.pipeline.micro_batches == 4 == pp3.batch  # 4 * pp_size, capped by the batch
+    assert pp3.batch == 4 and pp3.pipeline.micro_batches == 3  # the fastest m up to min(4 * pp_size, batch)
     assert pp3.pipeline.decode_micro_batches == 3 and [r.layers for r in pp3.ranks] == [[0], [1], [2]]
-    pp3m = make_plan(variant(tiny, parallel={"tp_size": 1, "pp_size": 3, "pp_micro_batches": 2}),
-                     with_options=False)
-    assert pp3m.pipeline.bubble_fraction == pytest.approx(2 / 4)
-    assert pp3m.prefill_burst.estimate_ms > pp3.prefill_burst.estimate_ms  # fewer micro-batches, more idle
+    assert by_m[1].pipeline.bubble_fraction == pytest.approx(2 / 3)  # one micro-batch: no fixed-cost excess
+    assert by_m[2].pipeline.bubble_fraction > 2 / 4  # (p-1)/(m+p-1) plus the second micro-batch's fixed time
 
 
 def test_request_rate_sets_concurrency_by_littles_law():
