@@ -43,6 +43,11 @@ def greedy(step: Step, token: int, position: int, n: int) -> tuple[list[int], li
 
 def run(model: RankModel, *, copy_gbps: float, prompt_len: int, n_fast: int, n_plain: int, tokens_per_block: int,
         decoder_options: dict, progress: Callable[[str], None]) -> dict:
+    on_gpu = model.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    allocated_model = torch.cuda.memory_allocated() if on_gpu else 0  # the model's tensors, before any cache
     cache = make_cache(model, prompt_len + n_fast + 1, tokens_per_block)
     cache.reserve(SEQ, prompt_len + n_fast + 1)
     gen = torch.Generator().manual_seed(1)
@@ -81,7 +86,10 @@ def run(model: RankModel, *, copy_gbps: float, prompt_len: int, n_fast: int, n_p
         plain=dict(tokens=n_plain, tok_s=plain_tok_s, ms_per_token=1e3 * plain_s / n_plain,
                    pct_roofline=100 * plain_tok_s / roof),
         speedup_vs_plain=fast_tok_s / plain_tok_s, fast_vs_plain=check,
-        greedy_prefix_match=_prefix(fast_tokens, plain_tokens))
+        greedy_prefix_match=_prefix(fast_tokens, plain_tokens),
+        gpu_memory=dict(model_allocated_bytes=allocated_model,
+                        kv_cache_bytes=cache.k.numel() * cache.k.element_size() * 2,
+                        peak_allocated_bytes=torch.cuda.max_memory_allocated() if on_gpu else 0))
 
 
 def teacher_forced_check(fast: Step, first: int, start: int, tokens: list[int],

@@ -8,6 +8,7 @@ the bubble is 1 - (one stage's time for the whole step) / (step time), against (
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import time
@@ -27,14 +28,44 @@ def tp_section(bench) -> dict:
     res = {}
     for tp in (1, 2):
         bench.progress(f"tp={tp}: spawning {tp} rank(s)")
-        res[f"tp{tp}"] = _spawn(_tp_rank, tp, p)
+        res[f"tp{tp}"] = _spawn_tp(bench, tp, p, res)
         bench.progress(f"tp={tp}: " + ", ".join(f"batch {b}: {v['tok_s']:.1f} tok/s" for b, v in res[f"tp{tp}"].items()
-                                                 if isinstance(v, dict)))
+                                                 if isinstance(v, dict) and "tok_s" in v))
     one, two = res["tp1"], res["tp2"]
     b1, bn = (str(b) for b in p["batches"])
     return dict(res, speedup_batch1_latency=two[b1]["tok_s"] / one[b1]["tok_s"],
                 speedup_throughput=two[bn]["tok_s"] / one[bn]["tok_s"], target_speedup_batch1=1.7,
-                greedy_prefix_match=_prefix(one["tokens"], two["tokens"]), tokens_compared=len(one["tokens"]))
+                greedy_prefix_match=_prefix(one["tokens"], two["tokens"]), tokens_compared=len(one["tokens"]),
+                **_all_reduce_summary(two))
+
+
+def _spawn_tp(bench, tp: int, p: dict, res: dict) -> dict:
+    """tp ranks; if the tp=2 run dies with the fast all-reduce on, record why and rerun it on NCCL alone."""
+    from runtime.fast_allreduce import ENV_SWITCH
+
+    try:
+        return _spawn(_tp_rank, tp, p)
+    except Exception as e:
+        if tp == 1 or not p["cuda"] or os.environ.get(ENV_SWITCH, "1") == "0":
+            raise
+        res[f"tp{tp}_fast_allreduce_crash"] = str(e)[-3000:]
+        bench.progress(f"tp={tp} FAILED with the fast all-reduce on ({type(e).__name__}); rerunning with "
+                       f"{ENV_SWITCH}=0")
+    os.environ[ENV_SWITCH] = "0"  # spawned ranks inherit it
+    try:
+        return _spawn(_tp_rank, tp, p)
+    finally:
+        del os.environ[ENV_SWITCH]
+
+
+def _all_reduce_summary(two: dict) -> dict:
+    """Top-level keys (the summary table prints them): which TP all-reduce the tp=2 decode ran, and the
+    8 KB in-graph microbenchmark."""
+    ar, micro = two.get("all_reduce") or {}, two.get("allreduce_micro") or {}
+    ran = f"symm_mem {ar['method']}" if ar.get("enabled") else f"dist.all_reduce ({ar.get('reason', 'unknown')})"
+    return dict(fast_allreduce_used=bool(ar.get("enabled")), all_reduce_tp2=ran,
+                fast_allreduce_calls=(ar.get("calls") or {}).get("fast", 0),
+                allreduce_8kb_graph_nccl_us=micro.get("nccl_us"), allreduce_8kb_graph_fast_us=micro.get("fast_us"))
 
 
 def pp_section(bench) -> dict:
@@ -60,7 +91,10 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     cfg = checkpoint_config(p["shape"], dtype=p["dtype"], tp_size=world)
     model = random_rank_model(cfg, rank, device=device, seed=0)
     reduce, gather = (groups.all_reduce_tp, groups.gather_tp_last_dim) if groups else (None, None)
-    out: dict = {}
+    out: dict = {"all_reduce": dict(enabled=False, reason="tp=1: no all-reduce")}
+    if groups is not None:  # issue 6: decode-sized TP all-reduces take the one-shot P2P kernel if it checks out
+        max_bytes = max(p["batches"]) * cfg.hidden_size * torch.empty((), dtype=model.dtype).element_size()
+        out["all_reduce"] = groups.enable_fast_all_reduce(max_bytes, model.dtype, device)
     for bs in p["batches"]:
         total = p["prompt_len"] + 2 * p["steps"] + 1
         cache = make_cache(model, total, p["tpb"], batch=bs)
@@ -81,6 +115,12 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     if groups is not None:
         import torch.distributed as dist
 
+        if groups.fast_ar is not None:
+            out["all_reduce"] = groups.fast_ar.status()  # with the calls the decode graphs captured
+        if p["cuda"]:
+            from benchmarks.runtime_allreduce import graph_allreduce_us
+
+            out["allreduce_micro"] = graph_allreduce_us(groups, device, model.dtype)
         dist.destroy_process_group()
     return out if rank == 0 else None
 
@@ -171,6 +211,8 @@ def _spawn(fn, world: int, p: dict, timeout_s: float = 540.0) -> dict:
             rank, value, err = queue.get(timeout=max(1.0, deadline - time.monotonic()))
             result = value if rank == 0 else result
             errors += [f"rank {rank}: {err}"] if err else []
+            if err:  # the others may wait on it in a collective: give them a short grace, not the whole timeout
+                deadline = min(deadline, time.monotonic() + 30.0)
     finally:
         for proc in procs:
             proc.join(30)

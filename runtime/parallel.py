@@ -23,6 +23,8 @@ class ParallelGroups:
     tp_group: object | None
     control: object
     """gloo group over all ranks, for pickled step descriptions."""
+    fast_ar: object | None = None
+    """runtime.fast_allreduce.FastAllReduce for small CUDA tensors (see enable_fast_all_reduce); None: NCCL/gloo."""
 
     @property
     def rank(self) -> int:
@@ -43,9 +45,25 @@ class ParallelGroups:
         return None if p == self.mapping.pp_size - 1 else (p + 1) * self.mapping.tp_size + self.coords.tp_rank
 
     def all_reduce_tp(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the TP group; use the returned tensor (the fast path returns a new one)."""
         if self.mapping.tp_size > 1:
+            if self.fast_ar is not None and self.fast_ar.accepts(x):  # issue 6: one-shot P2P all-reduce
+                return self.fast_ar(x)
             dist.all_reduce(x, group=self.tp_group)
         return x
+
+    def enable_fast_all_reduce(self, max_bytes: int, dtype: torch.dtype, device: torch.device) -> dict:
+        """Collective over the TP group: route TP all-reduces of CUDA tensors up to `max_bytes` through the
+        symmetric-memory one-shot kernel (runtime/fast_allreduce.py) if it passes its self-check; returns its
+        status (why not, when it stays off). CPU and tp_size 1 keep the plain path without any collective."""
+        if self.mapping.tp_size == 1 or torch.device(device).type != "cuda":
+            return dict(enabled=False, reason=f"tp_size {self.mapping.tp_size} on {torch.device(device).type}: "
+                                              "plain all-reduce")
+        from runtime.fast_allreduce import FastAllReduce
+
+        ar = FastAllReduce(self.tp_group, device, dtype, max_bytes)
+        self.fast_ar = ar if ar.enabled else None
+        return ar.status()
 
     def gather_tp_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each TP rank's slice along the last dim (vocab-parallel logits)."""
@@ -62,6 +80,7 @@ def init_parallel(mapping: Mapping, rank: int, init_method: str, backend: str,
     timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "nccl":
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=mapping.world_size,
                             timeout=timeout)
     tp_group = None
