@@ -28,7 +28,8 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
     from builders.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    mapping = make_plan(recipe).mapping
+    plan = make_plan(recipe)
+    mapping = plan.mapping
     root = Path(out) / recipe.name
     fetched = fetch_model(recipe.model.source, recipe.model.revision, root / "hf", allow_pickle=allow_pickle)
     spec = ModelSpec.from_pretrained_dir(fetched.path)
@@ -40,7 +41,7 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
         fetched.path, root / "checkpoint", mapping, spec, recipe.model.dtype, recipe.quantization.weights,
         workers=workers, progress=True, source_id=fetched.repo_id, source_revision=fetched.revision,
         # trtllm-build quantizes float weights itself (with its GPU-specific weight preprocessing).
-        prequantize=recipe.build.target != "trtllm-engine",
+        prequantize=recipe.build.target != "trtllm-engine", plan=plan.to_dict(),
     )
     return manifest, root / "checkpoint"
 

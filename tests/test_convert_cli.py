@@ -52,6 +52,8 @@ def test_convert_command_writes_checkpoint_and_reruns_as_noop(tmp_path):
     assert manifest.rank_files == [f"rank{r}.safetensors" for r in range(4)]
     assert manifest.mapping["tp_size"] == 2 and manifest.mapping["pp_size"] == 2
     assert manifest.source["revision"].startswith("local:") and manifest.is_complete(ckpt, manifest.key)
+    assert manifest.plan["mapping"]["tp_size"] == 2 and manifest.inputs["plan"]
+    assert set(manifest.versions) >= {"safetensors", "torch", "transformers"}
     assert (tmp_path / "out" / "tiny-llama" / "hf").is_symlink()
     assert json.loads((ckpt / "config.json").read_text())["mapping"]["world_size"] == 4
     inodes = [(ckpt / f).stat().st_ino for f in manifest.rank_files]

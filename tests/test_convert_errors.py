@@ -58,6 +58,16 @@ def test_checkpoint_not_matching_config_fails_before_writing(tmp_path, llama, ch
     assert_nothing_written(tmp_path / "out")
 
 
+def test_truncated_shard(tmp_path, llama):
+    hf = tmp_path / "hf"
+    shutil.copytree(llama, hf)
+    data = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(data[:-1000])
+    with pytest.raises(ConvertError, match=r"model\.safetensors is truncated: \d+ bytes, its header promises"):
+        convert(hf, tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_unsupported_architecture(tmp_path, llama):
     hf = tmp_path / "hf"
     shutil.copytree(llama, hf)

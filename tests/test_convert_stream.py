@@ -99,13 +99,15 @@ def test_rank_contents_match_hand_slices(tmp_path, llama, mixtral):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_each_source_tensor_read_at_most_once_per_rank(tmp_path, mixtral):
+@pytest.mark.parametrize("dtype,algo", [("float32", None), ("bfloat16", None), ("float32", "W8A16")])
+def test_each_source_tensor_read_at_most_once_per_rank(tmp_path, mixtral, dtype, algo):
     spec = ModelSpec.from_pretrained_dir(mixtral)
     m = Mapping.create(tp_size=4, pp_size=2, moe_ep_size=2)
     for rank in range(m.world_size):
+        plans = plan_rank(spec, m, rank, dtype, algo)
         with HFSource(mixtral) as src:
-            write_rank(tmp_path / f"rank{rank}.safetensors", plan_rank(spec, m, rank, "float32", "W8A16"), src)
-            assert src.reads and max(src.reads.values()) == 1
+            write_rank(tmp_path / f"rank{rank}.safetensors", plans, src)
+            assert src.reads == {s: 1 for p in plans for s in p.sources()}
 
 
 def test_memory_gate_caps_bytes_in_flight_across_threads():
@@ -212,3 +214,16 @@ def test_killed_run_leaves_no_truncated_final_file_and_rerun_finishes(tmp_path, 
     assert (out / "rank0.safetensors").stat().st_ino == rank0  # reused, not rewritten
     assert not list(out.glob(".*.tmp")) and not (out / ".convert-progress.json").exists()
     assert manifest.is_complete(out, manifest.key)
+
+
+def test_weight_only_for_trtllm_build_keeps_float_weights(tmp_path, llama):
+    m = convert_checkpoint(llama, tmp_path, Mapping.create(tp_size=2), ModelSpec.from_pretrained_dir(llama),
+                           "float16", "int4_weight_only", progress=False, prequantize=False)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization"]["quant_algo"] == "W4A16"
+    t = load_file(tmp_path / "rank0.safetensors")
+    assert t["transformer.layers.0.attention.qkv.weight"].dtype == torch.float16
+    assert not [k for k in t if k.endswith("per_channel_scale")] and m.prequantized is False
+    q = convert_checkpoint(llama, tmp_path, Mapping.create(tp_size=2), ModelSpec.from_pretrained_dir(llama),
+                           "float16", "int4_weight_only", progress=False)
+    assert q.key != m.key and q.prequantized  # a different output, not a cache hit
+    assert load_file(tmp_path / "rank0.safetensors")["transformer.layers.0.mlp.fc.weight"].dtype == torch.int8

@@ -30,6 +30,8 @@ class CheckpointManifest(StageManifest):
     prequantized: bool = False
     """True: rank files hold int8 weights + per_channel_scale; False with a quant_algo: float weights that
     trtllm-build quantizes."""
+    plan: dict[str, Any] = Field(default_factory=dict)
+    """The Plan the mapping came from (`Plan.to_dict()`), when convert ran from a recipe."""
     rank_files: list[str] = Field(default_factory=list)
     """`rank{N}.safetensors` in rank order."""
 

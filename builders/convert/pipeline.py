@@ -26,7 +26,7 @@ from builders.convert.memory_gate import MemoryGate
 from builders.convert.rank_writer import max_cost, write_rank
 from builders.convert.source import HFSource, weight_files
 from builders.convert.tokenizer import copy_tokenizer
-from builders.manifest import atomic_write_text, sha256_file, tool_versions
+from builders.manifest import atomic_write_text, sha256_file, sha256_json, tool_versions
 from builders.mapping import Mapping
 from builders.model_spec import ModelSpec
 
@@ -60,8 +60,12 @@ def _reusable(out: Path, key: str, world_size: int) -> dict[str, str]:
             if rel in names and (out / rel).is_file() and sha256_file(out / rel) == sha}
 
 
-def _clean(out: Path, world_size: int) -> None:
-    """Remove temp files of killed runs and rank files beyond this mapping's world size."""
+def _clean(out: Path, world_size: int, key: str) -> None:
+    """Remove temp files of killed runs, rank files beyond this mapping's world size, and a manifest of a
+    different conversion (its files are about to be replaced, so it must not vouch for the folder)."""
+    old = read_json(out / "manifest.json")
+    if old is not None and old.get("key") != key:
+        (out / "manifest.json").unlink()
     for p in out.glob(".*.tmp"):
         p.unlink(missing_ok=True)
     for p in out.glob("rank*.safetensors"):
@@ -125,12 +129,13 @@ def _plan_bytes(plans) -> int:
 def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping, spec: ModelSpec,
                        dtype: str = "bfloat16", quantization: str | None = None, *, workers: int = 1,
                        progress: bool = True, source_id: str | None = None, source_revision: str | None = None,
-                       prequantize: bool = True) -> CheckpointManifest:
+                       prequantize: bool = True, plan: dict | None = None) -> CheckpointManifest:
     """Convert `hf_dir` into `out_dir` (config.json, rank{N}.safetensors, tokenizer/, manifest.json).
 
     With weight-only `quantization`, `prequantize=True` stores int8 weights + per_channel_scale (the
     reference runtime's input); False keeps float weights and only sets `quant_algo`, so `trtllm-build`
-    quantizes them itself with the GPU-specific preprocessing (see quantize.py).
+    quantizes them itself with the GPU-specific preprocessing (see quantize.py). `plan` (Plan.to_dict()) is
+    recorded in the manifest; only the mapping, dtype, quantization and source decide the cache key.
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
     quant_algo = resolve_quant_algo(quantization)
@@ -146,7 +151,7 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping
                       f"{quant_algo}:{'int' if stored_algo else 'float'}", source_revision)
 
     out.mkdir(parents=True, exist_ok=True)
-    _clean(out, mapping.world_size)
+    _clean(out, mapping.world_size, key)
     done = _reusable(out, key, mapping.world_size)
     todo = [r for r in range(mapping.world_size) if rank_name(r) not in done]
     _write_ranks(hf_dir, out, files, todo, lambda r: plan_rank(spec, mapping, r, dtype, stored_algo), key,
@@ -158,7 +163,8 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping
     outputs |= {rank_name(r): done[rank_name(r)] for r in range(mapping.world_size)}
     outputs |= copy_tokenizer(hf_dir, out)
     manifest = CheckpointManifest(
-        key=key, inputs={"source": key_source(source_id, source_revision, hf_dir)},
+        key=key, inputs={"source": key_source(source_id, source_revision, hf_dir),
+                         **({"plan": sha256_json(plan)} if plan else {})}, plan=plan or {},
         versions=tool_versions("safetensors", "torch", "transformers", "huggingface-hub"),
         outputs=outputs, source={"path": str(hf_dir.resolve()), "repo_id": source_id, "revision": source_revision},
         mapping=mapping_dict, dtype=dtype, quant_algo=quant_algo, prequantized=stored_algo is not None,

@@ -7,9 +7,10 @@ Layout, as `symmetric_quantize_last_axis_of_batched_matrix` produces it before i
 The weight is stored transposed (TensorRT-LLM's weight-only GEMM reads [in, out]); 3-D tensors are MoE experts.
 
 Not done here: TensorRT-LLM's `preprocess_weights_for_mixed_gemm` (row permutation and interleaving for the
-target SM). `trtllm-build` treats int8 weights as already preprocessed, so the trtllm-engine build must run
-that step on these tensors (or be given the float checkpoint with `quant_algo` set, which it quantizes itself).
-The reference runtime dequantizes at load with `dequantize_weight_only`.
+target SM). `trtllm-build` treats int8 weights as already preprocessed, so for the trtllm-engine target
+`enginesmith convert` writes float weights with `quant_algo` set (`convert_checkpoint(prequantize=False)`),
+which `trtllm-build` quantizes itself (`weight_only_quantize_dict`). These int8 tensors are for the reference
+runtime, which dequantizes them at load with `dequantize_weight_only`.
 """
 
 from __future__ import annotations

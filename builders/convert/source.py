@@ -45,6 +45,15 @@ def read_layout(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], int]]
     return {k: (v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0]) for k, v in header.items()}
 
 
+def expected_size(path: str | Path) -> int:
+    """File size a safetensors file's header promises (a shorter file is a truncated download)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
+
+
 def weight_files(hf_dir: str | Path) -> dict[str, Path]:
     """Tensor name -> shard file, from the index when there is one, else from every *.safetensors file."""
     root = Path(hf_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from builders.convert.errors import ConvertError
 from builders.convert.rank_plan import referenced_sources
-from builders.convert.source import FLOAT_DTYPES, HFSource
+from builders.convert.source import FLOAT_DTYPES, HFSource, expected_size
 from builders.convert.weight_map import IGNORED_SUFFIXES
 from builders.mapping import Mapping
 from builders.model_spec import SUPPORTED_ARCHITECTURES, ModelSpec
@@ -60,6 +60,13 @@ def check_source(source: HFSource, spec: ModelSpec) -> None:
     and no weight is left over (an unknown variant would otherwise convert silently wrong)."""
     expected = referenced_sources(spec)
     problems = []
+    for shard in sorted(set(source.files.values())):
+        if not shard.is_file():
+            raise ConvertError(f"{shard.name} is listed in {source.root}/model.safetensors.index.json but missing; "
+                               "download the checkpoint again")
+        if shard.stat().st_size < expected_size(shard):
+            problems.append(f"{shard.name} is truncated: {shard.stat().st_size} bytes, its header promises "
+                            f"{expected_size(shard)} (interrupted download?)")
     for name, shape in expected.items():
         if name not in source:
             problems.append(f"missing tensor {name} (expected shape {list(shape)})")
