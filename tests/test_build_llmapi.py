@@ -31,7 +31,7 @@ DROPPED_UPSTREAM = {"pytorch_backend_config"}
 def upstream_model_yaml(rel: str) -> dict:
     path = _reference_dir() / "upstream-templates" / rel
     if not path.is_file():
-        pytest.skip(f"upstream model.yaml not found at {path}; set ENGINESMITH_REFERENCE_DIR")
+        pytest.fail(f"upstream model.yaml not found at {path}; set ENGINESMITH_REFERENCE_DIR")
     return yaml.safe_load(path.read_text())
 
 
