@@ -1,8 +1,9 @@
 """Stream a rank's TensorPlans into `rank{N}.safetensors`, block by block.
 
 Float tensors never sit whole in memory: rows whose dtype and width already match are byte ranges the
-writer copies file-to-file (copy_file_range, hashed through a 1 MiB buffer); the rest is `pread` in row
-blocks into one reused buffer per worker, column-sliced and cast block by block. A
+writer copies through a 1 MiB buffer (read, hashed and written while in cache); column slices are copied
+out of a bounded memory map into one reused buffer per worker, and casts are `pread` in row blocks into
+that buffer and converted block by block. A
 weight-only quantized matrix is the one thing held whole (per expert for MoE), read through
 `safe_open.get_slice`. A `MemoryGate` shared by the worker threads caps what all ranks hold at once, so
 peak memory is a constant plus the largest quantized matrix, never a whole rank or model.
@@ -121,6 +122,9 @@ def _blocks(piece: Read, source: HFSource, dtype: str, buffer: memoryview) -> It
     blocks = (source.read_row_blocks(piece.source, piece.rows, buffer) if piece.cols is None
               else source.read_col_blocks(piece.source, piece.rows, piece.cols, buffer))  # cols: packed per row
     for raw, n in blocks:
+        if src_dtype == target:  # packed columns: written from the buffer before the next block is read
+            yield raw
+            continue
         block = torch.frombuffer(raw, dtype=src_dtype).view(n, *piece.shape[1:])
         out = block.to(target, copy=True)  # a copy: the buffer is reused for the next block
         yield _check_fp16(out, piece.source) if src_dtype != torch.float16 else out

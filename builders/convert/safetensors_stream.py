@@ -4,8 +4,8 @@ Format (https://github.com/huggingface/safetensors): 8-byte little-endian header
 JSON header `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` padded with
 spaces to a multiple of 8, then the raw little-endian bytes of every tensor back to back in offset order.
 The header is known up front (shapes come from the plan), so data is streamed after it: tensors, raw
-blocks, or byte ranges of another file copied in the kernel. The file is written under a temporary name,
-fsynced and renamed, and its sha256 is computed on the way.
+blocks, or byte ranges of another file (copied through a cache-sized buffer). The file is written under a
+temporary name, fsynced and renamed, and its sha256 is computed on the way, from the bytes being written.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ Entry = tuple[str, str, tuple[int, ...]]  # (name, dtype name, shape)
 OVERLAP_BYTES = 4 << 20
 """Chunks from this size on are hashed on a helper thread while being written."""
 COPY_BLOCK = 1 << 20
-"""Block of a verbatim copy: small enough to stay in cache between the hash and the copy."""
+"""Block of a verbatim copy: small enough to stay in the L2 cache between the read, the hash and the write."""
+WRITEBACK_WINDOW = 64 << 20
+"""Every this many bytes written, the writer starts their writeback and evicts the window before."""
+_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None) if hasattr(os, "posix_fadvise") else None
 _HASHERS = threading.local()
 
 
@@ -67,8 +70,8 @@ def build_header(entries: list[Entry], metadata: dict[str, str] | None = None) -
 
 @dataclass(frozen=True, slots=True)
 class SourceRange:
-    """Bytes copied verbatim from another file: the writer moves them with copy_file_range(2), in the
-    kernel, and reads them once through a small buffer for the sha256."""
+    """Bytes copied verbatim from another file: the writer reads them once through a small buffer, hashes
+    that buffer and writes it."""
 
     path: Path
     offset: int
@@ -96,13 +99,33 @@ class StreamingFileWriter:
         os.fchmod(fd, 0o644)  # mkstemp creates 0600; rank files are read by other users' servers
         self.f = os.fdopen(fd, "wb", buffering=0)  # raw: big chunks go straight to write(2)
         self._buf: memoryview | None = None
-        self._kernel_copy = True
+        self.pos = self._kicked = self._dropped = 0
+        """Bytes written; start of the window not yet sent to writeback; start of the pages not yet dropped."""
         self._raw(build_header(entries, metadata))
 
     def _write_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         while view.nbytes:  # write(2) may write less than asked (at most ~2 GiB per call on Linux)
             view = view[self.f.write(view):]
+        self.pos += len(data) if isinstance(data, bytes) else data.nbytes
+        if self.pos - self._kicked >= WRITEBACK_WINDOW:
+            self._writeback()
+
+    def _writeback(self) -> None:
+        """Start writeback of the window just filled and drop the previous one from the page cache.
+
+        On Linux, POSIX_FADV_DONTNEED starts asynchronous writeback of a range's dirty pages and evicts its
+        clean ones. So fsync at the end has little left to wait for, and the written file does not pile up
+        in the page cache (on the VM we measured, once ~8 GB of output sat in the cache, the system CPU time
+        of every later rank rose 5x, doubling its wall time). The converter never
+        reads its output back in the same run; the rerun check reads it from disk.
+        """
+        if _DONTNEED is not None:
+            os.posix_fadvise(self.f.fileno(), self._kicked, self.pos - self._kicked, _DONTNEED)
+            if self._kicked:
+                os.posix_fadvise(self.f.fileno(), self._dropped, self._kicked - self._dropped, _DONTNEED)
+            self._dropped = self._kicked
+        self._kicked = self.pos
 
     def _raw(self, data: bytes | memoryview) -> None:
         self._write_all(data)
@@ -122,7 +145,12 @@ class StreamingFileWriter:
         self.written += n
 
     def copy_range(self, r: SourceRange) -> None:
-        """Append `r`'s bytes: hash each block from a reused buffer, copy it file-to-file in the kernel."""
+        """Append `r`'s bytes through a reused buffer that stays in the CPU cache: pread, hash, write.
+
+        Measured faster than copy_file_range(2) plus a separate read for the hash (0.83 vs 1.09 CPU-s/GB):
+        the bytes have to reach user space for the sha256 anyway, and buffers larger than the L2 cache are
+        slower still (8 MiB: 1.5-3 CPU-s/GB).
+        """
         if self.written + r.nbytes > self.expected:
             raise ValueError(f"{self.path.name}: more data than the header declares ({self.expected} bytes)")
         buf = self._buffer()
@@ -133,8 +161,7 @@ class StreamingFileWriter:
                 got = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
                 if got <= 0:
                     raise ValueError(f"{r.path} ended at byte {pos}, expected {end} (truncated file?)")
-                self.sha.update(buf[:got])
-                self._copy(fd, pos, got, buf[:got])
+                self._raw(buf[:got])
                 pos += got
         finally:
             os.close(fd)
@@ -145,25 +172,6 @@ class StreamingFileWriter:
             self._buf = memoryview(bytearray(COPY_BLOCK))
         return self._buf
 
-    def _copy(self, src_fd: int, pos: int, n: int, data: memoryview) -> None:
-        """Kernel copy where the filesystems allow it, else write the bytes already in hand."""
-        if self._kernel_copy:
-            try:
-                done = 0
-                while done < n:
-                    k = os.copy_file_range(src_fd, self.f.fileno(), n - done, pos + done)
-                    if k <= 0:
-                        raise OSError("copy_file_range made no progress")
-                    done += k
-                return
-            except OSError:
-                if done:  # the file position moved: finish this block from the buffer
-                    self._write_all(data[done:])
-                    self._kernel_copy = False
-                    return
-                self._kernel_copy = False
-        self._write_all(data)
-
     def commit(self) -> str:
         """Check the size, fsync, rename to the final name; returns the file's sha256."""
         if self.written != self.expected:
@@ -171,6 +179,8 @@ class StreamingFileWriter:
             raise ValueError(f"{self.path.name}: wrote {self.written} of {self.expected} data bytes")
         self.f.flush()
         os.fsync(self.f.fileno())
+        if _DONTNEED is not None:  # written and durable: what is left in the cache is clean, drop it
+            os.posix_fadvise(self.f.fileno(), 0, 0, _DONTNEED)
         self.f.close()
         os.replace(self.tmp, self.path)
         return self.sha.hexdigest()
