@@ -7,6 +7,8 @@ ES := $(VENV)/bin/enginesmith
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 EXTRAS ?= torch,serve,dev
+# Rich tables (plans, bench results) fall back to 80 columns when not on a terminal; give them room.
+export COLUMNS ?= 150
 
 .PHONY: venv test lint plan-all clean demo
 

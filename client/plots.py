@@ -42,8 +42,12 @@ def throughput_latency(runs: list[dict[str, Any]], path: Path) -> Path:
             ax.annotate(r.get("label", ""), (xi, r[f"p99_{metric}_ms"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         slo = (runs[0].get("slo_ms") or {}).get(metric)
-        if slo:
+        top = max(r[f"p99_{metric}_ms"] for r in runs)
+        if slo and slo <= 3 * top:
             ax.axhline(slo, color="red", lw=1, ls=":", label=f"SLA {slo:g} ms")
+        elif slo:  # far above the data: a line there would flatten every point to the axis
+            ax.plot([], [], " ", label=f"SLA {slo:g} ms (off the chart)")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("output throughput (tok/s)")
         ax.set_ylabel(f"{title} (ms)")
         ax.set_title(f"{title} vs throughput")
