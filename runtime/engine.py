@@ -21,6 +21,7 @@ from runtime.fast_decode import FastDecoder
 from runtime.iteration_log import IterationLog, IterationStats
 from runtime.kv_cache import PagedKVCache, kv_cache_num_blocks
 from runtime.paged_attention import PagedAttention, SeqSpan
+from runtime.pipeline import MicroBatch, run_layers
 from runtime.request import FinishReason, Request, RequestError, Status, TokenUpdate
 from runtime.sampler import NO_TOKEN, NOTHING_TO_SAMPLE, SamplingError, SequenceSampler, ends_with_stop_word, sample
 from runtime.scheduler import Schedule, Scheduler
@@ -214,16 +215,14 @@ class Engine:
 
             spec = MicroBatchSpec(ids, positions, [(s.seq_id, s.start, s.num_tokens) for s in spans], last_rows)
             return self.workers.forward(m, self.cache, spec, self.config.pp_micro_batches)
-        ids_t = torch.tensor(ids, dtype=torch.long, device=device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=device)
-        attn = PagedAttention(self.cache, spans)
-        hidden, rope = m.embed(ids_t), m.rope(pos_t)
-        for i in range(m.num_local_layers):
-            hidden = hidden + m.attention_partial(i, hidden, pos_t, attn, rope)
-            hidden = hidden + m.mlp_partial(i, hidden)
+        mb = MicroBatch(input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+                        positions=torch.tensor(positions, dtype=torch.long, device=device),
+                        logit_rows=torch.tensor(last_rows, dtype=torch.long, device=device),
+                        attn=PagedAttention(self.cache, spans))
+        hidden = run_layers(m, None, m.embed(mb.input_ids), mb)
         if not last_rows:
             return torch.empty(0, self.vocab_size)
-        return m.final_logits_shard(hidden[torch.tensor(last_rows, device=device)])[:, : self.vocab_size]
+        return m.final_logits_shard(hidden[mb.logit_rows])[:, : self.vocab_size]
 
     def _append(self, req: Request, token: int, log_prob: float) -> int:
         """Record a sampled token, stream it, finish the request if it is done; returns 1 if finished."""

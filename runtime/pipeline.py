@@ -25,10 +25,10 @@ class MicroBatch:
     attn: Callable  # AttentionBackend for this rank and micro-batch
 
 
-def run_layers(model: RankModel, groups: ParallelGroups | None, hidden: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-    """All local layers of this rank; `groups=None` means a single rank (no communication)."""
+def run_layers(model: RankModel, reduce: Callable | None, hidden: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """All local layers of this rank; `reduce` is the TP all-reduce (None: a single rank, no communication)."""
     rope = model.rope(mb.positions)
-    reduce = groups.all_reduce_tp if groups is not None else (lambda x: x)
+    reduce = reduce or (lambda x: x)
     for i in range(model.num_local_layers):
         hidden = hidden + reduce(model.attention_partial(i, hidden, mb.positions, mb.attn, rope))
         hidden = hidden + reduce(model.mlp_partial(i, hidden))
@@ -45,7 +45,7 @@ def rank_forward(model: RankModel, groups: ParallelGroups, micro_batches: list[M
         else:
             hidden = torch.empty(mb.input_ids.numel(), model.cfg.hidden_size, dtype=model.dtype, device=model.device)
             dist.recv(hidden, src=groups.prev_stage_rank)
-        hidden = run_layers(model, groups, hidden, mb)
+        hidden = run_layers(model, groups.all_reduce_tp, hidden, mb)
         if not model.is_last_stage:
             sends.append((dist.isend(hidden, dst=groups.next_stage_rank), hidden))
             continue

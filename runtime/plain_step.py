@@ -14,6 +14,7 @@ import torch
 from runtime.kv_cache import PagedKVCache
 from runtime.model import RankModel
 from runtime.paged_attention import PagedAttention, SeqSpan
+from runtime.pipeline import MicroBatch, run_layers
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -23,19 +24,15 @@ def plain_forward(model: RankModel, cache: PagedKVCache, spans: list[SeqSpan], i
                   reduce: Reduce | None = None, gather: Reduce | None = None) -> torch.Tensor:
     """Run `spans` (packed, their blocks reserved) through every layer; (len(spans), vocab) float32 logits
     of each span's last token. `reduce`/`gather` are the TP all-reduce and vocab all-gather (None: tp=1)."""
-    reduce = reduce or (lambda x: x)
     device = cache.k.device
     positions = [p for s in spans for p in range(s.start, s.end)]
     if len(positions) != len(input_ids):
         raise ValueError(f"spans cover {len(positions)} tokens but {len(input_ids)} input ids were given")
-    ids_t = torch.tensor(input_ids, dtype=torch.long, device=device)
-    pos_t = torch.tensor(positions, dtype=torch.long, device=device)
-    attn = PagedAttention(cache, spans)
-    hidden, rope = model.embed(ids_t), model.rope(pos_t)
-    for i in range(model.num_local_layers):
-        hidden = hidden + reduce(model.attention_partial(i, hidden, pos_t, attn, rope))
-        hidden = hidden + reduce(model.mlp_partial(i, hidden))
     last = torch.tensor(list(itertools.accumulate(s.num_tokens for s in spans)), device=device) - 1
+    mb = MicroBatch(input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+                    positions=torch.tensor(positions, dtype=torch.long, device=device),
+                    logit_rows=last, attn=PagedAttention(cache, spans))
+    hidden = run_layers(model, reduce, model.embed(mb.input_ids), mb)
     logits = model.final_logits_shard(hidden[last])
     if gather is not None:
         logits = gather(logits)
