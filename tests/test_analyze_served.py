@@ -32,7 +32,7 @@ def runs(served):
     tok = load_tokenizer(served.tokenizer_dir)
     prompts = random_prompts(tok, 25, 16, 32, seed=5)
     cfg = BenchConfig(served.grpc_url, "tensorrt_llm", served.metrics_url,
-                      [LoadPoint("concurrency", 1), LoadPoint("concurrency", 8)], num_prompts=12, warmup=1,
+                      [LoadPoint("concurrency", 1), LoadPoint("concurrency", 8)], num_prompts=24, warmup=1,
                       metrics_period_s=0.05)
     return asyncio.run(run_bench(cfg, prompts, tok, show_progress=False))
 
