@@ -61,17 +61,23 @@ class DecodeAttention:
             raise ValueError(f"attention={kind!r}: choose auto, triton or gather")
         self.kind, self.reason = "gather", "requested" if kind == "gather" else ""
         self._triton = None
+        self.fallbacks: list[str] = []
         if kind != "gather":
             self._triton, self.reason = _try_triton(q_heads, kv_cache, max_batch_size)
+            if self._triton is not None and not self._triton.fused_merge:
+                self.fallbacks.append(f"fused split merge unusable, two-kernel Triton attention: {self.reason}")
             if self._triton is not None:
                 self.kind = "triton"
-            elif kind == "triton":
+            elif kv_cache.device.type == "cuda":
+                self.fallbacks.append(f"Triton decode attention unusable, gather attention: {self.reason}")
+            if self._triton is None and kind == "triton":
                 raise RuntimeError(f"attention='triton' is not usable here: {self.reason}")
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  batch: DecodeBatch) -> torch.Tensor:
         if self._triton is not None:
-            return self._triton(q, k_cache, v_cache, batch.block_table, batch.context_lens)
+            return self._triton(q, k_cache, v_cache, batch.block_table, batch.context_lens,
+                                batch.num_blocks * k_cache.shape[1])
         return gather_attention(q, k_cache, v_cache, batch)
 
     @property
@@ -81,21 +87,38 @@ class DecodeAttention:
 
 
 def _try_triton(q_heads: int, kv_cache: torch.Tensor, max_batch_size: int):
+    """The fused-merge kernel if it passes its self-check, else the two-kernel one if that does, else None."""
     if kv_cache.device.type != "cuda":
         return None, "the Triton kernel needs a CUDA device"
     try:
         from runtime.triton_decode_attention import TritonDecodeAttention
     except ImportError as e:
         return None, f"triton is not importable ({e})"
-    try:
-        impl = TritonDecodeAttention(q_heads, kv_cache.shape[2], kv_cache.shape[3], kv_cache.dtype, max_batch_size)
-        err = check_against_gather(impl, q_heads, kv_cache)
-    except Exception as e:  # a compile error of the kernel must not take the engine down: fall back
-        log.warning("Triton decode attention unusable, using gather: %s", e)
-        return None, f"{type(e).__name__}: {e}"
-    if not err < 2e-2:
-        return None, f"self-check against gather failed (relative error {err:.3g})"
-    return impl, f"self-check relative error {err:.2e}"
+    why = ""
+    for fused in (True, False):
+        try:
+            impl = TritonDecodeAttention(q_heads, kv_cache.shape[2], kv_cache.shape[3], kv_cache.dtype,
+                                         max_batch_size, kv_cache.device, fused_merge=fused)
+            err = check_splits(impl, q_heads, kv_cache)
+        except Exception as e:  # a compile error of the kernel must not take the engine down: fall back
+            log.warning("Triton decode attention (fused_merge=%s) unusable: %s", fused, e)
+            why += f"fused_merge={fused}: {type(e).__name__}: {str(e)[:300]}; "
+            continue
+        if err < 2e-2:
+            return impl, f"{why}self-check relative error {err:.2e} (fused_merge={fused})"
+        why += f"fused_merge={fused}: self-check against gather failed (relative error {err:.3g}); "
+    return None, why
+
+
+def check_splits(impl, q_heads: int, kv_cache: torch.Tensor) -> float:
+    """Worst check_against_gather error of a TritonDecodeAttention over its own split choice, one split (the
+    direct write) and 32 splits (most partials to merge), each run three times (a merge race shows as a miss)."""
+    errs = []
+    for forced in (None, 1, 32):
+        impl.splits_override = forced
+        errs += [check_against_gather(impl, q_heads, kv_cache) for _ in range(3)]
+    impl.splits_override = None
+    return max(errs)
 
 
 def check_against_gather(impl, q_heads: int, kv_cache: torch.Tensor) -> float:

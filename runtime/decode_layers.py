@@ -1,10 +1,11 @@
 """The pieces of one decode step between communication points, as pure functions of tensors.
 
 Each function takes every weight as an argument (nothing closed over), so one `torch.compile` of it
-serves all layers: Inductor fuses the residual add into RMSNorm, rotary into the qkv epilogue, and
-SiLU * up into one kernel. They use runtime/layers.py's arithmetic, so run eagerly they compute
-exactly what RankModel.attention_partial / mlp_partial compute. The MoE block is graph-safe: no
-host sync (grouped GEMM over expert-sorted tokens instead of a Python loop over hit experts).
+serves all layers: Inductor fuses the residual add into RMSNorm and SiLU * up into one kernel; rotary
+and the KV-cache write run between regions as one opaque in-place op (runtime/decode_rope_write.py).
+They use runtime/layers.py's arithmetic, so run eagerly they compute exactly what
+RankModel.attention_partial / mlp_partial compute. The MoE block is graph-safe: no host sync
+(grouped GEMM over expert-sorted tokens instead of a Python loop over hit experts).
 """
 
 from __future__ import annotations
@@ -12,24 +13,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime.layers import apply_rope, rms_norm, swiglu
+from runtime.decode_rope_write import rope_cache_write_ref
+from runtime.layers import rms_norm, swiglu
+
+
+def pre_attention_qkv(h: torch.Tensor, m: torch.Tensor, ln: torch.Tensor, wqkv: torch.Tensor,
+                      bqkv: torch.Tensor | None, eps: float):
+    """h + m (the previous MLP's output) -> (h, the fused qkv projection (B, (nq + 2 nkv) d)). Rotary and the
+    KV-cache write follow outside the compiled region (runtime/decode_rope_write.py)."""
+    h = h + m
+    return h, F.linear(rms_norm(h, ln, eps), wqkv, bqkv)
 
 
 def pre_attention(h: torch.Tensor, m: torch.Tensor, ln: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
                   cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slots: torch.Tensor, src_rows: torch.Tensor, eps: float, nq: int, nkv: int, d: int):
-    """h + m (the previous MLP's output) -> (h, q (B, nq, d) with rotary applied); the rows' K (rotated) and V
-    go into the layer's cache (num_blocks, tpb, nkv, d) at `slots`, row src_rows[b] for row b (padding rows
-    repeat row 0). Inductor writes the cache in place, fused with the rotary of K."""
-    h = h + m
-    qkv = F.linear(rms_norm(h, ln, eps), wqkv, bqkv)
-    q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
-    q = apply_rope(q.reshape(-1, nq, d), cos, sin)
-    k = apply_rope(k.reshape(-1, nkv, d), cos, sin)
-    kf, vf = k_cache.view(-1, nkv, d), v_cache.view(-1, nkv, d)
-    kf.index_copy_(0, slots, k.index_select(0, src_rows).to(kf.dtype))
-    vf.index_copy_(0, slots, v.reshape(-1, nkv, d).index_select(0, src_rows).to(vf.dtype))
-    return h, q
+    """The fallback where the fused rope/cache-write kernel is unusable: pre_attention_qkv, then rotary and
+    the cache write in the same region -> (h, q (B, nq, d)). Inductor functionalizes the cache write."""
+    h, qkv = pre_attention_qkv(h, m, ln, wqkv, bqkv, eps)
+    return h, rope_cache_write_ref(qkv, cos, sin, k_cache, v_cache, slots, src_rows, nq, nkv, d)
 
 
 def post_attention_norm(h: torch.Tensor, a: torch.Tensor, ln: torch.Tensor, eps: float):

@@ -16,23 +16,28 @@ import torch.nn.functional as F
 
 from runtime import decode_layers
 from runtime.decode_attention import DecodeAttention, DecodeBatch
+from runtime.decode_rope_write import RopeWriter
 from runtime.kv_cache import PagedKVCache
 from runtime.layers import rms_norm
 from runtime.model import RankModel
 
 log = logging.getLogger(__name__)
 Collective = Callable[[torch.Tensor], torch.Tensor]
-_REGIONS = ("pre_attention", "dense_mlp", "post_attention_norm", "final_logits")
+_REGIONS = ("pre_attention_qkv", "pre_attention", "dense_mlp", "post_attention_norm", "final_logits")
 
 
 class DecodeStep:
     def __init__(self, model: RankModel, cache: PagedKVCache, attention: DecodeAttention, compile: bool,
-                 reduce: Collective | None = None, gather: Collective | None = None):
+                 reduce: Collective | None = None, gather: Collective | None = None,
+                 rope_kernel: bool | None = None):
+        """rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA if its self-check passes)."""
         self.model, self.attention = model, attention
         self.reduce = reduce or (lambda x: x)
         self.gather = gather or (lambda x: x)
         self.k_layers = [cache.k[i] for i in range(model.num_local_layers)]
         self.v_layers = [cache.v[i] for i in range(model.num_local_layers)]
+        self.rope_write = RopeWriter(cache.k[0], model.num_heads, model.num_kv_heads, model.head_size, rope_kernel)
+        self.fallbacks = [self.rope_write.fallback] if self.rope_write.fallback else []
         self.compiled = False
         self.regions: dict[str, Callable] = {n: getattr(decode_layers, n) for n in _REGIONS}
         self.moe_grouped, self.moe_note = _check_grouped_moe(model) if model.cfg.is_moe else (False, "dense model")
@@ -62,8 +67,12 @@ class DecodeStep:
         res = torch.zeros_like(h)
         for i, w in enumerate(m.layers):
             kc, vc = self.k_layers[i], self.v_layers[i]
-            h, q = r["pre_attention"](h, res, w.input_layernorm, w.qkv, w.qkv_bias, cos, sin, kc, vc, batch.slots,
-                                      batch.src_rows, eps, m.num_heads, m.num_kv_heads, m.head_size)
+            if self.rope_write.kernel:  # one in-place kernel: no functionalized copy of the cache slice
+                h, qkv = r["pre_attention_qkv"](h, res, w.input_layernorm, w.qkv, w.qkv_bias, eps)
+                q = self.rope_write(qkv, cos, sin, kc, vc, batch.slots, batch.src_rows)
+            else:
+                h, q = r["pre_attention"](h, res, w.input_layernorm, w.qkv, w.qkv_bias, cos, sin, kc, vc,
+                                          batch.slots, batch.src_rows, eps, m.num_heads, m.num_kv_heads, m.head_size)
             o = self.attention(q, kc, vc, batch)
             a = self.reduce(F.linear(o.reshape(o.shape[0], -1), w.dense))
             if w.router is None:

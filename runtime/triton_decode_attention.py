@@ -3,8 +3,10 @@
 Program (b, kv_head, split) walks positions [split * chunk, min((split + 1) * chunk, len_b)) of row b,
 BLOCK_N at a time: block ids come from the row's block table, K/V tiles are loaded straight from the
 cache (no gather copy), the G query heads that share the KV head are one (G_PAD, d) tile, and the
-softmax is online. A second kernel merges the splits. Only each row's own positions are read, the
-grid is fixed per batch size, and nothing syncs with the host, so it can be captured in a CUDA graph.
+softmax is online. The last split program of (b, kv_head) to finish merges the splits (unfused: a second
+kernel does; with one split the program writes the output itself). Only each row's own positions are
+read, the grid is fixed per batch size, and nothing syncs with the host, so it can be captured in a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _split_kernel(Q, K, V, BT, CTX, ACC, ML, sm_scale,
-                  stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb,
+def _split_kernel(Q, K, V, BT, CTX, ACC, ML, OUT, LOCK, sm_scale,
+                  stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_ob, stride_oh,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, TPB: tl.constexpr,
-                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, FUSED: tl.constexpr,
+                  DIRECT: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -55,10 +58,42 @@ def _split_kernel(Q, K, V, BT, CTX, ACC, ML, sm_scale,
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    row = (b * tl.num_programs(1) + h) * SPLITS + s
-    tl.store(ACC + row * G_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc)
-    tl.store(ML + row * 2 * G_PAD + offs_g, m_i)
-    tl.store(ML + row * 2 * G_PAD + G_PAD + offs_g, l_i)
+    if DIRECT:  # fused, one split: the program holds the whole row, so it writes the output itself
+        tl.store(OUT + b * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=(offs_g < G)[:, None])
+    else:
+        first = (b * tl.num_programs(1) + h) * SPLITS
+        tl.store(ACC + (first + s) * G_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc)
+        tl.store(ML + (first + s) * 2 * G_PAD + offs_g, m_i)
+        tl.store(ML + (first + s) * 2 * G_PAD + G_PAD + offs_g, l_i)
+        if FUSED:  # the last split of (b, h) to finish merges: no second kernel
+            tl.debug_barrier()  # every thread's partials are stored before the release below
+            lock = LOCK + b * tl.num_programs(1) + h
+            done = tl.atomic_add(lock, 1, sem="acq_rel")
+            if done == SPLITS - 1:
+                _merge(ACC, ML, OUT, first, b * stride_ob + h * G * stride_oh, stride_oh, G, G_PAD, D, SPLITS, ".cg")
+                tl.atomic_xchg(lock, 0, sem="relaxed")  # ready for the next launch (graph replays reuse LOCK)
+
+
+@triton.jit
+def _merge(ACC, ML, OUT, first, out_off, stride_oh,
+           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, CACHE: tl.constexpr):
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    m_max = tl.full([G_PAD], float("-inf"), tl.float32)
+    for s in tl.static_range(SPLITS):
+        m_max = tl.maximum(m_max, tl.load(ML + (first + s) * 2 * G_PAD + offs_g, cache_modifier=CACHE))
+    l_sum = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for s in tl.static_range(SPLITS):
+        # an empty split has m = -inf: exp(-inf) = 0
+        w = tl.exp(tl.load(ML + (first + s) * 2 * G_PAD + offs_g, cache_modifier=CACHE) - m_max)
+        l_sum += w * tl.load(ML + (first + s) * 2 * G_PAD + G_PAD + offs_g, cache_modifier=CACHE)
+        acc += w[:, None] * tl.load(ACC + (first + s) * G_PAD * D + offs_g[:, None] * D + offs_d[None, :],
+                                    cache_modifier=CACHE)
+    out = acc / l_sum[:, None]
+    tl.store(OUT + out_off + offs_g[:, None] * stride_oh + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=(offs_g < G)[:, None])
 
 
 @triton.jit
@@ -66,29 +101,21 @@ def _merge_kernel(ACC, ML, OUT, stride_ob, stride_oh,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D)
     first = (b * tl.num_programs(1) + h) * SPLITS
-    m_max = tl.full([G_PAD], float("-inf"), tl.float32)
-    for s in tl.static_range(SPLITS):
-        m_max = tl.maximum(m_max, tl.load(ML + (first + s) * 2 * G_PAD + offs_g))
-    l_sum = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    for s in tl.static_range(SPLITS):
-        w = tl.exp(tl.load(ML + (first + s) * 2 * G_PAD + offs_g) - m_max)  # empty split: exp(-inf) = 0
-        l_sum += w * tl.load(ML + (first + s) * 2 * G_PAD + G_PAD + offs_g)
-        acc += w[:, None] * tl.load(ACC + (first + s) * G_PAD * D + offs_g[:, None] * D + offs_d[None, :])
-    out = acc / l_sum[:, None]
-    tl.store(OUT + b * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=(offs_g < G)[:, None])
+    _merge(ACC, ML, OUT, first, b * stride_ob + h * G * stride_oh, stride_oh, G, G_PAD, D, SPLITS, "")
 
 
 class TritonDecodeAttention:
-    """Callable (q (B, nq, d), k/v cache (blocks, tpb, nkv, d), block table (B, W), lengths (B,)) -> (B, nq, d)."""
+    """Callable (q (B, nq, d), k/v cache (blocks, tpb, nkv, d), block table (B, W), lengths (B,)) -> (B, nq, d).
+
+    fused_merge: the last split program of each (row, head) merges the partials (a per-(row, head) arrival
+    counter in LOCK, reset by that program) and one split writes the output itself, so a step is one
+    kernel; False: the original path (partials, then a separate merge kernel)."""
 
     BLOCK_N = 64
 
-    def __init__(self, q_heads: int, kv_heads: int, head_size: int, dtype: torch.dtype, max_batch_size: int):
+    def __init__(self, q_heads: int, kv_heads: int, head_size: int, dtype: torch.dtype, max_batch_size: int,
+                 device: torch.device | str = "cuda", fused_merge: bool = True):
         if q_heads % kv_heads:
             raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
         if head_size < 16 or head_size & (head_size - 1):
@@ -96,27 +123,44 @@ class TritonDecodeAttention:
         self.group = q_heads // kv_heads
         self.group_pad = max(16, triton.next_power_of_2(self.group))
         self.kv_heads, self.head_size, self.ieee = kv_heads, head_size, dtype == torch.float32
-        self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        device = torch.device(device)
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        self.fused_merge, self.max_rows = fused_merge, max(max_batch_size, 8)
+        self.lock = torch.zeros(self.max_rows * kv_heads, dtype=torch.int32, device=device)
+        self.splits_override: int | None = None
+        """Forces the split count (self-checks and tests)."""
 
-    def splits(self, batch: int) -> int:
-        """Enough (row, head, split) programs for about two waves over the SMs, at most 32 splits."""
+    def splits(self, batch: int, max_len: int | None = None) -> int:
+        """Enough (row, head, split) programs for about two waves over the SMs, at most 32 splits, and (when the
+        longest possible context `max_len` is known) no more splits than needed to give each at most one
+        BLOCK_N-key chunk of it."""
+        if self.splits_override:
+            return self.splits_override
         want = -(-2 * self.num_sms // (batch * self.kv_heads))
-        return int(min(32, triton.next_power_of_2(max(1, want))))
+        n = int(min(32, triton.next_power_of_2(max(1, want))))
+        while max_len is not None and n > 1 and (n // 2) * self.BLOCK_N >= max_len:
+            n //= 2  # halve only while half as many one-chunk splits still cover the longest context
+        return n
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                 context_lens: torch.Tensor) -> torch.Tensor:
+                 context_lens: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
         b, nq, d = q.shape
-        splits = self.splits(b)
+        if b > self.max_rows:
+            raise ValueError(f"batch of {b} rows exceeds the {self.max_rows} this attention was built for")
+        splits = self.splits(b, max_len)
         acc = torch.empty(b, self.kv_heads, splits, self.group_pad, d, dtype=torch.float32, device=q.device)
         ml = torch.empty(b, self.kv_heads, splits, 2, self.group_pad, dtype=torch.float32, device=q.device)
         out = torch.empty_like(q)
         q = q.contiguous()
         _split_kernel[(b, self.kv_heads, splits)](
-            q, k_cache, v_cache, block_table, context_lens, acc, ml, d ** -0.5,
+            q, k_cache, v_cache, block_table, context_lens, acc, ml, out, self.lock, d ** -0.5,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+            out.stride(0), out.stride(1),
             G=self.group, G_PAD=self.group_pad, D=d, TPB=k_cache.shape[1], BLOCK_N=self.BLOCK_N, SPLITS=splits,
-            IEEE=self.ieee, num_warps=4, num_stages=2)
-        _merge_kernel[(b, self.kv_heads)](
-            acc, ml, out, out.stride(0), out.stride(1), G=self.group, G_PAD=self.group_pad, D=d, SPLITS=splits,
-            num_warps=4)
+            IEEE=self.ieee, FUSED=self.fused_merge, DIRECT=self.fused_merge and splits == 1,
+            num_warps=4, num_stages=2)
+        if not self.fused_merge:  # the original two-kernel path, kept as the fallback
+            _merge_kernel[(b, self.kv_heads)](
+                acc, ml, out, out.stride(0), out.stride(1), G=self.group, G_PAD=self.group_pad, D=d, SPLITS=splits,
+                num_warps=4)
         return out
