@@ -6,7 +6,8 @@ sender; when streaming, each new token is sent as soon as it is sampled; the las
 TRITONSERVER_RESPONSE_COMPLETE_FINAL (a flag-only final when there is nothing left to send).
 Cancellation: Triton's request cancellation (polled every cancellation_check_period_ms) and a second
 request with the same request id and `stop=true`. A bad request gets an error response; the model
-keeps serving. The project root must be on the stub's PYTHONPATH (the server launcher sets it).
+keeps serving. The stub must import this project's packages: triton_repo/discovery.py gives it an
+environment with the virtualenv's site-packages and the repository root.
 """
 
 from __future__ import annotations
