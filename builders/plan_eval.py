@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import math
 
 from builders.hardware import HardwareSpec
@@ -27,9 +29,8 @@ def _ranks(spec: ModelSpec, m: Mapping, stage_mem: list[RankMemory], stage_layer
     out = []
     for c in m.ranks():
         experts = list(ep_experts(spec.num_experts, m.moe_ep_size, c.moe_ep_rank)) if spec.is_moe else []
-        out.append(RankPlan(rank=c.rank, tp_rank=c.tp_rank, pp_rank=c.pp_rank, moe_ep_rank=c.moe_ep_rank,
-                            moe_tp_rank=c.moe_tp_rank, node=c.node, local_gpu=c.local_gpu,
-                            layers=stage_layers[c.pp_rank], experts=experts, memory=stage_mem[c.pp_rank]))
+        out.append(RankPlan(**asdict(c), layers=stage_layers[c.pp_rank], experts=experts,
+                            memory=stage_mem[c.pp_rank]))
     return out
 
 
