@@ -109,6 +109,8 @@ class Bench:
             opts["compile"] = False
         if a.no_graphs:
             opts["cuda_graphs"] = False
+        if a.no_gemv:
+            opts["gemv"] = False
         return opts
 
 
@@ -144,6 +146,9 @@ def _decode_rows(rows: list, name: str, d: dict) -> None:
     _row(rows, name, "fast % of roofline", f.get("pct_roofline"), ">= 80" if name == "decode" else "")
     _row(rows, name, "plain tok/s", p.get("tok_s"))
     _row(rows, name, "fast vs plain max rel err", d.get("fast_vs_plain", {}).get("max_rel_err"))
+    for key, b in (d.get("baselines") or {}).items():
+        _row(rows, name, f"baseline {key} tok/s", b.get("tok_s"))
+        _row(rows, name, f"baseline {key} % of roofline", b.get("pct_roofline"))
 
 
 def _row(rows: list, section: str, metric: str, value, target: str = "") -> None:
@@ -161,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention", default="auto", choices=("auto", "triton", "gather"), help="decode attention")
     ap.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
     ap.add_argument("--no-graphs", action="store_true", help="fast path without CUDA graphs")
+    ap.add_argument("--no-gemv", action="store_true",
+                    help="batch-1 steps through the cuBLAS regions, not the fused GEMV kernels")
     ap.add_argument("--moe-layers", type=int, default=8, help="layers of the Mixtral-shaped model (full: 32)")
     ap.add_argument("--requests", type=int, help="serving requests (default 256; tiny 12)")
     ap.add_argument("--max-batch-size", type=int, help="serving batch limit, also the static batch (default 64)")

@@ -42,7 +42,9 @@ def greedy(step: Step, token: int, position: int, n: int) -> tuple[list[int], li
 
 
 def run(model: RankModel, *, copy_gbps: float, prompt_len: int, n_fast: int, n_plain: int, tokens_per_block: int,
-        decoder_options: dict, progress: Callable[[str], None]) -> dict:
+        decoder_options: dict, progress: Callable[[str], None], baselines: dict[str, dict] | None = None) -> dict:
+    """baselines: other FastDecoder option sets (name -> options over decoder_options) timed the same way
+    in the same run, e.g. the cuBLAS regions path next to the fused GEMV kernels."""
     on_gpu = model.device.type == "cuda"
     if on_gpu:
         torch.cuda.synchronize()
@@ -73,6 +75,23 @@ def run(model: RankModel, *, copy_gbps: float, prompt_len: int, n_fast: int, n_p
     fast_tokens, _, fast_s = greedy(fast, first, prompt_len, n_fast)
     progress(f"fast path: {n_fast / fast_s:.1f} tok/s (setup {setup_s:.1f} s, {dec.status()['attention']} attention)")
 
+    fast_status = dec.status()
+    dec = None  # frees its graphs before the baselines capture theirs
+    others = {}
+    for name, opts in (baselines or {}).items():
+        other = FastDecoder(model, cache, max_batch_size=1, max_seq_len=prompt_len + n_fast + 1,
+                            **(decoder_options | opts))
+
+        def step(tok: int, pos: int, other=other) -> torch.Tensor:
+            return other.decode([SEQ], [tok], [pos])
+
+        greedy(step, first, prompt_len, 8)
+        other_check = teacher_forced_check(step, first, prompt_len, plain_tokens, plain_logits)
+        _, _, s = greedy(step, first, prompt_len, n_fast)
+        others[name] = dict(options=opts, tok_s=n_fast / s, ms_per_token=1e3 * s / n_fast, check=other_check,
+                            status=other.status())
+        progress(f"baseline {name}: {n_fast / s:.1f} tok/s")
+        del other
     weights = weight_bytes_per_token(model)
     kv = (prompt_len + n_fast / 2) * PagedKVCache.bytes_per_token(model.num_local_layers, model.num_kv_heads,
                                                                    model.head_size, model.dtype)
@@ -82,9 +101,11 @@ def run(model: RankModel, *, copy_gbps: float, prompt_len: int, n_fast: int, n_p
         dtype=str(model.dtype).removeprefix("torch."), layers=model.num_local_layers, prompt_len=prompt_len,
         weight_bytes_per_token=weights, kv_bytes_per_token_avg=int(kv), copy_gbps=copy_gbps,
         roofline_tok_s=roof, fast=dict(tokens=n_fast, tok_s=fast_tok_s, ms_per_token=1e3 * fast_s / n_fast,
-                                       pct_roofline=100 * fast_tok_s / roof, setup_s=setup_s, status=dec.status()),
+                                       pct_roofline=100 * fast_tok_s / roof, setup_s=setup_s, status=fast_status),
         plain=dict(tokens=n_plain, tok_s=plain_tok_s, ms_per_token=1e3 * plain_s / n_plain,
                    pct_roofline=100 * plain_tok_s / roof),
+        baselines={k: v | dict(pct_roofline=100 * v["tok_s"] / roof, fast_speedup=fast_tok_s / v["tok_s"])
+                   for k, v in others.items()},
         speedup_vs_plain=fast_tok_s / plain_tok_s, fast_vs_plain=check,
         greedy_prefix_match=_prefix(fast_tokens, plain_tokens),
         gpu_memory=dict(model_allocated_bytes=allocated_model,

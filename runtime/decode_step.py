@@ -9,6 +9,7 @@ function serves every layer, since weights are arguments).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from runtime import decode_layers
 from runtime.decode_attention import DecodeAttention, DecodeBatch
+from runtime.decode_gemv_step import GemvDecode
 from runtime.decode_rope_write import RopeWriter
 from runtime.kv_cache import PagedKVCache
 from runtime.layers import rms_norm
@@ -29,8 +31,10 @@ _REGIONS = ("pre_attention_qkv", "pre_attention", "dense_mlp", "post_attention_n
 class DecodeStep:
     def __init__(self, model: RankModel, cache: PagedKVCache, attention: DecodeAttention, compile: bool,
                  reduce: Collective | None = None, gather: Collective | None = None,
-                 rope_kernel: bool | None = None):
-        """rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA if its self-check passes)."""
+                 rope_kernel: bool | None = None, gemv: bool | None = None):
+        """rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA if its self-check passes).
+        gemv: batch-1 steps through fused GEMV kernels (runtime/decode_gemv_step.py; None: on CUDA unless
+        ENGINESMITH_GEMV=0, if its self-check passes; True: also off CUDA, e.g. Triton's interpreter)."""
         self.model, self.attention = model, attention
         self.reduce = reduce or (lambda x: x)
         self.gather = gather or (lambda x: x)
@@ -41,6 +45,13 @@ class DecodeStep:
         self.compiled = False
         self.regions: dict[str, Callable] = {n: getattr(decode_layers, n) for n in _REGIONS}
         self.moe_grouped, self.moe_note = _check_grouped_moe(model) if model.cfg.is_moe else (False, "dense model")
+        self.gemv, self.gemv_note = None, "off"
+        on_cuda = cache.k.device.type == "cuda"
+        if gemv or (gemv is None and on_cuda and os.environ.get("ENGINESMITH_GEMV", "1") != "0"):
+            self.gemv, self.gemv_note = GemvDecode.try_build(model, self.rope_write, attention, self.reduce,
+                                                             self.gather)
+            if self.gemv is None and on_cuda and not model.cfg.is_moe:
+                self.fallbacks.append(f"fused GEMV step unusable, cuBLAS regions at batch 1: {self.gemv_note}")
         if compile:
             self.enable_compile()
 
@@ -60,6 +71,8 @@ class DecodeStep:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
         """(B,) ids and positions -> (B, V_pad) float32 logits; writes each row's K/V into the cache."""
+        if self.gemv is not None and input_ids.shape[0] == 1:
+            return self.gemv(input_ids, positions, batch, self.k_layers, self.v_layers)
         m, r = self.model, self.regions
         cfg, eps = m.cfg, m.cfg.norm_epsilon
         h = F.embedding(input_ids, m.embedding)

@@ -48,10 +48,11 @@ class FastDecoder:
     def __init__(self, model: RankModel, cache: PagedKVCache, *, max_batch_size: int, max_seq_len: int,
                  cuda_graphs: bool | None = None, compile: bool | None = None, attention: str = "auto",
                  reduce: Collective | None = None, gather: Collective | None = None,
-                 rope_kernel: bool | None = None):
+                 rope_kernel: bool | None = None, gemv: bool | None = None):
         """cuda_graphs / compile default to on for CUDA caches; attention: auto | triton | gather.
         `reduce` / `gather` are the TP all-reduce and vocab all-gather (ParallelGroups' methods) for tp > 1.
-        rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA, if its self-check passes)."""
+        rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA, if its self-check passes).
+        gemv: batch-1 steps through the fused GEMV kernels (runtime/decode_gemv_step.py; None: on CUDA)."""
         if not (model.is_first_stage and model.is_last_stage):
             raise ValueError("FastDecoder runs single-stage ranks only (pp_size=1)")
         self.model, self.cache = model, cache
@@ -66,7 +67,7 @@ class FastDecoder:
         self.attention = DecodeAttention(attention, model.num_heads, cache.k[0], max_batch_size)
         self.block_buckets = buckets(self.max_blocks) if self.attention.needs_context_buckets else [self.max_blocks]
         self.step = DecodeStep(model, cache, self.attention, on_cuda if compile is None else compile, reduce, gather,
-                               rope_kernel)
+                               rope_kernel, gemv)
         n, w = max_batch_size, self.max_blocks
         self._dev = torch.zeros(5 * n + n * w, dtype=torch.long, device=self.device)
         self._host = torch.zeros(5 * n + n * w, dtype=torch.long, pin_memory=on_cuda)
@@ -90,7 +91,7 @@ class FastDecoder:
 
     def status(self) -> dict:
         return dict(attention=self.attention.kind, attention_note=self.attention.reason, compile=self.step.compiled,
-                    moe=self.step.moe_note, rope_write=self.step.rope_write.note,
+                    moe=self.step.moe_note, rope_write=self.step.rope_write.note, gemv=self.step.gemv_note,
                     cuda_graphs=self.use_graphs, graphs=len(self._graphs), batch_buckets=self.batch_buckets,
                     block_buckets=self.block_buckets,
                     fallbacks=[*self.attention.fallbacks, *self.step.fallbacks, *self.fallbacks])

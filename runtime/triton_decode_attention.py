@@ -3,8 +3,8 @@
 Program (b, kv_head, split) walks positions [split * chunk, min((split + 1) * chunk, len_b)) of row b,
 BLOCK_N at a time: block ids come from the row's block table, K/V tiles are loaded straight from the
 cache (no gather copy), the G query heads that share the KV head are one (G_PAD, d) tile, and the
-softmax is online. The last split program of (b, kv_head) to finish merges the splits (unfused: a second
-kernel does; with one split the program writes the output itself). Only each row's own positions are
+softmax is online. The last split program of (b, kv_head) to finish merges the splits that hold keys
+(unfused: a second kernel does; with one split the program writes the output itself). Only each row's own positions are
 read, the grid is fixed per batch size, and nothing syncs with the host, so it can be captured in a
 CUDA graph.
 """
@@ -63,7 +63,8 @@ def _split_kernel(Q, K, V, BT, CTX, ACC, ML, OUT, LOCK, sm_scale,
                  (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=(offs_g < G)[:, None])
     else:
         first = (b * tl.num_programs(1) + h) * SPLITS
-        tl.store(ACC + (first + s) * G_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc)
+        tl.store(ACC + (first + s) * G_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc,
+                 mask=(offs_g < G)[:, None])
         tl.store(ML + (first + s) * 2 * G_PAD + offs_g, m_i)
         tl.store(ML + (first + s) * 2 * G_PAD + G_PAD + offs_g, l_i)
         if FUSED:  # the last split of (b, h) to finish merges: no second kernel
@@ -71,38 +72,47 @@ def _split_kernel(Q, K, V, BT, CTX, ACC, ML, OUT, LOCK, sm_scale,
             lock = LOCK + b * tl.num_programs(1) + h
             done = tl.atomic_add(lock, 1, sem="acq_rel")
             if done == SPLITS - 1:
-                _merge(ACC, ML, OUT, first, b * stride_ob + h * G * stride_oh, stride_oh, G, G_PAD, D, SPLITS, ".cg")
+                _merge(ACC, ML, OUT, first, b * stride_ob + h * G * stride_oh, stride_oh, tl.cdiv(ctx, chunk),
+                       G, G_PAD, D, ".cg")
                 tl.atomic_xchg(lock, 0, sem="relaxed")  # ready for the next launch (graph replays reuse LOCK)
 
 
 @triton.jit
-def _merge(ACC, ML, OUT, first, out_off, stride_oh,
-           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, CACHE: tl.constexpr):
+def _merge(ACC, ML, OUT, first, out_off, stride_oh, active,
+           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, CACHE: tl.constexpr):
+    """Merges the partials of splits [0, active): the ones holding keys (later splits of a short row are
+    empty); only the G real query rows of the G_PAD-row tiles are read."""
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
+    rows = offs_g < G
     m_max = tl.full([G_PAD], float("-inf"), tl.float32)
-    for s in tl.static_range(SPLITS):
-        m_max = tl.maximum(m_max, tl.load(ML + (first + s) * 2 * G_PAD + offs_g, cache_modifier=CACHE))
+    for s in range(active):
+        m_max = tl.maximum(m_max, tl.load(ML + (first + s) * 2 * G_PAD + offs_g, mask=rows, other=0.0,
+                                          cache_modifier=CACHE))
     l_sum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for s in tl.static_range(SPLITS):
-        # an empty split has m = -inf: exp(-inf) = 0
-        w = tl.exp(tl.load(ML + (first + s) * 2 * G_PAD + offs_g, cache_modifier=CACHE) - m_max)
-        l_sum += w * tl.load(ML + (first + s) * 2 * G_PAD + G_PAD + offs_g, cache_modifier=CACHE)
+    for s in range(active):
+        w = tl.exp(tl.load(ML + (first + s) * 2 * G_PAD + offs_g, mask=rows, other=0.0, cache_modifier=CACHE)
+                   - m_max)
+        l_sum += w * tl.load(ML + (first + s) * 2 * G_PAD + G_PAD + offs_g, mask=rows, other=0.0,
+                             cache_modifier=CACHE)
         acc += w[:, None] * tl.load(ACC + (first + s) * G_PAD * D + offs_g[:, None] * D + offs_d[None, :],
-                                    cache_modifier=CACHE)
+                                    mask=rows[:, None], other=0.0, cache_modifier=CACHE)
     out = acc / l_sum[:, None]
     tl.store(OUT + out_off + offs_g[:, None] * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=(offs_g < G)[:, None])
+             out.to(OUT.dtype.element_ty), mask=rows[:, None])
 
 
 @triton.jit
-def _merge_kernel(ACC, ML, OUT, stride_ob, stride_oh,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+def _merge_kernel(ACC, ML, OUT, CTX, stride_ob, stride_oh,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    ctx = tl.load(CTX + b)
+    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
     first = (b * tl.num_programs(1) + h) * SPLITS
-    _merge(ACC, ML, OUT, first, b * stride_ob + h * G * stride_oh, stride_oh, G, G_PAD, D, SPLITS, "")
+    _merge(ACC, ML, OUT, first, b * stride_ob + h * G * stride_oh, stride_oh, tl.cdiv(ctx, chunk), G, G_PAD, D, "")
 
 
 class TritonDecodeAttention:
@@ -161,6 +171,6 @@ class TritonDecodeAttention:
             num_warps=4, num_stages=2)
         if not self.fused_merge:  # the original two-kernel path, kept as the fallback
             _merge_kernel[(b, self.kv_heads)](
-                acc, ml, out, out.stride(0), out.stride(1), G=self.group, G_PAD=self.group_pad, D=d, SPLITS=splits,
-                num_warps=4)
+                acc, ml, out, context_lens, out.stride(0), out.stride(1), G=self.group, G_PAD=self.group_pad, D=d,
+                SPLITS=splits, BLOCK_N=self.BLOCK_N, num_warps=4)
         return out

@@ -27,14 +27,14 @@ from runtime.request import Request
 TPB = 4
 
 
-def tiny(shape=TINY_LLAMA, seed=1):
-    return random_rank_model(checkpoint_config(shape), seed=seed)
+def tiny(shape=TINY_LLAMA, seed=1, device="cpu"):
+    return random_rank_model(checkpoint_config(shape), seed=seed, device=device)
 
 
 def prefilled(model, lens: list[int], extra: int = 8, seed: int = 0) -> tuple[PagedKVCache, list[int]]:
     """A cache holding random prompts of `lens` tokens (seq ids 100+i) with interleaved block tables."""
     cache = PagedKVCache(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads,
-                         head_size=model.head_size, num_blocks=96, tokens_per_block=TPB)
+                         head_size=model.head_size, num_blocks=96, tokens_per_block=TPB, device=model.device)
     for grow in range(1, max(lens) + extra + 1):  # one block at a time, round robin: fragmented tables
         for i, n in enumerate(lens):
             cache.reserve(100 + i, min(grow, n + extra))

@@ -1,0 +1,154 @@
+"""Batch-1 decode GEMVs: the fused Triton kernels (runtime/triton_gemv.py) over launch configs vs cuBLAS.
+
+For every projection of a Llama-3-8B decode step (tp=1 and the tp=2 shards): cuBLAS's plain GEMV
+(F.linear only, without the norm / SiLU / residual kernels the unfused path adds) next to the fused
+kernel in each config. Each timing is one CUDA graph replaying the projection over COPIES distinct
+weight tensors (as consecutive layers do, so the L2 cache holds none of them), median of replays, per
+launch. Every config is first checked against runtime/gemv_ref.py. The best config per shape goes to
+`best` in the JSON, which `ENGINESMITH_GEMV_CONFIGS=<file>` makes the runtime use.
+
+Usage: python -m benchmarks.gemv_kernels [--out DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.gemv_ref import gemv_ref
+from runtime.triton_gemv import GemvConfig, gemv, shape_key
+
+HID, INTER, VOCAB, NQ, NKV, D = 4096, 14336, 128256, 32, 8, 128
+COPIES = 16
+
+
+def shapes(tp: int) -> list[dict]:
+    """(name, outputs n, inputs k, fused options) of one decode step's projections on one of tp ranks."""
+    return [
+        dict(name=f"qkv tp{tp}", n=(NQ + 2 * NKV) * D // tp, k=HID, norm=True),
+        dict(name=f"o_proj tp{tp}", n=HID, k=NQ * D // tp, residual=True),
+        dict(name=f"gate_up tp{tp}", n=INTER // tp, k=HID, norm=True, swiglu=True),
+        dict(name=f"down tp{tp}", n=HID, k=INTER // tp, residual=True),
+        dict(name=f"lm_head tp{tp}", n=VOCAB // tp, k=HID, norm=True, out_f32=True, copies=4),
+    ]
+
+
+def configs(quick: bool) -> list[GemvConfig]:
+    tiles = [(4, 512), (8, 512), (16, 256)] if quick else [
+        (4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256)]
+    return [GemvConfig(n, k, w, s) for (n, k), w, s in itertools.product(tiles, (4, 8), (1, 3))]
+
+
+def time_graph(fn, reps: int = 15) -> float:
+    """Median ms of one replay of a graph of fn (captured after warm-up on a side stream)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def bench_shape(spec: dict, cfgs: list[GemvConfig], gen: torch.Generator) -> dict:
+    n, k, copies = spec["n"], spec["k"], spec.get("copies", COPIES)
+    swiglu = spec.get("swiglu", False)
+    rows = 2 * n if swiglu else n
+    dev, dt = "cuda", torch.bfloat16
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=dev, generator=gen) * scale).to(dt)
+
+    ws = [rnd(rows, k, scale=0.02) for _ in range(copies)]
+    x = rnd(1, k)
+    kw = dict(norm=1 + 0.1 * rnd(k) if spec.get("norm") else None, swiglu=swiglu, eps=1e-5,
+              residual=rnd(1, n) if spec.get("residual") else None, out_f32=spec.get("out_f32", False))
+    ref = gemv_ref(x, ws[0], **kw).float()
+    out = torch.empty(1, n, device=dev, dtype=torch.float32 if kw["out_f32"] else dt)
+    lin = torch.empty(1, rows, device=dev, dtype=dt)
+    bytes_ = rows * k * 2
+
+    def cublas():
+        for w in ws:
+            torch.mm(x, w.t(), out=lin)
+
+    t_cublas = time_graph(cublas) / copies
+    res = dict(name=spec["name"], key=shape_key(n, k, swiglu), n=n, k=k, weight_bytes=bytes_,
+               cublas_us=1e3 * t_cublas, cublas_gbps=bytes_ / t_cublas / 1e6, configs={})
+    for cfg in cfgs:
+        try:
+            out.fill_(float("nan"))
+            err = float((gemv(x, ws[0], config=cfg, out=out, **kw).float() - ref).norm() / ref.norm())
+            if not err < 2e-2:
+                res["configs"][cfg.key()] = dict(error=f"relative error {err:.3g}")
+                continue
+
+            def fused(cfg=cfg):
+                for w in ws:
+                    gemv(x, w, config=cfg, out=out, **kw)
+
+            t = time_graph(fused) / copies
+            res["configs"][cfg.key()] = dict(us=1e3 * t, gbps=bytes_ / t / 1e6, rel_err=err, config=cfg.__dict__)
+        except Exception as e:  # e.g. out of shared memory for one tile: record it, try the rest
+            res["configs"][cfg.key()] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+    ok = {c: v for c, v in res["configs"].items() if "us" in v}
+    if ok:
+        best = min(ok, key=lambda c: ok[c]["us"])
+        res["best"] = best
+        res["best_us"], res["best_gbps"] = ok[best]["us"], ok[best]["gbps"]
+        res["speedup_vs_cublas_gemv"] = t_cublas * 1e3 / ok[best]["us"]
+    ws.clear()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true", help="3 tiles instead of 8")
+    args = ap.parse_args()
+    card = torch.cuda.get_device_name()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cfgs = configs(args.quick)
+    t0 = time.perf_counter()
+    rows = []
+    for tp in (1, 2):
+        for spec in shapes(tp):
+            r = bench_shape(spec, cfgs, gen)
+            rows.append(r)
+            print(f"[{time.perf_counter() - t0:6.1f}s] {r['name']}: cuBLAS {r['cublas_us']:.1f} us "
+                  f"({r['cublas_gbps']:.0f} GB/s); fused best {r.get('best')} {r.get('best_us', float('nan')):.1f} us "
+                  f"({r.get('best_gbps', float('nan')):.0f} GB/s)", flush=True)
+    result = dict(card=card, torch=torch.__version__, triton=__import__("triton").__version__, copies=COPIES,
+                  shapes=rows, best={r["key"]: r["configs"][r["best"]]["config"] for r in rows if "best" in r})
+    slug = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "-").lower()
+    out = Path(args.out)
+    out = out / f"gemv-kernels-{slug}.json" if out.is_dir() or not out.suffix else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\n{'shape':<16}{'n x k':>14}{'cuBLAS us':>11}{'GB/s':>7}{'fused us':>10}{'GB/s':>7}  best config")
+    for r in rows:
+        print(f"{r['name']:<16}{r['n']:>7}x{r['k']:<6}{r['cublas_us']:>11.1f}{r['cublas_gbps']:>7.0f}"
+              f"{r.get('best_us', float('nan')):>10.1f}{r.get('best_gbps', float('nan')):>7.0f}  {r.get('best')}")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
+

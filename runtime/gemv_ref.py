@@ -1,0 +1,24 @@
+"""The unfused arithmetic of one decode GEMV with its neighbours (runtime/triton_gemv.py fuses it)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime.layers import rms_norm
+from runtime.layers import swiglu as swiglu_fn
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6,
+             swiglu: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+             out_f32: bool = False) -> torch.Tensor:
+    """The unfused arithmetic `gemv` reproduces (runtime/layers.py's rms_norm and swiglu, F.linear)."""
+    x = x.reshape(1, -1)
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    y = F.linear(x, w, bias)
+    if swiglu:
+        y = swiglu_fn(*y.chunk(2, dim=-1))
+    if residual is not None:
+        y = residual.reshape(1, -1) + y
+    return y.float() if out_f32 else y

@@ -1,0 +1,112 @@
+"""The fused batch-1 GEMV kernels (runtime/triton_gemv.py) and the decode step built from them.
+
+The kernels run on CUDA, or on CPU under Triton's interpreter (`TRITON_INTERPRET=1` with triton
+installed); the CPU venv has neither, so those tests skip there and run in the GPU test run. The wiring
+(when the step is used, what it falls back to and why) is tested everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from runtime.decode_gemv_step import GemvDecode, check_on_model
+from runtime.fast_decode import FastDecoder
+from runtime.gemv_ref import gemv_ref
+from runtime.paged_attention import SeqSpan
+from runtime.plain_step import plain_forward
+from runtime.random_model import TINY_MIXTRAL
+from tests.test_decode_kernels import INTERPRET, KERNEL_DEVICE, needs_triton
+from tests.test_fast_decode import assert_close, prefilled, tiny
+
+CASES = [  # (n, k, norm, swiglu, bias, residual, out_f32)
+    (48, 96, True, False, False, False, False),
+    (40, 64, True, True, False, False, False),
+    (64, 128, False, False, False, True, False),
+    (37, 100, True, False, True, False, True),
+    (32, 64, False, False, True, True, False),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("cfg", [(8, 32, 4), (16, 64, 4), (4, 128, 2)])
+def test_gemv_variants_match_the_unfused_arithmetic(case, cfg):
+    from runtime.triton_gemv import GemvConfig, gemv
+
+    n, k, norm, swiglu, bias, residual, out_f32 = case
+    gen = torch.Generator().manual_seed(n * k)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(KERNEL_DEVICE)
+
+    kw = dict(norm=1 + 0.1 * rnd(k) if norm else None, swiglu=swiglu, bias=rnd(n) if bias else None,
+              residual=rnd(1, n) if residual else None, out_f32=out_f32, eps=1e-5)
+    x, w = rnd(1, k), rnd(2 * n if swiglu else n, k, scale=0.1)
+    out = torch.full((1, n), float("nan"), device=KERNEL_DEVICE)  # every element must be written
+    y = gemv(x, w, config=GemvConfig(*cfg), out=out, **kw)
+    ref = gemv_ref(x, w, **kw)
+    assert y.shape == ref.shape == (1, n) and y.dtype == ref.dtype
+    assert float((y - ref).norm() / ref.norm()) < 1e-5
+
+
+@needs_triton
+def test_gemv_refuses_a_batch_and_a_mismatched_weight():
+    from runtime.triton_gemv import gemv
+
+    with pytest.raises(ValueError, match="one row"):
+        gemv(torch.zeros(2, 8), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="does not match"):
+        gemv(torch.zeros(1, 8), torch.zeros(4, 6))
+
+
+@needs_triton
+def test_fused_gemv_step_matches_plain_path_and_keeps_larger_batches_on_regions():
+    model = tiny(device=KERNEL_DEVICE)
+    cache, seqs = prefilled(model, [7, 3])
+    fast_cache = copy.deepcopy(cache)
+    ref = plain_forward(model, cache, [SeqSpan(seqs[0], 7, 1)], [5])
+    dec = FastDecoder(model, fast_cache, max_batch_size=2, max_seq_len=64, compile=False, gemv=True,
+                      rope_kernel=INTERPRET or None)
+    assert dec.step.gemv is not None, dec.step.gemv_note
+    assert dec.status()["gemv"].startswith("fused GEMV kernels")
+    calls = []
+    real = dec.step.gemv.__call__
+    dec.step.gemv = lambda *a: calls.append(1) or real(*a)
+    out = dec.decode([seqs[0]], [5], [7])
+    assert calls == [1]
+    assert_close(out, ref, 1e-4)
+    assert_close(fast_cache.k, cache.k, 1e-5)
+    both = plain_forward(model, cache, [SeqSpan(s, p, 1) for s, p in zip(seqs, [8, 3], strict=True)], [6, 2])
+    assert_close(dec.decode(seqs, [6, 2], [8, 3]), both, 1e-4)
+    assert calls == [1]  # two rows: the regions path
+
+
+def test_moe_model_keeps_the_regions_path_with_the_reason():
+    model = tiny(TINY_MIXTRAL)
+    step, why = GemvDecode.try_build(model, None, None, lambda x: x, lambda x: x)
+    assert step is None and "MoE" in why
+
+
+def test_failed_self_check_leaves_the_regions_path_with_a_recorded_reason(monkeypatch):
+    import sys
+    import types
+
+    def wrong(x, w, **kw):  # a "kernel" that forgets the norm
+        return gemv_ref(x, w, **{k: v for k, v in kw.items() if k not in ("norm", "eps")})
+
+    fake = types.ModuleType("runtime.triton_gemv")
+    fake.gemv = wrong
+    monkeypatch.setitem(sys.modules, "runtime.triton_gemv", fake)
+    model = tiny()
+    cache, seqs = prefilled(model, [4])
+    ref = plain_forward(model, copy.deepcopy(cache), [SeqSpan(seqs[0], 4, 1)], [3])
+    dec = FastDecoder(model, cache, max_batch_size=1, max_seq_len=64, compile=False, gemv=True)
+    assert dec.step.gemv is None and "self-check relative error" in dec.step.gemv_note
+    assert_close(dec.decode(seqs, [3], [4]), ref)
+
+
+def test_self_check_measures_the_reference_against_itself_as_exact():
+    assert check_on_model(tiny(), gemv_ref, gemv_ref) == 0.0
