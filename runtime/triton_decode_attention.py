@@ -11,6 +11,8 @@ CUDA graph.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,13 +22,13 @@ import triton.language as tl
 def _split_kernel(Q, K, V, BT, CTX, ACC, ML, OUT, LOCK, sm_scale,
                   stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_ob, stride_oh,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, TPB: tl.constexpr,
-                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, FUSED: tl.constexpr,
-                  DIRECT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, IEEE: tl.constexpr,
+                  FUSED: tl.constexpr, DIRECT: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
     ctx = tl.load(CTX + b)
-    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+    chunk = _chunk(ctx, SPLITS, BLOCK_N, MIN_CHUNK)
     start = s * chunk
     end = tl.minimum(start + chunk, ctx)
     offs_g = tl.arange(0, G_PAD)
@@ -73,32 +75,41 @@ def _split_kernel(Q, K, V, BT, CTX, ACC, ML, OUT, LOCK, sm_scale,
             done = tl.atomic_add(lock, 1, sem="acq_rel")
             if done == SPLITS - 1:
                 _merge(ACC, ML, OUT, first, b * stride_ob + h * G * stride_oh, stride_oh, tl.cdiv(ctx, chunk),
-                       G, G_PAD, D, ".cg")
+                       G, G_PAD, D, SPLITS, ".cg")
                 tl.atomic_xchg(lock, 0, sem="relaxed")  # ready for the next launch (graph replays reuse LOCK)
 
 
 @triton.jit
+def _chunk(ctx, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr):
+    """Keys per split: the context over SPLITS, whole BLOCK_N tiles, at least MIN_CHUNK (a short context
+    then fills fewer splits, and fewer partials are merged)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N, MIN_CHUNK)
+
+
+@triton.jit
 def _merge(ACC, ML, OUT, first, out_off, stride_oh, active,
-           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, CACHE: tl.constexpr):
+           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, CACHE: tl.constexpr):
     """Merges the partials of splits [0, active): the ones holding keys (later splits of a short row are
-    empty); only the G real query rows of the G_PAD-row tiles are read."""
+    empty); only the G real query rows of the G_PAD-row tiles are read. The loops are unrolled so the
+    loads of all splits are in flight together; masked-off splits read nothing."""
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     rows = offs_g < G
     m_max = tl.full([G_PAD], float("-inf"), tl.float32)
-    for s in range(active):
-        m_max = tl.maximum(m_max, tl.load(ML + (first + s) * 2 * G_PAD + offs_g, mask=rows, other=0.0,
-                                          cache_modifier=CACHE))
+    for s in tl.static_range(SPLITS):
+        m_max = tl.maximum(m_max, tl.load(ML + (first + s) * 2 * G_PAD + offs_g, mask=rows & (s < active),
+                                          other=float("-inf"), cache_modifier=CACHE))
     l_sum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for s in range(active):
-        w = tl.exp(tl.load(ML + (first + s) * 2 * G_PAD + offs_g, mask=rows, other=0.0, cache_modifier=CACHE)
-                   - m_max)
-        l_sum += w * tl.load(ML + (first + s) * 2 * G_PAD + G_PAD + offs_g, mask=rows, other=0.0,
+    for s in tl.static_range(SPLITS):
+        live = rows & (s < active)
+        w = tl.exp(tl.load(ML + (first + s) * 2 * G_PAD + offs_g, mask=live, other=float("-inf"),
+                           cache_modifier=CACHE) - m_max)
+        l_sum += w * tl.load(ML + (first + s) * 2 * G_PAD + G_PAD + offs_g, mask=live, other=0.0,
                              cache_modifier=CACHE)
         acc += w[:, None] * tl.load(ACC + (first + s) * G_PAD * D + offs_g[:, None] * D + offs_d[None, :],
-                                    mask=rows[:, None], other=0.0, cache_modifier=CACHE)
-    out = acc / l_sum[:, None]
+                                    mask=live[:, None], other=0.0, cache_modifier=CACHE)
+    out = acc / tl.where(rows, l_sum, 1.0)[:, None]
     tl.store(OUT + out_off + offs_g[:, None] * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=rows[:, None])
 
@@ -106,13 +117,14 @@ def _merge(ACC, ML, OUT, first, out_off, stride_oh, active,
 @triton.jit
 def _merge_kernel(ACC, ML, OUT, CTX, stride_ob, stride_oh,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(CTX + b)
-    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+    chunk = _chunk(ctx, SPLITS, BLOCK_N, MIN_CHUNK)
     first = (b * tl.num_programs(1) + h) * SPLITS
-    _merge(ACC, ML, OUT, first, b * stride_ob + h * G * stride_oh, stride_oh, tl.cdiv(ctx, chunk), G, G_PAD, D, "")
+    _merge(ACC, ML, OUT, first, b * stride_ob + h * G * stride_oh, stride_oh, tl.cdiv(ctx, chunk), G, G_PAD, D,
+           SPLITS, "")
 
 
 class TritonDecodeAttention:
@@ -123,9 +135,12 @@ class TritonDecodeAttention:
     kernel; False: the original path (partials, then a separate merge kernel)."""
 
     BLOCK_N = 64
+    MIN_CHUNK = 128
+    """Keys a split takes at least: below it, a split's fixed cost (its launch share, the partial's store and
+    merge) outweighs spreading the reads (benchmarks/attention_kernels.py)."""
 
     def __init__(self, q_heads: int, kv_heads: int, head_size: int, dtype: torch.dtype, max_batch_size: int,
-                 device: torch.device | str = "cuda", fused_merge: bool = True):
+                 device: torch.device | str = "cuda", fused_merge: bool = True, min_chunk: int | None = None):
         if q_heads % kv_heads:
             raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
         if head_size < 16 or head_size & (head_size - 1):
@@ -136,20 +151,23 @@ class TritonDecodeAttention:
         device = torch.device(device)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         self.fused_merge, self.max_rows = fused_merge, max(max_batch_size, 8)
+        self.min_chunk = min_chunk or int(os.environ.get("ENGINESMITH_ATTN_MIN_CHUNK", self.MIN_CHUNK))
+        if self.min_chunk % self.BLOCK_N:
+            raise ValueError(f"min_chunk={self.min_chunk} is not a multiple of BLOCK_N={self.BLOCK_N}")
         self.lock = torch.zeros(self.max_rows * kv_heads, dtype=torch.int32, device=device)
         self.splits_override: int | None = None
         """Forces the split count (self-checks and tests)."""
 
     def splits(self, batch: int, max_len: int | None = None) -> int:
         """Enough (row, head, split) programs for about two waves over the SMs, at most 32 splits, and (when the
-        longest possible context `max_len` is known) no more splits than needed to give each at most one
-        BLOCK_N-key chunk of it."""
+        longest possible context `max_len` is known) no more splits than that context fills with min_chunk
+        keys each."""
         if self.splits_override:
             return self.splits_override
         want = -(-2 * self.num_sms // (batch * self.kv_heads))
         n = int(min(32, triton.next_power_of_2(max(1, want))))
-        while max_len is not None and n > 1 and (n // 2) * self.BLOCK_N >= max_len:
-            n //= 2  # halve only while half as many one-chunk splits still cover the longest context
+        while max_len is not None and n > 1 and (n // 2) * self.min_chunk >= max_len:
+            n //= 2  # halve only while half as many min_chunk splits still cover the longest context
         return n
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -167,10 +185,10 @@ class TritonDecodeAttention:
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
             out.stride(0), out.stride(1),
             G=self.group, G_PAD=self.group_pad, D=d, TPB=k_cache.shape[1], BLOCK_N=self.BLOCK_N, SPLITS=splits,
-            IEEE=self.ieee, FUSED=self.fused_merge, DIRECT=self.fused_merge and splits == 1,
+            MIN_CHUNK=self.min_chunk, IEEE=self.ieee, FUSED=self.fused_merge, DIRECT=self.fused_merge and splits == 1,
             num_warps=4, num_stages=2)
         if not self.fused_merge:  # the original two-kernel path, kept as the fallback
             _merge_kernel[(b, self.kv_heads)](
                 acc, ml, out, context_lens, out.stride(0), out.stride(1), G=self.group, G_PAD=self.group_pad, D=d,
-                SPLITS=splits, BLOCK_N=self.BLOCK_N, num_warps=4)
+                SPLITS=splits, BLOCK_N=self.BLOCK_N, MIN_CHUNK=self.min_chunk, num_warps=4)
         return out

@@ -1,8 +1,9 @@
 """Batch-1 decode GEMVs in Triton-lang with their neighbours fused in: one kernel per projection.
 
 y = W x for one token (x: (K,), W: (N, K) row-major, bf16/fp16/fp32), with optional
-- NORM: x is RMSNorm(x) * norm_weight, computed by every program from x itself (K values, from L2), so the
-  norm before qkv, before gate/up and before lm_head costs no kernel of its own;
+- NORM: x is RMSNorm(x) * norm_weight: every program sums x's squares in the same pass over K and scales
+  its dot products by 1/rms at the end (so the normalized x is never rounded to bf16, the one difference
+  from the reference), and the norm before qkv, gate/up and lm_head costs no kernel or pass of its own;
 - SWIGLU: W is the fused [fc; gate] (2I, K) of runtime/layers.py; the program reads rows n and I + n and
   writes silu(fc x) * (gate x) (I,);
 - BIAS: y + b (Qwen2's qkv bias);
@@ -10,10 +11,10 @@ y = W x for one token (x: (K,), W: (N, K) row-major, bf16/fp16/fp32), with optio
   the all-reduce of the partials yields h + sum of the partials);
 - OUT_F32: the bf16-rounded result stored as float32 (the logits).
 Each program owns BLOCK_N outputs and walks K in BLOCK_K steps with a (BLOCK_N, BLOCK_K) float32
-accumulator reduced once at the end. Roundings follow the unfused reference (`gemv_ref`): RMSNorm's
-float32 result is cast to the activation dtype before the weight multiply, the GEMV output is rounded
-before silu and before the residual add. Launch configs per shape come from `config_for` (tuned on an
-H200 by benchmarks/gemv_kernels.py) or from ENGINESMITH_GEMV_CONFIGS (a JSON file of that benchmark).
+accumulator reduced once at the end. Roundings otherwise follow the unfused reference (`gemv_ref`):
+the GEMV output is rounded before silu and before the residual add. Launch configs per shape come from
+`config_for` (tuned on an H200 by benchmarks/gemv_kernels.py) or from ENGINESMITH_GEMV_CONFIGS (a JSON
+file of that benchmark).
 """
 
 from __future__ import annotations
@@ -40,32 +41,25 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps,
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     act_ty = X.dtype.element_ty
-    if NORM:
-        ss = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                xk = tl.load(X + k0 + offs_k).to(tl.float32)
-            else:
-                xk = tl.load(X + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
-            ss += xk * xk
-        rstd = tl.rsqrt(tl.sum(ss, 0) / K + eps)
     rows = W + offs_n.to(tl.int64)[:, None] * K
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if SWIGLU:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if NORM:
+        ss = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         if EVEN_K:
-            x = tl.load(X + kk)
+            x = tl.load(X + kk).to(tl.float32)
         else:
-            x = tl.load(X + kk, mask=kk < K, other=0.0)
-        if NORM:
+            x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if NORM:  # sum of squares in the same pass; 1/rms scales the dot products at the end
+            ss += x * x
             if EVEN_K:
-                g = tl.load(NW + kk)
+                x = x * tl.load(NW + kk).to(tl.float32)
             else:
-                g = tl.load(NW + kk, mask=kk < K, other=0.0)
-            x = (g.to(tl.float32) * (x.to(tl.float32) * rstd).to(act_ty).to(tl.float32)).to(act_ty)
-        xf = x.to(tl.float32)[None, :]
+                x = x * tl.load(NW + kk, mask=kk < K, other=0.0).to(tl.float32)
+        xf = x[None, :]
         if EVEN_N and EVEN_K:
             w = tl.load(rows + kk[None, :])
         else:
@@ -77,12 +71,15 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps,
             else:
                 w2 = tl.load(rows + HALF * K + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0.0)
             acc2 += w2.to(tl.float32) * xf
-    y = tl.sum(acc, 1)
+    scale = 1.0
+    if NORM:
+        scale = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+    y = tl.sum(acc, 1) * scale
     if BIAS:
         y += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = y.to(act_ty).to(tl.float32)
     if SWIGLU:
-        lin = tl.sum(acc2, 1).to(act_ty).to(tl.float32)
+        lin = (tl.sum(acc2, 1) * scale).to(act_ty).to(tl.float32)
         silu = (y / (1.0 + tl.exp(-y))).to(act_ty).to(tl.float32)
         y = (silu * lin).to(act_ty).to(tl.float32)
     if RESIDUAL:

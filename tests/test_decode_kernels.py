@@ -134,11 +134,12 @@ def test_triton_rope_write_kernel_matches_reference(dtype):
 @needs_triton
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("splits", [None, 1, 2, 32])
-def test_triton_attention_split_and_merge_paths_match_gather(fused, splits):
+@pytest.mark.parametrize("min_chunk", [64, 128])
+def test_triton_attention_split_and_merge_paths_match_gather(fused, splits, min_chunk):
     from runtime.triton_decode_attention import TritonDecodeAttention
 
-    k_layer = torch.zeros(8, 4, NKV, D, device=KERNEL_DEVICE)
-    impl = TritonDecodeAttention(NQ, NKV, D, torch.float32, 8, KERNEL_DEVICE, fused_merge=fused)
+    k_layer = torch.zeros(8, 16, NKV, D, device=KERNEL_DEVICE)  # contexts up to 384 keys: up to 6 live splits
+    impl = TritonDecodeAttention(NQ, NKV, D, torch.float32, 8, KERNEL_DEVICE, fused_merge=fused, min_chunk=min_chunk)
     impl.splits_override = splits
     for _ in range(2):  # the arrival counters reset themselves: a second launch merges again
         assert check_against_gather(impl, NQ, k_layer) < 1e-4
@@ -149,9 +150,9 @@ def test_triton_attention_split_and_merge_paths_match_gather(fused, splits):
 def test_triton_split_count_respects_the_longest_context():
     from runtime.triton_decode_attention import TritonDecodeAttention
 
-    impl = TritonDecodeAttention(32, 8, 128, torch.bfloat16, 1, KERNEL_DEVICE)
+    impl = TritonDecodeAttention(32, 8, 128, torch.bfloat16, 1, KERNEL_DEVICE, min_chunk=128)
     impl.num_sms = 132
     assert impl.splits(1) == 32
-    assert impl.splits(1, max_len=576) == 16  # 9 chunks of 64 keys cover it: 16 splits of at most one chunk
-    assert impl.splits(1, max_len=64) == 1
+    assert impl.splits(1, max_len=576) == 8  # 5 chunks of 128 keys cover it: 8 splits, not 4
+    assert impl.splits(1, max_len=128) == 1
     assert impl.splits(64) == 1
