@@ -98,43 +98,161 @@ def _generate(hf, prompts: list[list[int]], max_new: int, device) -> torch.Tenso
                        min_new_tokens=max_new, do_sample=False, pad_token_id=0)
 
 
+CB_MAX_REQUESTS = 64
+"""Requests per batch when `cb_options` is None. Without flash-attn transformers runs `paged|sdpa`: one dense SDPA
+over the whole packed batch with a block-diagonal mask, so a step costs ~ batch tokens x batch KV tokens x heads.
+Its own defaults (8192 batch tokens, a KV cache filling 90% of free memory, up to 1024 requests a batch) made every
+step of the 256-request Llama-3-8B run take seconds: no request reached its 64+ decode steps in 40 s."""
+CB_MAX_BATCH_TOKENS = 2048
+"""Query tokens per step when `cb_options` is None (bounds the prefill chunk against the batch's KV)."""
+CB_MEMORY_FRACTION = 0.5
+"""Share of free device memory the default KV cache and attention mask may take (SDPA's temporaries need the rest)."""
+
+
 @torch.no_grad()  # the manager thread updates its tensors outside inference mode
 def continuous_batching(hf, prompts: list[list[int]], osls: list[int], budget_s: float, progress: Progress,
-                        cb_options: dict | None = None) -> dict:
-    """transformers' own continuous batching (ContinuousBatchingManager), if this version has it.
-    `cb_options`: ContinuousBatchingConfig fields (None: transformers sizes the cache from free memory)."""
-    if not hasattr(hf, "continuous_batching_context_manager"):
-        import transformers
+                        cb_options: dict | None = None, keep_tokens: bool = False) -> dict:
+    """transformers' own continuous batching: the ContinuousBatchingManager that `generate_batch` drives, used
+    directly so the run can be cut at `budget_s` (hard stop; tokens of unfinished requests are counted apart).
+    Greedy, EOS disabled, request i asks for exactly osls[i] tokens. `cb_options`: ContinuousBatchingConfig
+    fields (block_size/page_size accepted on either version); None sizes the cache for this workload
+    (`default_cb_options`). Failures come back under `error`, never as an exception."""
+    import transformers
 
-        return dict(error=f"transformers {transformers.__version__} has no continuous batching")
+    out: dict = dict(api="ContinuousBatchingManager", transformers=transformers.__version__)
+    if not hasattr(hf, "init_continuous_batching"):
+        return out | dict(error=f"transformers {transformers.__version__} has no continuous batching")
+    try:
+        out["cb_options"] = dict(cb_options) if cb_options is not None else default_cb_options(hf, prompts, osls)
+        return out | _run_manager(hf, prompts, osls, budget_s, progress, _cb_config(out["cb_options"]), keep_tokens)
+    except Exception as e:  # an API change or OOM in the baseline must not lose the caller's other numbers
+        return out | dict(error=f"{type(e).__name__}: {e}")
+
+
+def default_cb_options(hf, prompts: list[list[int]], osls: list[int]) -> dict:
+    """A KV cache for CB_MAX_REQUESTS requests of the workload's longest length (plus the FIFO scheduler's 15%
+    safety margin), capped to CB_MEMORY_FRACTION of the free memory of `hf`'s device."""
+    c, block = hf.config, _block_size()
+    requests = min(len(prompts), CB_MAX_REQUESTS)
+    blocks_per_request = -(-max(len(p) + n for p, n in zip(prompts, osls, strict=True)) // block) + 1
+    want = -(-requests * blocks_per_request * 100 // 85)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = hf.dtype.itemsize * (2 * c.num_hidden_layers * c.num_key_value_heads * head_dim + CB_MAX_BATCH_TOKENS)
+    fits = int(_free_memory(hf.device) * CB_MEMORY_FRACTION) // (per_token * block)
+    if fits < blocks_per_request:
+        raise RuntimeError(f"only {fits} KV blocks of {block} tokens fit in free memory; the longest request needs "
+                           f"{blocks_per_request}: pass cb_options with a smaller max_batch_tokens")
+    return dict(num_blocks=min(want, fits), max_batch_tokens=CB_MAX_BATCH_TOKENS, max_requests_per_batch=requests)
+
+
+def _run_manager(hf, prompts, osls, budget_s, progress: Progress, cbc, keep_tokens: bool) -> dict:
     from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    t0 = time.perf_counter()
     gc = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(osls))
-    cbc = ContinuousBatchingConfig(**(cb_options or {}))
-    results: dict[str, int] = {}
-    cm = hf.continuous_batching_context_manager(generation_config=gc, block=True, timeout=10,
-                                                continuous_batching_config=cbc, warmup=hf.device.type == "cuda")
-    with cm as manager:
+    manager = hf.init_continuous_batching(generation_config=gc, continuous_batching_config=cbc,
+                                          workload_hints=_workload_hints(prompts, osls))
+    attn = hf.config._attn_implementation
+    finished: dict[str, list[int]] = {}
+    start, end, error = t0, None, None
+    try:
+        if hf.device.type == "cuda":
+            manager.warmup()  # CUDA graphs / compile, if this configuration uses them
+        manager.start()
         start = time.perf_counter()
         for i, (p, n) in enumerate(zip(prompts, osls, strict=True)):
-            manager.add_request(input_ids=p, request_id=f"r{i}", max_new_tokens=n)
-        last = start
-        while len(results) < len(prompts) and time.perf_counter() - start < budget_s:
-            res = manager.get_result(timeout=1)
-            if res is not None and res.is_finished():
-                if res.error:
-                    raise RuntimeError(f"continuous batching request {res.request_id} failed: {res.error}")
-                results[res.request_id] = len(res.generated_tokens)
-            elif res is None and not manager.is_running():
-                raise RuntimeError("transformers' continuous batching thread stopped")
-            if time.perf_counter() - last > 10:
-                last = time.perf_counter()
-                progress(f"transformers continuous batching: {len(results)}/{len(prompts)} requests")
-        elapsed = time.perf_counter() - start
-    tokens = sum(results.values())
-    return dict(requests_finished=len(results), complete=len(results) == len(prompts), elapsed_s=elapsed,
-                output_tokens=tokens, tok_s=tokens / elapsed)
+            manager.add_request(input_ids=list(p), request_id=f"r{i}", max_new_tokens=n)
+        error = _collect(manager, finished, len(prompts), start + budget_s, progress)
+        end = time.perf_counter()
+    finally:
+        manager.stop(block=True, timeout=60, hard_stop=len(finished) < len(prompts))
+        unfinished = _drain(manager, finished)
+        end = end or time.perf_counter()
+        if manager.is_running():
+            error = "transformers' generation thread still runs 60 s after a hard stop"
+        manager.destroy()
+    ids = [f"r{i}" for i in range(len(prompts))]
+    tokens, partial = sum(map(len, finished.values())), sum(map(len, unfinished.values()))
+    counts = [len(finished.get(r, unfinished.get(r, []))) for r in ids]
+    res = dict(requests_finished=len(finished), complete=len(finished) == len(prompts), elapsed_s=end - start,
+               setup_s=start - t0, output_tokens=tokens, unfinished_tokens=partial,
+               tok_s=(tokens + partial) / (end - start), attn_implementation=attn, tokens_per_request=counts,
+               wrong_length=sum(r in finished and c != n for r, c, n in zip(ids, counts, osls, strict=True)))
+    if keep_tokens:
+        res["tokens"] = [finished.get(r) for r in ids]
+    return res | (dict(error=error) if error else {})
+
+
+def _collect(manager, finished: dict, n: int, deadline: float, progress: Progress) -> str | None:
+    """Gathers finished outputs into `finished` until all `n` are in or `deadline` passes. Returns an error."""
+    last = time.perf_counter()
+    while len(finished) < n and time.perf_counter() < deadline:
+        res = manager.get_result(timeout=max(0.01, min(1.0, deadline - time.perf_counter())))
+        if res is None:
+            if not manager.is_running():
+                fatal = manager.background_thread_status.fatal_error
+                return f"transformers' continuous batching thread stopped: {fatal!r}"
+        elif res.is_finished():
+            if res.error:
+                return f"request {res.request_id} failed: {res.error}"
+            finished[res.request_id] = list(res.generated_tokens)
+        if time.perf_counter() - last > 10:
+            last = time.perf_counter()
+            progress(f"transformers continuous batching: {len(finished)}/{n} requests")
+    return None
+
+
+def _drain(manager, finished: dict) -> dict[str, list[int]]:
+    """After a stop: outputs still queued (a hard stop fails unfinished requests with their partial tokens)."""
+    rest: dict[str, list[int]] = {}
+    while (res := manager.get_result(timeout=0.05)) is not None:
+        if res.request_id not in finished:
+            rest[res.request_id] = list(res.generated_tokens)
+    return rest
+
+
+def _cb_config(options: dict):
+    """ContinuousBatchingConfig(**options), mapping block_size (<= 5.2x) and page_size (later) onto each other."""
+    import dataclasses
+
+    import transformers
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    opts = dict(options)
+    if "block_size" in opts and "page_size" in names:
+        opts["page_size"] = opts.pop("block_size")
+    elif "page_size" in opts and "page_size" not in names:
+        opts["block_size"] = opts.pop("page_size")
+    unknown = sorted(set(opts) - names)
+    if unknown:
+        raise ValueError(f"cb_options {unknown} are not ContinuousBatchingConfig fields in transformers "
+                         f"{transformers.__version__}; use some of {sorted(names)}")
+    return ContinuousBatchingConfig(**opts)
+
+
+def _block_size() -> int:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    c = ContinuousBatchingConfig()
+    return getattr(c, "page_size", None) or c.block_size
+
+
+def _workload_hints(prompts: list[list[int]], osls: list[int]):
+    try:
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+    except ImportError:
+        return None
+    return WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(osls),
+                         num_requests=len(prompts))
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def _sync(device: torch.device) -> None:

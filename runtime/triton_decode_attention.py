@@ -135,9 +135,9 @@ class TritonDecodeAttention:
     kernel; False: the original path (partials, then a separate merge kernel)."""
 
     BLOCK_N = 64
-    MIN_CHUNK = 128
-    """Keys a split takes at least: below it, a split's fixed cost (its launch share, the partial's store and
-    merge) outweighs spreading the reads (benchmarks/attention_kernels.py)."""
+    MIN_CHUNK = 64
+    """Keys a split takes at least (a multiple of BLOCK_N). On an H200 one BLOCK_N was fastest or within 3%
+    at batch 1 and 32, contexts 640-8192 (benchmarks/results/attention-kernels-h200.json)."""
 
     def __init__(self, q_heads: int, kv_heads: int, head_size: int, dtype: torch.dtype, max_batch_size: int,
                  device: torch.device | str = "cuda", fused_merge: bool = True, min_chunk: int | None = None):

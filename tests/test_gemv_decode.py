@@ -32,7 +32,7 @@ CASES = [  # (n, k, norm, swiglu, bias, residual, out_f32)
 
 @needs_triton
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("cfg", [(8, 32, 4), (16, 64, 4), (4, 128, 2)])
+@pytest.mark.parametrize("cfg", [(8, 32, 4), (16, 64, 4), (4, 128, 2), (16, 32, 4, 2, True), (32, 64, 4, 3, True)])
 def test_gemv_variants_match_the_unfused_arithmetic(case, cfg):
     from runtime.triton_gemv import GemvConfig, gemv
 
