@@ -39,16 +39,13 @@ def shapes(tp: int) -> list[dict]:
 
 
 def configs(quick: bool) -> list[GemvConfig]:
-    """Register-tile (FMA) configs, then tensor-core (dot) ones. Triton does not software-pipeline the FMA
-    kernel's loads (num_stages 1 and 3 timed the same on an H200): its bytes in flight come from the tile,
-    so wide BLOCK_K tiles are in the sweep; the dot kernel's loads are pipelined num_stages deep."""
+    """Triton does not software-pipeline these loads (num_stages 1 and 3 timed the same on an H200): the
+    bytes in flight per program come from the tile and from prefetching the next tile by hand. (A tensor-core
+    variant, x in row 0 of a 16-row tile so Triton pipelines its loads, lost on every shape, 1.05x to 3.4x
+    slower than these, and was dropped.)"""
     tiles = [(4, 1024), (8, 256)] if quick else [
-        (2, 2048), (2, 4096), (4, 1024), (4, 2048), (8, 256), (8, 512), (8, 1024), (16, 512)]
-    fma = [GemvConfig(n, k, w, 1) for (n, k), w in itertools.product(tiles, (4, 8))]
-    dot = [(64, 64, 8, 4), (128, 64, 6, 4)] if quick else [
-        (64, 64, 8, 4), (64, 64, 12, 4), (128, 64, 6, 4), (128, 64, 10, 4), (64, 128, 6, 4), (128, 128, 4, 8),
-        (32, 128, 8, 4), (32, 256, 6, 4)]
-    return fma + [GemvConfig(n, k, w, s, dot=True) for n, k, s, w in dot]
+        (2, 2048), (4, 1024), (4, 2048), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512)]
+    return [GemvConfig(n, k, w, 1, prefetch=p) for (n, k), w, p in itertools.product(tiles, (4, 8), (False, True))]
 
 
 def time_graph(fn, reps: int = 15) -> float:

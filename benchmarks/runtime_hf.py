@@ -98,11 +98,14 @@ def _generate(hf, prompts: list[list[int]], max_new: int, device) -> torch.Tenso
                        min_new_tokens=max_new, do_sample=False, pad_token_id=0)
 
 
-CB_MAX_REQUESTS = 64
-"""Requests per batch when `cb_options` is None. Without flash-attn transformers runs `paged|sdpa`: one dense SDPA
-over the whole packed batch with a block-diagonal mask, so a step costs ~ batch tokens x batch KV tokens x heads.
-Its own defaults (8192 batch tokens, a KV cache filling 90% of free memory, up to 1024 requests a batch) made every
-step of the 256-request Llama-3-8B run take seconds: no request reached its 64+ decode steps in 40 s."""
+CB_MAX_REQUESTS = 32
+"""Requests per batch when `cb_options` is None and flash-attn is absent. transformers then runs paged SDPA: one
+dense SDPA over the whole packed batch with a block-diagonal mask, so a step costs ~ batch tokens x batch KV tokens.
+With its own defaults (8192 batch tokens, KV cache = 90% of free memory, every request admitted) replaying its
+scheduler on the 256-request Llama-3-8B workload puts the first finished request at step 69, after ~24 PFLOP of
+attention (~80 s at an assumed 350 TFLOP/s): hence 0 finished in 40 s. 32 gave the best such estimate."""
+CB_MAX_REQUESTS_FLASH = 256
+"""Requests per batch when flash-attn is installed (transformers switches to it; attention is then varlen)."""
 CB_MAX_BATCH_TOKENS = 2048
 """Query tokens per step when `cb_options` is None (bounds the prefill chunk against the batch's KV)."""
 CB_MEMORY_FRACTION = 0.5
@@ -133,7 +136,7 @@ def default_cb_options(hf, prompts: list[list[int]], osls: list[int]) -> dict:
     """A KV cache for CB_MAX_REQUESTS requests of the workload's longest length (plus the FIFO scheduler's 15%
     safety margin), capped to CB_MEMORY_FRACTION of the free memory of `hf`'s device."""
     c, block = hf.config, _block_size()
-    requests = min(len(prompts), CB_MAX_REQUESTS)
+    requests = min(len(prompts), CB_MAX_REQUESTS_FLASH if _flash_available(hf.device) else CB_MAX_REQUESTS)
     blocks_per_request = -(-max(len(p) + n for p, n in zip(prompts, osls, strict=True)) // block) + 1
     want = -(-requests * blocks_per_request * 100 // 85)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -176,7 +179,7 @@ def _run_manager(hf, prompts, osls, budget_s, progress: Progress, cbc, keep_toke
     counts = [len(finished.get(r, unfinished.get(r, []))) for r in ids]
     res = dict(requests_finished=len(finished), complete=len(finished) == len(prompts), elapsed_s=end - start,
                setup_s=start - t0, output_tokens=tokens, unfinished_tokens=partial,
-               tok_s=(tokens + partial) / (end - start), attn_implementation=attn, tokens_per_request=counts,
+               tok_s=(tokens + partial) / max(end - start, 1e-9), attn_implementation=attn, tokens_per_request=counts,
                wrong_length=sum(r in finished and c != n for r, c, n in zip(ids, counts, osls, strict=True)))
     if keep_tokens:
         res["tokens"] = [finished.get(r) for r in ids]
@@ -245,6 +248,12 @@ def _workload_hints(prompts: list[list[int]], osls: list[int]):
         return None
     return WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(osls),
                          num_requests=len(prompts))
+
+
+def _flash_available(device: torch.device) -> bool:
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    return device.type == "cuda" and (is_flash_attn_3_available() or is_flash_attn_2_available())
 
 
 def _free_memory(device: torch.device) -> int:

@@ -34,7 +34,7 @@ from runtime.gemv_ref import gemv_ref  # noqa: F401  (the arithmetic these kerne
 @triton.jit
 def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps,
                  NORM: tl.constexpr, SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                 OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,6 +47,11 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps,
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if NORM:
         ss = tl.zeros([BLOCK_K], tl.float32)
+    if PREFETCH:  # the first tiles; each iteration then loads the next before using the current
+        w_next = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+        if SWIGLU:
+            w2_next = tl.load(rows + HALF * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
+                              other=0.0)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         if EVEN_K:
@@ -60,13 +65,21 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps,
             else:
                 x = x * tl.load(NW + kk, mask=kk < K, other=0.0).to(tl.float32)
         xf = x[None, :]
-        if EVEN_N and EVEN_K:
+        if PREFETCH:
+            w = w_next
+            nk = kk + BLOCK_K
+            w_next = tl.load(rows + nk[None, :], mask=mask_n[:, None] & (nk < K)[None, :], other=0.0)
+        elif EVEN_N and EVEN_K:
             w = tl.load(rows + kk[None, :])
         else:
             w = tl.load(rows + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * xf
         if SWIGLU:
-            if EVEN_N and EVEN_K:
+            if PREFETCH:
+                w2 = w2_next
+                w2_next = tl.load(rows + HALF * K + nk[None, :], mask=mask_n[:, None] & (nk < K)[None, :],
+                                  other=0.0)
+            elif EVEN_N and EVEN_K:
                 w2 = tl.load(rows + HALF * K + kk[None, :])
             else:
                 w2 = tl.load(rows + HALF * K + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0.0)
@@ -90,81 +103,17 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps,
         tl.store(OUT + offs_n, y.to(OUT.dtype.element_ty), mask=mask_n)
 
 
-@triton.jit
-def _gemv_dot_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps,
-                     NORM: tl.constexpr, SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                     OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The same GEMV as a (16, BLOCK_K) x (BLOCK_K, BLOCK_N) tensor-core product whose x tile holds the
-    token in row 0 and zeros below: Triton software-pipelines loads that feed tl.dot (num_stages deep),
-    which plain loads do not get, so many weight tiles are in flight per program."""
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, 16)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    act_ty = X.dtype.element_ty
-    row0 = (offs_m == 0)[:, None]
-    rows = W + offs_n.to(tl.int64)[:, None] * K
-    acc = tl.zeros([16, BLOCK_N], tl.float32)
-    if SWIGLU:
-        acc2 = tl.zeros([16, BLOCK_N], tl.float32)
-    if NORM:
-        ss = tl.zeros([16, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(X + kk[None, :] + 0 * offs_m[:, None], mask=row0 & (kk < K)[None, :], other=0.0)
-        if NORM:
-            xf = x.to(tl.float32)
-            ss += xf * xf
-            x = (xf * tl.load(NW + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]).to(act_ty)
-        if EVEN_N and EVEN_K:
-            w = tl.load(rows + kk[None, :])
-        else:
-            w = tl.load(rows + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
-        if SWIGLU:
-            if EVEN_N and EVEN_K:
-                w2 = tl.load(rows + HALF * K + kk[None, :])
-            else:
-                w2 = tl.load(rows + HALF * K + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0.0)
-            if IEEE:
-                acc2 = tl.dot(x, tl.trans(w2), acc2, input_precision="ieee")
-            else:
-                acc2 = tl.dot(x, tl.trans(w2), acc2)
-    scale = 1.0
-    if NORM:
-        scale = tl.rsqrt(tl.sum(tl.sum(ss, 1), 0) / K + eps)
-    y = tl.sum(tl.where(row0, acc, 0.0), 0) * scale
-    if BIAS:
-        y += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    y = y.to(act_ty).to(tl.float32)
-    if SWIGLU:
-        lin = (tl.sum(tl.where(row0, acc2, 0.0), 0) * scale).to(act_ty).to(tl.float32)
-        silu = (y / (1.0 + tl.exp(-y))).to(act_ty).to(tl.float32)
-        y = (silu * lin).to(act_ty).to(tl.float32)
-    if RESIDUAL:
-        y = (tl.load(RES + offs_n, mask=mask_n, other=0.0).to(tl.float32) + y).to(act_ty).to(tl.float32)
-    if OUT_F32:
-        tl.store(OUT + offs_n, y, mask=mask_n)
-    else:
-        tl.store(OUT + offs_n, y.to(OUT.dtype.element_ty), mask=mask_n)
-
-
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int = 1
-    dot: bool = False
-    """_gemv_dot_kernel (pipelined tensor-core tiles) instead of _gemv_kernel (register FMA tiles)."""
+    prefetch: bool = False
+    """Load the next K tile before multiplying the current one (two tiles in flight per program)."""
 
     def key(self) -> str:
-        return f"{'dot-' if self.dot else ''}n{self.block_n}-k{self.block_k}-w{self.num_warps}-s{self.num_stages}"
+        return f"{'pf-' if self.prefetch else ''}n{self.block_n}-k{self.block_k}-w{self.num_warps}-s{self.num_stages}"
 
 
 DEFAULT = GemvConfig(8, 512, 4, 1)
@@ -207,13 +156,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
         out = torch.empty(1, n, dtype=torch.float32 if out_f32 else x.dtype, device=x.device)
     x = x.contiguous()
     dummy = x
-    flags = dict(NORM=norm is not None, SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
-                 OUT_F32=out_f32, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0)
-    if cfg.dot:
-        flags["IEEE"] = x.dtype == torch.float32
-    kernel = _gemv_dot_kernel if cfg.dot else _gemv_kernel
-    kernel[(triton.cdiv(n, cfg.block_n),)](
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, w, norm if norm is not None else dummy, bias if bias is not None else dummy,
-        residual.contiguous() if residual is not None else dummy, out, n, k, n, eps, **flags,
+        residual.contiguous() if residual is not None else dummy, out, n, k, n, eps,
+        NORM=norm is not None, SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
+        OUT_F32=out_f32, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

@@ -32,7 +32,7 @@ CASES = [  # (n, k, norm, swiglu, bias, residual, out_f32)
 
 @needs_triton
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("cfg", [(8, 32, 4), (16, 64, 4), (4, 128, 2), (16, 32, 4, 2, True), (32, 64, 4, 3, True)])
+@pytest.mark.parametrize("cfg", [(8, 32, 4), (16, 64, 4), (4, 128, 2), (8, 32, 4, 1, True), (4, 64, 2, 1, True)])
 def test_gemv_variants_match_the_unfused_arithmetic(case, cfg):
     from runtime.triton_gemv import GemvConfig, gemv
 
@@ -69,7 +69,7 @@ def test_fused_gemv_step_matches_plain_path_and_keeps_larger_batches_on_regions(
     fast_cache = copy.deepcopy(cache)
     ref = plain_forward(model, cache, [SeqSpan(seqs[0], 7, 1)], [5])
     dec = FastDecoder(model, fast_cache, max_batch_size=2, max_seq_len=64, compile=False, gemv=True,
-                      rope_kernel=INTERPRET or None)
+                      rope_kernel=INTERPRET or None, cuda_graphs=False)  # graphs would replay without Python
     assert dec.step.gemv is not None, dec.step.gemv_note
     assert dec.status()["gemv"].startswith("fused GEMV kernels")
     calls = []
