@@ -1,13 +1,15 @@
-"""The batch-1 decode step of a dense model from fused GEMV kernels: six kernels per layer.
+"""The batch-1 decode step of a dense model from fused GEMV kernels: five kernels per layer.
 
-Per layer: [RMSNorm + qkv (+ bias)] -> [rotary + KV-cache write] -> [attention] -> [o_proj + residual]
+Per layer: [RMSNorm + qkv (+ bias) + rotary + KV-cache write] -> [attention] -> [o_proj + residual]
 -> [RMSNorm + gate/up + SwiGLU] -> [down + residual]; then [final RMSNorm + lm_head -> float32]
-(runtime/triton_gemv.py). The cuBLAS path (runtime/decode_step.py's regions) needs four more per layer:
-two norms, SiLU * up, and split-K reductions. With tp > 1 the all-reduce follows o_proj and down, and
-only TP rank 0 adds the residual into its partial, so the reduced sum is h + every rank's partial.
+(runtime/triton_gemv.py). The cuBLAS path (runtime/decode_step.py's regions) needs six more per layer:
+two norms, rotary + cache write, SiLU * up, and split-K reductions. With tp > 1 the all-reduce follows
+o_proj and down, and only TP rank 0 adds the residual into its partial, so the reduced sum is h + every
+rank's partial.
 
 `GemvDecode.try_build` checks each fused kernel on the model's own layer-0 weights against the unfused
-arithmetic before the step uses it; a failure leaves the step on the cuBLAS path, with the reason.
+arithmetic before the step uses it; a failure leaves the step on the cuBLAS path, with the reason (and a
+qkv kernel whose rotary epilogue fails its check leaves rotary to runtime/decode_rope_write.py).
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ Collective = Callable[[torch.Tensor], torch.Tensor]
 
 
 class GemvDecode:
-    def __init__(self, model: RankModel, rope_write, attention, reduce: Collective, gather: Collective, gemv):
+    def __init__(self, model: RankModel, rope_write, attention, reduce: Collective, gather: Collective, gemv,
+                 qkv_rope=None):
+        """qkv_rope: triton_gemv.qkv_rope_gemv (rotary and the KV-cache write in the qkv kernel's epilogue),
+        or None: the qkv kernel, then `rope_write`'s kernel."""
         self.model, self.rope_write, self.attention = model, rope_write, attention
-        self.reduce, self.gather, self._gemv = reduce, gather, gemv
+        self.reduce, self.gather, self._gemv, self._qkv_rope = reduce, gather, gemv, qkv_rope
         self.add_residual = model.coords.tp_rank == 0
 
     @classmethod
@@ -52,8 +57,9 @@ class GemvDecode:
         tol = 1e-4 if model.dtype == torch.float32 else 2e-2
         if not err < tol:
             return None, f"fused GEMV self-check relative error {err:.3g} over {tol:g}"
-        step = cls(model, rope_write, attention, reduce, gather, triton_gemv.gemv)
-        return step, f"fused GEMV kernels, self-check {err:.1e}"
+        qkv_rope, rope_note = _try_qkv_rope(model, triton_gemv, tol)
+        step = cls(model, rope_write, attention, reduce, gather, triton_gemv.gemv, qkv_rope)
+        return step, f"fused GEMV kernels, self-check {err:.1e}; {rope_note}"
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch, k_layers: list[torch.Tensor],
                  v_layers: list[torch.Tensor]) -> torch.Tensor:
@@ -64,8 +70,12 @@ class GemvDecode:
         cos, sin = m.rope(positions)
         for i, w in enumerate(m.layers):
             kc, vc = k_layers[i], v_layers[i]
-            qkv = gemv(h, w.qkv, norm=w.input_layernorm, eps=eps, bias=w.qkv_bias)
-            q = self.rope_write(qkv, cos, sin, kc, vc, batch.slots, batch.src_rows)
+            if self._qkv_rope is not None:
+                q = self._qkv_rope(h, w.qkv, w.input_layernorm, eps, w.qkv_bias, cos, sin, batch.slots, kc, vc,
+                                   m.num_heads, m.num_kv_heads, m.head_size)
+            else:
+                qkv = gemv(h, w.qkv, norm=w.input_layernorm, eps=eps, bias=w.qkv_bias)
+                q = self.rope_write(qkv, cos, sin, kc, vc, batch.slots, batch.src_rows)
             o = self.attention(q, kc, vc, batch)
             h = self.reduce(gemv(o.reshape(1, -1), w.dense, residual=h if self.add_residual else None))
             act = gemv(h, w.gate_up, norm=w.post_layernorm, eps=eps, swiglu=True)
@@ -96,3 +106,34 @@ def check_on_model(model: RankModel, gemv, gemv_ref) -> float:
             out = gemv(x, weight, **kw).float()
             errs.append(float((out - ref).norm() / ref.norm().clamp(min=1e-30)))
     return max(errs)
+
+
+def _try_qkv_rope(model: RankModel, triton_gemv, tol: float):
+    """(qkv_rope_gemv, note) if it handles this model and matches the unfused ops on layer 0, else (None, why)."""
+    from runtime.decode_rope_write import rope_cache_write_ref
+
+    w, dev, dt = model.layers[0], model.device, model.dtype
+    nq, nkv, d = model.num_heads, model.num_kv_heads, model.head_size
+    caches = [torch.zeros(1, 2, nkv, d, device=dev, dtype=dt) for _ in range(2)]
+    why = triton_gemv.rope_unsupported(w.qkv, *caches, nq, nkv, d, dt)
+    if why:
+        return None, f"rotary in its own kernel ({why})"
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(1, w.qkv.shape[1], device=dev, generator=gen).to(dt)
+    cos, sin = model.rope(torch.tensor([5], device=dev))
+    slot, ref_caches = torch.tensor([1], device=dev), [c.clone() for c in caches]
+    eps = model.cfg.norm_epsilon
+    try:
+        with torch.inference_mode():
+            qkv = gemv_ref(x, w.qkv, norm=w.input_layernorm, eps=eps, bias=w.qkv_bias)
+            ref = rope_cache_write_ref(qkv, cos, sin, *ref_caches, slot, torch.zeros_like(slot), nq, nkv, d)
+            q = triton_gemv.qkv_rope_gemv(x, w.qkv, w.input_layernorm, eps, w.qkv_bias, cos, sin, slot, *caches,
+                                          nq, nkv, d)
+    except Exception as e:
+        log.warning("qkv + rotary kernel unusable: %s", e)
+        return None, f"rotary in its own kernel (qkv + rotary kernel failed: {type(e).__name__}: {str(e)[:200]})"
+    errs = [float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+            for a, b in ((q, ref), (caches[0], ref_caches[0]), (caches[1], ref_caches[1]))]
+    if not max(errs) < tol:
+        return None, f"rotary in its own kernel (qkv + rotary self-check error {max(errs):.3g})"
+    return triton_gemv.qkv_rope_gemv, f"rotary + KV write in the qkv kernel, self-check {max(errs):.1e}"

@@ -32,12 +32,18 @@ from runtime.gemv_ref import gemv_ref  # noqa: F401  (the arithmetic these kerne
 
 
 @triton.jit
-def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps,
+def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC, stride_slot,
                  NORM: tl.constexpr, SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                  OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+                 ROPE: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HEAD_D: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE:  # rows j and j + HEAD_D / 2 of one head: BLOCK_N / 2 rotary pairs per program
+        t = tl.arange(0, BLOCK_N)
+        offs_n = (pid // (HEAD_D // BLOCK_N)) * HEAD_D + (pid % (HEAD_D // BLOCK_N)) * (BLOCK_N // 2) \
+            + t % (BLOCK_N // 2) + (t // (BLOCK_N // 2)) * (HEAD_D // 2)
+    else:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     act_ty = X.dtype.element_ty
@@ -91,6 +97,9 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps,
     if BIAS:
         y += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = y.to(act_ty).to(tl.float32)
+    if ROPE:
+        _rope_store(y, pid, OUT, COS, SIN, SLOT, KC, VC, stride_slot, NQ, NKV, HEAD_D, BLOCK_N)
+        return
     if SWIGLU:
         lin = (tl.sum(acc2, 1) * scale).to(act_ty).to(tl.float32)
         silu = (y / (1.0 + tl.exp(-y))).to(act_ty).to(tl.float32)
@@ -101,6 +110,33 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps,
         tl.store(OUT + offs_n, y, mask=mask_n)
     else:
         tl.store(OUT + offs_n, y.to(OUT.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _rope_store(y, pid, QOUT, COS, SIN, SLOT, KC, VC, stride_slot,
+                NQ: tl.constexpr, NKV: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y holds rows j (first half) and j + HEAD_D / 2 (second half) of one head of the qkv projection: rotate
+    query and key heads (GPT-NeoX halves, float32, one rounding at the store) and write a query head to
+    QOUT (1, NQ, HEAD_D), a key or value head straight into the cache layers at flat slot SLOT[0]."""
+    head = pid // (HEAD_D // BLOCK_N)
+    j = (pid % (HEAD_D // BLOCK_N)) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    ya, yb = tl.split(tl.permute(tl.reshape(y, [2, BLOCK_N // 2]), [1, 0]))
+    ca = tl.load(COS + j).to(tl.float32)
+    cb = tl.load(COS + j + HEAD_D // 2).to(tl.float32)
+    sa = tl.load(SIN + j).to(tl.float32)
+    sb = tl.load(SIN + j + HEAD_D // 2).to(tl.float32)
+    rotate = head < NQ + NKV
+    oa = tl.where(rotate, ya * ca - yb * sa, ya)
+    ob = tl.where(rotate, yb * cb + ya * sb, yb)
+    slot = tl.load(SLOT).to(tl.int64)
+    if head < NQ:
+        base = QOUT + head * HEAD_D
+    elif head < NQ + NKV:
+        base = KC + slot * stride_slot + (head - NQ) * HEAD_D
+    else:
+        base = VC + slot * stride_slot + (head - NQ - NKV) * HEAD_D
+    tl.store(base + j, oa.to(QOUT.dtype.element_ty))
+    tl.store(base + j + HEAD_D // 2, ob.to(QOUT.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -116,11 +152,23 @@ class GemvConfig:
         return f"{'pf-' if self.prefetch else ''}n{self.block_n}-k{self.block_k}-w{self.num_warps}-s{self.num_stages}"
 
 
-DEFAULT = GemvConfig(8, 512, 4, 1)
-"""Used for shapes the tuned table has no entry for."""
+DEFAULT = GemvConfig(4, 1024, 4, 1, prefetch=True)
+"""Used for shapes the tuned table has no entry for (near the best on every H200 shape of the sweep)."""
 
-TUNED: dict[str, GemvConfig] = {}
-"""Best config per shape class (`shape_key`) measured by benchmarks/gemv_kernels.py on an H200."""
+TUNED: dict[str, GemvConfig] = {
+    "6144x4096": GemvConfig(16, 512, 4, 1, prefetch=True),  # qkv tp1
+    "4096x4096": GemvConfig(4, 1024, 4, 1, prefetch=True),  # o_proj tp1
+    "swiglu-14336x4096": GemvConfig(8, 256, 8, 1, prefetch=True),  # gate_up tp1
+    "4096x14336": GemvConfig(2, 2048, 4, 1, prefetch=False),  # down tp1
+    "128256x4096": GemvConfig(16, 256, 4, 1, prefetch=True),  # lm_head tp1
+    "3072x4096": GemvConfig(4, 1024, 4, 1, prefetch=False),  # qkv tp2
+    "4096x2048": GemvConfig(4, 1024, 4, 1, prefetch=False),  # o_proj tp2
+    "swiglu-7168x4096": GemvConfig(16, 512, 4, 1, prefetch=True),  # gate_up tp2
+    "4096x7168": GemvConfig(4, 1024, 4, 1, prefetch=True),  # down tp2
+    "64128x4096": GemvConfig(8, 256, 8, 1, prefetch=True),  # lm_head tp2
+}
+"""Best config per shape (`shape_key`: Llama-3-8B at tp 1 and 2) from benchmarks/gemv_kernels.py on an H200
+(benchmarks/results/gemv-kernels-h200.json)."""
 
 
 def shape_key(n: int, k: int, swiglu: bool) -> str:
@@ -159,7 +207,46 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, w, norm if norm is not None else dummy, bias if bias is not None else dummy,
         residual.contiguous() if residual is not None else dummy, out, n, k, n, eps,
+        dummy, dummy, dummy, dummy, dummy, 0,
         NORM=norm is not None, SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
         OUT_F32=out_f32, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch,
+        ROPE=False, NQ=1, NKV=1, HEAD_D=1,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: float, bias: torch.Tensor | None,
+                  cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, nq: int, nkv: int, d: int, config: GemvConfig | None = None) -> torch.Tensor:
+    """RMSNorm, the fused qkv projection of one token, rotary of q and k, and the write of k and v into the
+    cache layers (blocks, tpb, nkv, d) at flat slot slots[0], in one kernel -> rotated q (1, nq, d).
+    The arithmetic of gemv(norm, bias) followed by runtime/decode_rope_write.rope_cache_write_ref."""
+    why = rope_unsupported(w, k_cache, v_cache, nq, nkv, d, x.dtype)
+    if why:
+        raise ValueError(f"qkv_rope_gemv: {why}")
+    k, n = x.shape[-1], w.shape[0]
+    cfg = config or config_for(n, k, False)
+    block_n = max(2, min(cfg.block_n, d))  # a program covers whole rotary pairs of one head
+    q = torch.empty(1, nq, d, dtype=x.dtype, device=x.device)
+    x = x.contiguous()
+    _gemv_kernel[(n // block_n,)](
+        x, w, norm, bias if bias is not None else x, x, q, n, k, n, eps,
+        cos.contiguous(), sin.contiguous(), slots, k_cache, v_cache, nkv * d,
+        NORM=True, SWIGLU=False, BIAS=bias is not None, RESIDUAL=False, OUT_F32=False, EVEN_N=True,
+        EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch, ROPE=True, NQ=nq, NKV=nkv, HEAD_D=d,
+        BLOCK_N=block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return q
+
+
+def rope_unsupported(w: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, nq: int, nkv: int,
+                     d: int, dtype: torch.dtype) -> str | None:
+    """None when qkv_rope_gemv handles these tensors, else why not."""
+    if d < 2 or d & (d - 1):
+        return f"head_size={d} is not a power of two"
+    if w.shape[0] != (nq + 2 * nkv) * d or not w.is_contiguous():
+        return f"qkv weight {tuple(w.shape)} is not ({nq} + 2 x {nkv}) x {d} rows, contiguous"
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape[-2:] != (nkv, d):
+        return "cache layers are not contiguous (blocks, tpb, nkv, d)"
+    if not k_cache.dtype == v_cache.dtype == dtype:
+        return f"cache layers ({k_cache.dtype}, {v_cache.dtype}) are not the activations' {dtype}"
+    return None

@@ -53,6 +53,35 @@ def test_gemv_variants_match_the_unfused_arithmetic(case, cfg):
 
 
 @needs_triton
+@pytest.mark.parametrize("block_n", [2, 8, 16, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_qkv_rope_kernel_writes_rotated_q_and_the_cache_like_the_unfused_ops(block_n, bias):
+    from runtime.decode_rope_write import rope_cache_write_ref
+    from runtime.layers import rope_cos_sin
+    from runtime.triton_gemv import GemvConfig, qkv_rope_gemv
+
+    nq, nkv, d, hid = 4, 2, 16, 48
+    gen = torch.Generator().manual_seed(block_n)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(KERNEL_DEVICE)
+
+    x, w, g = rnd(1, hid), rnd((nq + 2 * nkv) * d, hid, scale=0.2), 1 + 0.1 * rnd(hid)
+    b = rnd((nq + 2 * nkv) * d) if bias else None
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = rope_cos_sin(torch.tensor([11]).to(KERNEL_DEVICE), inv, torch.float32)
+    caches = [rnd(3, 4, nkv, d) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    slots = torch.tensor([6]).to(KERNEL_DEVICE)
+    qkv = gemv_ref(x, w, norm=g, eps=1e-5, bias=b)
+    ref_q = rope_cache_write_ref(qkv, cos, sin, *ref_caches, slots, torch.tensor([0]).to(KERNEL_DEVICE), nq, nkv, d)
+    q = qkv_rope_gemv(x, w, g, 1e-5, b, cos, sin, slots, *caches, nq, nkv, d, config=GemvConfig(block_n, 32, 4))
+    assert float((q - ref_q).norm() / ref_q.norm()) < 1e-5
+    for c, r in zip(caches, ref_caches, strict=True):
+        assert float((c - r).norm() / r.norm()) < 1e-6  # slot 6 rewritten alike, every other slot untouched
+
+
+@needs_triton
 def test_gemv_refuses_a_batch_and_a_mismatched_weight():
     from runtime.triton_gemv import gemv
 
