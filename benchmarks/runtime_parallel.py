@@ -33,7 +33,11 @@ def tp_section(bench) -> dict:
                                                  if isinstance(v, dict) and "tok_s" in v))
     one, two = res["tp1"], res["tp2"]
     b1, bn = (str(b) for b in p["batches"])
-    return dict(res, speedup_batch1_latency=two[b1]["tok_s"] / one[b1]["tok_s"],
+    regions = {}
+    if "1_cublas_regions" in one and "1_cublas_regions" in two:
+        regions = dict(speedup_batch1_latency_cublas_regions=two["1_cublas_regions"]["tok_s"]
+                       / one["1_cublas_regions"]["tok_s"])
+    return dict(res, **regions, speedup_batch1_latency=two[b1]["tok_s"] / one[b1]["tok_s"],
                 speedup_throughput=two[bn]["tok_s"] / one[bn]["tok_s"], target_speedup_batch1=1.7,
                 greedy_prefix_match=_prefix(one["tokens"], two["tokens"]), tokens_compared=len(one["tokens"]),
                 **_all_reduce_summary(two))
@@ -111,7 +115,15 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         out[str(bs)] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"], status=dec.status())
         if bs == 1:
             out["tokens"] = [t[0] for t in tokens]
-        del dec, cache
+        del dec
+        if bs == 1 and p["cuda"] and p["options"].get("gemv") is None:  # same run: the cuBLAS regions at batch 1
+            dec = FastDecoder(model, cache, max_batch_size=bs, max_seq_len=total, reduce=reduce, gather=gather,
+                              **(p["options"] | dict(gemv=False)))
+            _greedy(dec, first, p["prompt_len"], p["steps"], device)
+            _, secs = _greedy(dec, first, p["prompt_len"], p["steps"], device)
+            out["1_cublas_regions"] = dict(tok_s=p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"])
+            del dec
+        del cache
     if groups is not None:
         import torch.distributed as dist
 
