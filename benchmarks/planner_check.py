@@ -2,8 +2,10 @@
 
 Reads the runtime JSON files in benchmarks/results/ (card named in each), plans the same shapes with
 `builders.plan.make_plan` on that card's catalogue entry, and prints one table: weight memory per GPU,
-batch-1 decode step, batch-32 decode step, TP=2 decode step and the PP bubble, each predicted vs
-measured with the error. Writes benchmarks/results/planner-vs-measured.json.
+batch-1 decode step (the runtime's fast path and its labelled baselines, e.g. cuBLAS + compiled regions),
+batch-32 and TP=2 decode steps, the 8 KB all-reduce inside a CUDA graph and the PP bubble, each predicted
+vs measured with the error. Rows measured by CALIBRATION are the ones builders.perf_constants was fitted on
+(role "calibration"); every other row is an independent check. Writes <results>/planner-vs-measured.json.
 Usage: python -m benchmarks.planner_check [--results DIR]
 """
 
@@ -13,12 +15,16 @@ import argparse
 import json
 from pathlib import Path
 
+from builders.hardware import resolve_hardware
+from builders.manifest import atomic_write_text
 from builders.model_spec import ModelSpec
 from builders.plan import make_plan
 from builders.recipe import parse_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"memory": 0.10, "step": 0.25}
+CALIBRATION = ("runtime-h200-decode-gemv.json", "decode")
+"""(file, section) whose fast-path batch-1 step HBM_EFFICIENCY and LAYER_FIXED_US were fitted on."""
 PP_SEQS = 16
 """runtime_parallel.py's pp section: 16 sequences of tokens_per_step / 16 tokens each."""
 MOE_SHAPE = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
@@ -26,6 +32,8 @@ MOE_SHAPE = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidd
              "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2,
              "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6}
 """runtime.random_model.MIXTRAL_8X7B trimmed to 8 layers, as benchmarks/runtime.py's moe section runs it."""
+BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions"}
+"""Names of the runtime's baseline paths (decode.baselines.<key>, tp.<tpN>.<batch>_<key>) as the table shows them."""
 
 
 def _recipe(gpu: str, tp: int, pp: int, concurrency: int, isl: int = 512, osl: int = 128,
@@ -40,10 +48,56 @@ def _recipe(gpu: str, tp: int, pp: int, concurrency: int, isl: int = 512, osl: i
     })
 
 
-def _row(what: str, predicted: float, measured: float, unit: str, kind: str, source: str) -> dict:
+def _row(what: str, predicted: float, measured: float, unit: str, kind: str, source: str,
+         role: str = "check") -> dict:
     err = (predicted - measured) / measured if measured else float("nan")
     return dict(what=what, predicted=predicted, measured=measured, unit=unit, error=err,
-                within_target=abs(err) <= TARGETS[kind], target=TARGETS[kind], source=source)
+                within_target=abs(err) <= TARGETS[kind], target=TARGETS[kind], role=role, source=source)
+
+
+def _kernels(status: dict | None) -> str:
+    """How the runtime ran the step, from its status block: which GEMVs."""
+    gemv = str((status or {}).get("gemv", ""))
+    return "fused GEMV kernels" if gemv.startswith("fused") else "cuBLAS"
+
+
+def _decode_rows(gpu: str, d: dict, src: str, calibration: bool) -> list[dict]:
+    # decode steps from prompt_len for fast.tokens tokens: mean context prompt_len + tokens / 2
+    plan = make_plan(_recipe(gpu, 1, 1, 1, isl=d["prompt_len"], osl=d["fast"]["tokens"]))
+    mem = d.get("gpu_memory", {}).get("model_allocated_bytes") or d["weight_bytes_per_token"]
+    rows = [_row("weights per GPU, Llama-3-8B bf16", plan.memory.weight_bytes_max / 2**30, mem / 2**30, "GiB",
+                 "memory", src),
+            _row(f"decode step, batch 1, {_kernels(d['fast'].get('status'))}", plan.decode.estimate_ms,
+                 d["fast"]["ms_per_token"], "ms", "step", src, "calibration" if calibration else "check")]
+    for key, base in d.get("baselines", {}).items():
+        rows.append(_row(f"decode step, batch 1, {BASELINE_LABELS.get(key, key)}", plan.decode.estimate_ms,
+                         base["ms_per_token"], "ms", "step", src))
+    return rows
+
+
+def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
+    """runtime_parallel.py's tp section: greedy steps from context 512 to 640, so isl 512 + osl 128 / 2."""
+    rows = []
+    for tp_key, tp in (("tp1", 1), ("tp2", 2)):
+        runs = tp_data.get(tp_key, {})
+        for batch in ("1", "32"):
+            m = runs.get(batch)
+            if not m:
+                continue
+            plan = make_plan(_recipe(gpu, tp, 1, int(batch)))
+            rows.append(_row(f"decode step, tp={tp}, batch {batch}, {_kernels(m.get('status'))}",
+                             plan.decode.estimate_ms, m["ms_per_step"], "ms", "step", src))
+            for key, label in BASELINE_LABELS.items():
+                if base := runs.get(f"{batch}_{key}"):
+                    rows.append(_row(f"decode step, tp={tp}, batch {batch}, {label}", plan.decode.estimate_ms,
+                                     base["ms_per_step"], "ms", "step", src))
+        if micro := runs.get("allreduce_micro"):
+            link = resolve_hardware(_recipe(gpu, tp, 1, 1).hardware).intra_node
+            predicted = 1e6 * link.ring_allreduce_s(micro["bytes"], tp)
+            for key, label in (("fast_us", "symmetric-memory one-shot"), ("nccl_us", "NCCL")):
+                rows.append(_row(f"all-reduce {micro['bytes'] // 1024} KB in a CUDA graph, tp={tp}, {label}",
+                                 predicted, micro[key], "us", "step", src))
+    return rows
 
 
 def compare(results_dir: Path) -> list[dict]:
@@ -55,14 +109,7 @@ def compare(results_dir: Path) -> list[dict]:
         gpu = "H200" if "H200" in data["card"] else "H100"
         src = f"{path.name} ({data['card']})"
         if "decode" in data:
-            d = data["decode"]
-            # decode steps from prompt_len for fast.tokens tokens: mean context prompt_len + tokens / 2
-            plan = make_plan(_recipe(gpu, 1, 1, 1, isl=d["prompt_len"], osl=d["fast"]["tokens"]))
-            mem = d.get("gpu_memory", {}).get("model_allocated_bytes") or d["weight_bytes_per_token"]
-            rows.append(_row("weights per GPU, Llama-3-8B bf16", plan.memory.weight_bytes_max / 2**30,
-                             mem / 2**30, "GiB", "memory", src))
-            rows.append(_row("decode step, batch 1", plan.decode.estimate_ms, d["fast"]["ms_per_token"], "ms",
-                             "step", src))
+            rows += _decode_rows(gpu, data["decode"], src, (path.name, "decode") == CALIBRATION)
         if "moe" in data:
             d = data["moe"]
             spec = ModelSpec.from_hf_config(MOE_SHAPE, name="mixtral-8x7b-8-layers")
@@ -70,16 +117,9 @@ def compare(results_dir: Path) -> list[dict]:
                              with_options=False)
             rows.append(_row("decode step, Mixtral-8x7B 8 layers, batch 1", plan.decode.estimate_ms,
                              d["fast"]["ms_per_token"], "ms", "step", src))
-        for tp_key, tp in (("tp1", 1), ("tp2", 2)):
-            for batch in ("1", "32"):
-                m = data.get("tp", {}).get(tp_key, {}).get(batch)
-                if m:
-                    # runtime_parallel.py: greedy steps from context 512 to 640, so isl 512 + osl 128 / 2
-                    plan = make_plan(_recipe(gpu, tp, 1, int(batch)))
-                    rows.append(_row(f"decode step, tp={tp}, batch {batch}", plan.decode.estimate_ms,
-                                     m["ms_per_step"], "ms", "step", src))
-        pp = data.get("pp")
-        if pp:
+        if "tp" in data:
+            rows += _tp_rows(gpu, data["tp"], src)
+        if pp := data.get("pp"):
             rows += _pp_rows(gpu, pp, src)
     return rows
 
@@ -102,12 +142,14 @@ def _pp_rows(gpu: str, pp: dict, src: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=RESULTS)
-    rows = compare(ap.parse_args().results)
-    print(f"{'quantity':<40} {'predicted':>10} {'measured':>10} {'unit':>8} {'error':>8}  ok")
+    results = ap.parse_args().results
+    rows = compare(results)
+    print(f"{'quantity':<58} {'predicted':>10} {'measured':>10} {'unit':>8} {'error':>8}  ok   role  source")
     for r in rows:
-        print(f"{r['what']:<40} {r['predicted']:>10.3f} {r['measured']:>10.3f} {r['unit']:>8} "
-              f"{100 * r['error']:>7.1f}%  {'yes' if r['within_target'] else 'NO'}")
-    (RESULTS / "planner-vs-measured.json").write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"{r['what']:<58} {r['predicted']:>10.3f} {r['measured']:>10.3f} {r['unit']:>8} "
+              f"{100 * r['error']:>+7.1f}%  {'yes' if r['within_target'] else 'NO ':<4} {r['role']:<5} "
+              f"{r['source'].split(' ')[0]}")
+    atomic_write_text(results / "planner-vs-measured.json", json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

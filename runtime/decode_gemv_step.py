@@ -1,11 +1,12 @@
-"""The batch-1 decode step of a dense model from fused GEMV kernels: five kernels per layer.
+"""The batch-1 decode step from fused GEMV kernels: five kernels per dense layer, six per MoE layer.
 
 Per layer: [RMSNorm + qkv (+ bias) + rotary + KV-cache write] -> [attention] -> [o_proj + residual]
 -> [RMSNorm + gate/up + SwiGLU] -> [down + residual]; then [final RMSNorm + lm_head -> float32]
-(runtime/triton_gemv.py). The cuBLAS path (runtime/decode_step.py's regions) needs six more per layer:
-two norms, rotary + cache write, SiLU * up, and split-K reductions. With tp > 1 the all-reduce follows
-o_proj and down, and only TP rank 0 adds the residual into its partial, so the reduced sum is h + every
-rank's partial.
+(runtime/triton_gemv.py); a Mixtral MoE block is [router] -> [experts' gate/up] -> [experts' down +
+residual] (runtime/triton_moe_gemv.py). The cuBLAS path (runtime/decode_step.py's regions) needs six
+more kernels per dense layer: two norms, rotary + cache write, SiLU * up, and split-K reductions.
+With tp > 1 the all-reduce follows o_proj and down (or the MoE block), and only TP rank 0 adds the
+residual into its partial, so the reduced sum is h + every rank's partial.
 
 `GemvDecode.try_build` checks each fused kernel on the model's own layer-0 weights against the unfused
 arithmetic before the step uses it; a failure leaves the step on the cuBLAS path, with the reason (and a
@@ -30,27 +31,28 @@ Collective = Callable[[torch.Tensor], torch.Tensor]
 
 class GemvDecode:
     def __init__(self, model: RankModel, rope_write, attention, reduce: Collective, gather: Collective, gemv,
-                 qkv_rope=None):
+                 qkv_rope=None, moe_kernels=None):
         """qkv_rope: triton_gemv.qkv_rope_gemv (rotary and the KV-cache write in the qkv kernel's epilogue),
-        or None: the qkv kernel, then `rope_write`'s kernel."""
+        or None: the qkv kernel, then `rope_write`'s kernel. moe_kernels: runtime.triton_moe_gemv (MoE layers)."""
         self.model, self.rope_write, self.attention = model, rope_write, attention
         self.reduce, self.gather, self._gemv, self._qkv_rope = reduce, gather, gemv, qkv_rope
+        self._moe = moe_kernels
         self.add_residual = model.coords.tp_rank == 0
 
     @classmethod
     def try_build(cls, model: RankModel, rope_write, attention, reduce: Collective,
                   gather: Collective) -> tuple[GemvDecode | None, str]:
         """(the step, a note) or (None, why not)."""
-        if model.cfg.is_moe or any(w.router is not None for w in model.layers):
-            return None, "MoE model: the fused GEMV step covers dense MLPs"
         if not (model.is_first_stage and model.is_last_stage):
             return None, "pp_size > 1"
+        moe = any(w.router is not None for w in model.layers)
         try:
             triton_gemv = importlib.import_module("runtime.triton_gemv")
+            moe_kernels = importlib.import_module("runtime.triton_moe_gemv") if moe else None
         except ImportError as e:
             return None, f"triton is not importable ({e})"
         try:
-            err = check_on_model(model, triton_gemv.gemv, gemv_ref)
+            err = check_on_model(model, triton_gemv.gemv, gemv_ref, moe_kernels)
         except Exception as e:  # a compile error must not take the engine down: the cuBLAS path still works
             log.warning("fused GEMV kernels unusable: %s", e)
             return None, f"fused GEMV kernels failed ({type(e).__name__}: {str(e)[:300]})"
@@ -58,7 +60,7 @@ class GemvDecode:
         if not err < tol:
             return None, f"fused GEMV self-check relative error {err:.3g} over {tol:g}"
         qkv_rope, rope_note = _try_qkv_rope(model, triton_gemv, tol)
-        step = cls(model, rope_write, attention, reduce, gather, triton_gemv.gemv, qkv_rope)
+        step = cls(model, rope_write, attention, reduce, gather, triton_gemv.gemv, qkv_rope, moe_kernels)
         return step, f"fused GEMV kernels, self-check {err:.1e}; {rope_note}"
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch, k_layers: list[torch.Tensor],
@@ -78,13 +80,22 @@ class GemvDecode:
                 q = self.rope_write(qkv, cos, sin, kc, vc, batch.slots, batch.src_rows)
             o = self.attention(q, kc, vc, batch)
             h = self.reduce(gemv(o.reshape(1, -1), w.dense, residual=h if self.add_residual else None))
-            act = gemv(h, w.gate_up, norm=w.post_layernorm, eps=eps, swiglu=True)
-            h = self.reduce(gemv(act, w.proj, residual=h if self.add_residual else None))
+            res = h if self.add_residual else None
+            if w.router is None:
+                act = gemv(h, w.gate_up, norm=w.post_layernorm, eps=eps, swiglu=True)
+                h = self.reduce(gemv(act, w.proj, residual=res))
+            else:
+                cfg = m.cfg
+                ids, prob = self._moe.moe_router(h, w.post_layernorm, eps, w.router, cfg.moe_top_k,
+                                                 cfg.moe_normalization_mode == 1)
+                act = self._moe.moe_up(h, w.fc, w.post_layernorm, eps, ids, m.experts.start)
+                h = self.reduce(self._moe.moe_down(act, w.proj, ids, prob, m.experts.start, residual=res))
         return self.gather(gemv(h, m.lm_head, norm=m.ln_f, eps=eps, out_f32=True))
 
 
-def check_on_model(model: RankModel, gemv, gemv_ref) -> float:
-    """Worst relative error of every fused variant the step uses, on layer 0's weights and random inputs."""
+def check_on_model(model: RankModel, gemv, gemv_ref, moe_kernels=None) -> float:
+    """Worst relative error of every fused variant the step uses, on layer 0's weights and random inputs
+    (the MoE kernels, when given, on the first MoE layer against runtime/decode_layers.moe_mlp)."""
     w, eps, dev = model.layers[0], model.cfg.norm_epsilon, model.device
     gen = torch.Generator(device=dev).manual_seed(0)
 
@@ -95,17 +106,34 @@ def check_on_model(model: RankModel, gemv, gemv_ref) -> float:
     cases = [
         (rnd(hid), w.qkv, dict(norm=w.input_layernorm, eps=eps, bias=w.qkv_bias)),
         (rnd(w.dense.shape[1]), w.dense, dict(residual=rnd(w.dense.shape[0]))),
-        (rnd(hid), w.gate_up, dict(norm=w.post_layernorm, eps=eps, swiglu=True)),
-        (rnd(w.proj.shape[1]), w.proj, dict(residual=rnd(w.proj.shape[0]))),
         (rnd(hid), model.lm_head, dict(norm=model.ln_f, eps=eps, out_f32=True)),
     ]
-    errs = []
+    dense = next((lw for lw in model.layers if lw.router is None), None)
+    if dense is not None:
+        cases += [(rnd(hid), dense.gate_up, dict(norm=dense.post_layernorm, eps=eps, swiglu=True)),
+                  (rnd(dense.proj.shape[1]), dense.proj, dict(residual=rnd(dense.proj.shape[0])))]
+    errs = [_check_moe(model, moe_kernels, rnd(hid), rnd(hid))] if moe_kernels is not None else []
     with torch.inference_mode():
         for x, weight, kw in cases:
             ref = gemv_ref(x, weight, **kw).float()
             out = gemv(x, weight, **kw).float()
             errs.append(float((out - ref).norm() / ref.norm().clamp(min=1e-30)))
     return max(errs)
+
+
+def _check_moe(model: RankModel, kernels, h: torch.Tensor, res: torch.Tensor) -> float:
+    from runtime.decode_layers import moe_mlp
+    from runtime.layers import rms_norm
+
+    w, cfg = next(lw for lw in model.layers if lw.router is not None), model.cfg
+    eps, k, renorm, first = cfg.norm_epsilon, cfg.moe_top_k, cfg.moe_normalization_mode == 1, model.experts.start
+    with torch.inference_mode():
+        ref = (res + moe_mlp(rms_norm(h, w.post_layernorm, eps), w.router, w.fc, w.proj, k, renorm, first,
+                             grouped=False)).float()
+        ids, prob = kernels.moe_router(h, w.post_layernorm, eps, w.router, k, renorm)
+        out = kernels.moe_down(kernels.moe_up(h, w.fc, w.post_layernorm, eps, ids, first), w.proj, ids, prob, first,
+                               residual=res).float()
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
 def _try_qkv_rope(model: RankModel, triton_gemv, tol: float):

@@ -50,7 +50,7 @@ class DecodeStep:
         if gemv or (gemv is None and on_cuda and os.environ.get("ENGINESMITH_GEMV", "1") != "0"):
             self.gemv, self.gemv_note = GemvDecode.try_build(model, self.rope_write, attention, self.reduce,
                                                              self.gather)
-            if self.gemv is None and on_cuda and not model.cfg.is_moe:
+            if self.gemv is None and on_cuda:
                 self.fallbacks.append(f"fused GEMV step unusable, cuBLAS regions at batch 1: {self.gemv_note}")
         if compile:
             self.enable_compile()

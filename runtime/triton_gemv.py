@@ -32,32 +32,18 @@ from runtime.gemv_ref import gemv_ref  # noqa: F401  (the arithmetic these kerne
 
 
 @triton.jit
-def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC, stride_slot,
-                 NORM: tl.constexpr, SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                 OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
-                 ROPE: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HEAD_D: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    if ROPE:  # rows j and j + HEAD_D / 2 of one head: BLOCK_N / 2 rotary pairs per program
-        t = tl.arange(0, BLOCK_N)
-        offs_n = (pid // (HEAD_D // BLOCK_N)) * HEAD_D + (pid % (HEAD_D // BLOCK_N)) * (BLOCK_N // 2) \
-            + t % (BLOCK_N // 2) + (t // (BLOCK_N // 2)) * (HEAD_D // 2)
-    else:
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _row_dots(X, NW, rows, rows2, mask_n, K, NORM: tl.constexpr, TWO: tl.constexpr, EVEN_N: tl.constexpr,
+              EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The K loop: (rows . x, rows2 . x (TWO; else zeros), sum of x^2) in float32, with x * NW when NORM
+    (the caller scales by 1/rms). rows / rows2: (BLOCK_N, 1) pointers to the first element of each row."""
     offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    act_ty = X.dtype.element_ty
-    rows = W + offs_n.to(tl.int64)[:, None] * K
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if SWIGLU:
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if NORM:
-        ss = tl.zeros([BLOCK_K], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    ss = tl.zeros([BLOCK_K], tl.float32)
     if PREFETCH:  # the first tiles; each iteration then loads the next before using the current
         w_next = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
-        if SWIGLU:
-            w2_next = tl.load(rows + HALF * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
-                              other=0.0)
+        if TWO:
+            w2_next = tl.load(rows2 + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         if EVEN_K:
@@ -80,20 +66,47 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         else:
             w = tl.load(rows + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * xf
-        if SWIGLU:
+        if TWO:
             if PREFETCH:
                 w2 = w2_next
-                w2_next = tl.load(rows + HALF * K + nk[None, :], mask=mask_n[:, None] & (nk < K)[None, :],
-                                  other=0.0)
+                w2_next = tl.load(rows2 + nk[None, :], mask=mask_n[:, None] & (nk < K)[None, :], other=0.0)
             elif EVEN_N and EVEN_K:
-                w2 = tl.load(rows + HALF * K + kk[None, :])
+                w2 = tl.load(rows2 + kk[None, :])
             else:
-                w2 = tl.load(rows + HALF * K + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0.0)
+                w2 = tl.load(rows2 + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :], other=0.0)
             acc2 += w2.to(tl.float32) * xf
+    return tl.sum(acc, 1), tl.sum(acc2, 1), tl.sum(ss, 0)
+
+
+@triton.jit
+def _silu_mul(act, lin, act_ty: tl.constexpr):
+    """silu(act) * lin with runtime/layers.py swiglu's roundings (act and lin already rounded)."""
+    silu = (act / (1.0 + tl.exp(-act))).to(act_ty).to(tl.float32)
+    return (silu * lin).to(act_ty).to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC, stride_slot,
+                 NORM: tl.constexpr, SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                 OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+                 ROPE: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HEAD_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    if ROPE:  # rows j and j + HEAD_D / 2 of one head: BLOCK_N / 2 rotary pairs per program
+        t = tl.arange(0, BLOCK_N)
+        offs_n = (pid // (HEAD_D // BLOCK_N)) * HEAD_D + (pid % (HEAD_D // BLOCK_N)) * (BLOCK_N // 2) \
+            + t % (BLOCK_N // 2) + (t // (BLOCK_N // 2)) * (HEAD_D // 2)
+    else:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    act_ty = X.dtype.element_ty
+    rows = W + offs_n.to(tl.int64)[:, None] * K
+    y, lin, ss = _row_dots(X, NW, rows, rows + HALF * K, mask_n, K, NORM, SWIGLU, EVEN_N, EVEN_K, PREFETCH,
+                           BLOCK_N, BLOCK_K)
     scale = 1.0
     if NORM:
-        scale = tl.rsqrt(tl.sum(ss, 0) / K + eps)
-    y = tl.sum(acc, 1) * scale
+        scale = tl.rsqrt(ss / K + eps)
+    y = y * scale
     if BIAS:
         y += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = y.to(act_ty).to(tl.float32)
@@ -101,9 +114,7 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         _rope_store(y, pid, OUT, COS, SIN, SLOT, KC, VC, stride_slot, NQ, NKV, HEAD_D, BLOCK_N)
         return
     if SWIGLU:
-        lin = (tl.sum(acc2, 1) * scale).to(act_ty).to(tl.float32)
-        silu = (y / (1.0 + tl.exp(-y))).to(act_ty).to(tl.float32)
-        y = (silu * lin).to(act_ty).to(tl.float32)
+        y = _silu_mul(y, (lin * scale).to(act_ty).to(tl.float32), act_ty)
     if RESIDUAL:
         y = (tl.load(RES + offs_n, mask=mask_n, other=0.0).to(tl.float32) + y).to(act_ty).to(tl.float32)
     if OUT_F32:

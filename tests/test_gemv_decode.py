@@ -113,10 +113,25 @@ def test_fused_gemv_step_matches_plain_path_and_keeps_larger_batches_on_regions(
     assert calls == [1]  # two rows: the regions path
 
 
-def test_moe_model_keeps_the_regions_path_with_the_reason():
-    model = tiny(TINY_MIXTRAL)
-    step, why = GemvDecode.try_build(model, None, None, lambda x: x, lambda x: x)
-    assert step is None and "MoE" in why
+@needs_triton
+def test_moe_model_decodes_through_the_moe_kernels_like_the_plain_path():
+    model = tiny(TINY_MIXTRAL, device=KERNEL_DEVICE)
+    cache, seqs = prefilled(model, [6])
+    fast_cache = copy.deepcopy(cache)
+    ref = plain_forward(model, cache, [SeqSpan(seqs[0], 6, 1)], [9])
+    dec = FastDecoder(model, fast_cache, max_batch_size=1, max_seq_len=64, compile=False, gemv=True,
+                      rope_kernel=INTERPRET or None)
+    assert dec.step.gemv is not None and dec.step.gemv._moe is not None, dec.step.gemv_note
+    assert_close(dec.decode(seqs, [9], [6]), ref, 1e-4)
+    assert_close(fast_cache.k, cache.k, 1e-5)
+
+
+def test_without_triton_the_step_stays_on_the_regions_path_with_the_reason(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "runtime.triton_gemv", None)  # import fails as if triton were missing
+    step, why = GemvDecode.try_build(tiny(TINY_MIXTRAL), None, None, lambda x: x, lambda x: x)
+    assert step is None and "triton is not importable" in why
 
 
 def test_failed_self_check_leaves_the_regions_path_with_a_recorded_reason(monkeypatch):
@@ -139,3 +154,31 @@ def test_failed_self_check_leaves_the_regions_path_with_a_recorded_reason(monkey
 
 def test_self_check_measures_the_reference_against_itself_as_exact():
     assert check_on_model(tiny(), gemv_ref, gemv_ref) == 0.0
+
+
+@needs_triton
+@pytest.mark.parametrize("first_expert, e_local", [(0, 4), (2, 2), (1, 2)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_moe_kernels_match_the_grouped_moe_block(first_expert, e_local, renormalize):
+    from runtime.decode_layers import moe_mlp
+    from runtime.layers import rms_norm
+    from runtime.triton_moe_gemv import moe_down, moe_router, moe_up
+
+    gen = torch.Generator().manual_seed(first_expert * 7 + e_local)
+    hid, inter, experts, top_k = 64, 48, 4, 2
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(KERNEL_DEVICE)
+
+    h, g, res = rnd(1, hid), 1 + 0.1 * rnd(hid), rnd(1, hid)
+    router = rnd(experts, hid)
+    fc, proj = rnd(e_local, 2 * inter, hid, scale=0.1), rnd(e_local, hid, inter, scale=0.1)
+    ref = res + moe_mlp(rms_norm(h, g, 1e-5), router, fc, proj, top_k, renormalize, first_expert, grouped=False)
+    ids, prob = moe_router(h, g, 1e-5, router, top_k, renormalize)
+    probs = torch.softmax(rms_norm(h, g, 1e-5) @ router.T, -1)[0]
+    top = probs.topk(top_k)
+    assert ids.tolist() == top.indices.tolist()
+    want = top.values / top.values.sum() if renormalize else top.values
+    assert torch.allclose(prob, want, atol=1e-6)
+    out = moe_down(moe_up(h, fc, g, 1e-5, ids, first_expert), proj, ids, prob, first_expert, residual=res)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
