@@ -94,7 +94,7 @@ def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
         if micro := runs.get("allreduce_micro"):
             link = resolve_hardware(_recipe(gpu, tp, 1, 1).hardware).intra_node
             predicted = 1e6 * link.ring_allreduce_s(micro["bytes"], tp)
-            for key, label in (("fast_us", "symmetric-memory one-shot"), ("nccl_us", "NCCL")):
+            for key, label in (("fast_us", "one-shot (symmetric memory)"), ("nccl_us", "NCCL")):
                 rows.append(_row(f"all-reduce {micro['bytes'] // 1024} KB in a CUDA graph, tp={tp}, {label}",
                                  predicted, micro[key], "us", "step", src))
     return rows
@@ -144,10 +144,10 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     results = ap.parse_args().results
     rows = compare(results)
-    print(f"{'quantity':<58} {'predicted':>10} {'measured':>10} {'unit':>8} {'error':>8}  ok   role  source")
+    print(f"{'quantity':<64} {'predicted':>10} {'measured':>10} {'unit':>8} {'error':>8}  ok   {'role':<11} source")
     for r in rows:
-        print(f"{r['what']:<58} {r['predicted']:>10.3f} {r['measured']:>10.3f} {r['unit']:>8} "
-              f"{100 * r['error']:>+7.1f}%  {'yes' if r['within_target'] else 'NO ':<4} {r['role']:<5} "
+        print(f"{r['what']:<64} {r['predicted']:>10.3f} {r['measured']:>10.3f} {r['unit']:>8} "
+              f"{100 * r['error']:>+7.1f}%  {'yes' if r['within_target'] else 'NO ':<4} {r['role']:<11} "
               f"{r['source'].split(' ')[0]}")
     atomic_write_text(results / "planner-vs-measured.json", json.dumps(rows, indent=2) + "\n")
 

@@ -3,41 +3,51 @@
 Datasheet figures (peak FLOP/s, HBM and link bandwidth) live in builders.hardware's catalogue; this file
 holds what a datasheet does not say: achievable fractions, fixed per-kernel costs and collective latencies.
 Measurements are on an NVIDIA H200 (141 GB, 4.8 TB/s datasheet HBM3e), torch 2.11, our reference
-runtime's CUDA-graph decode path, Llama-3-8B shape in bf16 (benchmarks/results/runtime-h200.json,
-runtime-h200-x2-tp-pp.json, gemv-ceiling-h200.json). The model is meant to predict a good engine
-(TensorRT-LLM): where our runtime is slower than these figures, README's "Planner vs measured" says so.
+runtime's CUDA-graph decode path (fused Triton GEMV kernels), Llama-3-8B shape in bf16
+(benchmarks/results/runtime-h200-decode-gemv.json, decode-profile-h200.json, gemv-kernels-h200.json,
+runtime-h200-x2-tp-gemv.json). The batch-1 step of runtime-h200-decode-gemv.json is the calibration point;
+TP=2, batch 32, PP and MoE measurements are independent checks (README "Planner vs measured"). The model is
+meant to predict a good engine (TensorRT-LLM): where our runtime is slower, README says so.
 """
 
 from __future__ import annotations
 
 COMPUTE_EFFICIENCY = 0.6
 """Achievable fraction of datasheet tensor-core FLOP/s over a whole compute-bound step (MFU). Not re-fitted:
-one 8192^3 bf16 GEMM reached 772.7 TFLOP/s = 0.78 of H200's 989.4 (runtime-h200.json hw.matmul_tflops);
-a full prefill adds attention, norms and smaller GEMMs, so a step gets less."""
+one 8192^3 bf16 GEMM reached 772.7 / 770.4 TFLOP/s = 0.78 of H200's 989.4 (runtime-h200.json and
+runtime-h200-decode-gemv.json hw.matmul_tflops); a full prefill adds attention, norms and smaller GEMMs,
+so a step gets less."""
 
-HBM_EFFICIENCY = 0.725
-"""Achievable fraction of datasheet HBM bandwidth when a step streams weights (GEMV-shaped reads) and KV.
-Measured: a CUDA graph of only the weight GEMVs of one Llama-3-8B bf16 decode step (fused gate/up, as the
-runtime and TensorRT-LLM run it) read 15.01 GB in 4.31 ms = 3.48 TB/s = 0.726 of H200's 4.8 TB/s
-(gemv-ceiling-h200.json fused_gate_up; separate gate/up: 3.34 TB/s). A plain 2 GiB device copy reached
-4.20 TB/s (0.875), so GEMVs, not the memory, set this ceiling. Applied to every card as a fraction of its
-datasheet bandwidth (was a flat 0.8 before this measurement)."""
+HBM_EFFICIENCY = 0.86
+"""Achievable fraction of datasheet HBM bandwidth for the bytes a step streams (weights by GEMV, KV), not
+counting each kernel's fixed start/tail cost, which LAYER_FIXED_US carries. Measured: the runtime's fused
+Triton GEMV kernels on the eight per-layer projections of Llama-3-8B at tp 1 and 2 (17-235 MB each,
+gemv-kernels-h200.json best configs) fit time = 2.85 us + bytes / 4.13 TB/s (residuals <= 1.1 us), and
+4.13 TB/s = 0.86 of H200's 4.8; the lm_head (0.5-1.05 GB) alone reaches 4.16-4.32 TB/s. Cross-check in the
+step: its 129 GEMVs read 15.01 GB in 3855 us (decode-profile-h200.json) = 3.89 TB/s = 0.81 average, the
+per-kernel cost included. Applied to every card as a fraction of its datasheet bandwidth. History: 0.8
+(assumed), then 0.725 (a CUDA graph of cuBLAS GEMVs only, 3.48 TB/s, gemv-ceiling-h200.json)."""
 
-LAYER_FIXED_US = 33.6
-"""Fixed time per decoder layer per micro-batch step, on top of the byte/FLOP roofline: the small kernels a
-layer runs besides its GEMMs (2 x RMSNorm + residual, rotary + KV write, attention, SwiGLU) each take a few
-microseconds whatever the batch, and a CUDA graph removes launch gaps but not these minimum kernel times.
-Measured on H200: batch-1 decode step 5.41 ms (runtime-h200.json decode.fast, CUDA graphs) minus the
-GEMV-only graph 4.31 ms minus the KV read (84 MB at 3.48 TB/s = 0.02 ms) = 1.08 ms over 32 layers."""
+LAYER_FIXED_US = 18.4
+"""Fixed time per decoder layer per micro-batch step, on top of the byte/FLOP roofline: what does not scale
+with bytes. Calibrated on the batch-1 decode step of runtime-h200-decode-gemv.json (decode.fast, fused GEMV
+path, CUDA graphs, context 512-768): 4.246 ms minus 15.09 GB streamed (15.01 GB weights + 84 MB KV) at
+0.86 x 4.8 TB/s = 3.656 ms, leaves 0.590 ms over 32 layers. Roughly (decode-profile-h200.json, per layer):
+four GEMV kernels' fixed 2.85 us each (11.4 us, less the ~3 us/layer the in-graph GEMVs beat the
+microbenchmark by), attention beyond streaming its KV (218 us for 32 split-KV calls, ~6 us/layer), graph
+gaps between kernels (~160 us per step, 5 us/layer). TP does not shrink it: every rank runs all the layers'
+kernels. History: 33.6 us, fitted the same way on the previous cuBLAS + compiled-regions path (5.41 ms step,
+runtime-h200.json, against 0.725 of HBM)."""
 
 COLLECTIVE_LATENCY_US: dict[str, float] = {"nvlink": 6.6, "pcie": 10.0, "infiniband": 15.0, "ethernet": 40.0}
 """Fixed latency of one collective or point-to-point operation (kernel start, flags, synchronisation), by the
 slowest link it crosses; small decode all-reduces (8 KB at batch 1) cost this, not bandwidth. nvlink: NCCL's
-tuning model (src/graph/tuning.cc baseLat, Ring/LL protocol: 6.6 us). pcie, infiniband, ethernet: estimates
-(host bridges or SHM for PCIe without P2P, NIC and proxy thread for networks), not measured here. Our runtime's
-NCCL all-reduce inside a CUDA graph on H200 NVLink costs about 21 us (TP=2 batch-1 decode 4.46 ms minus weights
-and fixed layer time, over 65 collectives): a custom one-shot all-reduce, as TensorRT-LLM uses, gets close to
-this figure."""
+tuning model (src/graph/tuning.cc baseLat, Ring/LL protocol: 6.6 us), confirmed by our runtime's
+symmetric-memory one-shot all-reduce, 6.53 us per 8 KB call inside a CUDA graph on 2 x H200 NVLink
+(runtime-h200-x2-tp-gemv.json allreduce_micro; NCCL's own all-reduce there: 19.32 us). With the ring's
+2(p-1) HOP_LATENCY_US steps the planner charges 7.8 us per TP=2 call, 1.3 us more than the one-shot
+(~0.08 ms per TP=2 batch-1 step). pcie, infiniband, ethernet: estimates (host bridges or SHM for PCIe
+without P2P, NIC and proxy thread for networks), not measured here."""
 
 HOP_LATENCY_US: dict[str, float] = {"nvlink": 0.6, "pcie": 1.0, "infiniband": 2.7, "ethernet": 15.0}
 """Added latency per ring step (2(p-1) steps per ring all-reduce, one per peer in all-to-all and p2p).

@@ -12,6 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from builders.commands_plan import register
+from builders.perf_constants import LAYER_FIXED_US
 from builders.plan import make_plan
 from builders.recipe import ParallelSection, load_recipe, parse_recipe
 from builders.roofline import best_micro_batches, bubble_fraction
@@ -103,15 +104,18 @@ def test_pipeline_bubble_and_micro_batches():
     # (m+1)(0.18/m + 0.003): m=7 -> 0.04671, m=8 -> 0.04650, m=9 -> 0.04700 (optimum near sqrt(60) = 7.7)
     assert best_micro_batches(2, 0.18, 0.003, cap=64) == 8
     assert best_micro_batches(2, 0.18, 0.003, cap=4) == 4 and best_micro_batches(2, 0.18, 0.0, cap=16) == 16
-    tiny = recipe_of("tiny-llama")
+    tiny = variant(recipe_of("tiny-llama"), sla={"concurrency": 16})
     by_m = {m: make_plan(variant(tiny, parallel={"tp_size": 1, "pp_size": 3, "pp_micro_batches": m}),
-                         with_options=False) for m in (1, 2, 3, 4)}
+                         with_options=False) for m in (1, 2, 4, 8, 16)}  # divisors of the batch: equal micro-batches
     burst = {m: p.prefill_burst.estimate_ms for m, p in by_m.items()}
-    # a one-layer stage of the tiny model does microseconds of work next to 33.6 us fixed per micro-batch:
-    # splitting helps up to 3 micro-batches, the 4th costs more than it saves
-    assert burst[1] > burst[2] > burst[3] < burst[4]
+    for m, p in by_m.items():  # every micro-batch pays each one-layer stage's fixed time
+        assert p.prefill_burst.fixed_ms == pytest.approx(m * 3 * LAYER_FIXED_US * 1e-3)
+    # a one-layer stage of the tiny model does ~0.7 ms of work on the 16 prompts, next to LAYER_FIXED_US per
+    # micro-batch: splitting helps up to 8 micro-batches (optimum near sqrt(2 T / c)), 16 cost more than they save
+    assert burst[1] > burst[2] > burst[4] > burst[8] < burst[16]
     pp3 = make_plan(variant(tiny, parallel={"tp_size": 1, "pp_size": 3}), with_options=False)
-    assert pp3.batch == 4 and pp3.pipeline.micro_batches == 3  # the fastest m up to min(4 * pp_size, batch)
+    assert pp3.batch == 16 and 4 < pp3.pipeline.micro_batches <= 12  # the fastest m up to min(4 * pp_size, batch)
+    assert pp3.prefill_burst.estimate_ms <= 1.01 * min(burst.values())
     assert pp3.pipeline.decode_micro_batches == 3 and [r.layers for r in pp3.ranks] == [[0], [1], [2]]
     assert by_m[1].pipeline.bubble_fraction == pytest.approx(2 / 3)  # one micro-batch: no fixed-cost excess
     assert by_m[2].pipeline.bubble_fraction > 2 / 4  # (p-1)/(m+p-1) plus the second micro-batch's fixed time

@@ -1,0 +1,53 @@
+"""benchmarks.planner_check on the committed H200 results: the constants reproduce their calibration point,
+baselines and kernels are labelled, every other row is a check with its error computed from both numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.planner_check import CALIBRATION, RESULTS, compare, main
+from builders.perf_constants import COLLECTIVE_LATENCY_US, HOP_LATENCY_US
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return compare(RESULTS)
+
+
+def test_the_calibration_row_is_reproduced_by_the_constants(rows):
+    calib = [r for r in rows if r["role"] == "calibration"]
+    assert [r["source"].split(" ")[0] for r in calib] == [CALIBRATION[0]]
+    measured = json.loads((RESULTS / CALIBRATION[0]).read_text())["decode"]["fast"]["ms_per_token"]
+    assert calib[0]["measured"] == measured
+    assert abs(calib[0]["error"]) < 0.01  # HBM_EFFICIENCY and LAYER_FIXED_US were fitted on this step
+
+
+def test_rows_label_kernels_and_baselines_and_compute_errors(rows):
+    new = [r for r in rows if r["source"].startswith("runtime-h200-x2-tp-gemv.json")]
+    whats = {r["what"] for r in new}
+    assert {"decode step, tp=2, batch 1, fused GEMV kernels", "decode step, tp=2, batch 1, cuBLAS + compiled regions",
+            "decode step, tp=1, batch 32, fused GEMV kernels"} <= whats
+    for r in rows:
+        assert r["error"] == pytest.approx((r["predicted"] - r["measured"]) / r["measured"])
+        assert r["within_target"] == (abs(r["error"]) <= r["target"])
+    fast = next(r for r in new if r["what"] == "decode step, tp=2, batch 1, fused GEMV kernels")
+    base = next(r for r in new if r["what"] == "decode step, tp=2, batch 1, cuBLAS + compiled regions")
+    assert fast["predicted"] == base["predicted"] and fast["measured"] < base["measured"]
+
+
+def test_allreduce_row_prices_one_ring_all_reduce_of_8kb(rows):
+    ar = next(r for r in rows if r["what"].startswith("all-reduce 8 KB") and "one-shot" in r["what"])
+    latency = COLLECTIVE_LATENCY_US["nvlink"] + 2 * HOP_LATENCY_US["nvlink"]  # p=2: 2(p-1) ring steps
+    assert ar["predicted"] == pytest.approx(latency + 8192 / 450e9 * 1e6)
+
+
+def test_main_writes_the_table_to_the_results_dir(tmp_path, monkeypatch, capsys):
+    for name in ("runtime-h200-decode-gemv.json", "runtime-h200-x2-tp-gemv.json"):
+        (tmp_path / name).write_text((RESULTS / name).read_text())
+    monkeypatch.setattr("sys.argv", ["planner_check", "--results", str(tmp_path)])
+    main()
+    written = json.loads((tmp_path / "planner-vs-measured.json").read_text())
+    assert written == compare(tmp_path) and len(written) > 5
+    assert "calibration" in capsys.readouterr().out
