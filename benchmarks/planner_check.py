@@ -55,9 +55,11 @@ def _row(what: str, predicted: float, measured: float, unit: str, kind: str, sou
                 within_target=abs(err) <= TARGETS[kind], target=TARGETS[kind], role=role, source=source)
 
 
-def _kernels(status: dict | None) -> str:
-    """How the runtime ran the step, from its status block: which GEMVs."""
+def _kernels(status: dict | None, batch: int = 1) -> str:
+    """How the runtime ran the step, from its status block: which GEMVs (the fused ones serve batch 1 only)."""
     gemv = str((status or {}).get("gemv", ""))
+    if batch > 1:
+        return "cuBLAS + compiled regions" if gemv.startswith("fused") else "cuBLAS"
     return "fused GEMV kernels" if gemv.startswith("fused") else "cuBLAS"
 
 
@@ -85,7 +87,7 @@ def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
             if not m:
                 continue
             plan = make_plan(_recipe(gpu, tp, 1, int(batch)))
-            rows.append(_row(f"decode step, tp={tp}, batch {batch}, {_kernels(m.get('status'))}",
+            rows.append(_row(f"decode step, tp={tp}, batch {batch}, {_kernels(m.get('status'), int(batch))}",
                              plan.decode.estimate_ms, m["ms_per_step"], "ms", "step", src))
             for key, label in BASELINE_LABELS.items():
                 if base := runs.get(f"{batch}_{key}"):
@@ -115,8 +117,11 @@ def compare(results_dir: Path) -> list[dict]:
             spec = ModelSpec.from_hf_config(MOE_SHAPE, name="mixtral-8x7b-8-layers")
             plan = make_plan(_recipe(gpu, 1, 1, 1, isl=d["prompt_len"], osl=d["fast"]["tokens"]), spec=spec,
                              with_options=False)
-            rows.append(_row("decode step, Mixtral-8x7B 8 layers, batch 1", plan.decode.estimate_ms,
-                             d["fast"]["ms_per_token"], "ms", "step", src))
+            rows.append(_row(f"decode step, Mixtral-8x7B 8 layers, batch 1, {_kernels(d['fast'].get('status'))}",
+                             plan.decode.estimate_ms, d["fast"]["ms_per_token"], "ms", "step", src))
+            for key, base in d.get("baselines", {}).items():
+                rows.append(_row(f"decode step, Mixtral-8x7B 8 layers, batch 1, {BASELINE_LABELS.get(key, key)}",
+                                 plan.decode.estimate_ms, base["ms_per_token"], "ms", "step", src))
         if "tp" in data:
             rows += _tp_rows(gpu, data["tp"], src)
         if pp := data.get("pp"):

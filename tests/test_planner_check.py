@@ -28,7 +28,7 @@ def test_rows_label_kernels_and_baselines_and_compute_errors(rows):
     new = [r for r in rows if r["source"].startswith("runtime-h200-x2-tp-gemv.json")]
     whats = {r["what"] for r in new}
     assert {"decode step, tp=2, batch 1, fused GEMV kernels", "decode step, tp=2, batch 1, cuBLAS + compiled regions",
-            "decode step, tp=1, batch 32, fused GEMV kernels"} <= whats
+            "decode step, tp=1, batch 32, cuBLAS + compiled regions"} <= whats
     for r in rows:
         assert r["error"] == pytest.approx((r["predicted"] - r["measured"]) / r["measured"])
         assert r["within_target"] == (abs(r["error"]) <= r["target"])
