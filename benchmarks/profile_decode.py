@@ -3,7 +3,8 @@
 Builds the random-weight Llama-3-8B-shaped model (bf16), captures the fast decode step, replays it
 under torch.profiler and prints the kernels by total time per step (count per step, mean us), so the
 fixed per-layer cost next to the GEMVs can be attributed. Writes decode-profile-<card>.json.
-Usage: python -m benchmarks.profile_decode [--layers N] [--out DIR]
+--moe profiles the Mixtral-shaped model (8 layers by default) instead (decode-profile-<card>-moe.json).
+Usage: python -m benchmarks.profile_decode [--moe] [--layers N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from runtime.fast_decode import FastDecoder
 from runtime.kv_cache import PagedKVCache
-from runtime.random_model import LLAMA_3_8B, checkpoint_config, random_rank_model
+from runtime.random_model import LLAMA_3_8B, MIXTRAL_8X7B, checkpoint_config, random_rank_model
 
 SEQ = 0
 
@@ -25,10 +26,12 @@ SEQ = 0
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--moe", action="store_true", help="the Mixtral-8x7B shape (default 8 layers)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
-    cfg = checkpoint_config(LLAMA_3_8B, num_layers=a.layers, dtype="bfloat16")
+    shape, layers = (MIXTRAL_8X7B, a.layers or 8) if a.moe else (LLAMA_3_8B, a.layers)
+    cfg = checkpoint_config(shape, num_layers=layers, dtype="bfloat16")
     model = random_rank_model(cfg, device="cuda", seed=0)
     prompt_len, tpb = 512, 32
     cache = PagedKVCache(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads,
@@ -60,7 +63,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name().split()[-1].lower()
-    (out / f"decode-profile-{card}.json").write_text(json.dumps(
+    (out / f"decode-profile-{card}{'-moe' if a.moe else ''}.json").write_text(json.dumps(
         dict(card=torch.cuda.get_device_name(), layers=cfg.num_hidden_layers, total_us_per_step=total,
              kernels=[dict(name=n, count_per_step=c, us_per_step=u) for n, c, u in rows]), indent=2) + "\n")
 

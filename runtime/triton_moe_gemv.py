@@ -1,7 +1,8 @@
 """Batch-1 decode of a Mixtral MoE block in three Triton-lang kernels, no host sync (runtime/triton_gemv.py's K loop).
 
 - `moe_router`: one program: RMSNorm of h, the float32 router logits, softmax, top-k (renormalized when asked)
-  -> expert ids (TOP_K,) int32 and their weights (TOP_K,) float32, left on the device;
+  -> expert ids (TOP_K,) int32 and their weights (TOP_K,) float32, left on the device; the whole (E, H)
+  router is one tile of 16 warps where it fits (Mixtral: 8 x 4096), so the program waits on two loads, not 16;
 - `moe_up`: grid (outputs / BLOCK_N, TOP_K): program (n, c) reads expert ids[c]'s [up; gate] rows n (experts
   this rank does not own write zeros and read nothing) with RMSNorm folded in -> silu(gate) * up (TOP_K, I);
 - `moe_down`: program n sums weight_c * (proj[ids[c]] rows n . act[c]) over the TOP_K choices, plus the
@@ -105,9 +106,10 @@ def moe_router(h: torch.Tensor, norm: torch.Tensor, eps: float, router: torch.Te
     e, k = router.shape
     ids = torch.empty(top_k, dtype=torch.int32, device=h.device)
     prob = torch.empty(top_k, dtype=torch.float32, device=h.device)
-    _router_kernel[(1,)](h.contiguous(), norm, router.contiguous(), ids, prob, k, eps, E=e,
-                         E_PAD=max(2, triton.next_power_of_2(e)), TOP_K=top_k, RENORM=renormalize,
-                         BLOCK_K=min(512, triton.next_power_of_2(k)), num_warps=4)
+    e_pad = max(2, triton.next_power_of_2(e))
+    block_k = min(triton.next_power_of_2(k), max(512, 32768 // e_pad))  # Mixtral: 8 x 4096 in one tile
+    _router_kernel[(1,)](h.contiguous(), norm, router.contiguous(), ids, prob, k, eps, E=e, E_PAD=e_pad,
+                         TOP_K=top_k, RENORM=renormalize, BLOCK_K=block_k, num_warps=16 if block_k >= 2048 else 4)
     return ids, prob
 
 
