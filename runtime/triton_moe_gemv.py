@@ -119,7 +119,7 @@ def moe_up(h: torch.Tensor, fc: torch.Tensor, norm: torch.Tensor, eps: float, id
     other ranks."""
     e_local, two_i, k = fc.shape
     n, top_k = two_i // 2, ids.shape[0]
-    cfg = config_for(n, k, True)
+    cfg = config_for(n, k, True, moe=True)
     out = torch.empty(top_k, n, dtype=h.dtype, device=h.device)
     _moe_up_kernel[(triton.cdiv(n, cfg.block_n), top_k)](
         h.contiguous(), fc, norm, ids, out, n, k, eps, first_expert, e_local, EVEN_N=n % cfg.block_n == 0,
@@ -132,7 +132,7 @@ def moe_down(act: torch.Tensor, proj: torch.Tensor, ids: torch.Tensor, prob: tor
              residual: torch.Tensor | None = None) -> torch.Tensor:
     """sum over choices c of prob[c] * proj[ids[c]] . act[c] (+ residual) -> (1, H)."""
     e_local, n, k = proj.shape
-    cfg = config_for(n, k, False)
+    cfg = config_for(n, k, False, moe=True)
     out = torch.empty(1, n, dtype=act.dtype, device=act.device)
     _moe_down_kernel[(triton.cdiv(n, cfg.block_n),)](
         act.contiguous(), proj, ids, prob, residual.contiguous() if residual is not None else act, out, n, k,
