@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gemv_kernels import time_graph
+from benchmarks.graph_timing import time_graph
 from runtime.triton_decode_attention import TritonDecodeAttention
 
 NQ, NKV, D, TPB, LAYERS = 32, 8, 128, 32, 8

@@ -15,28 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.graph_timing import time_graph
+
 HID, INTER, V, L, NQ, NKV, D = 4096, 14336, 128256, 32, 32, 8, 128
-
-
-def _time_graph(fn, iters: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -75,11 +56,11 @@ def main() -> None:
 
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy_ms = _time_graph(lambda: dst.copy_(src))
+    copy_ms = time_graph(lambda: dst.copy_(src))
     copy_gbps = 2 * src.numel() / copy_ms / 1e6
     rows = {"copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "card": torch.cuda.get_device_name()}
     for name, fused in (("separate_gate_up", False), ("fused_gate_up", True)):
-        ms = _time_graph(step(fused))
+        ms = time_graph(step(fused))
         gbps = weight_bytes / ms / 1e6
         rows[name] = {"ms": ms, "gbps": gbps, "pct_of_copy": 100 * gbps / copy_gbps}
     print(f"{'variant':<20} {'ms/token':>9} {'GB/s':>8} {'% of copy':>9}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.graph_timing import time_graph
 from runtime.gemv_ref import gemv_ref
 from runtime.triton_gemv import GemvConfig, gemv, shape_key
 
@@ -46,28 +47,6 @@ def configs(quick: bool) -> list[GemvConfig]:
     tiles = [(4, 1024), (8, 256)] if quick else [
         (2, 2048), (4, 1024), (4, 2048), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512)]
     return [GemvConfig(n, k, w, 1, prefetch=p) for (n, k), w, p in itertools.product(tiles, (4, 8), (False, True))]
-
-
-def time_graph(fn, reps: int = 15) -> float:
-    """Median ms of one replay of a graph of fn (captured after warm-up on a side stream)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def bench_shape(spec: dict, cfgs: list[GemvConfig], gen: torch.Generator) -> dict:
