@@ -21,8 +21,12 @@ $(VENV)/.stamp: pyproject.toml
 
 venv: $(VENV)/.stamp
 
+KERNEL_TESTS = tests/test_gemv_decode.py tests/test_decode_kernels.py
+
 test: venv
 	$(PY) -m pytest -q -rs --durations=15 tests
+	@echo "Triton kernels on CPU under Triton's interpreter (they are skipped above without a GPU):"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs -W ignore::DeprecationWarning $(KERNEL_TESTS)
 
 lint: venv
 	$(VENV)/bin/ruff check builders runtime triton_repo client tests benchmarks
