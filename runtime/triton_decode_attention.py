@@ -97,12 +97,13 @@ def _merge(ACC, ML, OUT, first, out_off, stride_oh, active,
     rows = offs_g < G
     m_max = tl.full([G_PAD], float("-inf"), tl.float32)
     for s in tl.static_range(SPLITS):
-        m_max = tl.maximum(m_max, tl.load(ML + (first + s) * 2 * G_PAD + offs_g, mask=rows & (s < active),
+        live = rows & (offs_g * 0 + s < active)  # a vector compare: a boolean mask in every Triton version
+        m_max = tl.maximum(m_max, tl.load(ML + (first + s) * 2 * G_PAD + offs_g, mask=live,
                                           other=float("-inf"), cache_modifier=CACHE))
     l_sum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     for s in tl.static_range(SPLITS):
-        live = rows & (s < active)
+        live = rows & (offs_g * 0 + s < active)
         w = tl.exp(tl.load(ML + (first + s) * 2 * G_PAD + offs_g, mask=live, other=float("-inf"),
                            cache_modifier=CACHE) - m_max)
         l_sum += w * tl.load(ML + (first + s) * 2 * G_PAD + G_PAD + offs_g, mask=live, other=0.0,
