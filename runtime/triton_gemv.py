@@ -28,8 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.gemv_ref import gemv_ref  # noqa: F401  (the arithmetic these kernels reproduce)
-
 
 @triton.jit
 def _row_dots(X, NW, rows, rows2, mask_n, K, NORM: tl.constexpr, TWO: tl.constexpr, EVEN_N: tl.constexpr,
@@ -255,7 +253,7 @@ def _file_configs() -> dict[str, GemvConfig]:
 def config_for(n: int, k: int, swiglu: bool, moe: bool = False) -> GemvConfig:
     """moe: the MoE kernels' launch (TOP_K experts in one grid) looks for a "moe-" entry first."""
     key = shape_key(n, k, swiglu)
-    table = _file_configs() | TUNED
+    table = TUNED | _file_configs()  # the file's entries win: that is what the variable is for
     return (table.get("moe-" + key) if moe else None) or table.get(key) or DEFAULT
 
 

@@ -182,3 +182,23 @@ def test_moe_kernels_match_the_grouped_moe_block(first_expert, e_local, renormal
     assert torch.allclose(prob, want, atol=1e-6)
     out = moe_down(moe_up(h, fc, g, 1e-5, ids, first_expert), proj, ids, prob, first_expert, residual=res)
     assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_configs_file_overrides_the_tuned_table_and_moe_entries_come_first(tmp_path, monkeypatch):
+    import json
+
+    tg = pytest.importorskip("runtime.triton_gemv")  # triton is in the dev extra; nothing here launches a kernel
+    path = tmp_path / "gemv.json"
+    path.write_text(json.dumps({"best": {"6144x4096": dict(block_n=32, block_k=128, num_warps=2, num_stages=1,
+                                                           prefetch=False)}}))
+    monkeypatch.setenv("ENGINESMITH_GEMV_CONFIGS", str(path))
+    tg._file_configs.cache_clear()
+    try:
+        assert tg.config_for(6144, 4096, False) == tg.GemvConfig(32, 128, 2, 1, prefetch=False)
+        assert tg.config_for(14336, 4096, True) == tg.TUNED["swiglu-14336x4096"]
+        assert tg.config_for(14336, 4096, True, moe=True) == tg.TUNED["moe-swiglu-14336x4096"]
+        assert tg.config_for(4096, 14336, False, moe=True) == tg.TUNED["4096x14336"]  # no moe- entry: the dense one
+        assert tg.config_for(123, 456, False) == tg.DEFAULT
+    finally:
+        monkeypatch.delenv("ENGINESMITH_GEMV_CONFIGS")
+        tg._file_configs.cache_clear()
