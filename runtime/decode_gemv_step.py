@@ -117,7 +117,7 @@ def check_on_model(model: RankModel, gemv, gemv_ref, moe_kernels=None) -> float:
         for x, weight, kw in cases:
             ref = gemv_ref(x, weight, **kw).float()
             out = gemv(x, weight, **kw).float()
-            errs.append(float((out - ref).norm() / ref.norm().clamp(min=1e-30)))
+            errs.append(_rel_err(out, ref))
     return max(errs)
 
 
@@ -133,6 +133,11 @@ def _check_moe(model: RankModel, kernels, h: torch.Tensor, res: torch.Tensor) ->
         ids, prob = kernels.moe_router(h, w.post_layernorm, eps, w.router, k, renorm)
         out = kernels.moe_down(kernels.moe_up(h, w.fc, w.post_layernorm, eps, ids, first), w.proj, ids, prob, first,
                                residual=res).float()
+    return _rel_err(out, ref)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
     return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
@@ -160,8 +165,7 @@ def _try_qkv_rope(model: RankModel, triton_gemv, tol: float):
     except Exception as e:
         log.warning("qkv + rotary kernel unusable: %s", e)
         return None, f"rotary in its own kernel (qkv + rotary kernel failed: {type(e).__name__}: {str(e)[:200]})"
-    errs = [float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
-            for a, b in ((q, ref), (caches[0], ref_caches[0]), (caches[1], ref_caches[1]))]
+    errs = [_rel_err(a, b) for a, b in ((q, ref), (caches[0], ref_caches[0]), (caches[1], ref_caches[1]))]
     if not max(errs) < tol:
         return None, f"rotary in its own kernel (qkv + rotary self-check error {max(errs):.3g})"
     return triton_gemv.qkv_rope_gemv, f"rotary + KV write in the qkv kernel, self-check {max(errs):.1e}"

@@ -11,8 +11,6 @@ CUDA graph.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -152,7 +150,7 @@ class TritonDecodeAttention:
         device = torch.device(device)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         self.fused_merge, self.max_rows = fused_merge, max(max_batch_size, 8)
-        self.min_chunk = min_chunk or int(os.environ.get("ENGINESMITH_ATTN_MIN_CHUNK", self.MIN_CHUNK))
+        self.min_chunk = min_chunk or self.MIN_CHUNK
         if self.min_chunk % self.BLOCK_N:
             raise ValueError(f"min_chunk={self.min_chunk} is not a multiple of BLOCK_N={self.BLOCK_N}")
         self.lock = torch.zeros(self.max_rows * kv_heads, dtype=torch.int32, device=device)
