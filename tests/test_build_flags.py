@@ -1,7 +1,7 @@
 """trtllm-build command lines: goldens for the reference recipes, validity against upstream's flag table.
 
-The flag table is `upstream-templates/trtllm-build-flags.tsv` of the shared reference notes
-(../shared/reference from the repo root, or $ENGINESMITH_REFERENCE_DIR).
+The flag table is `upstream-templates/trtllm-build-flags.tsv` of the shared reference notes (a copy in
+tests/data, or $ENGINESMITH_REFERENCE_DIR).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ OUT = Path("out")
 
 
 def _reference_dir() -> Path:
-    return Path(os.environ.get("ENGINESMITH_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+    """$ENGINESMITH_REFERENCE_DIR, else tests/data: its upstream-templates/ is a byte copy of the workplace's
+    ../shared/reference/upstream-templates, so a clone anywhere checks against the same upstream facts."""
+    return Path(os.environ.get("ENGINESMITH_REFERENCE_DIR", REPO / "tests" / "data"))
 
 
 def upstream_flags() -> dict[str, dict]:

@@ -15,12 +15,12 @@ from types import SimpleNamespace
 import pytest
 
 from builders.mapping import Mapping
+from tests.test_build_flags import _reference_dir
 from triton_repo import model_config as mc
 from triton_repo.repository import model_parameters, tensorrt_llm_parameters
 
-# Upstream's templates (byte copies, see SOURCES.md there) in the workplace's shared reference folder.
-UPSTREAM = Path(__file__).resolve().parents[2] / "shared/reference/upstream-templates/TensorRT-LLM-triton_backend" \
-    / "all_models"
+# Upstream's templates (byte copies, see SOURCES.md there) from the shared reference folder (tests/data).
+UPSTREAM = _reference_dir() / "upstream-templates/TensorRT-LLM-triton_backend/all_models"
 IFB = UPSTREAM / "inflight_batcher_llm"
 
 # Template variable -> our parameter key, where upstream names them differently.
