@@ -9,6 +9,7 @@ the bubble is 1 - (one stage's time for the whole step) / (step time), against (
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import socket
 import statistics
 import time
@@ -16,13 +17,18 @@ from pathlib import Path
 
 import torch
 
-from runtime.random_model import LLAMA_3_8B, TINY_LLAMA, checkpoint_config, random_rank_model
+from runtime.random_model import LLAMA_3_8B, LLAMA_3_70B, TINY_LLAMA, checkpoint_config, random_rank_model
+
+TP_SHAPES = {"llama-3-8b": LLAMA_3_8B, "llama-3-70b": LLAMA_3_70B}
+"""--tp-shape choices (--tp-layers trims them: the tp=1 run must fit one GPU)."""
 
 
 def tp_section(bench) -> dict:
     tiny, cuda = bench.args.tiny, bench.device.type == "cuda"
     _need_gpus(cuda, 2)
-    p = dict(shape=TINY_LLAMA if tiny else LLAMA_3_8B, dtype="bfloat16" if cuda else "float32", cuda=cuda,
+    shape = TINY_LLAMA if tiny else TP_SHAPES[bench.args.tp_shape]
+    p = dict(shape=shape, layers=None if tiny else bench.args.tp_layers, dtype="bfloat16" if cuda else "float32",
+             cuda=cuda,
              prompt_len=16 if tiny else 512, steps=8 if tiny else 128, batches=(1, 4) if tiny else (1, 32),
              tpb=4 if tiny else 32, options=bench.decoder_options())
     res = {}
@@ -33,11 +39,13 @@ def tp_section(bench) -> dict:
                                                  if isinstance(v, dict) and "tok_s" in v))
     one, two = res["tp1"], res["tp2"]
     b1, bn = (str(b) for b in p["batches"])
-    regions = {}
-    if "1_cublas_regions" in one and "1_cublas_regions" in two:
-        regions = dict(speedup_batch1_latency_cublas_regions=two["1_cublas_regions"]["tok_s"]
-                       / one["1_cublas_regions"]["tok_s"])
-    return dict(res, **regions, speedup_batch1_latency=two[b1]["tok_s"] / one[b1]["tok_s"],
+    regions = {f"speedup_batch1_latency_{key[2:]}": two[key]["tok_s"] / one[key]["tok_s"]
+               for key in ("1_no_pdl", "1_cublas_regions") if key in one and key in two}
+    if "1_exchange" in two:
+        regions["tp2_batch1_exchange_gain"] = two["1_exchange"]["tok_s"] / two[b1]["tok_s"]
+    model = dict(shape="tiny" if tiny else bench.args.tp_shape,
+                 layers=p["layers"] or p["shape"]["num_hidden_layers"])
+    return dict(res, **regions, model=model, speedup_batch1_latency=two[b1]["tok_s"] / one[b1]["tok_s"],
                 speedup_throughput=two[bn]["tok_s"] / one[bn]["tok_s"], target_speedup_batch1=1.7,
                 greedy_prefix_match=_prefix(one["tokens"], two["tokens"]), tokens_compared=len(one["tokens"]),
                 **_all_reduce_summary(two))
@@ -46,6 +54,7 @@ def tp_section(bench) -> dict:
 def _spawn_tp(bench, tp: int, p: dict, res: dict) -> dict:
     """tp ranks; if the tp=2 run dies with the fast all-reduce on, record why and rerun it on NCCL alone."""
     from runtime.fast_allreduce import ENV_SWITCH
+    from runtime.tp_exchange import ENV_SWITCH as EXCHANGE_SWITCH
 
     try:
         return _spawn(_tp_rank, tp, p)
@@ -54,12 +63,20 @@ def _spawn_tp(bench, tp: int, p: dict, res: dict) -> dict:
             raise
         res[f"tp{tp}_fast_allreduce_crash"] = str(e)[-3000:]
         bench.progress(f"tp={tp} FAILED with the fast all-reduce on ({type(e).__name__}); rerunning with "
-                       f"{ENV_SWITCH}=0")
-    os.environ[ENV_SWITCH] = "0"  # spawned ranks inherit it
+                       f"{ENV_SWITCH}=0 {EXCHANGE_SWITCH}=0")
+    os.environ[ENV_SWITCH] = os.environ[EXCHANGE_SWITCH] = "0"  # spawned ranks inherit them
     try:
         return _spawn(_tp_rank, tp, p)
     finally:
-        del os.environ[ENV_SWITCH]
+        del os.environ[ENV_SWITCH], os.environ[EXCHANGE_SWITCH]
+
+
+_BASELINES_BATCH1 = (
+    ("1_exchange", {}),  # tp > 1 with ENGINESMITH_TP_EXCHANGE=1: all-reduces and gather inside the GEMVs
+    ("1_no_pdl", dict(pdl=False)),  # fused GEMVs launched without programmatic dependent launch
+    ("1_cublas_regions", dict(gemv=False)),
+)
+"""Batch-1 paths timed after the main one in the same ranks: (result key, FastDecoder options)."""
 
 
 def _all_reduce_summary(two: dict) -> dict:
@@ -92,13 +109,20 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     from runtime.plain_step import plain_forward
 
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
-    cfg = checkpoint_config(p["shape"], dtype=p["dtype"], tp_size=world)
+    cfg = checkpoint_config(p["shape"], num_layers=p["layers"], dtype=p["dtype"], tp_size=world)
     model = random_rank_model(cfg, rank, device=device, seed=0)
     reduce, gather = (groups.all_reduce_tp, groups.gather_tp_last_dim) if groups else (None, None)
     out: dict = {"all_reduce": dict(enabled=False, reason="tp=1: no all-reduce")}
     if groups is not None:  # issue 6: decode-sized TP all-reduces take the one-shot P2P kernel if it checks out
         max_bytes = max(p["batches"]) * cfg.hidden_size * torch.empty((), dtype=model.dtype).element_size()
         out["all_reduce"] = groups.enable_fast_all_reduce(max_bytes, model.dtype, device)
+    exchange = None
+    if groups is not None and p["cuda"]:  # opt-in (ENGINESMITH_TP_EXCHANGE=1): all-reduces fused into the GEMVs
+        from runtime.tp_exchange import for_model
+
+        exchange = for_model(groups, model, device)
+        out["tp_exchange"] = exchange.status()
+        exchange = exchange if exchange.enabled else None
     for bs in p["batches"]:
         total = p["prompt_len"] + 2 * p["steps"] + 1
         cache = make_cache(model, total, p["tpb"], batch=bs)
@@ -116,13 +140,22 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         if bs == 1:
             out["tokens"] = [t[0] for t in tokens]
         del dec
-        if bs == 1 and p["cuda"] and p["options"].get("gemv") is None:  # same run: the cuBLAS regions at batch 1
-            dec = FastDecoder(model, cache, max_batch_size=bs, max_seq_len=total, reduce=reduce, gather=gather,
-                              **(p["options"] | dict(gemv=False)))
-            _greedy(dec, first, p["prompt_len"], p["steps"], device)
-            _, secs = _greedy(dec, first, p["prompt_len"], p["steps"], device)
-            out["1_cublas_regions"] = dict(tok_s=p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"])
-            del dec
+        if bs == 1 and p["cuda"] and p["options"].get("gemv") is None:  # same run: the other batch-1 paths
+            for name, kw in _BASELINES_BATCH1:
+                if name == "1_exchange" and exchange is None:
+                    continue
+                dec = FastDecoder(model, cache, max_batch_size=bs, max_seq_len=total, reduce=reduce, gather=gather,
+                                  **(p["options"] | kw | (dict(exchange=exchange) if name == "1_exchange" else {})))
+                _greedy(dec, first, p["prompt_len"], p["steps"], device)
+                toks, secs = _greedy(dec, first, p["prompt_len"], p["steps"], device)
+                out[name] = dict(tok_s=p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"],
+                                 same_tokens=[t[0] for t in toks] == out["tokens"])
+                if name == "1_exchange":
+                    try:
+                        exchange.check_error()
+                    except RuntimeError as e:  # recorded, not raised: the peer would hang in the next collectives
+                        out[name]["exchange_error"] = str(e)
+                del dec
         del cache
     if groups is not None:
         import torch.distributed as dist
@@ -220,7 +253,11 @@ def _spawn(fn, world: int, p: dict, timeout_s: float = 540.0) -> dict:
     result, errors, deadline = None, [], time.monotonic() + timeout_s
     try:
         for _ in range(world):
-            rank, value, err = queue.get(timeout=max(1.0, deadline - time.monotonic()))
+            try:
+                rank, value, err = queue.get(timeout=max(1.0, deadline - time.monotonic()))
+            except queue_mod.Empty:
+                errors.append(f"{world - len(errors)} rank(s) sent nothing before the deadline")
+                break
             result = value if rank == 0 else result
             errors += [f"rank {rank}: {err}"] if err else []
             if err:  # the others may wait on it in a collective: give them a short grace, not the whole timeout

@@ -29,6 +29,11 @@ def hw(bench) -> None:
     bench.progress(f"copy {h['copy_gbps']:.0f} GB/s, matmul {h['matmul_tflops']:.1f} TFLOP/s")
 
 
+BASELINES = dict(no_pdl=dict(pdl=False), cublas_regions=dict(gemv=False))
+"""Batch-1 decode paths timed after the fast one in the same run: fused GEMVs launched without programmatic
+dependent launch (the previous session's path) and the cuBLAS + compiled regions path."""
+
+
 def _decode(bench, name: str, shape: dict, num_layers: int | None, n_fast: int, n_plain: int) -> None:
     tiny = bench.args.tiny
     model = _model(bench, shape, num_layers)
@@ -36,7 +41,7 @@ def _decode(bench, name: str, shape: dict, num_layers: int | None, n_fast: int, 
     out = runtime_decode.run(
         model, copy_gbps=bench.copy_gbps(), prompt_len=16 if tiny else 512, n_fast=12 if tiny else n_fast,
         n_plain=6 if tiny else n_plain, tokens_per_block=4 if tiny else 32, decoder_options=bench.decoder_options(),
-        progress=bench.progress, baselines=dict(cublas_regions=dict(gemv=False)) if on_gpu else None)
+        progress=bench.progress, baselines=BASELINES if on_gpu else None)
     bench.results[name] = dict(model=model.cfg.architecture) | out
     f = out["fast"]
     bench.progress(f"{name}: fast {f['tok_s']:.1f} tok/s = {f['pct_roofline']:.1f}% of roofline "

@@ -56,14 +56,15 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 class DecodeAttention:
     """Picks the implementation once: `triton` if asked (or auto on CUDA) and it passes its check."""
 
-    def __init__(self, kind: str, q_heads: int, kv_cache: torch.Tensor, max_batch_size: int):
+    def __init__(self, kind: str, q_heads: int, kv_cache: torch.Tensor, max_batch_size: int, pdl: bool = False):
+        """pdl: launch the Triton kernel with programmatic dependent launch (runtime/pdl.py)."""
         if kind not in ("auto", "triton", "gather"):
             raise ValueError(f"attention={kind!r}: choose auto, triton or gather")
         self.kind, self.reason = "gather", "requested" if kind == "gather" else ""
         self._triton = None
         self.fallbacks: list[str] = []
         if kind != "gather":
-            self._triton, self.reason = _try_triton(q_heads, kv_cache, max_batch_size)
+            self._triton, self.reason = _try_triton(q_heads, kv_cache, max_batch_size, pdl)
             if self._triton is not None and not self._triton.fused_merge:
                 self.fallbacks.append(f"fused split merge unusable, two-kernel Triton attention: {self.reason}")
             if self._triton is not None:
@@ -86,7 +87,7 @@ class DecodeAttention:
         return self._triton is None
 
 
-def _try_triton(q_heads: int, kv_cache: torch.Tensor, max_batch_size: int):
+def _try_triton(q_heads: int, kv_cache: torch.Tensor, max_batch_size: int, pdl: bool = False):
     """The fused-merge kernel if it passes its self-check, else the two-kernel one if that does, else None."""
     if kv_cache.device.type != "cuda":
         return None, "the Triton kernel needs a CUDA device"
@@ -98,7 +99,7 @@ def _try_triton(q_heads: int, kv_cache: torch.Tensor, max_batch_size: int):
     for fused in (True, False):
         try:
             impl = TritonDecodeAttention(q_heads, kv_cache.shape[2], kv_cache.shape[3], kv_cache.dtype,
-                                         max_batch_size, kv_cache.device, fused_merge=fused)
+                                         max_batch_size, kv_cache.device, fused_merge=fused, pdl=pdl)
             err = check_splits(impl, q_heads, kv_cache)
         except Exception as e:  # a compile error of the kernel must not take the engine down: fall back
             log.warning("Triton decode attention (fused_merge=%s) unusable: %s", fused, e)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,18 +32,25 @@ Collective = Callable[[torch.Tensor], torch.Tensor]
 
 class GemvDecode:
     def __init__(self, model: RankModel, rope_write, attention, reduce: Collective, gather: Collective, gemv,
-                 qkv_rope=None, moe_kernels=None):
+                 qkv_rope=None, moe_kernels=None, pdl: bool = False, exchange=None):
         """qkv_rope: triton_gemv.qkv_rope_gemv (rotary and the KV-cache write in the qkv kernel's epilogue),
-        or None: the qkv kernel, then `rope_write`'s kernel. moe_kernels: runtime.triton_moe_gemv (MoE layers)."""
+        or None: the qkv kernel, then `rope_write`'s kernel. moe_kernels: runtime.triton_moe_gemv (MoE layers).
+        pdl: launch the GEMVs with programmatic dependent launch (runtime/pdl.py). exchange: an enabled
+        runtime.tp_exchange.TPExchange (tp > 1, dense layers): the all-reduces and the logits gather happen
+        inside the GEMV kernels instead of `reduce` / `gather`."""
         self.model, self.rope_write, self.attention = model, rope_write, attention
-        self.reduce, self.gather, self._gemv, self._qkv_rope = reduce, gather, gemv, qkv_rope
-        self._moe = moe_kernels
+        self.reduce, self.gather, self._qkv_rope = reduce, gather, qkv_rope
+        self._gemv = partial(gemv, pdl=True) if pdl else gemv
+        self._moe, self.pdl, self.exchange = moe_kernels, pdl, exchange
         self.add_residual = model.coords.tp_rank == 0
+        if exchange is not None and any(w.router is not None for w in model.layers):
+            raise ValueError("the fused TP exchange covers dense layers only")
 
     @classmethod
-    def try_build(cls, model: RankModel, rope_write, attention, reduce: Collective,
-                  gather: Collective) -> tuple[GemvDecode | None, str]:
-        """(the step, a note) or (None, why not)."""
+    def try_build(cls, model: RankModel, rope_write, attention, reduce: Collective, gather: Collective,
+                  exchange=None, pdl: bool = False) -> tuple[GemvDecode | None, str]:
+        """(the step, a note) or (None, why not). exchange: a runtime.tp_exchange.TPExchange (tp > 1) the
+        step uses when it is enabled and the model is dense; pdl: programmatic dependent launch."""
         if not (model.is_first_stage and model.is_last_stage):
             return None, "pp_size > 1"
         moe = any(w.router is not None for w in model.layers)
@@ -60,12 +68,20 @@ class GemvDecode:
         if not err < tol:
             return None, f"fused GEMV self-check relative error {err:.3g} over {tol:g}"
         qkv_rope, rope_note = _try_qkv_rope(model, triton_gemv, tol)
-        step = cls(model, rope_write, attention, reduce, gather, triton_gemv.gemv, qkv_rope, moe_kernels)
-        return step, f"fused GEMV kernels, self-check {err:.1e}; {rope_note}"
+        if qkv_rope is not None and pdl:
+            qkv_rope = partial(qkv_rope, pdl=True)
+        use_ex = exchange is not None and exchange.enabled and not moe
+        ex_note = ("; all-reduces and logits gather fused into the GEMVs (TP exchange)" if use_ex else
+                   f"; TP exchange off ({exchange.reason or 'MoE layers'})" if exchange is not None else "")
+        step = cls(model, rope_write, attention, reduce, gather, triton_gemv.gemv, qkv_rope, moe_kernels, pdl,
+                   exchange if use_ex else None)
+        return step, f"fused GEMV kernels, self-check {err:.1e}; {rope_note}; PDL {'on' if pdl else 'off'}{ex_note}"
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch, k_layers: list[torch.Tensor],
                  v_layers: list[torch.Tensor]) -> torch.Tensor:
         """One row: (1,) id and position -> (1, V_pad) float32 logits; writes the row's K/V into the cache."""
+        if self.exchange is not None:
+            return self._exchange_step(input_ids, positions, batch, k_layers, v_layers)
         m, gemv = self.model, self._gemv
         eps = m.cfg.norm_epsilon
         h = F.embedding(input_ids, m.embedding)
@@ -91,6 +107,36 @@ class GemvDecode:
                 act = self._moe.moe_up(h, w.fc, w.post_layernorm, eps, ids, m.experts.start)
                 h = self.reduce(self._moe.moe_down(act, w.proj, ids, prob, m.experts.start, residual=res))
         return self.gather(gemv(h, m.lm_head, norm=m.ln_f, eps=eps, out_f32=True))
+
+    def _exchange_step(self, input_ids, positions, batch, k_layers, v_layers) -> torch.Tensor:
+        """The same step for tp > 1 with the exchange: point 2i carries layer i's o_proj partials to its
+        gate/up kernel, point 2i + 1 the down partials to the next qkv kernel (or lm_head); each consumer
+        writes the summed residual stream into a fresh `h` for the residual GEMV after it."""
+        m, gemv, ex = self.model, self._gemv, self.exchange
+        eps = m.cfg.norm_epsilon
+        ex.begin_step()
+        h = F.embedding(input_ids, m.embedding)
+        cos, sin = m.rope(positions)
+        recv = None
+        for i, w in enumerate(m.layers):
+            kc, vc = k_layers[i], v_layers[i]
+            if recv is not None:
+                h = torch.empty_like(h)
+            if self._qkv_rope is not None:
+                q = self._qkv_rope(h, w.qkv, w.input_layernorm, eps, w.qkv_bias, cos, sin, batch.slots, kc, vc,
+                                   m.num_heads, m.num_kv_heads, m.head_size, recv=recv)
+            else:
+                qkv = gemv(h, w.qkv, norm=w.input_layernorm, eps=eps, bias=w.qkv_bias, recv=recv)
+                q = self.rope_write(qkv, cos, sin, kc, vc, batch.slots, batch.src_rows)
+            o = self.attention(q, kc, vc, batch)
+            gemv(o.reshape(1, -1), w.dense, residual=h if self.add_residual else None, send=ex.send(2 * i))
+            h = torch.empty_like(h)
+            act = gemv(h, w.gate_up, norm=w.post_layernorm, eps=eps, swiglu=True,
+                       recv=ex.recv(2 * i))
+            gemv(act, w.proj, residual=h if self.add_residual else None, send=ex.send(2 * i + 1))
+            recv = ex.recv(2 * i + 1)
+        gemv(torch.empty_like(h), m.lm_head, norm=m.ln_f, eps=eps, out_f32=True, recv=recv, send=ex.send_logits())
+        return ex.wait_logits()
 
 
 def check_on_model(model: RankModel, gemv, gemv_ref, moe_kernels=None) -> float:

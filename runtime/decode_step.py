@@ -31,7 +31,7 @@ _REGIONS = ("pre_attention_qkv", "pre_attention", "dense_mlp", "post_attention_n
 class DecodeStep:
     def __init__(self, model: RankModel, cache: PagedKVCache, attention: DecodeAttention, compile: bool,
                  reduce: Collective | None = None, gather: Collective | None = None,
-                 rope_kernel: bool | None = None, gemv: bool | None = None):
+                 rope_kernel: bool | None = None, gemv: bool | None = None, exchange=None, pdl: bool = False):
         """rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA if its self-check passes).
         gemv: batch-1 steps through fused GEMV kernels (runtime/decode_gemv_step.py; None: on CUDA unless
         ENGINESMITH_GEMV=0, if its self-check passes; True: also off CUDA, e.g. Triton's interpreter)."""
@@ -49,7 +49,7 @@ class DecodeStep:
         on_cuda = cache.k.device.type == "cuda"
         if gemv or (gemv is None and on_cuda and os.environ.get("ENGINESMITH_GEMV", "1") != "0"):
             self.gemv, self.gemv_note = GemvDecode.try_build(model, self.rope_write, attention, self.reduce,
-                                                             self.gather)
+                                                             self.gather, exchange, pdl)
             if self.gemv is None and on_cuda:
                 self.fallbacks.append(f"fused GEMV step unusable, cuBLAS regions at batch 1: {self.gemv_note}")
         if compile:

@@ -25,6 +25,7 @@ from runtime.decode_step import Collective, DecodeStep
 from runtime.kv_cache import PagedKVCache
 from runtime.model import RankModel
 from runtime.paged_attention import SeqSpan
+from runtime.pdl import enabled as pdl_enabled
 from runtime.plain_step import plain_forward
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,14 @@ class FastDecoder:
     def __init__(self, model: RankModel, cache: PagedKVCache, *, max_batch_size: int, max_seq_len: int,
                  cuda_graphs: bool | None = None, compile: bool | None = None, attention: str = "auto",
                  reduce: Collective | None = None, gather: Collective | None = None,
-                 rope_kernel: bool | None = None, gemv: bool | None = None):
+                 rope_kernel: bool | None = None, gemv: bool | None = None, exchange=None, pdl: bool | None = None):
         """cuda_graphs / compile default to on for CUDA caches; attention: auto | triton | gather.
         `reduce` / `gather` are the TP all-reduce and vocab all-gather (ParallelGroups' methods) for tp > 1.
         rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA, if its self-check passes).
-        gemv: batch-1 steps through the fused GEMV kernels (runtime/decode_gemv_step.py; None: on CUDA)."""
+        gemv: batch-1 steps through the fused GEMV kernels (runtime/decode_gemv_step.py; None: on CUDA).
+        exchange: a runtime.tp_exchange.TPExchange (tp > 1): the batch-1 step's all-reduces and logits gather
+        fused into its GEMV kernels when it is enabled. pdl: launch the step's Triton kernels with programmatic
+        dependent launch (runtime/pdl.py; None: where runtime.pdl.enabled says so)."""
         if not (model.is_first_stage and model.is_last_stage):
             raise ValueError("FastDecoder runs single-stage ranks only (pp_size=1)")
         self.model, self.cache = model, cache
@@ -64,10 +68,11 @@ class FastDecoder:
         self.max_batch_size, self.tpb = max_batch_size, cache.tokens_per_block
         self.max_blocks = cache.blocks_for(max_seq_len)
         self.batch_buckets = buckets(max_batch_size)
-        self.attention = DecodeAttention(attention, model.num_heads, cache.k[0], max_batch_size)
+        self.pdl = pdl_enabled(self.device) if pdl is None else pdl
+        self.attention = DecodeAttention(attention, model.num_heads, cache.k[0], max_batch_size, self.pdl)
         self.block_buckets = buckets(self.max_blocks) if self.attention.needs_context_buckets else [self.max_blocks]
         self.step = DecodeStep(model, cache, self.attention, on_cuda if compile is None else compile, reduce, gather,
-                               rope_kernel, gemv)
+                               rope_kernel, gemv, exchange, self.pdl)
         n, w = max_batch_size, self.max_blocks
         self._dev = torch.zeros(5 * n + n * w, dtype=torch.long, device=self.device)
         self._host = torch.zeros(5 * n + n * w, dtype=torch.long, pin_memory=on_cuda)
@@ -90,7 +95,8 @@ class FastDecoder:
         return dec
 
     def status(self) -> dict:
-        return dict(attention=self.attention.kind, attention_note=self.attention.reason, compile=self.step.compiled,
+        return dict(attention=self.attention.kind, attention_note=self.attention.reason, pdl=self.pdl,
+                    compile=self.step.compiled,
                     moe=self.step.moe_note, rope_write=self.step.rope_write.note, gemv=self.step.gemv_note,
                     cuda_graphs=self.use_graphs, graphs=len(self._graphs), batch_buckets=self.batch_buckets,
                     block_buckets=self.block_buckets,

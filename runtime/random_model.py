@@ -26,6 +26,8 @@ LLAMA_3_8B: dict[str, Any] = dict(
     architecture="LlamaForCausalLM", dtype="bfloat16", vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
     num_attention_heads=32, num_key_value_heads=8, head_size=128, intermediate_size=14336, norm_epsilon=1e-5,
     rotary_base=500000.0, max_position_embeddings=8192)
+LLAMA_3_70B: dict[str, Any] = LLAMA_3_8B | dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                                                intermediate_size=28672)
 MIXTRAL_8X7B: dict[str, Any] = dict(
     architecture="MixtralForCausalLM", dtype="bfloat16", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
     num_attention_heads=32, num_key_value_heads=8, head_size=128, intermediate_size=14336, norm_epsilon=1e-5,

@@ -15,13 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.pdl import wait_then_release
+
 
 @triton.jit
 def _split_kernel(Q, K, V, BT, CTX, ACC, ML, OUT, LOCK, sm_scale,
                   stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_ob, stride_oh,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, TPB: tl.constexpr,
                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, IEEE: tl.constexpr,
-                  FUSED: tl.constexpr, DIRECT: tl.constexpr):
+                  FUSED: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)  # q and the new token's K/V come from the kernel before
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -139,7 +142,8 @@ class TritonDecodeAttention:
     at batch 1 and 32, contexts 640-8192 (benchmarks/results/attention-kernels-h200.json)."""
 
     def __init__(self, q_heads: int, kv_heads: int, head_size: int, dtype: torch.dtype, max_batch_size: int,
-                 device: torch.device | str = "cuda", fused_merge: bool = True, min_chunk: int | None = None):
+                 device: torch.device | str = "cuda", fused_merge: bool = True, min_chunk: int | None = None,
+                 pdl: bool = False):
         if q_heads % kv_heads:
             raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
         if head_size < 16 or head_size & (head_size - 1):
@@ -148,6 +152,8 @@ class TritonDecodeAttention:
         self.group_pad = max(16, triton.next_power_of_2(self.group))
         self.kv_heads, self.head_size, self.ieee = kv_heads, head_size, dtype == torch.float32
         device = torch.device(device)
+        self.pdl = pdl
+        """Launch the split kernel with programmatic dependent launch (runtime/pdl.py)."""
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         self.fused_merge, self.max_rows = fused_merge, max(max_batch_size, 8)
         self.min_chunk = min_chunk or self.MIN_CHUNK
@@ -185,7 +191,7 @@ class TritonDecodeAttention:
             out.stride(0), out.stride(1),
             G=self.group, G_PAD=self.group_pad, D=d, TPB=k_cache.shape[1], BLOCK_N=self.BLOCK_N, SPLITS=splits,
             MIN_CHUNK=self.min_chunk, IEEE=self.ieee, FUSED=self.fused_merge, DIRECT=self.fused_merge and splits == 1,
-            num_warps=4, num_stages=2)
+            PDL=self.pdl, num_warps=4, num_stages=2, launch_pdl=self.pdl)
         if not self.fused_merge:  # the original two-kernel path, kept as the fallback
             _merge_kernel[(b, self.kv_heads)](
                 acc, ml, out, context_lens, out.stride(0), out.stride(1), G=self.group, G_PAD=self.group_pad, D=d,

@@ -28,6 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.pdl import wait_then_release
+from runtime.tp_signal import push_when_last
+
 
 @triton.jit
 def _row_dots(X, NW, rows, rows2, mask_n, K, NORM: tl.constexpr, TWO: tl.constexpr, EVEN_N: tl.constexpr,
@@ -96,9 +99,11 @@ def _silu_mul(act, lin, act_ty: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC, stride_slot,
+                 XS, EPOCH, DCOUNT, DST, DFLAG, RANK,
                  NORM: tl.constexpr, SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                  OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                  ROPE: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HEAD_D: tl.constexpr,
+                 PDL: tl.constexpr, XSUM: tl.constexpr, SCATTER: tl.constexpr, TP: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     if ROPE:  # rows j and j + HEAD_D / 2 of one head: BLOCK_N / 2 rotary pairs per program
@@ -121,9 +126,18 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         if SWIGLU:
             w2_next = tl.load(rows + HALF * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
                               other=0.0)
+    wait_then_release(PDL)  # the first tiles above are in flight while the previous kernel finishes
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        if EVEN_K:
+        if XSUM:  # x = the TP ranks' partials in XS (TP, K; a wait kernel ran before this one) summed in rank
+            # order (every rank gets the same bits), rounded once like an all-reduce
+            x = tl.load(XS + kk, mask=kk < K, other=0.0).to(tl.float32)
+            for q in tl.static_range(1, TP):
+                x += tl.load(XS + q * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x = x.to(act_ty).to(tl.float32)
+            if pid == 0:  # the summed residual stream, for the next residual GEMV
+                tl.store(X + kk, x.to(act_ty), mask=kk < K)
+        elif EVEN_K:
             x = tl.load(X + kk).to(tl.float32)
         else:
             x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
@@ -173,6 +187,8 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         tl.store(OUT + offs_n, y, mask=mask_n)
     else:
         tl.store(OUT + offs_n, y.to(OUT.dtype.element_ty), mask=mask_n)
+    if SCATTER:  # OUT is this rank's slot of its exchange buffer: the last program pushes it to the peers
+        push_when_last(OUT, N, DCOUNT, DST, DFLAG, EPOCH, RANK, TP, 1024)
 
 
 @triton.jit
@@ -222,10 +238,10 @@ TUNED: dict[str, GemvConfig] = {
     "6144x4096": GemvConfig(16, 512, 4, 1, prefetch=True),  # qkv tp1
     "4096x4096": GemvConfig(4, 1024, 4, 1, prefetch=True),  # o_proj tp1
     "swiglu-14336x4096": GemvConfig(8, 256, 8, 1, prefetch=True),  # gate_up tp1
-    "4096x14336": GemvConfig(2, 2048, 4, 1, prefetch=False),  # down tp1
+    "4096x14336": GemvConfig(4, 1024, 4, 1, prefetch=True),  # down tp1
     "128256x4096": GemvConfig(16, 256, 4, 1, prefetch=True),  # lm_head tp1
-    "3072x4096": GemvConfig(4, 1024, 4, 1, prefetch=False),  # qkv tp2
-    "4096x2048": GemvConfig(4, 1024, 4, 1, prefetch=False),  # o_proj tp2
+    "3072x4096": GemvConfig(8, 1024, 4, 1, prefetch=True),  # qkv tp2
+    "4096x2048": GemvConfig(8, 512, 4, 1, prefetch=True),  # o_proj tp2
     "swiglu-7168x4096": GemvConfig(16, 512, 4, 1, prefetch=True),  # gate_up tp2
     "4096x7168": GemvConfig(4, 1024, 4, 1, prefetch=True),  # down tp2
     "64128x4096": GemvConfig(8, 256, 8, 1, prefetch=True),  # lm_head tp2
@@ -233,8 +249,10 @@ TUNED: dict[str, GemvConfig] = {
     # (moe-up-configs-h200.json)
     "moe-swiglu-14336x4096": GemvConfig(16, 512, 4, 1, prefetch=True),
 }
-"""Best config per shape (`shape_key`: Llama-3-8B at tp 1 and 2) from benchmarks/gemv_kernels.py on an H200
-(benchmarks/results/gemv-kernels-h200.json)."""
+"""Best prefetching config per shape (`shape_key`: Llama-3-8B at tp 1 and 2) from benchmarks/gemv_kernels.py on
+an H200 (benchmarks/results/gemv-kernels-h200.json). Prefetching ones only, so that a kernel launched with
+PDL has its first weight tiles loading before it waits for the previous kernel: for down tp1, qkv tp2 and
+o_proj tp2 a non-prefetching config was faster alone, by 0.0, 0.1 and 0.2 us."""
 
 
 def shape_key(n: int, k: int, swiglu: bool) -> str:
@@ -259,8 +277,12 @@ def config_for(n: int, k: int, swiglu: bool, moe: bool = False) -> GemvConfig:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6,
          swiglu: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-         out_f32: bool = False, config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (1, K) or (K,) -> (1, N) (N = w.shape[0], or half of it with swiglu); see the module docstring."""
+         out_f32: bool = False, config: GemvConfig | None = None, out: torch.Tensor | None = None,
+         pdl: bool = False, recv=None, send=None) -> torch.Tensor | None:
+    """x (1, K) or (K,) -> (1, N) (N = w.shape[0], or half of it with swiglu); see the module docstring.
+    pdl: launch with programmatic dependent launch (runtime/pdl.py). TP exchange (runtime/tp_exchange.py):
+    with `recv` (after its `wait`) the input is the sum of the ranks' slots and `x` is where the kernel writes
+    that sum; with `send` the output goes to every rank's exchange buffer and None is returned."""
     k = x.shape[-1]
     if x.numel() != k:
         raise ValueError(f"gemv takes one row, got x of shape {tuple(x.shape)}")
@@ -268,27 +290,43 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
         raise ValueError(f"weight {tuple(w.shape)} (contiguous) does not match x's {k} features")
     n = w.shape[0] // 2 if swiglu else w.shape[0]
     cfg = config or config_for(n, k, swiglu)
-    if out is None:
+    if send is not None:
+        out = send.slice_like
+    elif out is None:
         out = torch.empty(1, n, dtype=torch.float32 if out_f32 else x.dtype, device=x.device)
-    x = x.contiguous()
+    if recv is None:
+        x = x.contiguous()
     dummy = x
+    link = (recv or send).link if (recv or send) else None
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, w, norm if norm is not None else dummy, bias if bias is not None else dummy,
         residual.contiguous() if residual is not None else dummy, out, n, k, n, eps,
-        dummy, dummy, dummy, dummy, dummy, 0,
+        dummy, dummy, dummy, dummy, dummy, 0, *exchange_args(recv, send, dummy),
         NORM=norm is not None, SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
         OUT_F32=out_f32, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch,
-        ROPE=False, NQ=1, NKV=1, HEAD_D=1,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+        ROPE=False, NQ=1, NKV=1, HEAD_D=1, PDL=pdl, XSUM=recv is not None, SCATTER=send is not None,
+        TP=link.tp if link else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, launch_pdl=pdl)
+    return None if send is not None else out
+
+
+def exchange_args(recv, send, dummy: torch.Tensor) -> tuple:
+    """The kernel's XS, EPOCH, DCOUNT, DST, DFLAG, RANK arguments (dummies where unused)."""
+    link = (recv or send).link if (recv or send) else None
+    if link is None:
+        return dummy, dummy, dummy, dummy, dummy, 0
+    count, dst, dflag = (send.count, send.dst, send.flags) if send else (dummy, dummy, dummy)
+    return recv.slots if recv else dummy, link.epoch, count, dst, dflag, link.rank
 
 
 def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: float, bias: torch.Tensor | None,
                   cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, nq: int, nkv: int, d: int, config: GemvConfig | None = None) -> torch.Tensor:
+                  v_cache: torch.Tensor, nq: int, nkv: int, d: int, config: GemvConfig | None = None,
+                  pdl: bool = False, recv=None) -> torch.Tensor:
     """RMSNorm, the fused qkv projection of one token, rotary of q and k, and the write of k and v into the
     cache layers (blocks, tpb, nkv, d) at flat slot slots[0], in one kernel -> rotated q (1, nq, d).
-    The arithmetic of gemv(norm, bias) followed by runtime/decode_rope_write.rope_cache_write_ref."""
+    The arithmetic of gemv(norm, bias) followed by runtime/decode_rope_write.rope_cache_write_ref.
+    pdl and recv as in gemv (with recv, x receives the summed input)."""
     why = rope_unsupported(w, k_cache, v_cache, nq, nkv, d, x.dtype)
     if why:
         raise ValueError(f"qkv_rope_gemv: {why}")
@@ -296,13 +334,15 @@ def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: flo
     cfg = config or config_for(n, k, False)
     block_n = max(2, min(cfg.block_n, d))  # a program covers whole rotary pairs of one head
     q = torch.empty(1, nq, d, dtype=x.dtype, device=x.device)
-    x = x.contiguous()
+    if recv is None:
+        x = x.contiguous()
     _gemv_kernel[(n // block_n,)](
         x, w, norm, bias if bias is not None else x, x, q, n, k, n, eps,
-        cos.contiguous(), sin.contiguous(), slots, k_cache, v_cache, nkv * d,
+        cos.contiguous(), sin.contiguous(), slots, k_cache, v_cache, nkv * d, *exchange_args(recv, None, x),
         NORM=True, SWIGLU=False, BIAS=bias is not None, RESIDUAL=False, OUT_F32=False, EVEN_N=True,
         EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch, ROPE=True, NQ=nq, NKV=nkv, HEAD_D=d,
-        BLOCK_N=block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PDL=pdl, XSUM=recv is not None, SCATTER=False, TP=recv.link.tp if recv else 1,
+        BLOCK_N=block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
     return q
 
 

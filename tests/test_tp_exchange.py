@@ -1,0 +1,180 @@
+"""The TP exchange (runtime/tp_exchange.py): all-reduces and the logits gather inside the GEMV kernels.
+
+Kernel tests run two "ranks" over two buffers of one device (CUDA, or CPU under Triton's interpreter):
+producers before consumers, so no wait spins. The step test runs two real processes (gloo for the prefill's
+collectives) under the interpreter with the exchange buffers in shared CPU memory, so the consumers do wait
+for the other process's kernels, and compares the step with the collective path and with tp=1.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from runtime.gemv_ref import gemv_ref
+from runtime.random_model import TINY_LLAMA, checkpoint_config, random_rank_model
+from runtime.tp_exchange import TPExchange
+from tests.test_decode_kernels import INTERPRET, KERNEL_DEVICE, needs_triton
+
+H, K, V = 64, 96, 40  # hidden, o_proj input, vocab slice
+
+
+def _ranks(tp: int = 2, points: int = 2, spin: int = 100_000, dtype=torch.float32) -> list[TPExchange]:
+    _, total = TPExchange.layout(tp, points, H, V, dtype)
+    bufs = [torch.zeros(total, dtype=torch.uint8, device=KERNEL_DEVICE) for _ in range(tp)]
+    return [TPExchange.over_buffers(bufs, r, dtype, H, V, points, spin=spin) for r in range(tp)]
+
+
+def _rnd(gen, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(KERNEL_DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("tp", [2, 3])
+def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp):
+    from runtime.triton_gemv import config_for, gemv
+
+    gen = torch.Generator().manual_seed(tp)
+    exs = _ranks(tp)
+    res, norm = _rnd(gen, 1, H), 1 + 0.1 * _rnd(gen, H)
+    w1 = [_rnd(gen, H, K, scale=0.1) for _ in range(tp)]  # row-parallel partials
+    w2 = [_rnd(gen, V, H, scale=0.1) for _ in range(tp)]  # vocab-parallel lm_head slices
+    for step in range(2):  # flags and counters keep growing with the epoch: no reset between steps
+        x = [_rnd(gen, 1, K) for _ in range(tp)]
+        parts = [gemv_ref(x[r], w1[r], residual=res if r == 0 else None) for r in range(tp)]
+        ref_h = sum(parts[1:], parts[0])
+        ref_logits = torch.cat([gemv_ref(ref_h, w2[r], norm=norm, out_f32=True) for r in range(tp)], -1)
+        for ex in exs:
+            ex.begin_step()
+        for r, ex in enumerate(exs):
+            assert gemv(x[r], w1[r], residual=res if r == 0 else None, send=ex.send(1)) is None
+        hs = [torch.full((1, H), float("nan"), device=KERNEL_DEVICE) for _ in range(tp)]
+        for r, ex in enumerate(exs):
+            gemv(hs[r], w2[r], norm=norm, out_f32=True, recv=ex.recv(1), send=ex.send_logits())
+        logits = [ex.wait_logits().clone() for ex in exs]
+        for r, ex in enumerate(exs):
+            ex.check_error()
+            assert torch.allclose(hs[r], ref_h, rtol=1e-5, atol=1e-5), (step, r)
+            assert torch.allclose(logits[r], ref_logits, rtol=1e-4, atol=1e-5), (step, r)
+            assert torch.equal(hs[r], hs[0]) and torch.equal(logits[r], logits[0])  # same bits on every rank
+            peers = [q for q in range(tp) if q != r]
+            assert ex._flags[1, peers].tolist() == [step + 1] * (tp - 1)  # each peer's producer raised the epoch
+            assert int(ex._flags[1, tp]) == (step + 1) * -(-H // config_for(H, K, False).block_n)  # own programs
+
+
+@needs_triton
+def test_a_wait_for_a_peer_that_never_sends_gives_up_and_reports_it():
+    from runtime.triton_gemv import gemv
+
+    gen = torch.Generator().manual_seed(0)
+    exs = _ranks(spin=50)
+    exs[0].begin_step()
+    gemv(_rnd(gen, 1, K), _rnd(gen, H, K), send=exs[0].send(0))  # rank 1 never produces point 0
+    gemv(torch.empty(1, H, device=KERNEL_DEVICE), _rnd(gen, V, H), norm=torch.ones(H, device=KERNEL_DEVICE),
+         recv=exs[0].recv(0))
+    with pytest.raises(RuntimeError, match="never delivered"):
+        exs[0].check_error()
+    exs[1].check_error()  # rank 1 waited for nothing
+
+
+def test_layout_keeps_regions_aligned_and_apart():
+    offs, total = TPExchange.layout(tp=2, num_points=64, hidden=4096, vocab_local=64128, dtype=torch.bfloat16)
+    slots, logits, flags = offs
+    assert slots == 0 and logits >= 64 * 2 * 4096 * 2 and flags >= logits + 2 * 64128 * 4
+    assert all(o % 256 == 0 for o in offs) and total >= flags + 65 * 3 * 8
+
+
+def test_exchange_is_opt_in_and_refuses_cpu_with_the_reason(monkeypatch):
+    ex = TPExchange.__new__(TPExchange)
+    ex.device, ex.dtype = torch.device("cpu"), torch.float32
+    monkeypatch.delenv("ENGINESMITH_TP_EXCHANGE", raising=False)
+    assert "ENGINESMITH_TP_EXCHANGE=1 turns it on" in ex._local_problem()
+    monkeypatch.setenv("ENGINESMITH_TP_EXCHANGE", "1")
+    assert "needs CUDA" in ex._local_problem()
+
+
+# ---- two processes, one decode step ----
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step_rank(rank: int, port: int, bufs: list[torch.Tensor], queue) -> None:
+    import copy
+
+    import torch.distributed as dist
+
+    from builders.mapping import Mapping
+    from runtime.fast_decode import FastDecoder
+    from runtime.kv_cache import PagedKVCache
+    from runtime.paged_attention import SeqSpan
+    from runtime.parallel import init_parallel
+    from runtime.plain_step import plain_forward
+
+    torch.set_num_threads(1)
+    groups = init_parallel(Mapping.create(tp_size=2), rank, f"tcp://127.0.0.1:{port}", "gloo")
+    cfg = checkpoint_config(TINY_LLAMA, tp_size=2)
+    model = random_rank_model(cfg, rank, seed=1)
+    reduce, gather = groups.all_reduce_tp, groups.gather_tp_last_dim
+    cache = PagedKVCache(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads,
+                         head_size=model.head_size, num_blocks=16, tokens_per_block=4)
+    cache.reserve(0, 12)
+    plain_forward(model, cache, [SeqSpan(0, 0, len(PROMPT))], PROMPT, reduce, gather)
+    ex = TPExchange.over_buffers(bufs, rank, model.dtype, cfg.hidden_size, model.lm_head.shape[0],
+                                 2 * model.num_local_layers, spin=200_000)
+    outs = {}
+    for name, exchange in (("exchange", ex), ("collectives", None)):
+        dec = FastDecoder(model, copy.deepcopy(cache), max_batch_size=1, max_seq_len=12, compile=False, gemv=True,
+                          rope_kernel=True, cuda_graphs=False, reduce=reduce, gather=gather, exchange=exchange)
+        assert ("TP exchange" in dec.status()["gemv"]) == (exchange is not None), dec.status()["gemv"]
+        outs[name] = [dec.decode([0], [tok], [len(PROMPT) + i]).clone() for i, tok in enumerate(NEXT)]
+    ex.check_error()
+    queue.put((rank, {k: [t.numpy() for t in v] for k, v in outs.items()}))
+    dist.destroy_process_group()
+
+
+PROMPT, NEXT = [5, 17, 33, 2, 99], [7, 250]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the two-process step runs its kernels under Triton's interpreter "
+                                          "(GPU runs: benchmarks/runtime.py --sections tp)")
+def test_two_ranks_step_through_the_exchange_like_the_collective_path_and_tp1():
+    from runtime.kv_cache import PagedKVCache
+    from runtime.paged_attention import SeqSpan
+    from runtime.plain_step import plain_forward
+
+    cfg = checkpoint_config(TINY_LLAMA, tp_size=2)
+    model1 = random_rank_model(checkpoint_config(TINY_LLAMA), seed=1)
+    n_points = 2 * model1.num_local_layers
+    vocab_local = random_rank_model(cfg, 0, seed=1).lm_head.shape[0]
+    _, total = TPExchange.layout(2, n_points, cfg.hidden_size, vocab_local, model1.dtype)
+    bufs = [torch.zeros(total, dtype=torch.uint8).share_memory_() for _ in range(2)]
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_step_rank, args=(r, port, bufs, queue)) for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        got = dict(queue.get(timeout=300) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    cache = PagedKVCache(num_layers=model1.num_local_layers, num_kv_heads=model1.num_kv_heads,
+                         head_size=model1.head_size, num_blocks=16, tokens_per_block=4)
+    cache.reserve(0, 12)
+    plain_forward(model1, cache, [SeqSpan(0, 0, len(PROMPT))], PROMPT)
+    for i, tok in enumerate(NEXT):
+        ref = plain_forward(model1, cache, [SeqSpan(0, len(PROMPT) + i, 1)], [tok])[:, : cfg.vocab_size]
+        for r in range(2):
+            ex = torch.from_numpy(got[r]["exchange"][i])[:, : cfg.vocab_size]
+            coll = torch.from_numpy(got[r]["collectives"][i])[:, : cfg.vocab_size]
+            assert torch.allclose(ex, coll, rtol=1e-4, atol=1e-4), (i, r, float((ex - coll).abs().max()))
+            assert torch.allclose(ex, ref, rtol=1e-4, atol=1e-4), (i, r, float((ex - ref).abs().max()))
+        assert torch.equal(torch.from_numpy(got[0]["exchange"][i]), torch.from_numpy(got[1]["exchange"][i]))
