@@ -32,8 +32,18 @@ MOE_SHAPE = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidd
              "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2,
              "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6}
 """runtime.random_model.MIXTRAL_8X7B trimmed to 8 layers, as benchmarks/runtime.py's moe section runs it."""
-BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions"}
-"""Names of the runtime's baseline paths (decode.baselines.<key>, tp.<tpN>.<batch>_<key>) as the table shows them."""
+BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions", "no_pdl": "fused GEMV, no PDL",
+                   "previous": "fused GEMV, no PDL", "no_exchange": "fused GEMV + PDL, one-shot all-reduce",
+                   "exchange": "fused GEMV + PDL, TP exchange"}
+"""Names of the runtime's baseline paths (decode.baselines.<key>, tp.<tpN>.<batch>_<key>) as the table shows them
+("previous" / "no_exchange": the keys of the runs made while the TP exchange was the default)."""
+SUPERSEDED = ("-exchange-v1.json", "-exchange-v2.json", "-exchange-v3.json")
+"""Runs of the TP exchange's earlier versions: their default-path rows repeat the last run's, so the table skips
+them (README quotes all four runs)."""
+TP70B_SHAPE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 8192,
+               "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 28672,
+               "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
+"""runtime.random_model.LLAMA_3_70B (the tp section's --tp-shape llama-3-70b), layers from the run."""
 
 
 def _recipe(gpu: str, tp: int, pp: int, concurrency: int, isl: int = 512, osl: int = 128,
@@ -56,11 +66,16 @@ def _row(what: str, predicted: float, measured: float, unit: str, kind: str, sou
 
 
 def _kernels(status: dict | None, batch: int = 1) -> str:
-    """How the runtime ran the step, from its status block: which GEMVs (the fused ones serve batch 1 only)."""
+    """How the runtime ran the step, from its status block: which GEMVs (the fused ones serve batch 1 only),
+    with PDL, with the TP exchange."""
     gemv = str((status or {}).get("gemv", ""))
     if batch > 1:
         return "cuBLAS + compiled regions" if gemv.startswith("fused") else "cuBLAS"
-    return "fused GEMV kernels" if gemv.startswith("fused") else "cuBLAS"
+    if not gemv.startswith("fused"):
+        return "cuBLAS"
+    if "(TP exchange)" in gemv:
+        return BASELINE_LABELS["exchange"]
+    return "fused GEMV + PDL" if "PDL on" in gemv else "fused GEMV kernels"
 
 
 def _decode_rows(gpu: str, d: dict, src: str, calibration: bool) -> list[dict]:
@@ -79,20 +94,26 @@ def _decode_rows(gpu: str, d: dict, src: str, calibration: bool) -> list[dict]:
 
 def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
     """runtime_parallel.py's tp section: greedy steps from context 512 to 640, so isl 512 + osl 128 / 2."""
-    rows = []
+    rows, model = [], tp_data.get("model") or {"shape": "llama-3-8b"}
+    spec, name = None, "Llama-3-8B"
+    if model["shape"] == "llama-3-70b":
+        spec = ModelSpec.from_hf_config(TP70B_SHAPE | {"num_hidden_layers": model["layers"]},
+                                        name=f"llama-3-70b-{model['layers']}-layers")
+        name = f"Llama-3-70B shape, {model['layers']} layers"
     for tp_key, tp in (("tp1", 1), ("tp2", 2)):
         runs = tp_data.get(tp_key, {})
         for batch in ("1", "32"):
             m = runs.get(batch)
             if not m:
                 continue
-            plan = make_plan(_recipe(gpu, tp, 1, int(batch)))
-            rows.append(_row(f"decode step, tp={tp}, batch {batch}, {_kernels(m.get('status'), int(batch))}",
-                             plan.decode.estimate_ms, m["ms_per_step"], "ms", "step", src))
+            plan = make_plan(_recipe(gpu, tp, 1, int(batch)), spec=spec, with_options=False)
+            what = f"decode step, {name}, tp={tp}, batch {batch}" if spec else f"decode step, tp={tp}, batch {batch}"
+            rows.append(_row(f"{what}, {_kernels(m.get('status'), int(batch))}", plan.decode.estimate_ms,
+                             m["ms_per_step"], "ms", "step", src))
             for key, label in BASELINE_LABELS.items():
                 if base := runs.get(f"{batch}_{key}"):
-                    rows.append(_row(f"decode step, tp={tp}, batch {batch}, {label}", plan.decode.estimate_ms,
-                                     base["ms_per_step"], "ms", "step", src))
+                    rows.append(_row(f"{what}, {label}", plan.decode.estimate_ms, base["ms_per_step"], "ms", "step",
+                                     src))
         if micro := runs.get("allreduce_micro"):
             link = resolve_hardware(_recipe(gpu, tp, 1, 1).hardware).intra_node
             predicted = 1e6 * link.ring_allreduce_s(micro["bytes"], tp)
@@ -105,6 +126,8 @@ def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
 def compare(results_dir: Path) -> list[dict]:
     rows = []
     for path in sorted(results_dir.glob("runtime-*.json")):
+        if path.name.endswith(SUPERSEDED):
+            continue
         data = json.loads(path.read_text())
         if data.get("tiny") or not str(data.get("device", "")).startswith("cuda"):
             continue
