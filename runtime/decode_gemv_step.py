@@ -23,7 +23,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from runtime.gemv_ref import gemv_ref
+from runtime.gemv_ref import gemv_ref, rel_err
 from runtime.model import RankModel
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def check_on_model(model: RankModel, gemv, gemv_ref, moe_kernels=None) -> float:
         for x, weight, kw in cases:
             ref = gemv_ref(x, weight, **kw).float()
             out = gemv(x, weight, **kw).float()
-            errs.append(_rel_err(out, ref))
+            errs.append(rel_err(out, ref))
     return max(errs)
 
 
@@ -179,12 +179,7 @@ def _check_moe(model: RankModel, kernels, h: torch.Tensor, res: torch.Tensor) ->
         ids, prob = kernels.moe_router(h, w.post_layernorm, eps, w.router, k, renorm)
         out = kernels.moe_down(kernels.moe_up(h, w.fc, w.post_layernorm, eps, ids, first), w.proj, ids, prob, first,
                                residual=res).float()
-    return _rel_err(out, ref)
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float(), ref.float()
-    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+    return rel_err(out, ref)
 
 
 def _try_qkv_rope(model: RankModel, triton_gemv, tol: float):
@@ -211,7 +206,7 @@ def _try_qkv_rope(model: RankModel, triton_gemv, tol: float):
     except Exception as e:
         log.warning("qkv + rotary kernel unusable: %s", e)
         return None, f"rotary in its own kernel (qkv + rotary kernel failed: {type(e).__name__}: {str(e)[:200]})"
-    errs = [_rel_err(a, b) for a, b in ((q, ref), (caches[0], ref_caches[0]), (caches[1], ref_caches[1]))]
+    errs = [rel_err(a, b) for a, b in ((q, ref), (caches[0], ref_caches[0]), (caches[1], ref_caches[1]))]
     if not max(errs) < tol:
         return None, f"rotary in its own kernel (qkv + rotary self-check error {max(errs):.3g})"
     return triton_gemv.qkv_rope_gemv, f"rotary + KV write in the qkv kernel, self-check {max(errs):.1e}"

@@ -216,11 +216,7 @@ class FastAllReduce:
         return errs
 
     def _all_ok(self, ok: bool) -> bool:
-        """Whether every rank of the group is ok (MIN over the group: the ranks always decide alike)."""
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device if self.device.type == "cuda"
-                            else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return flag.item() == 1
+        return all_ranks_ok(self.group, ok, self.device)
 
     def _agree(self, ok: bool, reason: str | None) -> bool:
         """All ranks ok? If not, disable everywhere, naming this rank's reason."""
@@ -241,6 +237,13 @@ class FastAllReduce:
             if time.monotonic() > deadline:
                 raise FastAllReduceHang(f"{what} did not finish in {self.hang_timeout_s:.0f} s (no P2P path?)")
             time.sleep(1e-3)
+
+
+def all_ranks_ok(group, ok: bool, device: torch.device) -> bool:
+    """Whether every rank of the group is ok (MIN over the group: the ranks always decide alike)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return flag.item() == 1
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -22,3 +22,9 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = No
     if residual is not None:
         y = residual.reshape(1, -1) + y
     return y.float() if out_f32 else y
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """|out - ref| / |ref| (Frobenius norms): the self-checks' measure of a fused kernel against the reference."""
+    out, ref = out.float(), ref.float()
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from runtime import tp_signal
+from runtime.fast_allreduce import all_ranks_ok
 
 log = logging.getLogger(__name__)
 ENV_SWITCH = "ENGINESMITH_TP_EXCHANGE"
@@ -208,7 +209,7 @@ class TPExchange:
         """One exchange step on random weights: a residual GEMV into point 0, an RMSNorm GEMV out of it into
         the logits, against the same arithmetic with dist.all_reduce / all_gather; then the counters reset."""
         from runtime import triton_gemv
-        from runtime.gemv_ref import gemv_ref
+        from runtime.gemv_ref import gemv_ref, rel_err
 
         h, v, dev, dt = self.hidden, self.vocab_local, self.device, self.dtype
         gen = torch.Generator(device="cpu").manual_seed(7 + self.rank)
@@ -235,7 +236,7 @@ class TPExchange:
             logits = self.wait_logits().view(self.tp, v)[:, :n_out].clone()
             torch.cuda.synchronize(dev)
         self.check_error()
-        self.check_err = max(_rel_err(got_h, ref_h), _rel_err(logits, ref_logits))
+        self.check_err = max(rel_err(got_h, ref_h), rel_err(logits, ref_logits))
         self.reset()
         if not self.check_err < (1e-4 if dt == torch.float32 else 2e-2):
             raise RuntimeError(f"relative error {self.check_err:.3g} against dist.all_reduce / all_gather")
@@ -250,10 +251,7 @@ class TPExchange:
 
     def _agree(self, ok: bool, reason: str | None) -> bool:
         """All ranks ok (MIN over the group)? If not, disable everywhere, naming this rank's reason."""
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32,
-                            device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        if flag.item() == 1:
+        if all_ranks_ok(self.group, ok, self.device):
             return True
         self._disable(reason if not ok else "another rank could not set up the TP exchange")
         return False
@@ -261,11 +259,6 @@ class TPExchange:
     def _disable(self, reason: str) -> None:
         self.reason, self._buf = reason, None
         log.warning("TP exchange off, the decode step keeps its all-reduces: %s", reason)
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float(), ref.float()
-    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
 def for_model(groups, model, device: torch.device) -> TPExchange:
