@@ -202,3 +202,33 @@ def test_configs_file_overrides_the_tuned_table_and_moe_entries_come_first(tmp_p
     finally:
         monkeypatch.delenv("ENGINESMITH_GEMV_CONFIGS")
         tg._file_configs.cache_clear()
+
+
+def test_pdl_is_on_only_for_hopper_cuda_outside_the_interpreter(monkeypatch):
+    from runtime import pdl
+
+    monkeypatch.delenv("ENGINESMITH_PDL", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not pdl.enabled("cpu")
+    if torch.cuda.is_available():
+        assert pdl.enabled("cuda") == (torch.cuda.get_device_capability() >= (9, 0))
+        monkeypatch.setenv("ENGINESMITH_PDL", "0")
+        assert not pdl.enabled("cuda")
+        monkeypatch.delenv("ENGINESMITH_PDL")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert not pdl.enabled("cuda")
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
+                    reason="programmatic dependent launch needs a CUDA device of compute capability 9.0+")
+def test_step_launched_with_pdl_matches_the_step_without_it():
+    """PDL only lets a kernel start early: with graphs, the logits and the KV writes must not change."""
+    model = tiny(device="cuda")
+    cache, seqs = prefilled(model, [9])
+    outs = []
+    for pdl in (False, True):
+        c = copy.deepcopy(cache)
+        dec = FastDecoder(model, c, max_batch_size=1, max_seq_len=64, compile=False, gemv=True, pdl=pdl)
+        assert dec.status()["pdl"] is pdl and dec.step.gemv is not None, dec.status()
+        outs.append((torch.cat([dec.decode(seqs, [t], [9 + i]) for i, t in enumerate([4, 8, 15])]), c.k.clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
