@@ -6,7 +6,9 @@ Per layer: [RMSNorm + qkv (+ bias) + rotary + KV-cache write] -> [attention] -> 
 residual] (runtime/triton_moe_gemv.py). The cuBLAS path (runtime/decode_step.py's regions) needs six
 more kernels per dense layer: two norms, rotary + cache write, SiLU * up, and split-K reductions.
 With tp > 1 the all-reduce follows o_proj and down (or the MoE block), and only TP rank 0 adds the
-residual into its partial, so the reduced sum is h + every rank's partial.
+residual into its partial, so the reduced sum is h + every rank's partial. On Hopper the kernels launch with
+programmatic dependent launch (runtime/pdl.py); the opt-in TP exchange (runtime/tp_exchange.py) moves the
+all-reduces and the logits gather into the GEMV kernels (dense layers).
 
 `GemvDecode.try_build` checks each fused kernel on the model's own layer-0 weights against the unfused
 arithmetic before the step uses it; a failure leaves the step on the cuBLAS path, with the reason (and a
