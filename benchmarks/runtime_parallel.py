@@ -72,11 +72,11 @@ def _spawn_tp(bench, tp: int, p: dict, res: dict) -> dict:
 
 
 _BASELINES_BATCH1 = (
-    ("1_exchange", {}),  # tp > 1 with ENGINESMITH_TP_EXCHANGE=1: all-reduces and gather inside the GEMVs
     ("1_no_pdl", dict(pdl=False)),  # fused GEMVs launched without programmatic dependent launch
     ("1_cublas_regions", dict(gemv=False)),
 )
-"""Batch-1 paths timed after the main one in the same ranks: (result key, FastDecoder options)."""
+"""Batch-1 paths timed after the main one in the same ranks: (result key, FastDecoder options); "1_exchange"
+(tp > 1 with ENGINESMITH_TP_EXCHANGE=1: all-reduces and gather inside the GEMVs) goes first when it is on."""
 
 
 def _all_reduce_summary(two: dict) -> dict:
@@ -104,7 +104,6 @@ def pp_section(bench) -> dict:
 # ---- rank bodies (spawned) ----
 def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     from benchmarks.runtime_decode import make_cache
-    from runtime.fast_decode import FastDecoder
     from runtime.paged_attention import SeqSpan
     from runtime.plain_step import plain_forward
 
@@ -132,22 +131,16 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
             cache.reserve(s, total)
         spans = [SeqSpan(s, 0, p["prompt_len"]) for s in range(bs)]
         first = plain_forward(model, cache, spans, prompts.flatten().tolist(), reduce, gather).argmax(-1).tolist()
-        dec = FastDecoder(model, cache, max_batch_size=bs, max_seq_len=total, reduce=reduce, gather=gather,
-                          **p["options"])
-        _greedy(dec, first, p["prompt_len"], p["steps"], device)  # warm-up: compile, capture
-        tokens, secs = _greedy(dec, first, p["prompt_len"], p["steps"], device)
-        out[str(bs)] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"], status=dec.status())
+        dec_args = dict(model=model, cache=cache, max_batch_size=bs, max_seq_len=total, reduce=reduce,
+                        gather=gather) | p["options"]
+        tokens, secs, status = _timed(dec_args, first, p, device)
+        out[str(bs)] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"], status=status)
         if bs == 1:
             out["tokens"] = [t[0] for t in tokens]
-        del dec
         if bs == 1 and p["cuda"] and p["options"].get("gemv") is None:  # same run: the other batch-1 paths
-            for name, kw in _BASELINES_BATCH1:
-                if name == "1_exchange" and exchange is None:
-                    continue
-                dec = FastDecoder(model, cache, max_batch_size=bs, max_seq_len=total, reduce=reduce, gather=gather,
-                                  **(p["options"] | kw | (dict(exchange=exchange) if name == "1_exchange" else {})))
-                _greedy(dec, first, p["prompt_len"], p["steps"], device)
-                toks, secs = _greedy(dec, first, p["prompt_len"], p["steps"], device)
+            extra = (("1_exchange", dict(exchange=exchange)),) if exchange is not None else ()
+            for name, kw in extra + _BASELINES_BATCH1:
+                toks, secs, _ = _timed(dec_args | kw, first, p, device)
                 out[name] = dict(tok_s=p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"],
                                  same_tokens=[t[0] for t in toks] == out["tokens"])
                 if name == "1_exchange":
@@ -155,7 +148,6 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
                         exchange.check_error()
                     except RuntimeError as e:  # recorded, not raised: the peer would hang in the next collectives
                         out[name]["exchange_error"] = str(e)
-                del dec
         del cache
     if groups is not None:
         import torch.distributed as dist
@@ -276,6 +268,15 @@ def _need_gpus(cuda: bool, n: int) -> None:
     if cuda and torch.cuda.device_count() < n:
         raise RuntimeError(f"this section needs {n} GPUs, the machine has {torch.cuda.device_count()} "
                            "(run it on nvidia-h100-x2, or with --device cpu --tiny)")
+
+
+def _timed(dec_args: dict, first: list[int], p: dict, device) -> tuple[list[list[int]], float, dict]:
+    """Greedy steps through FastDecoder(**dec_args) after a warm-up run (compile, capture): tokens, seconds, status."""
+    from runtime.fast_decode import FastDecoder
+
+    dec = FastDecoder(**dec_args)
+    _greedy(dec, first, p["prompt_len"], p["steps"], device)
+    return (*_greedy(dec, first, p["prompt_len"], p["steps"], device), dec.status())
 
 
 def _greedy(dec, first: list[int], start: int, steps: int, device) -> tuple[list[list[int]], float]:

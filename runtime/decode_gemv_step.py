@@ -89,14 +89,7 @@ class GemvDecode:
         h = F.embedding(input_ids, m.embedding)
         cos, sin = m.rope(positions)
         for i, w in enumerate(m.layers):
-            kc, vc = k_layers[i], v_layers[i]
-            if self._qkv_rope is not None:
-                q = self._qkv_rope(h, w.qkv, w.input_layernorm, eps, w.qkv_bias, cos, sin, batch.slots, kc, vc,
-                                   m.num_heads, m.num_kv_heads, m.head_size)
-            else:
-                qkv = gemv(h, w.qkv, norm=w.input_layernorm, eps=eps, bias=w.qkv_bias)
-                q = self.rope_write(qkv, cos, sin, kc, vc, batch.slots, batch.src_rows)
-            o = self.attention(q, kc, vc, batch)
+            o = self._attend(h, w, cos, sin, batch, k_layers[i], v_layers[i])
             h = self.reduce(gemv(o.reshape(1, -1), w.dense, residual=h if self.add_residual else None))
             res = h if self.add_residual else None
             if w.router is None:
@@ -110,6 +103,18 @@ class GemvDecode:
                 h = self.reduce(self._moe.moe_down(act, w.proj, ids, prob, m.experts.start, residual=res))
         return self.gather(gemv(h, m.lm_head, norm=m.ln_f, eps=eps, out_f32=True))
 
+    def _attend(self, h, w, cos, sin, batch, kc, vc, recv=None) -> torch.Tensor:
+        """[RMSNorm + qkv + rotary + KV write] then attention for one layer -> o (1, nq, d); with `recv` (the
+        TP exchange) h is where the qkv kernel writes the summed residual stream."""
+        m, eps = self.model, self.model.cfg.norm_epsilon
+        if self._qkv_rope is not None:
+            q = self._qkv_rope(h, w.qkv, w.input_layernorm, eps, w.qkv_bias, cos, sin, batch.slots, kc, vc,
+                               m.num_heads, m.num_kv_heads, m.head_size, recv=recv)
+        else:
+            qkv = self._gemv(h, w.qkv, norm=w.input_layernorm, eps=eps, bias=w.qkv_bias, recv=recv)
+            q = self.rope_write(qkv, cos, sin, kc, vc, batch.slots, batch.src_rows)
+        return self.attention(q, kc, vc, batch)
+
     def _exchange_step(self, input_ids, positions, batch, k_layers, v_layers) -> torch.Tensor:
         """The same step for tp > 1 with the exchange: point 2i carries layer i's o_proj partials to its
         gate/up kernel, point 2i + 1 the down partials to the next qkv kernel (or lm_head); each consumer
@@ -121,20 +126,12 @@ class GemvDecode:
         cos, sin = m.rope(positions)
         recv = None
         for i, w in enumerate(m.layers):
-            kc, vc = k_layers[i], v_layers[i]
             if recv is not None:
                 h = torch.empty_like(h)
-            if self._qkv_rope is not None:
-                q = self._qkv_rope(h, w.qkv, w.input_layernorm, eps, w.qkv_bias, cos, sin, batch.slots, kc, vc,
-                                   m.num_heads, m.num_kv_heads, m.head_size, recv=recv)
-            else:
-                qkv = gemv(h, w.qkv, norm=w.input_layernorm, eps=eps, bias=w.qkv_bias, recv=recv)
-                q = self.rope_write(qkv, cos, sin, kc, vc, batch.slots, batch.src_rows)
-            o = self.attention(q, kc, vc, batch)
+            o = self._attend(h, w, cos, sin, batch, k_layers[i], v_layers[i], recv)
             gemv(o.reshape(1, -1), w.dense, residual=h if self.add_residual else None, send=ex.send(2 * i))
             h = torch.empty_like(h)
-            act = gemv(h, w.gate_up, norm=w.post_layernorm, eps=eps, swiglu=True,
-                       recv=ex.recv(2 * i))
+            act = gemv(h, w.gate_up, norm=w.post_layernorm, eps=eps, swiglu=True, recv=ex.recv(2 * i))
             gemv(act, w.proj, residual=h if self.add_residual else None, send=ex.send(2 * i + 1))
             recv = ex.recv(2 * i + 1)
         gemv(torch.empty_like(h), m.lm_head, norm=m.ln_f, eps=eps, out_f32=True, recv=recv, send=ex.send_logits())

@@ -48,14 +48,12 @@ class Link:
     """(1,) int32: set by a wait that gave up (a peer never arrived)."""
     rank: int
     tp: int
-    spin: int
 
 
 @dataclass(frozen=True)
 class Recv:
     """Where a consumer kernel finds its input: slot q of `slots` is rank q's partial."""
     slots: torch.Tensor  # (tp, n), this rank's buffer
-    flags: torch.Tensor  # (tp,) int64: the epoch each peer's producer last completed, this rank's buffer
     link: Link
 
 
@@ -73,9 +71,7 @@ class TPExchange:
     def __init__(self, group, rank: int, tp: int, device: torch.device, dtype: torch.dtype, hidden: int,
                  vocab_local: int, num_points: int, *, pdl: bool = False, spin: int = tp_signal.SPIN_LIMIT):
         """Collective over `group` (the TP group; `rank` is the TP rank): allocate, rendezvous, self-check."""
-        self.group, self.rank, self.tp, self.device, self.dtype = group, rank, tp, torch.device(device), dtype
-        self.hidden, self.vocab_local, self.num_points, self.pdl, self.spin = hidden, vocab_local, num_points, pdl, spin
-        self.reason, self.check_err, self._buf = "", None, None
+        self._set(group, rank, tp, device, dtype, hidden, vocab_local, num_points, pdl, spin)
         try:
             problem = self._local_problem()
             if self._agree(problem is None, problem):
@@ -99,9 +95,8 @@ class TPExchange:
 
     def recv(self, point: int) -> Recv:
         """Waits (a one-warp kernel) for the peers' slots of `point`; the returned Recv feeds the consumer."""
-        tp_signal.wait(self._flags[point, : self.tp], self.link.epoch, self.rank, self.link.err, self.tp, self.pdl,
-                       self.spin)
-        return Recv(self._slots[point], self._flags[point, : self.tp], self.link)
+        self._wait(point)
+        return Recv(self._slots[point], self.link)
 
     def send(self, point: int) -> Send:
         return Send(self._dst[point], self._dflag[point], self._flags[point, self.tp:],
@@ -114,9 +109,13 @@ class TPExchange:
 
     def wait_logits(self) -> torch.Tensor:
         """(1, tp x vocab_local) float32: every rank's lm_head slice, once the peers' have arrived."""
-        tp_signal.wait(self._flags[self.num_points, : self.tp], self.link.epoch, self.rank, self.link.err, self.tp,
-                       self.pdl, self.spin)
+        self._wait(self.num_points)
         return self._logits
+
+    def _wait(self, point: int) -> None:
+        """The stream goes on once every peer has raised its flag of `point` (the logits: num_points) to the epoch."""
+        tp_signal.wait(self._flags[point, : self.tp], self.link.epoch, self.rank, self.link.err, self.tp, self.pdl,
+                       self.spin)
 
     def check_error(self) -> None:
         """Raise if a wait gave up (a host sync: call it between steps, not inside a graph)."""
@@ -160,11 +159,15 @@ class TPExchange:
         """Rank `rank`'s exchange over every rank's zeroed byte buffer (`layout` sized) in one address space:
         no collective and no self-check (tests run the ranks as threads under Triton's interpreter)."""
         ex = cls.__new__(cls)
-        ex.group, ex.rank, ex.tp, ex.device, ex.dtype = None, rank, len(bufs), bufs[rank].device, dtype
-        ex.hidden, ex.vocab_local, ex.num_points, ex.pdl, ex.spin = hidden, vocab_local, num_points, pdl, spin
-        ex.reason, ex.check_err = "", None
+        ex._set(None, rank, len(bufs), bufs[rank].device, dtype, hidden, vocab_local, num_points, pdl, spin)
         ex._attach(bufs[rank], [b.data_ptr() for b in bufs])
         return ex
+
+    def _set(self, group, rank: int, tp: int, device, dtype: torch.dtype, hidden: int, vocab_local: int,
+             num_points: int, pdl: bool, spin: int) -> None:
+        self.group, self.rank, self.tp, self.device, self.dtype = group, rank, tp, torch.device(device), dtype
+        self.hidden, self.vocab_local, self.num_points, self.pdl, self.spin = hidden, vocab_local, num_points, pdl, spin
+        self.reason, self.check_err, self._buf = "", None, None
 
     def _allocate(self) -> None:
         os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # before any symmetric allocation: no cuMulticast*
@@ -202,7 +205,7 @@ class TPExchange:
         self._dflag = table([[ptrs[q] + f_off + (i * (tp + 1) + r) * 8 for q in range(tp)] for i in range(p + 1)])
         self._dst_logits = table([ptrs[q] + l_off + r * v * 4 for q in range(tp)])
         self.link = Link(torch.zeros(1, dtype=torch.int64, device=dev), torch.zeros(1, dtype=torch.int32, device=dev),
-                         r, tp, self.spin)
+                         r, tp)
         self._buf = buf
 
     def _self_check(self) -> None:

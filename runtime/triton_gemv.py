@@ -178,9 +178,7 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         _rope_store(y, pid, OUT, COS, SIN, SLOT, KC, VC, stride_slot, NQ, NKV, HEAD_D, BLOCK_N)
         return
     if SWIGLU:
-        lin = (tl.sum(acc2, 1) * scale).to(act_ty).to(tl.float32)
-        silu = (y / (1.0 + tl.exp(-y))).to(act_ty).to(tl.float32)
-        y = (silu * lin).to(act_ty).to(tl.float32)
+        y = _silu_mul(y, (tl.sum(acc2, 1) * scale).to(act_ty).to(tl.float32), act_ty)
     if RESIDUAL:
         y = (tl.load(RES + offs_n, mask=mask_n, other=0.0).to(tl.float32) + y).to(act_ty).to(tl.float32)
     if OUT_F32:
