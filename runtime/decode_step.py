@@ -34,7 +34,8 @@ class DecodeStep:
                  rope_kernel: bool | None = None, gemv: bool | None = None, exchange=None, pdl: bool = False):
         """rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA if its self-check passes).
         gemv: batch-1 steps through fused GEMV kernels (runtime/decode_gemv_step.py; None: on CUDA unless
-        ENGINESMITH_GEMV=0, if its self-check passes; True: also off CUDA, e.g. Triton's interpreter)."""
+        ENGINESMITH_GEMV=0, if its self-check passes; True: also off CUDA, e.g. Triton's interpreter);
+        exchange and pdl go to that step (GemvDecode.try_build)."""
         self.model, self.attention = model, attention
         self.reduce = reduce or (lambda x: x)
         self.gather = gather or (lambda x: x)
