@@ -153,17 +153,20 @@ def compare(results_dir: Path) -> list[dict]:
 
 
 def _pp_rows(gpu: str, pp: dict, src: str) -> list[dict]:
-    """runtime_parallel.py's pp section: a burst of seqs x seq_len prompt tokens through pp=2, m micro-batches."""
+    """runtime_parallel.py's pp section: a burst of seqs x seq_len prompt tokens through pp=2, m micro-batches;
+    the layers it ran (compiled prefill regions or eager; files before the compiled ones: eager) and the
+    baselines timed beside them."""
     seqs, seq_len = PP_SEQS, pp["tokens_per_step"] // PP_SEQS
     rows = []
-    for m, measured in pp["measured_bubble"].items():
-        plan = make_plan(_recipe(gpu, 1, 2, seqs, isl=seq_len, micro=int(m)), with_options=False)
-        if m == "1":
-            stage_ms = plan.prefill_burst.estimate_ms / 2  # two equal stages, one micro-batch (+ one p2p)
-            rows.append(_row(f"PP=2 stage, {seqs}x{seq_len} prefill", stage_ms, 1e3 * max(pp["stage_s"]), "ms",
-                             "step", src))
-        rows.append(_row(f"PP=2 bubble, {m} micro-batches", plan.pipeline.bubble_fraction, measured, "fraction",
-                         "step", src))
+    for name, run in {pp.get("layers", "eager"): pp, **pp.get("baselines", {})}.items():
+        for m, measured in run["measured_bubble"].items():
+            plan = make_plan(_recipe(gpu, 1, 2, seqs, isl=seq_len, micro=int(m)), with_options=False)
+            if m == "1":
+                stage_ms = plan.prefill_burst.estimate_ms / 2  # two equal stages, one micro-batch (+ one p2p)
+                rows.append(_row(f"PP=2 stage, {seqs}x{seq_len} prefill, {name} layers", stage_ms,
+                                 1e3 * max(run["stage_s"]), "ms", "step", src))
+            rows.append(_row(f"PP=2 bubble, {m} micro-batches, {name} layers", plan.pipeline.bubble_fraction,
+                             measured, "fraction", "step", src))
     return rows
 
 

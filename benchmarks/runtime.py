@@ -131,8 +131,12 @@ def table(r: dict) -> str:
             if isinstance(v, int | float) and k != "section_s":
                 _row(rows, name, k, v)
     pp = r.get("pp") or {}
-    for m, v in (pp.get("measured_bubble") or {}).items():
-        _row(rows, "pp", f"bubble, {m} micro-batches", v, f"{pp['predicted_bubble'][m]:.3f} predicted")
+    for name, run in {pp.get("layers"): pp, **pp.get("baselines", {})}.items():
+        if run.get("stage_s"):
+            _row(rows, "pp", f"{name} layers: stage ms, whole step", 1e3 * max(run["stage_s"]))
+        for m, v in (run.get("measured_bubble") or {}).items():
+            predicted = f"{pp['predicted_bubble'][m]:.3f} predicted"
+            _row(rows, "pp", f"{name} layers: bubble, {m} micro-batches", v, predicted)
     for name, err in r.get("errors", {}).items():
         rows.append((name, "ERROR", err.strip().splitlines()[-1][:60], ""))
     widths = [max(len(str(x[i])) for x in rows) for i in range(4)]

@@ -167,6 +167,7 @@ def _pp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
 
     from runtime.attention import DenseCausalAttention
     from runtime.pipeline import MicroBatch, rank_forward, run_layers
+    from runtime.prefill_layers import layer_runner
 
     device, groups = _join(rank, world, port, p, tp_size=1, pp_size=world)
     cfg = checkpoint_config(p["shape"], dtype=p["dtype"], pp_size=world)
@@ -194,18 +195,28 @@ def _pp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
 
     full = micro(1)[0]
     hidden = torch.randn(n * length, cfg.hidden_size, device=device, dtype=model.dtype) * 0.02
+    runners = {"eager": run_layers}
+    compiled = layer_runner(device)
+    if compiled is not run_layers:  # CUDA: the compiled prefill layers the engine runs, eager as baseline
+        runners = {"compiled": compiled, **runners}
+    runs = {}
     with torch.inference_mode():
-        stage = timed(lambda: run_layers(model, None, hidden, full))
-        steps = {m: timed(lambda m=m: rank_forward(model, groups, micro(m))) for m in p["micro"]}
-    stages = [None] * world
-    dist.all_gather_object(stages, stage, group=groups.control)
+        for name, layers in runners.items():
+            stage = timed(lambda layers=layers: layers(model, None, hidden, full))
+            steps = {m: timed(lambda m=m, layers=layers: rank_forward(model, groups, micro(m), layers))
+                     for m in p["micro"]}
+            stages = [None] * world
+            dist.all_gather_object(stages, stage, group=groups.control)
+            t_stage = max(stages)
+            runs[name] = dict(stage_s=stages, step_s=steps,
+                              measured_bubble={m: max(0.0, 1 - t_stage / s) for m, s in steps.items()})
+    fallback = getattr(compiled, "fallback", "")
     dist.destroy_process_group()
     if rank:
         return None
-    t_stage = max(stages)
-    return dict(stage_s=stages, step_s={m: s for m, s in steps.items()},
-                measured_bubble={m: max(0.0, 1 - t_stage / s) for m, s in steps.items()},
-                tokens_per_step=n * length)
+    main = next(iter(runs))
+    return dict(runs[main], layers=main, baselines={k: v for k, v in runs.items() if k != main},
+                compile_fallback=fallback, tokens_per_step=n * length)
 
 
 # ---- process plumbing ----

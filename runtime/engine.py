@@ -21,7 +21,8 @@ from runtime.fast_decode import FastDecoder
 from runtime.iteration_log import IterationLog, IterationStats
 from runtime.kv_cache import PagedKVCache, kv_cache_num_blocks
 from runtime.paged_attention import PagedAttention, SeqSpan
-from runtime.pipeline import MicroBatch, run_layers
+from runtime.pipeline import MicroBatch
+from runtime.prefill_layers import layer_runner
 from runtime.request import FinishReason, Request, RequestError, Status, TokenUpdate
 from runtime.sampler import NO_TOKEN, NOTHING_TO_SAMPLE, SamplingError, SequenceSampler, ends_with_stop_word, sample
 from runtime.scheduler import Schedule, Scheduler
@@ -219,7 +220,7 @@ class Engine:
                         positions=torch.tensor(positions, dtype=torch.long, device=device),
                         logit_rows=torch.tensor(last_rows, dtype=torch.long, device=device),
                         attn=PagedAttention(self.cache, spans))
-        hidden = run_layers(m, None, m.embed(mb.input_ids), mb)
+        hidden = layer_runner(m.device)(m, None, m.embed(mb.input_ids), mb)
         if not last_rows:
             return torch.empty(0, self.vocab_size)
         return m.final_logits_shard(hidden[mb.logit_rows])[:, : self.vocab_size]

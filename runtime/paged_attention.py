@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from runtime.attention import causal_sdpa
 from runtime.kv_cache import PagedKVCache
 
 
@@ -87,11 +88,9 @@ class PagedAttention:
     @staticmethod
     def _prefill(q: torch.Tensor, span: SeqSpan, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         # q: (n, nh, d) at positions start..end-1; keys/values: (end, nkv, d) at positions 0..end-1.
-        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype)
-        if span.start == 0:
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
-        else:
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        mask = None
+        if span.start:
             q_pos = torch.arange(span.start, span.end, device=q.device)
             mask = torch.arange(span.end, device=q.device)[None, :] <= q_pos[:, None]
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
-        return out.transpose(0, 1)
+        return causal_sdpa(q[None], keys[None], values[None], mask)[0]

@@ -36,8 +36,10 @@ def run_layers(model: RankModel, reduce: Callable | None, hidden: torch.Tensor, 
 
 
 @torch.no_grad()
-def rank_forward(model: RankModel, groups: ParallelGroups, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
-    """Run this rank's share of every micro-batch; returns full-vocab logits (n, V) on global rank 0."""
+def rank_forward(model: RankModel, groups: ParallelGroups, micro_batches: list[MicroBatch],
+                 layers: Callable = run_layers) -> list[torch.Tensor]:
+    """Run this rank's share of every micro-batch through `layers` (run_layers, or a runner with its
+    arithmetic: runtime/prefill_layers.py); returns full-vocab logits (n, V) on global rank 0."""
     sends, logits = [], []
     for mb in micro_batches:
         if model.is_first_stage:
@@ -45,7 +47,7 @@ def rank_forward(model: RankModel, groups: ParallelGroups, micro_batches: list[M
         else:
             hidden = torch.empty(mb.input_ids.numel(), model.cfg.hidden_size, dtype=model.dtype, device=model.device)
             dist.recv(hidden, src=groups.prev_stage_rank)
-        hidden = run_layers(model, groups.all_reduce_tp, hidden, mb)
+        hidden = layers(model, groups.all_reduce_tp, hidden, mb)
         if not model.is_last_stage:
             sends.append((dist.isend(hidden, dst=groups.next_stage_rank), hidden))
             continue

@@ -25,6 +25,7 @@ from runtime.model import RankModel
 from runtime.paged_attention import PagedAttention, SeqSpan
 from runtime.parallel import ParallelGroups, init_parallel
 from runtime.pipeline import MicroBatch, rank_forward
+from runtime.prefill_layers import layer_runner
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ def _serve_rank(groups: ParallelGroups, model: RankModel, cache: PagedKVCache) -
         if msg is None:
             return
         cache.adopt_tables(msg.tables)
-        rank_forward(model, groups, [mb.build(cache, model.device) for mb in msg.micro_batches])
+        rank_forward(model, groups, [mb.build(cache, model.device) for mb in msg.micro_batches],
+                     layer_runner(model.device))
 
 
 def worker_main(rank: int, ckpt_dir: str, mapping: Mapping, init_method: str, dtype: str, num_blocks: int,
@@ -176,7 +178,8 @@ class RankWorkers:
         mbs = split_micro_batches(step, micro_batches)
         tables = {s[0]: cache.block_table(s[0]) for s in step.spans}
         dist.broadcast_object_list([StepMessage(mbs, tables)], src=0, group=self.groups.control)
-        logits = rank_forward(model, self.groups, [mb.build(cache, model.device) for mb in mbs])
+        logits = rank_forward(model, self.groups, [mb.build(cache, model.device) for mb in mbs],
+                              layer_runner(model.device))
         return torch.cat(logits) if logits else torch.empty(0, model.cfg.vocab_size)
 
     def close(self, timeout: float = 10.0) -> None:
