@@ -2,7 +2,8 @@
 
 tp: greedy decode at batch 1 (latency) and a larger batch (throughput) through FastDecoder with the TP
 all-reduce and vocab all-gather inside the captured graph, at tp=1 and tp=2 on the same machine.
-pp: one prefill-sized step through runtime.pipeline.rank_forward at pp=2 split into m micro-batches;
+pp: one prefill-sized step through runtime.pipeline.rank_forward at pp=2 split into m micro-batches (the
+engine's prefill layers: graphed on CUDA, timed beside compiled-only and eager layers);
 the bubble is 1 - (one stage's time for the whole step) / (step time), against (p-1)/(m+p-1).
 """
 
@@ -167,7 +168,7 @@ def _pp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
 
     from runtime.attention import DenseCausalAttention
     from runtime.pipeline import MicroBatch, rank_forward, run_layers
-    from runtime.prefill_layers import layer_runner
+    from runtime.prefill_graphs import GraphedPrefill, layer_runner
 
     device, groups = _join(rank, world, port, p, tp_size=1, pp_size=world)
     cfg = checkpoint_config(p["shape"], dtype=p["dtype"], pp_size=world)
@@ -196,9 +197,9 @@ def _pp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     full = micro(1)[0]
     hidden = torch.randn(n * length, cfg.hidden_size, device=device, dtype=model.dtype) * 0.02
     runners = {"eager": run_layers}
-    compiled = layer_runner(device)
-    if compiled is not run_layers:  # CUDA: the compiled prefill layers the engine runs, eager as baseline
-        runners = {"compiled": compiled, **runners}
+    default = layer_runner(device)
+    if isinstance(default, GraphedPrefill):  # CUDA: what the engine runs, then without graphs, then eager
+        runners = {"graphed": default, "compiled": default.regions, **runners}
     runs = {}
     with torch.inference_mode():
         for name, layers in runners.items():
@@ -210,13 +211,13 @@ def _pp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
             t_stage = max(stages)
             runs[name] = dict(stage_s=stages, step_s=steps,
                               measured_bubble={m: max(0.0, 1 - t_stage / s) for m, s in steps.items()})
-    fallback = getattr(compiled, "fallback", "")
+    fallback = default.status()["fallback"] if isinstance(default, GraphedPrefill) else ""
     dist.destroy_process_group()
     if rank:
         return None
     main = next(iter(runs))
     return dict(runs[main], layers=main, baselines={k: v for k, v in runs.items() if k != main},
-                compile_fallback=fallback, tokens_per_step=n * length)
+                prefill_fallback=fallback, tokens_per_step=n * length)
 
 
 # ---- process plumbing ----

@@ -22,7 +22,7 @@ from runtime.iteration_log import IterationLog, IterationStats
 from runtime.kv_cache import PagedKVCache, kv_cache_num_blocks
 from runtime.paged_attention import PagedAttention, SeqSpan
 from runtime.pipeline import MicroBatch
-from runtime.prefill_layers import layer_runner
+from runtime.prefill_graphs import layer_runner
 from runtime.request import FinishReason, Request, RequestError, Status, TokenUpdate
 from runtime.sampler import NO_TOKEN, NOTHING_TO_SAMPLE, SamplingError, SequenceSampler, ends_with_stop_word, sample
 from runtime.scheduler import Schedule, Scheduler

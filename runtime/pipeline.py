@@ -41,13 +41,14 @@ def rank_forward(model: RankModel, groups: ParallelGroups, micro_batches: list[M
     """Run this rank's share of every micro-batch through `layers` (run_layers, or a runner with its
     arithmetic: runtime/prefill_layers.py); returns full-vocab logits (n, V) on global rank 0."""
     sends, logits = [], []
+    reduce = groups.all_reduce_tp if groups.mapping.tp_size > 1 else None
     for mb in micro_batches:
         if model.is_first_stage:
             hidden = model.embed(mb.input_ids)
         else:
             hidden = torch.empty(mb.input_ids.numel(), model.cfg.hidden_size, dtype=model.dtype, device=model.device)
             dist.recv(hidden, src=groups.prev_stage_rank)
-        hidden = layers(model, groups.all_reduce_tp, hidden, mb)
+        hidden = layers(model, reduce, hidden, mb)
         if not model.is_last_stage:
             sends.append((dist.isend(hidden, dst=groups.next_stage_rank), hidden))
             continue

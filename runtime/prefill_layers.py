@@ -10,15 +10,15 @@ the weights' dims stay static (all-symbolic `dynamic=True` graphs cost ~8% more 
 and ~25% more host time per call, which bounds small prefills). The residual add of a block is
 deferred into the next region, so the arithmetic is runtime.pipeline.run_layers' up to float rounding.
 
-`layer_runner(device)` picks it on CUDA (unless ENGINESMITH_PREFILL_COMPILE=0) and run_layers
-elsewhere. Before its first step it compiles and checks its regions against the eager ones on a few
-tokens; a compile error or a mismatch falls back to run_layers for good, logged and kept in `fallback`.
+runtime/prefill_graphs.py replays these regions from CUDA graphs; its `layer_runner(device)` picks the
+runner (ENGINESMITH_PREFILL_COMPILE=0: run_layers). Before its first step PrefillLayers compiles and checks
+its regions against the eager ones on a few tokens; a compile error or a mismatch falls back to run_layers
+for good, logged and kept in `fallback`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 import torch
@@ -115,17 +115,3 @@ class PrefillLayers:
                 m = model.mlp_partial(i, hidden)
             m = reduce(m)
         return hidden if m is None else hidden + m
-
-
-_compiled: PrefillLayers | None = None
-
-
-def layer_runner(device: torch.device | str) -> LayerRunner:
-    """The compiled PrefillLayers on CUDA (one per process; ENGINESMITH_PREFILL_COMPILE=0: eager), else
-    run_layers."""
-    global _compiled
-    if torch.device(device).type != "cuda" or os.environ.get("ENGINESMITH_PREFILL_COMPILE", "1") == "0":
-        return run_layers
-    if _compiled is None:
-        _compiled = PrefillLayers(compile=True)
-    return _compiled

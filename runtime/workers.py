@@ -25,7 +25,7 @@ from runtime.model import RankModel
 from runtime.paged_attention import PagedAttention, SeqSpan
 from runtime.parallel import ParallelGroups, init_parallel
 from runtime.pipeline import MicroBatch, rank_forward
-from runtime.prefill_layers import layer_runner
+from runtime.prefill_graphs import layer_runner
 
 log = logging.getLogger(__name__)
 

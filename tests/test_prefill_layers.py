@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from runtime import prefill_layers
 from runtime.attention import DenseCausalAttention
 from runtime.pipeline import MicroBatch, run_layers
-from runtime.prefill_layers import PrefillLayers, layer_runner
+from runtime.prefill_layers import PrefillLayers
 from runtime.random_model import TINY_LLAMA, TINY_MIXTRAL
 from tests.test_fast_decode import assert_close, tiny
 
@@ -97,13 +96,3 @@ def test_a_region_that_fails_to_compile_is_dropped_for_the_eager_layers():
     runner.pre = broken
     assert not runner.check(model)
     assert runner.fallback == "torch.compile failed, prefill runs eager: RuntimeError: no C compiler"
-
-
-def test_layer_runner_is_the_eager_one_off_cuda_and_when_switched_off(monkeypatch):
-    assert layer_runner("cpu") is run_layers
-    monkeypatch.setenv("ENGINESMITH_PREFILL_COMPILE", "0")
-    assert layer_runner("cuda") is run_layers
-    monkeypatch.delenv("ENGINESMITH_PREFILL_COMPILE")
-    monkeypatch.setattr(prefill_layers, "_compiled", None)
-    runner = layer_runner("cuda")  # compiles lazily: building it needs no GPU
-    assert isinstance(runner, PrefillLayers) and runner.compiled and layer_runner("cuda") is runner

@@ -1,0 +1,100 @@
+"""Piecewise prefill graphs: bucketed static buffers, per-layer replays, attention on the real rows only.
+
+Off CUDA the graphs are stand-ins that re-run their recorded bodies (runtime/prefill_graphs._Replay), so the
+padding, bucket reuse and fallbacks are checked here on the CPU; the real CUDA-graph test runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime import prefill_graphs
+from runtime.pipeline import run_layers
+from runtime.prefill_graphs import GraphedPrefill, _Bucket, layer_runner
+from runtime.prefill_layers import PrefillLayers
+from runtime.random_model import TINY_MIXTRAL
+from tests.test_fast_decode import assert_close, tiny
+from tests.test_prefill_layers import _micro_batch
+
+
+def _step(runner, model, lens, seed=0, reduce=None):
+    mb = _micro_batch(model, lens, seed)
+    hidden = model.embed(mb.input_ids)
+    with torch.inference_mode():
+        return runner(model, reduce, hidden, mb), run_layers(model, reduce, hidden, mb)
+
+
+def test_steps_are_padded_to_buckets_that_are_reused_and_match_the_eager_layers():
+    model = tiny()
+    runner = GraphedPrefill(PrefillLayers(compile=False), buckets=(8, 16, 32))
+    for lens, seed in (([6, 7], 0), ([9], 1), ([3, 2, 4], 2), ([5, 15], 3)):  # 13, 9 -> 16; 9 -> 16; 20 -> 32
+        got, want = _step(runner, model, lens, seed)
+        assert_close(got, want, 1e-5)
+    assert runner.status() == dict(graph_buckets=[16, 32], fallback="") and runner.checked
+    got, want = _step(runner, model, [20, 20])  # 40 tokens: past the largest bucket, the regions run it
+    assert_close(got, want, 1e-5)
+    assert runner.status()["graph_buckets"] == [16, 32]
+
+
+@pytest.mark.parametrize("case", ["tp", "moe"])
+def test_tp_steps_and_moe_layers_run_the_regions(case):
+    model = tiny(TINY_MIXTRAL) if case == "moe" else tiny()
+    runner = GraphedPrefill(PrefillLayers(compile=False), buckets=(16,))
+    calls = []
+    reduce = (lambda x: calls.append(1) or x) if case == "tp" else None
+    got, want = _step(runner, model, [4, 5], reduce=reduce)
+    assert_close(got, want, 1e-5)
+    assert runner.status()["graph_buckets"] == []
+    assert len(calls) == (4 * model.num_local_layers if case == "tp" else 0)  # runner's and run_layers' calls
+
+
+def test_a_graphed_step_that_disagrees_falls_back_to_the_regions(monkeypatch, caplog):
+    model = tiny()
+    runner = GraphedPrefill(PrefillLayers(compile=False), buckets=(16,))
+    monkeypatch.setattr(_Bucket, "post", lambda self, i: self.h.add_(1.0))  # loses the MLP
+    got, want = _step(runner, model, [6, 6])
+    assert_close(got, want, 1e-5)
+    assert "differs from the compiled regions" in runner.fallback and "prefill graphs" in caplog.text
+    assert runner.status()["graph_buckets"] == []
+
+
+def test_a_capture_error_falls_back_to_the_regions(monkeypatch):
+    model = tiny()
+    runner = GraphedPrefill(PrefillLayers(compile=False), buckets=(16,))
+
+    def broken(self, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_Bucket, "capture", broken)
+    got, want = _step(runner, model, [3, 4])
+    assert_close(got, want, 1e-5)
+    assert runner.fallback == ("CUDA graph capture failed: RuntimeError: operation not permitted when stream is "
+                               "capturing")
+
+
+def test_layer_runner_by_device_and_switches(monkeypatch):
+    monkeypatch.setattr(prefill_graphs, "_runner", None)
+    assert layer_runner("cpu") is run_layers
+    monkeypatch.setenv("ENGINESMITH_PREFILL_COMPILE", "0")
+    assert layer_runner("cuda") is run_layers
+    monkeypatch.delenv("ENGINESMITH_PREFILL_COMPILE")
+    graphed = layer_runner("cuda")  # compiles lazily: building it needs no GPU
+    assert isinstance(graphed, GraphedPrefill) and graphed.regions.compiled and layer_runner("cuda") is graphed
+    monkeypatch.setenv("ENGINESMITH_PREFILL_GRAPHS", "0")
+    assert layer_runner("cuda") is graphed.regions  # the same compiled regions, without graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_match_the_compiled_regions_on_a_gpu():
+    model = tiny(device="cuda")
+    regions = PrefillLayers(compile=True)
+    runner = GraphedPrefill(regions, buckets=(16, 64))
+    for lens, seed in (([6, 7], 0), ([30, 20], 1), ([11], 2), ([40, 9], 3)):
+        mb = _micro_batch(model, lens, seed)
+        mb.input_ids, mb.positions = mb.input_ids.cuda(), mb.positions.cuda()
+        hidden = model.embed(mb.input_ids)
+        with torch.inference_mode():
+            got, want = runner(model, None, hidden, mb), regions(model, None, hidden, mb)
+        assert_close(got, want, 1e-4)
+    assert runner.status() == dict(graph_buckets=[16, 64], fallback="")
