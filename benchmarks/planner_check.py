@@ -147,7 +147,7 @@ def compare(results_dir: Path) -> list[dict]:
                                  plan.decode.estimate_ms, base["ms_per_token"], "ms", "step", src))
         if "tp" in data:
             rows += _tp_rows(gpu, data["tp"], src)
-        if pp := data.get("pp"):
+        if (pp := data.get("pp")) and "layers" in pp:  # earlier pp runs (float32 math attention): README history
             rows += _pp_rows(gpu, pp, src)
     return rows
 

@@ -309,12 +309,17 @@ def _plot(out: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ms = sorted(out["measured_bubble"])
+    from matplotlib.ticker import NullFormatter
+
+    ms = sorted(out["measured_bubble"], key=int)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ms, [out["measured_bubble"][m] for m in ms], "o-", label="measured")
-    ax.plot(ms, [out["predicted_bubble"][m] for m in ms], "s--", label="(p-1)/(m+p-1)")
+    for name, run in {out.get("layers", ""): out, **out.get("baselines", {})}.items():
+        label = f"measured, {name} layers" if name else "measured"
+        ax.plot([int(m) for m in ms], [run["measured_bubble"][m] for m in ms], "o-", label=label)
+    ax.plot([int(m) for m in ms], [out["predicted_bubble"][m] for m in ms], "s--", label="(p-1)/(m+p-1)")
     ax.set(xscale="log", xlabel="micro-batches m", ylabel="bubble fraction", title="pp=2 pipeline bubble")
-    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.set_xticks([int(m) for m in ms], [str(m) for m in ms])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from runtime.model import RankModel
 from runtime.paged_attention import SeqSpan
 from runtime.pdl import enabled as pdl_enabled
 from runtime.plain_step import plain_forward
+from runtime.prefill_graphs import layer_runner
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class FastDecoder:
         self.block_buckets = buckets(self.max_blocks) if self.attention.needs_context_buckets else [self.max_blocks]
         self.step = DecodeStep(model, cache, self.attention, on_cuda if compile is None else compile, reduce, gather,
                                rope_kernel, gemv, exchange, self.pdl)
+        # Prefill chunks of mixed steps: the engine's prefill layers (graphed + compiled on CUDA), no TP at tp=1
+        self.prefill, self.prefill_reduce = layer_runner(self.device), reduce
         n, w = max_batch_size, self.max_blocks
         self._dev = torch.zeros(5 * n + n * w, dtype=torch.long, device=self.device)
         self._host = torch.zeros(5 * n + n * w, dtype=torch.long, pin_memory=on_cuda)
@@ -100,6 +103,7 @@ class FastDecoder:
                     moe=self.step.moe_note, rope_write=self.step.rope_write.note, gemv=self.step.gemv_note,
                     cuda_graphs=self.use_graphs, graphs=len(self._graphs), batch_buckets=self.batch_buckets,
                     block_buckets=self.block_buckets,
+                    prefill=self.prefill.status() if hasattr(self.prefill, "status") else "eager",
                     fallbacks=[*self.attention.fallbacks, *self.step.fallbacks, *self.fallbacks])
 
     # ---- the step ----
@@ -120,7 +124,8 @@ class FastDecoder:
         rest = [c for c, f in zip(chunks, fast, strict=True) if not f]
         spans = [SeqSpan(c.request.seq_id, c.start, c.num_tokens) for c in rest]
         ids = [t for c in rest for t in c.request.tokens[c.start: c.start + c.num_tokens]]
-        rest_logits = plain_forward(self.model, self.cache, spans, ids, self.step.reduce, self.step.gather)
+        rest_logits = plain_forward(self.model, self.cache, spans, ids, self.prefill_reduce, self.step.gather,
+                                    self.prefill)
         rows, fast_row, rest_row = [], iter(range(n_fast)), iter(range(n_fast, n_fast + len(rest)))
         for c, f in zip(chunks, fast, strict=True):
             row = next(fast_row) if f else next(rest_row)

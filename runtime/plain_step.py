@@ -21,9 +21,11 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 @torch.inference_mode()
 def plain_forward(model: RankModel, cache: PagedKVCache, spans: list[SeqSpan], input_ids: list[int],
-                  reduce: Reduce | None = None, gather: Reduce | None = None) -> torch.Tensor:
+                  reduce: Reduce | None = None, gather: Reduce | None = None,
+                  layers: Callable = run_layers) -> torch.Tensor:
     """Run `spans` (packed, their blocks reserved) through every layer; (len(spans), vocab) float32 logits
-    of each span's last token. `reduce`/`gather` are the TP all-reduce and vocab all-gather (None: tp=1)."""
+    of each span's last token. `reduce`/`gather` are the TP all-reduce and vocab all-gather (None: tp=1);
+    `layers` runs the layers (run_layers, or the compiled / graphed prefill runners with its arithmetic)."""
     device = cache.k.device
     positions = [p for s in spans for p in range(s.start, s.end)]
     if len(positions) != len(input_ids):
@@ -32,7 +34,7 @@ def plain_forward(model: RankModel, cache: PagedKVCache, spans: list[SeqSpan], i
     mb = MicroBatch(input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
                     positions=torch.tensor(positions, dtype=torch.long, device=device),
                     logit_rows=last, attn=PagedAttention(cache, spans))
-    hidden = run_layers(model, reduce, model.embed(mb.input_ids), mb)
+    hidden = layers(model, reduce, model.embed(mb.input_ids), mb)
     logits = model.final_logits_shard(hidden[last])
     if gather is not None:
         logits = gather(logits)

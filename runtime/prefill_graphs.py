@@ -153,7 +153,7 @@ class GraphedPrefill:
 
     def status(self) -> dict:
         sizes = sorted({s for per_model in self._buckets.values() for s in per_model})
-        return dict(graph_buckets=sizes, fallback=self.fallback or self.regions.fallback)
+        return self.regions.status() | dict(graph_buckets=sizes, fallback=self.fallback or self.regions.fallback)
 
     def _fall_back(self, reason: str, model: RankModel, hidden: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         self.fallback = reason[:500]

@@ -100,6 +100,9 @@ class PrefillLayers:
             log.warning(self.fallback)
         return not self.fallback
 
+    def status(self) -> dict:
+        return dict(compiled=self.compiled and not self.fallback, graph_buckets=[], fallback=self.fallback)
+
     def _layers(self, model: RankModel, reduce: Callable, hidden: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         cos, sin = model.rope(mb.positions)
         d, nq, nkv, eps = model.head_size, model.num_heads, model.num_kv_heads, model.cfg.norm_epsilon

@@ -31,7 +31,7 @@ def test_steps_are_padded_to_buckets_that_are_reused_and_match_the_eager_layers(
     for lens, seed in (([6, 7], 0), ([9], 1), ([3, 2, 4], 2), ([5, 15], 3)):  # 13, 9 -> 16; 9 -> 16; 20 -> 32
         got, want = _step(runner, model, lens, seed)
         assert_close(got, want, 1e-5)
-    assert runner.status() == dict(graph_buckets=[16, 32], fallback="") and runner.checked
+    assert runner.status() == dict(compiled=False, graph_buckets=[16, 32], fallback="") and runner.checked
     got, want = _step(runner, model, [20, 20])  # 40 tokens: past the largest bucket, the regions run it
     assert_close(got, want, 1e-5)
     assert runner.status()["graph_buckets"] == [16, 32]
@@ -97,4 +97,16 @@ def test_cuda_graphs_match_the_compiled_regions_on_a_gpu():
         with torch.inference_mode():
             got, want = runner(model, None, hidden, mb), regions(model, None, hidden, mb)
         assert_close(got, want, 1e-4)
-    assert runner.status() == dict(graph_buckets=[16, 64], fallback="")
+    assert runner.status() == dict(compiled=True, graph_buckets=[16, 64], fallback="")
+
+
+def test_prefill_benchmark_smoke_on_cpu(tmp_path):
+    from benchmarks.prefill_layers import main
+
+    res = main(["--tiny", "--tokens", "30,8", "--out", str(tmp_path)])
+    assert [r["tokens"] for r in res["steps"].values()] == [30, 8]
+    for row in res["steps"].values():
+        assert row["rel_err_vs_compiled"] == 0.0 and row["rel_err_vs_eager"] < 1e-5
+        assert all(row[k]["wall_ms"] >= row[k]["host_ms"] > 0 for k in ("graphed", "compiled", "eager"))
+    assert res["status"] == dict(compiled=False, graph_buckets=[128], fallback="")
+    assert (tmp_path / "prefill-layers-cpu.json").is_file()
