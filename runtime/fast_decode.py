@@ -87,14 +87,16 @@ class FastDecoder:
 
     @classmethod
     def for_engine(cls, model: RankModel, cache: PagedKVCache, config) -> FastDecoder | None:
-        """The engine's decoder (graphs captured now, while the cache is empty), or None where the plain path
-        runs: CPU, several ranks, or ENGINESMITH_FAST_DECODE=0."""
+        """The engine's decoder (decode and prefill graphs captured now, while the cache is empty), or None where
+        the plain path runs: CPU, several ranks, or ENGINESMITH_FAST_DECODE=0."""
         if cache.k.device.type != "cuda" or os.environ.get("ENGINESMITH_FAST_DECODE", "1") == "0":
             return None
         if model.cfg.mapping.world_size != 1:
             return None
         dec = cls(model, cache, max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len)
         dec.capture_all()
+        if hasattr(dec.prefill, "prepare"):  # the prefill graphs too, up to the engine's step size
+            dec.prefill.prepare(model, config.max_num_tokens)
         return dec
 
     def status(self) -> dict:

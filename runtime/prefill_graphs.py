@@ -126,22 +126,12 @@ class GraphedPrefill:
 
     def __call__(self, model: RankModel, reduce: Callable | None, hidden: torch.Tensor,
                  mb: MicroBatch) -> torch.Tensor:
-        if self.regions.compiled and not self.regions.checked:
-            self.regions.check(model)
         t = hidden.shape[0]
-        if (reduce is not None or self.fallback or self.regions.fallback or t > self.buckets[-1]
-                or any(w.gate_up is None for w in model.layers)):
+        if reduce is not None or t > self.buckets[-1] or not self._usable(model):
             return self.regions(model, reduce, hidden, mb)
-        size = next(b for b in self.buckets if b >= t)
-        per_model = self._buckets.setdefault(model, {})
-        bucket = per_model.get(size)
+        bucket = self._bucket(model, next(b for b in self.buckets if b >= t))
         if bucket is None:
-            bucket = _Bucket(model, self.regions, size)
-            try:
-                self._pool = bucket.capture(self._pool)
-            except Exception as e:  # a capture error must not take the engine down: the compiled regions work
-                return self._fall_back(f"CUDA graph capture failed: {type(e).__name__}: {e}", model, hidden, mb)
-            per_model[size] = bucket
+            return self._fall_back(self.fallback, model, hidden, mb)
         out = bucket.run(hidden, mb)
         if not self.checked:
             self.checked = True
@@ -151,17 +141,53 @@ class GraphedPrefill:
                                        f"{err:.2e})", model, hidden, mb)
         return out
 
+    def prepare(self, model: RankModel, max_tokens: int) -> list[int]:
+        """Compile and capture every bucket a step of up to `max_tokens` can use, now (at engine start, as the
+        decode graphs are) rather than at the first prompt of each size; returns the sizes captured."""
+        if not self._usable(model):
+            return []
+        sizes = [b for b in self.buckets if b < max_tokens] + [b for b in self.buckets if b >= max_tokens][:1]
+        for size in sizes:
+            if self._bucket(model, size) is None:
+                log.warning("prefill graphs: %s", self.fallback)
+                self._drop(model)
+                return []
+        return sizes
+
+    def _usable(self, model: RankModel) -> bool:
+        """Graphs serve this model: its compiled regions passed their check, no fallback, no MoE layer."""
+        if self.regions.compiled and not self.regions.checked:
+            self.regions.check(model)
+        return not (self.fallback or self.regions.fallback or any(w.gate_up is None for w in model.layers))
+
+    def _bucket(self, model: RankModel, size: int) -> _Bucket | None:
+        """The model's bucket of `size`, captured at its first use; None (and `fallback` set) if capture fails."""
+        per_model = self._buckets.setdefault(model, {})
+        if size not in per_model:
+            bucket = _Bucket(model, self.regions, size)
+            try:
+                self._pool = bucket.capture(self._pool)
+            except Exception as e:  # a capture error must not take the engine down: the compiled regions work
+                self.fallback = f"CUDA graph capture failed: {type(e).__name__}: {e}"[:500]
+                return None
+            per_model[size] = bucket
+        return per_model[size]
+
     def status(self) -> dict:
         sizes = sorted({s for per_model in self._buckets.values() for s in per_model})
         return self.regions.status() | dict(graph_buckets=sizes, fallback=self.fallback or self.regions.fallback)
 
     def _fall_back(self, reason: str, model: RankModel, hidden: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+        """Drop the graphs for good and run this step through the compiled regions."""
         self.fallback = reason[:500]
         log.warning("prefill graphs: %s", self.fallback)
+        self._drop(model)
+        return self.regions(model, None, hidden, mb)
+
+    def _drop(self, model: RankModel) -> None:
         self._buckets, self._pool = weakref.WeakKeyDictionary(), None
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
-        return self.regions(model, None, hidden, mb)
 
 
 _runner: GraphedPrefill | PrefillLayers | None = None

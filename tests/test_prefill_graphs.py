@@ -89,7 +89,8 @@ def test_layer_runner_by_device_and_switches(monkeypatch):
 def test_cuda_graphs_match_the_compiled_regions_on_a_gpu():
     model = tiny(device="cuda")
     regions = PrefillLayers(compile=True)
-    runner = GraphedPrefill(regions, buckets=(16, 64))
+    runner = GraphedPrefill(regions, buckets=(16, 64, 256))
+    assert runner.prepare(model, 64) == [16, 64] and regions.checked and not regions.fallback
     for lens, seed in (([6, 7], 0), ([30, 20], 1), ([11], 2), ([40, 9], 3)):
         mb = _micro_batch(model, lens, seed)
         mb.input_ids, mb.positions = mb.input_ids.cuda(), mb.positions.cuda()
@@ -98,6 +99,21 @@ def test_cuda_graphs_match_the_compiled_regions_on_a_gpu():
             got, want = runner(model, None, hidden, mb), regions(model, None, hidden, mb)
         assert_close(got, want, 1e-4)
     assert runner.status() == dict(compiled=True, graph_buckets=[16, 64], fallback="")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_the_engine_decoder_captures_the_prefill_graphs_at_start_on_a_gpu(monkeypatch):
+    from runtime.engine_config import EngineConfig
+    from runtime.fast_decode import FastDecoder
+    from runtime.kv_cache import PagedKVCache
+
+    monkeypatch.setattr(prefill_graphs, "_runner", None)
+    model = tiny(device="cuda")
+    cache = PagedKVCache(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads,
+                         head_size=model.head_size, num_blocks=32, tokens_per_block=8, device="cuda")
+    config = EngineConfig(max_batch_size=2, max_input_len=32, max_seq_len=64, max_num_tokens=200, tokens_per_block=8)
+    status = FastDecoder.for_engine(model, cache, config).status()["prefill"]
+    assert status == dict(compiled=True, graph_buckets=[128, 256], fallback="")
 
 
 def test_prefill_benchmark_smoke_on_cpu(tmp_path):
@@ -110,3 +126,33 @@ def test_prefill_benchmark_smoke_on_cpu(tmp_path):
         assert all(row[k]["wall_ms"] >= row[k]["host_ms"] > 0 for k in ("graphed", "compiled", "eager"))
     assert res["status"] == dict(compiled=False, graph_buckets=[128], fallback="")
     assert (tmp_path / "prefill-layers-cpu.json").is_file()
+
+
+def test_prepare_captures_every_bucket_up_to_the_step_limit_before_any_step():
+    model = tiny()
+    runner = GraphedPrefill(PrefillLayers(compile=False), buckets=(8, 16, 32, 64))
+    assert runner.prepare(model, 20) == [8, 16, 32]  # a 20-token step lands in 32
+    assert runner.status()["graph_buckets"] == [8, 16, 32]
+    got, want = _step(runner, model, [9, 9])  # 18 tokens: the prepared bucket of 32, nothing new
+    assert_close(got, want, 1e-5)
+    assert runner.status()["graph_buckets"] == [8, 16, 32]
+    assert GraphedPrefill(PrefillLayers(compile=False), buckets=(8, 16)).prepare(model, 100) == [8, 16]
+    assert GraphedPrefill(PrefillLayers(compile=False)).prepare(tiny(TINY_MIXTRAL), 100) == []  # MoE: no graphs
+
+
+def test_prepare_that_fails_to_capture_leaves_no_graphs(monkeypatch):
+    model = tiny()
+    runner = GraphedPrefill(PrefillLayers(compile=False), buckets=(8, 16))
+    real = _Bucket.capture
+
+    def second_fails(self, pool):
+        if self.size == 16:
+            raise RuntimeError("out of memory")
+        return real(self, pool)
+
+    monkeypatch.setattr(_Bucket, "capture", second_fails)
+    assert runner.prepare(model, 16) == []
+    assert runner.status() == dict(compiled=False, graph_buckets=[], fallback="CUDA graph capture failed: "
+                                   "RuntimeError: out of memory")
+    got, want = _step(runner, model, [3, 4])
+    assert_close(got, want, 1e-5)
