@@ -26,13 +26,16 @@ Progress = Callable[[str], None]
 
 
 class FastEngine(Engine):
-    """Engine whose steps with decode tokens run through FastDecoder (graphs captured at start-up)."""
+    """Engine whose steps with decode tokens run through FastDecoder (decode and prefill graphs captured at
+    start-up)."""
 
     def __init__(self, model: RankModel, config: EngineConfig, decoder_options: dict | None = None, **kwargs):
         super().__init__(model, config, **kwargs)
         self.fast_decoder = FastDecoder(model, self.cache, max_batch_size=config.max_batch_size,
                                         max_seq_len=config.max_seq_len, **(decoder_options or {}))
         self.fast_decoder.capture_all()
+        if hasattr(self.fast_decoder.prefill, "prepare"):  # as FastDecoder.for_engine does for the engine
+            self.fast_decoder.prefill.prepare(model, config.max_num_tokens)
         self.fast_steps = self.plain_steps = 0
 
     def _forward(self, sched):
