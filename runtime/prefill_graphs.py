@@ -53,9 +53,10 @@ class _Bucket:
         self.model, self.regions, self.size = model, regions, size
         h, d, nq, nkv = model.cfg.hidden_size, model.head_size, model.num_heads, model.num_kv_heads
         new = dict(device=model.device, dtype=model.dtype)
-        self.h, self.m, self.o = (torch.zeros(size, n, **new) for n in (h, h, nq * d))
-        self.q, self.k, self.v = (torch.zeros(size, n, d, **new) for n in (nq, nkv, nkv))
-        self.cos, self.sin = (torch.zeros(size, d, **new) for _ in range(2))
+        with torch.inference_mode(False):  # normal tensors: written in place under inference_mode and no_grad alike
+            self.h, self.m, self.o = (torch.zeros(size, n, **new) for n in (h, h, nq * d))
+            self.q, self.k, self.v = (torch.zeros(size, n, d, **new) for n in (nq, nkv, nkv))
+            self.cos, self.sin = (torch.zeros(size, d, **new) for _ in range(2))
         self.graphs: list[tuple] = []
 
     def pre(self, i: int) -> None:

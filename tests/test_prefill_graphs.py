@@ -37,6 +37,18 @@ def test_steps_are_padded_to_buckets_that_are_reused_and_match_the_eager_layers(
     assert runner.status()["graph_buckets"] == [16, 32]
 
 
+def test_a_bucket_made_under_inference_mode_serves_no_grad_callers_too():
+    """The engine steps under inference_mode, rank_forward under no_grad: one bucket must serve both."""
+    model = tiny()
+    runner = GraphedPrefill(PrefillLayers(compile=False), buckets=(16,))
+    mb = _micro_batch(model, [5, 6])
+    with torch.inference_mode():
+        first = runner(model, None, model.embed(mb.input_ids), mb)
+    with torch.no_grad():
+        again = runner(model, None, model.embed(mb.input_ids), mb)
+    assert torch.equal(first, again) and runner.status()["graph_buckets"] == [16]
+
+
 @pytest.mark.parametrize("case", ["tp", "moe"])
 def test_tp_steps_and_moe_layers_run_the_regions(case):
     model = tiny(TINY_MIXTRAL) if case == "moe" else tiny()
