@@ -142,6 +142,7 @@ class GraphedPrefill:
                                        f"{err:.2e})", model, hidden, mb)
         return out
 
+    @torch.inference_mode()  # as the engine's steps run: compiled graphs are guarded on the grad mode
     def prepare(self, model: RankModel, max_tokens: int) -> list[int]:
         """Compile and capture every bucket a step of up to `max_tokens` can use, now (at engine start, as the
         decode graphs are) rather than at the first prompt of each size; returns the sizes captured."""

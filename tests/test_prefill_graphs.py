@@ -124,8 +124,18 @@ def test_the_engine_decoder_captures_the_prefill_graphs_at_start_on_a_gpu(monkey
     cache = PagedKVCache(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads,
                          head_size=model.head_size, num_blocks=32, tokens_per_block=8, device="cuda")
     config = EngineConfig(max_batch_size=2, max_input_len=32, max_seq_len=64, max_num_tokens=200, tokens_per_block=8)
-    status = FastDecoder.for_engine(model, cache, config).status()["prefill"]
-    assert status == dict(compiled=True, graph_buckets=[128, 256], fallback="")
+    dec = FastDecoder.for_engine(model, cache, config)
+    assert dec.status()["prefill"] == dict(compiled=True, graph_buckets=[128, 256], fallback="")
+    from torch._dynamo.utils import counters
+
+    compiled_before = counters["stats"]["unique_graphs"]
+    mb = _micro_batch(model, [70, 60])  # 130 tokens: the 256 bucket
+    mb.input_ids, mb.positions = mb.input_ids.cuda(), mb.positions.cuda()
+    with torch.inference_mode():  # as the engine steps: nothing compiles at the first request
+        got = dec.prefill(model, None, model.embed(mb.input_ids), mb)
+        want = run_layers(model, None, model.embed(mb.input_ids), mb)
+    assert_close(got, want, 1e-4)
+    assert counters["stats"]["unique_graphs"] == compiled_before and dec.prefill.checked
 
 
 def test_prefill_benchmark_smoke_on_cpu(tmp_path):
