@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from runtime.attention import DenseCausalAttention
 from runtime.gemv_ref import rel_err
 from runtime.model import RankModel
 from runtime.pipeline import MicroBatch, run_layers
@@ -81,7 +82,10 @@ class _Bucket:
     def capture(self, pool) -> object:
         """Warm up at this size on a side stream (compiles, autotunes), then capture every layer's two graphs."""
         layers = range(self.model.num_local_layers)
-        if self.model.device.type != "cuda":
+        if self.model.device.type != "cuda":  # run each body once, as a capture traces it
+            for i in layers:
+                self.pre(i)
+                self.post(i)
             self.graphs = [(_Replay(lambda i=i: self.pre(i)), _Replay(lambda i=i: self.post(i))) for i in layers]
             return pool
         stream = torch.cuda.Stream(self.model.device)
@@ -154,6 +158,13 @@ class GraphedPrefill:
                 log.warning("prefill graphs: %s", self.fallback)
                 self._drop(model)
                 return []
+        # The graphs ran the regions on the buckets' normal tensors; steps (and the first step's check) pass
+        # inference tensors, which Dynamo guards apart: compile those variants now too, on a few tokens.
+        n = 4
+        mb = MicroBatch(torch.zeros(n, dtype=torch.long, device=model.device),
+                        torch.arange(n, device=model.device), torch.tensor([n - 1], device=model.device),
+                        DenseCausalAttention([n]))
+        self.regions(model, None, torch.zeros(n, model.cfg.hidden_size, device=model.device, dtype=model.dtype), mb)
         return sizes
 
     def _usable(self, model: RankModel) -> bool:

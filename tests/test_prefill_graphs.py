@@ -162,6 +162,24 @@ def test_prepare_captures_every_bucket_up_to_the_step_limit_before_any_step():
     assert GraphedPrefill(PrefillLayers(compile=False)).prepare(tiny(TINY_MIXTRAL), 100) == []  # MoE: no graphs
 
 
+@pytest.mark.slow
+def test_prepare_compiles_everything_the_first_step_needs():
+    """Steps pass inference tensors, the graphs' buffers are normal ones: Dynamo compiles each kind apart, so
+    prepare must compile both or the first request pays for compiling (3 graphs without it)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny()
+    runner = GraphedPrefill(PrefillLayers(compile=True), buckets=(128, 256))
+    assert runner.prepare(model, 200) == [128, 256]
+    before = counters["stats"]["unique_graphs"]
+    mb = _micro_batch(model, [70, 60])
+    with torch.inference_mode():
+        got = runner(model, None, model.embed(mb.input_ids), mb)
+        want = run_layers(model, None, model.embed(mb.input_ids), mb)
+    assert_close(got, want, 1e-4)
+    assert counters["stats"]["unique_graphs"] == before and runner.checked and not runner.fallback
+
+
 def test_prepare_that_fails_to_capture_leaves_no_graphs(monkeypatch):
     model = tiny()
     runner = GraphedPrefill(PrefillLayers(compile=False), buckets=(8, 16))
