@@ -9,11 +9,12 @@ runs eagerly between them on the step's real rows (its index tensors and cache w
 step). A step of T tokens is padded to the smallest bucket >= T: the regions work row by row, so the
 padding rows never touch the real ones, and attention never sees them.
 
-Graphs are captured at a bucket's first use (after a warm-up run that compiles and autotunes at that
-size) into one memory pool: every graph leaves only the shared static buffers alive, so they reuse one
-set of temporaries. The first graphed step is checked against the compiled regions; a capture error or a
-mismatch falls back to them for good (`fallback`). Steps with a TP all-reduce, MoE layers, or more tokens
-than the largest bucket run the compiled regions.
+Graphs are captured by `prepare` (the engine calls it at start, up to max_num_tokens) or at a bucket's first
+use, after a warm-up run that compiles and autotunes at that size, into one memory pool: every graph leaves
+only the shared static buffers alive, so they reuse one set of temporaries. The first graphed step is
+checked against the compiled regions; a capture error or a mismatch falls back to them for good
+(`fallback`). Steps with a TP all-reduce, MoE layers, or more tokens than the largest bucket run the
+compiled regions.
 """
 
 from __future__ import annotations
