@@ -17,14 +17,9 @@ from client.bench_report import write_results
 from client.dataset import random_prompts
 from client.roofline_check import PlanRef
 from client.tokenizer import load_tokenizer
-from tests.client_served import MAX_BATCH, served_tiny
+from tests.client_served import MAX_BATCH
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def served():
-    return served_tiny()
 
 
 @pytest.fixture(scope="module")

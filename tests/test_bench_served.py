@@ -14,21 +14,9 @@ from builders.cli import app
 from client.bench import BenchConfig, LoadPoint, run_bench
 from client.bench_report import load_runs, write_results
 from client.dataset import random_prompts
-from client.tokenizer import load_tokenizer
-from tests.client_served import served_tiny
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 ISL, OSL, N = 12, 6, 5
-
-
-@pytest.fixture(scope="module")
-def served():
-    return served_tiny()
-
-
-@pytest.fixture(scope="module")
-def tok(served):
-    return load_tokenizer(served.tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

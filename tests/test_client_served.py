@@ -13,21 +13,9 @@ from client.grpc_unary import grpc_generate
 from client.http import HttpClient
 from client.params import ClientError, GenerateParams
 from client.server_stats import metric_total, metrics_sample
-from client.tokenizer import load_tokenizer
-from tests.client_served import served_tiny
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 PROMPT = "The quick brown fox jumps over the lazy dog."
-
-
-@pytest.fixture(scope="module")
-def served():
-    return served_tiny()
-
-
-@pytest.fixture(scope="module")
-def tok(served):
-    return load_tokenizer(served.tokenizer_dir)
 
 
 def greedy_ids(served, tok, n=10, **kw) -> list[int]:
