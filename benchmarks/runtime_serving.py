@@ -34,8 +34,7 @@ class FastEngine(Engine):
         self.fast_decoder = FastDecoder(model, self.cache, max_batch_size=config.max_batch_size,
                                         max_seq_len=config.max_seq_len, **(decoder_options or {}))
         self.fast_decoder.capture_all()
-        if hasattr(self.fast_decoder.prefill, "prepare"):  # as FastDecoder.for_engine does for the engine
-            self.fast_decoder.prefill.prepare(model, config.max_num_tokens)
+        self.fast_decoder.prepare_prefill(config.max_num_tokens)  # as FastDecoder.for_engine does
         self.fast_steps = self.plain_steps = 0
 
     def _forward(self, sched):

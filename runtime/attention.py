@@ -12,19 +12,17 @@ class DenseCausalAttention:
 
     def __init__(self, seq_lens: list[int]):
         self.seq_lens = seq_lens
-        starts, row = [], 0
-        for n in seq_lens:
-            starts.append(row)
-            row += n
-        self.num_tokens = row
         # Runs of consecutive equal lengths: (first row, length, count) -> one (count, heads, n, d) call each.
         self.runs: list[tuple[int, int, int]] = []
-        for start, n in zip(starts, seq_lens, strict=True):
+        row = 0
+        for n in seq_lens:
             if self.runs and self.runs[-1][1] == n:
                 first, _, count = self.runs[-1]
                 self.runs[-1] = (first, n, count + 1)
             else:
-                self.runs.append((start, n, 1))
+                self.runs.append((row, n, 1))
+            row += n
+        self.num_tokens = row
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: (T, nq, d); k, v: (T, nkv, d) -> (T, nq, d)

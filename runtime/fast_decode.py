@@ -95,9 +95,13 @@ class FastDecoder:
             return None
         dec = cls(model, cache, max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len)
         dec.capture_all()
-        if hasattr(dec.prefill, "prepare"):  # the prefill graphs too, up to the engine's step size
-            dec.prefill.prepare(model, config.max_num_tokens)
+        dec.prepare_prefill(config.max_num_tokens)
         return dec
+
+    def prepare_prefill(self, max_num_tokens: int) -> None:
+        """Capture the prefill graphs too (GraphedPrefill.prepare), up to the engine's step size."""
+        if hasattr(self.prefill, "prepare"):  # run_layers / PrefillLayers: nothing to capture
+            self.prefill.prepare(self.model, max_num_tokens)
 
     def status(self) -> dict:
         return dict(attention=self.attention.kind, attention_note=self.attention.reason, pdl=self.pdl,
