@@ -1,10 +1,13 @@
-"""Where does a batch-1 decode step spend its time? Kernel table of the CUDA-graph decode path.
+"""Where does a decode step spend its time? Kernel table and idle gaps of the CUDA-graph decode path.
 
 Builds the random-weight Llama-3-8B-shaped model (bf16), captures the fast decode step, replays it
 under torch.profiler and prints the kernels by total time per step (count per step, mean us), so the
-fixed per-layer cost next to the GEMVs can be attributed. Writes decode-profile-<card>.json.
---moe profiles the Mixtral-shaped model (8 layers by default) instead (decode-profile-<card>-moe.json).
-Usage: python -m benchmarks.profile_decode [--moe] [--layers N] [--out DIR]
+fixed per-layer cost next to the GEMVs can be attributed. The timeline part sums, per step, the time
+some kernel runs (busy) against the span from the step's first kernel start to its last kernel end: the
+rest is launch gaps and waits between kernels. --tp 2 spawns one process per rank (NCCL, the fast
+all-reduce as the benchmarks set it up) and reports every rank. Writes
+decode-profile-<card>[-moe][-tpN][-bB].json (the defaults keep the old names).
+Usage: python -m benchmarks.profile_decode [--moe] [--layers N] [--tp N] [--batch B] [--out DIR]
 """
 
 from __future__ import annotations
@@ -16,56 +19,125 @@ from pathlib import Path
 
 import torch
 
-from runtime.fast_decode import FastDecoder
-from runtime.kv_cache import PagedKVCache
 from runtime.random_model import LLAMA_3_8B, MIXTRAL_8X7B, checkpoint_config, random_rank_model
 
-SEQ = 0
+PROMPT_LEN = 512
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--moe", action="store_true", help="the Mixtral-8x7B shape (default 8 layers)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per decode step")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
     shape, layers = (MIXTRAL_8X7B, a.layers or 8) if a.moe else (LLAMA_3_8B, a.layers)
-    cfg = checkpoint_config(shape, num_layers=layers, dtype="bfloat16")
-    model = random_rank_model(cfg, device="cuda", seed=0)
-    prompt_len, tpb = 512, 32
-    cache = PagedKVCache(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads,
-                         head_size=model.head_size, num_blocks=64, tokens_per_block=tpb, dtype=model.dtype,
-                         device="cuda")
-    cache.reserve(SEQ, prompt_len + 2 * a.steps + 8)
-    dec = FastDecoder(model, cache, max_batch_size=1, max_seq_len=prompt_len + 2 * a.steps + 8)
-    pos = prompt_len
-    for _ in range(a.steps):  # warm-up: compile + capture
-        dec.decode([SEQ], [1], [pos])
-        pos += 1
-    torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(a.steps):
-            dec.decode([SEQ], [1], [pos])
-            pos += 1
-        torch.cuda.synchronize()
-    per = defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name][0] += 1
-            per[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-    rows = sorted(((n, c / a.steps, t / a.steps) for n, (c, t) in per.items()), key=lambda r: -r[2])
-    total = sum(r[2] for r in rows)
-    print(f"{'us/step':>9} {'count':>6} {'us each':>8}  kernel   (total {total:.0f} us/step, {dec.status()})")
-    for name, count, us in rows[:25]:
-        print(f"{us:>9.1f} {count:>6.0f} {us / max(count, 1):>8.2f}  {name[:110]}")
+    p = dict(shape=shape, layers=layers, tp=a.tp, batch=a.batch, steps=a.steps, cuda=True, dtype="bfloat16")
+    if a.tp == 1:
+        ranks = [profile_rank(0, 1, 0, p)]
+    else:
+        from benchmarks.runtime_parallel import _need_gpus, _spawn
+
+        _need_gpus(True, a.tp)
+        ranks = _spawn(_spawn_body, a.tp, p)
+    for r in ranks:
+        print(_table(r))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name().split()[-1].lower()
-    (out / f"decode-profile-{card}{'-moe' if a.moe else ''}.json").write_text(json.dumps(
-        dict(card=torch.cuda.get_device_name(), layers=cfg.num_hidden_layers, total_us_per_step=total,
-             kernels=[dict(name=n, count_per_step=c, us_per_step=u) for n, c, u in rows]), indent=2) + "\n")
+    suffix = ("-moe" if a.moe else "") + (f"-tp{a.tp}" if a.tp > 1 else "") + (f"-b{a.batch}" if a.batch > 1 else "")
+    path = out / f"decode-profile-{card}{suffix}.json"
+    body = ranks[0] if a.tp == 1 else dict(ranks[0], ranks=ranks)
+    path.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), tp=a.tp, batch=a.batch, **body), indent=2)
+                    + "\n")
+    print(f"wrote {path}")
+
+
+def _spawn_body(rank: int, world: int, port: int, p: dict) -> list[dict] | None:
+    """One rank of the spawned job; rank 0 returns every rank's profile (gathered over the control group)."""
+    import torch.distributed as dist
+
+    mine = profile_rank(rank, world, port, p)
+    ranks = [None] * world
+    dist.all_gather_object(ranks, mine)
+    dist.destroy_process_group()
+    return ranks if rank == 0 else None
+
+
+def profile_rank(rank: int, world: int, port: int, p: dict) -> dict:
+    """Build this rank's model and decoder, warm up (compile + capture), then profile p["steps"] steps."""
+    from benchmarks.runtime_decode import make_cache
+    from benchmarks.runtime_parallel import _join
+    from runtime.fast_decode import FastDecoder
+
+    device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
+    cfg = checkpoint_config(p["shape"], num_layers=p["layers"], dtype=p["dtype"], tp_size=world)
+    model = random_rank_model(cfg, rank, device=device, seed=0)
+    reduce = gather = None
+    if groups is not None:
+        reduce, gather = groups.all_reduce_tp, groups.gather_tp_last_dim
+        groups.enable_fast_all_reduce(p["batch"] * cfg.hidden_size * 2, model.dtype, device)
+    b, steps = p["batch"], p["steps"]
+    total = PROMPT_LEN + 2 * steps + 8
+    cache = make_cache(model, total, 32, batch=b)
+    for s in range(b):
+        cache.reserve(s, total)
+    dec = FastDecoder(model, cache, max_batch_size=b, max_seq_len=total, reduce=reduce, gather=gather)
+    seqs, toks = list(range(b)), [1] * b
+    pos = PROMPT_LEN
+    for _ in range(steps):  # warm-up: compile + capture
+        dec.decode(seqs, toks, [pos] * b)
+        pos += 1
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec.decode(seqs, toks, [pos] * b).argmax(-1).tolist()  # a host read per step, as serving does
+            pos += 1
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return dict(rank=rank, layers=cfg.num_hidden_layers, status=str(dec.status()),
+                **_kernel_table(kernels, steps), **_timeline(kernels, steps))
+
+
+def _kernel_table(kernels, steps: int) -> dict:
+    per = defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        per[e.name][0] += 1
+        per[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    rows = sorted(((n, c / steps, t / steps) for n, (c, t) in per.items()), key=lambda r: -r[2])
+    return dict(total_us_per_step=sum(r[2] for r in rows),
+                kernels=[dict(name=n, count_per_step=c, us_per_step=u) for n, c, u in rows])
+
+
+def _timeline(kernels, steps: int) -> dict:
+    """Per step (the kernels cut at the steps - 1 largest idle gaps, which are the host's turns between
+    steps): span from first start to last end, busy (union of kernel intervals), the idle time inside."""
+    iv = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    if len(iv) < steps:
+        return {}
+    reach, idle = [iv[0][1]], [0.0]  # reach[i]: latest end among kernels 0..i; idle[i]: gap before kernel i
+    for s, e in iv[1:]:
+        idle.append(max(0.0, s - reach[-1]))
+        reach.append(max(reach[-1], e))
+    cuts = sorted(sorted(range(1, len(iv)), key=idle.__getitem__, reverse=True)[: steps - 1])
+    bounds = list(zip([0, *cuts], [*cuts, len(iv)], strict=True))
+    span = sum(reach[b - 1] - iv[a][0] for a, b in bounds) / steps
+    gaps = sum(sum(idle[a + 1:b]) for a, b in bounds) / steps
+    return dict(step_span_us=span, step_busy_us=span - gaps, step_gaps_us=gaps,
+                host_turn_us=sum(idle[c] for c in cuts) / max(len(cuts), 1))
+
+
+def _table(r: dict) -> str:
+    lines = [f"rank {r['rank']}: span {r.get('step_span_us', 0):.0f} us/step, busy {r.get('step_busy_us', 0):.0f}, "
+             f"gaps {r.get('step_gaps_us', 0):.0f}, host turn between steps {r.get('host_turn_us', 0):.0f} us; "
+             f"kernels {r['total_us_per_step']:.0f} us/step ({r['status'][:300]})",
+             f"{'us/step':>9} {'count':>6} {'us each':>8}  kernel"]
+    for k in r["kernels"][:25]:
+        lines.append(f"{k['us_per_step']:>9.1f} {k['count_per_step']:>6.0f} "
+                     f"{k['us_per_step'] / max(k['count_per_step'], 1):>8.2f}  {k['name'][:110]}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
