@@ -7,7 +7,10 @@ weight tensors (as consecutive layers do, so the L2 cache holds none of them), m
 launch. Every config is first checked against runtime/gemv_ref.py. The best config per shape goes to
 `best` in the JSON, which `ENGINESMITH_GEMV_CONFIGS=<file>` makes the runtime use.
 
-Usage: python -m benchmarks.gemv_kernels [--out DIR] [--quick]
+--rows 8,32 does the same for the small-batch kernels (runtime/triton_rows.py) at those row counts against
+cuBLAS's GEMM of as many rows (gemm-rows-<card>.json, `ENGINESMITH_ROWS_CONFIGS=<file>`).
+
+Usage: python -m benchmarks.gemv_kernels [--out DIR] [--quick] [--rows M[,M...]]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.graph_timing import time_graph
+from runtime import triton_rows
 from runtime.gemv_ref import gemv_ref
 from runtime.triton_gemv import GemvConfig, gemv, shape_key
 
@@ -49,8 +53,17 @@ def configs(quick: bool) -> list[GemvConfig]:
     return [GemvConfig(n, k, w, 1, prefetch=p) for (n, k), w, p in itertools.product(tiles, (4, 8), (False, True))]
 
 
-def bench_shape(spec: dict, cfgs: list[GemvConfig], gen: torch.Generator) -> dict:
+def rows_configs(quick: bool) -> list[triton_rows.RowsConfig]:
+    """The small-batch kernels are software-pipelined by Triton (num_stages): tiles x pipeline depths."""
+    tiles = [(32, 128), (64, 128)] if quick else [(16, 256), (32, 128), (32, 256), (64, 64), (64, 128), (128, 64)]
+    return [triton_rows.RowsConfig(n, k, 4, st) for (n, k), st in itertools.product(tiles, (3, 5))]
+
+
+def bench_shape(spec: dict, cfgs: list, gen: torch.Generator, m: int = 1) -> dict:
+    """m = 1: the GEMV kernels (GemvConfig); m > 1: the rows kernels (RowsConfig) on m rows."""
     n, k, copies = spec["n"], spec["k"], spec.get("copies", COPIES)
+    kernel, key = (gemv, shape_key(n, k, spec.get("swiglu", False))) if m == 1 else (
+        triton_rows.gemm_rows, triton_rows.shape_key(m, n, k, spec.get("swiglu", False)))
     swiglu = spec.get("swiglu", False)
     rows = 2 * n if swiglu else n
     dev, dt = "cuda", torch.bfloat16
@@ -59,12 +72,12 @@ def bench_shape(spec: dict, cfgs: list[GemvConfig], gen: torch.Generator) -> dic
         return (torch.randn(*shape, device=dev, generator=gen) * scale).to(dt)
 
     ws = [rnd(rows, k, scale=0.02) for _ in range(copies)]
-    x = rnd(1, k)
+    x = rnd(m, k)
     kw = dict(norm=1 + 0.1 * rnd(k) if spec.get("norm") else None, swiglu=swiglu, eps=1e-5,
-              residual=rnd(1, n) if spec.get("residual") else None, out_f32=spec.get("out_f32", False))
+              residual=rnd(m, n) if spec.get("residual") else None, out_f32=spec.get("out_f32", False))
     ref = gemv_ref(x, ws[0], **kw).float()
-    out = torch.empty(1, n, device=dev, dtype=torch.float32 if kw["out_f32"] else dt)
-    lin = torch.empty(1, rows, device=dev, dtype=dt)
+    out = torch.empty(m, n, device=dev, dtype=torch.float32 if kw["out_f32"] else dt)
+    lin = torch.empty(m, rows, device=dev, dtype=dt)
     bytes_ = rows * k * 2
 
     def cublas():
@@ -72,19 +85,19 @@ def bench_shape(spec: dict, cfgs: list[GemvConfig], gen: torch.Generator) -> dic
             torch.mm(x, w.t(), out=lin)
 
     t_cublas = time_graph(cublas) / copies
-    res = dict(name=spec["name"], key=shape_key(n, k, swiglu), n=n, k=k, weight_bytes=bytes_,
+    res = dict(name=spec["name"], key=key, m=m, n=n, k=k, weight_bytes=bytes_,
                cublas_us=1e3 * t_cublas, cublas_gbps=bytes_ / t_cublas / 1e6, configs={})
     for cfg in cfgs:
         try:
             out.fill_(float("nan"))
-            err = float((gemv(x, ws[0], config=cfg, out=out, **kw).float() - ref).norm() / ref.norm())
+            err = float((kernel(x, ws[0], config=cfg, out=out, **kw).float() - ref).norm() / ref.norm())
             if not err < 2e-2:
                 res["configs"][cfg.key()] = dict(error=f"relative error {err:.3g}")
                 continue
 
             def fused(cfg=cfg):
                 for w in ws:
-                    gemv(x, w, config=cfg, out=out, **kw)
+                    kernel(x, w, config=cfg, out=out, **kw)
 
             t = time_graph(fused) / copies
             res["configs"][cfg.key()] = dict(us=1e3 * t, gbps=bytes_ / t / 1e6, rel_err=err, config=cfg.__dict__)
@@ -105,15 +118,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="2 tiles instead of 8")
+    ap.add_argument("--rows", default="", help="row counts for the small-batch kernels, e.g. 8,32")
     args = ap.parse_args()
     card = torch.cuda.get_device_name()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    cfgs = configs(args.quick)
+    ms = [int(v) for v in args.rows.split(",") if v] or [1]
+    cfgs = rows_configs(args.quick) if ms != [1] else configs(args.quick)
     t0 = time.perf_counter()
     rows = []
-    for tp in (1, 2):
+    for m, tp in itertools.product(ms, (1, 2)):
         for spec in shapes(tp):
-            r = bench_shape(spec, cfgs, gen)
+            r = bench_shape(spec | dict(name=f"{spec['name']} m{m}" if m > 1 else spec["name"]), cfgs, gen, m)
             rows.append(r)
             print(f"[{time.perf_counter() - t0:6.1f}s] {r['name']}: cuBLAS {r['cublas_us']:.1f} us "
                   f"({r['cublas_gbps']:.0f} GB/s); fused best {r.get('best')} {r.get('best_us', float('nan')):.1f} us "
@@ -122,12 +137,13 @@ def main() -> None:
                   shapes=rows, best={r["key"]: r["configs"][r["best"]]["config"] for r in rows if "best" in r})
     slug = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "-").lower()
     out = Path(args.out)
-    out = out / f"gemv-kernels-{slug}.json" if out.is_dir() or not out.suffix else out
+    stem = "gemv-kernels" if ms == [1] else "gemm-rows"
+    out = out / f"{stem}-{slug}.json" if out.is_dir() or not out.suffix else out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"\n{'shape':<16}{'n x k':>14}{'cuBLAS us':>11}{'GB/s':>7}{'fused us':>10}{'GB/s':>7}  best config")
+    print(f"\n{'shape':<20}{'n x k':>14}{'cuBLAS us':>11}{'GB/s':>7}{'fused us':>10}{'GB/s':>7}  best config")
     for r in rows:
-        print(f"{r['name']:<16}{r['n']:>7}x{r['k']:<6}{r['cublas_us']:>11.1f}{r['cublas_gbps']:>7.0f}"
+        print(f"{r['name']:<20}{r['n']:>7}x{r['k']:<6}{r['cublas_us']:>11.1f}{r['cublas_gbps']:>7.0f}"
               f"{r.get('best_us', float('nan')):>10.1f}{r.get('best_gbps', float('nan')):>7.0f}  {r.get('best')}")
     print(f"written {out}")
 

@@ -34,7 +34,7 @@ MOE_SHAPE = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidd
 """runtime.random_model.MIXTRAL_8X7B trimmed to 8 layers, as benchmarks/runtime.py's moe section runs it."""
 BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions", "no_pdl": "fused GEMV, no PDL",
                    "previous": "fused GEMV, no PDL", "no_exchange": "fused GEMV + PDL, one-shot all-reduce",
-                   "exchange": "fused GEMV + PDL, TP exchange"}
+                   "exchange": "fused GEMV + PDL, TP exchange", "rows": "fused rows kernels + PDL (opt-in)"}
 """Names of the runtime's baseline paths (decode.baselines.<key>, tp.<tpN>.<batch>_<key>) as the table shows them
 ("previous" / "no_exchange": the keys of the runs made while the TP exchange was the default)."""
 SUPERSEDED = ("-exchange-v1.json", "-exchange-v2.json", "-exchange-v3.json")
@@ -66,10 +66,12 @@ def _row(what: str, predicted: float, measured: float, unit: str, kind: str, sou
 
 
 def _kernels(status: dict | None, batch: int = 1) -> str:
-    """How the runtime ran the step, from its status block: which GEMVs (the fused ones serve batch 1 only),
-    with PDL, with the TP exchange."""
+    """How the runtime ran the step, from its status block: which GEMVs (batches > 1: the rows kernels where the
+    status names them, else cuBLAS), with PDL, with the TP exchange."""
     gemv = str((status or {}).get("gemv", ""))
     if batch > 1:
+        if "through the rows kernels" in gemv:
+            return "fused rows kernels + PDL" if "PDL on" in gemv else "fused rows kernels"
         return "cuBLAS + compiled regions" if gemv.startswith("fused") else "cuBLAS"
     if not gemv.startswith("fused"):
         return "cuBLAS"

@@ -42,6 +42,8 @@ def tp_section(bench) -> dict:
     b1, bn = (str(b) for b in p["batches"])
     regions = {f"speedup_batch1_latency_{key[2:]}": two[key]["tok_s"] / one[key]["tok_s"]
                for key in ("1_no_pdl", "1_cublas_regions") if key in one and key in two}
+    if f"{bn}_rows" in two and f"{bn}_rows" in one:
+        regions["speedup_throughput_rows"] = two[f"{bn}_rows"]["tok_s"] / one[f"{bn}_rows"]["tok_s"]
     if "1_exchange" in two:
         regions["tp2_batch1_exchange_gain"] = two["1_exchange"]["tok_s"] / two[b1]["tok_s"]
     model = dict(shape="tiny" if tiny else bench.args.tp_shape,
@@ -138,6 +140,10 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         out[str(bs)] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"], status=status)
         if bs == 1:
             out["tokens"] = [t[0] for t in tokens]
+        if bs > 1 and p["cuda"] and p["options"].get("gemv") is None:  # same run: the opt-in rows kernels
+            toks, secs, _ = _timed(dec_args | dict(rows=True), first, p, device)
+            out[f"{bs}_rows"] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"],
+                                     same_tokens=toks == tokens)
         if bs == 1 and p["cuda"] and p["options"].get("gemv") is None:  # same run: the other batch-1 paths
             extra = (("1_exchange", dict(exchange=exchange)),) if exchange is not None else ()
             for name, kw in extra + _BASELINES_BATCH1:

@@ -8,7 +8,9 @@ more kernels per dense layer: two norms, rotary + cache write, SiLU * up, and sp
 With tp > 1 the all-reduce follows o_proj and down (or the MoE block), and only TP rank 0 adds the
 residual into its partial, so the reduced sum is h + every rank's partial. On Hopper the kernels launch with
 programmatic dependent launch (runtime/pdl.py); the opt-in TP exchange (runtime/tp_exchange.py) moves the
-all-reduces and the logits gather into the GEMV kernels (dense layers).
+all-reduces and the logits gather into the GEMV kernels (dense layers). Opt-in (`rows`), dense models also run
+steps of 2..64 rows this way: the projections through runtime/triton_rows.py's tensor-core kernels (same
+fusions), rotary and the KV-cache write through `rope_write`'s kernel.
 
 `GemvDecode.try_build` checks each fused kernel on the model's own layer-0 weights against the unfused
 arithmetic before the step uses it; a failure leaves the step on the cuBLAS path, with the reason (and a
@@ -34,25 +36,33 @@ Collective = Callable[[torch.Tensor], torch.Tensor]
 
 class GemvDecode:
     def __init__(self, model: RankModel, rope_write, attention, reduce: Collective, gather: Collective, gemv,
-                 qkv_rope=None, moe_kernels=None, pdl: bool = False, exchange=None):
+                 qkv_rope=None, moe_kernels=None, pdl: bool = False, exchange=None, rows=None):
         """qkv_rope: triton_gemv.qkv_rope_gemv (rotary and the KV-cache write in the qkv kernel's epilogue),
         or None: the qkv kernel, then `rope_write`'s kernel. moe_kernels: runtime.triton_moe_gemv (MoE layers).
         pdl: launch the GEMVs with programmatic dependent launch (runtime/pdl.py). exchange: an enabled
         runtime.tp_exchange.TPExchange (tp > 1, dense layers): the all-reduces and the logits gather happen
-        inside the GEMV kernels instead of `reduce` / `gather`."""
+        inside the GEMV kernels instead of `reduce` / `gather`. rows: triton_rows.gemm_rows (dense models): steps
+        of 2..MAX_ROWS rows run here too."""
         self.model, self.rope_write, self.attention = model, rope_write, attention
         self.reduce, self.gather, self._qkv_rope = reduce, gather, qkv_rope
         self._gemv = partial(gemv, pdl=True) if pdl else gemv
         self._moe, self.pdl, self.exchange = moe_kernels, pdl, exchange
+        self._rows = (partial(rows, pdl=True) if pdl else rows) if rows is not None else None
+        self.max_rows = importlib.import_module("runtime.triton_rows").MAX_ROWS if rows is not None else 1
         self.add_residual = model.coords.tp_rank == 0
         if exchange is not None and any(w.router is not None for w in model.layers):
             raise ValueError("the fused TP exchange covers dense layers only")
 
+    def handles(self, rows: int) -> bool:
+        """Whether a step of `rows` sequences runs here (else on the cuBLAS regions path)."""
+        return 1 <= rows <= self.max_rows
+
     @classmethod
     def try_build(cls, model: RankModel, rope_write, attention, reduce: Collective, gather: Collective,
-                  exchange=None, pdl: bool = False) -> tuple[GemvDecode | None, str]:
+                  exchange=None, pdl: bool = False, rows: bool = False) -> tuple[GemvDecode | None, str]:
         """(the step, a note) or (None, why not). exchange: a runtime.tp_exchange.TPExchange (tp > 1) the
-        step uses when it is enabled and the model is dense; pdl: programmatic dependent launch."""
+        step uses when it is enabled and the model is dense; pdl: programmatic dependent launch; rows: also
+        steps of 2..64 rows (dense models, if the rows kernels pass their own check)."""
         if not (model.is_first_stage and model.is_last_stage):
             return None, "pp_size > 1"
         moe = any(w.router is not None for w in model.layers)
@@ -75,22 +85,27 @@ class GemvDecode:
         use_ex = exchange is not None and exchange.enabled and not moe
         ex_note = ("; all-reduces and logits gather fused into the GEMVs (TP exchange)" if use_ex else
                    f"; TP exchange off ({exchange.reason or 'MoE layers'})" if exchange is not None else "")
+        gemm_rows, rows_note = _try_rows(model, tol) if rows and not moe else (None, "")
         step = cls(model, rope_write, attention, reduce, gather, triton_gemv.gemv, qkv_rope, moe_kernels, pdl,
-                   exchange if use_ex else None)
-        return step, f"fused GEMV kernels, self-check {err:.1e}; {rope_note}; PDL {'on' if pdl else 'off'}{ex_note}"
+                   exchange if use_ex else None, gemm_rows)
+        return step, (f"fused GEMV kernels, self-check {err:.1e}; {rope_note}; PDL {'on' if pdl else 'off'}{ex_note}"
+                      f"{rows_note}")
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch, k_layers: list[torch.Tensor],
                  v_layers: list[torch.Tensor]) -> torch.Tensor:
-        """One row: (1,) id and position -> (1, V_pad) float32 logits; writes the row's K/V into the cache."""
-        if self.exchange is not None:
+        """B rows (B <= max_rows): (B,) ids and positions -> (B, V_pad) float32 logits; writes the rows' K/V into
+        the cache."""
+        if self.exchange is not None and input_ids.shape[0] == 1:
             return self._exchange_step(input_ids, positions, batch, k_layers, v_layers)
-        m, gemv = self.model, self._gemv
+        m = self.model
+        one = input_ids.shape[0] == 1
+        gemv = self._gemv if one else self._rows
         eps = m.cfg.norm_epsilon
         h = F.embedding(input_ids, m.embedding)
         cos, sin = m.rope(positions)
         for i, w in enumerate(m.layers):
-            o = self._attend(h, w, cos, sin, batch, k_layers[i], v_layers[i])
-            h = self.reduce(gemv(o.reshape(1, -1), w.dense, residual=h if self.add_residual else None))
+            o = self._attend(h, w, cos, sin, batch, k_layers[i], v_layers[i], linear=gemv)
+            h = self.reduce(gemv(o.reshape(h.shape[0], -1), w.dense, residual=h if self.add_residual else None))
             res = h if self.add_residual else None
             if w.router is None:
                 act = gemv(h, w.gate_up, norm=w.post_layernorm, eps=eps, swiglu=True)
@@ -103,11 +118,15 @@ class GemvDecode:
                 h = self.reduce(self._moe.moe_down(act, w.proj, ids, prob, m.experts.start, residual=res))
         return self.gather(gemv(h, m.lm_head, norm=m.ln_f, eps=eps, out_f32=True))
 
-    def _attend(self, h, w, cos, sin, batch, kc, vc, recv=None) -> torch.Tensor:
-        """[RMSNorm + qkv + rotary + KV write] then attention for one layer -> o (1, nq, d); with `recv` (the
-        TP exchange) h is where the qkv kernel writes the summed residual stream."""
+    def _attend(self, h, w, cos, sin, batch, kc, vc, recv=None, linear=None) -> torch.Tensor:
+        """[RMSNorm + qkv + rotary + KV write] then attention for one layer -> o (B, nq, d); with `recv` (the
+        TP exchange) h is where the qkv kernel writes the summed residual stream. linear: the projection for
+        B > 1 rows (qkv, then `rope_write`'s kernel)."""
         m, eps = self.model, self.model.cfg.norm_epsilon
-        if self._qkv_rope is not None:
+        if h.shape[0] > 1:
+            qkv = linear(h, w.qkv, norm=w.input_layernorm, eps=eps, bias=w.qkv_bias)
+            q = self.rope_write(qkv, cos, sin, kc, vc, batch.slots, batch.src_rows)
+        elif self._qkv_rope is not None:
             q = self._qkv_rope(h, w.qkv, w.input_layernorm, eps, w.qkv_bias, cos, sin, batch.slots, kc, vc,
                                m.num_heads, m.num_kv_heads, m.head_size, recv=recv)
         else:
@@ -138,14 +157,14 @@ class GemvDecode:
         return ex.wait_logits()
 
 
-def check_on_model(model: RankModel, gemv, gemv_ref, moe_kernels=None) -> float:
-    """Worst relative error of every fused variant the step uses, on layer 0's weights and random inputs
-    (the MoE kernels, when given, on the first MoE layer against runtime/decode_layers.moe_mlp)."""
+def check_on_model(model: RankModel, gemv, gemv_ref, moe_kernels=None, rows: int = 1) -> float:
+    """Worst relative error of every fused variant the step uses, on layer 0's weights and `rows` random input
+    rows (the MoE kernels, when given, on the first MoE layer against runtime/decode_layers.moe_mlp)."""
     w, eps, dev = model.layers[0], model.cfg.norm_epsilon, model.device
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def rnd(n: int) -> torch.Tensor:
-        return torch.randn(1, n, device=dev, generator=gen).to(model.dtype)
+        return torch.randn(rows, n, device=dev, generator=gen).to(model.dtype)
 
     hid = w.qkv.shape[1]
     cases = [
@@ -157,7 +176,7 @@ def check_on_model(model: RankModel, gemv, gemv_ref, moe_kernels=None) -> float:
     if dense is not None:
         cases += [(rnd(hid), dense.gate_up, dict(norm=dense.post_layernorm, eps=eps, swiglu=True)),
                   (rnd(dense.proj.shape[1]), dense.proj, dict(residual=rnd(dense.proj.shape[0])))]
-    errs = [_check_moe(model, moe_kernels, rnd(hid), rnd(hid))] if moe_kernels is not None else []
+    errs = [_check_moe(model, moe_kernels, rnd(hid)[:1], rnd(hid)[:1])] if moe_kernels is not None else []
     with torch.inference_mode():
         for x, weight, kw in cases:
             ref = gemv_ref(x, weight, **kw).float()
@@ -179,6 +198,19 @@ def _check_moe(model: RankModel, kernels, h: torch.Tensor, res: torch.Tensor) ->
         out = kernels.moe_down(kernels.moe_up(h, w.fc, w.post_layernorm, eps, ids, first), w.proj, ids, prob, first,
                                residual=res).float()
     return rel_err(out, ref)
+
+
+def _try_rows(model: RankModel, tol: float):
+    """(gemm_rows, note) if the small-batch kernels match the unfused arithmetic on layer 0, else (None, why)."""
+    try:
+        triton_rows = importlib.import_module("runtime.triton_rows")
+        err = check_on_model(model, triton_rows.gemm_rows, gemv_ref, rows=3)
+    except Exception as e:  # the batch-1 kernels still serve; larger batches stay on the cuBLAS regions
+        log.warning("small-batch GEMM kernels unusable: %s", e)
+        return None, f"; batches 2+ on the cuBLAS regions (rows kernels failed: {type(e).__name__}: {str(e)[:200]})"
+    if not err < tol:
+        return None, f"; batches 2+ on the cuBLAS regions (rows kernels' self-check error {err:.3g})"
+    return triton_rows.gemm_rows, f"; batches 2..{triton_rows.MAX_ROWS} through the rows kernels, self-check {err:.1e}"
 
 
 def _try_qkv_rope(model: RankModel, triton_gemv, tol: float):

@@ -31,11 +31,14 @@ _REGIONS = ("pre_attention_qkv", "pre_attention", "dense_mlp", "post_attention_n
 class DecodeStep:
     def __init__(self, model: RankModel, cache: PagedKVCache, attention: DecodeAttention, compile: bool,
                  reduce: Collective | None = None, gather: Collective | None = None,
-                 rope_kernel: bool | None = None, gemv: bool | None = None, exchange=None, pdl: bool = False):
+                 rope_kernel: bool | None = None, gemv: bool | None = None, exchange=None, pdl: bool = False,
+                 rows: bool | None = None):
         """rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA if its self-check passes).
         gemv: batch-1 steps through fused GEMV kernels (runtime/decode_gemv_step.py; None: on CUDA unless
         ENGINESMITH_GEMV=0, if its self-check passes; True: also off CUDA, e.g. Triton's interpreter);
-        exchange and pdl go to that step (GemvDecode.try_build)."""
+        exchange and pdl go to that step (GemvDecode.try_build); rows: steps of 2..64 rows through that step's
+        small-batch kernels too (dense models; None: only with ENGINESMITH_GEMM_ROWS=1: at 32 rows on an H200
+        they were 3-4% slower than the cuBLAS regions, runtime-h200-x2-tp-rows.json)."""
         self.model, self.attention = model, attention
         self.reduce = reduce or (lambda x: x)
         self.gather = gather or (lambda x: x)
@@ -49,8 +52,10 @@ class DecodeStep:
         self.gemv, self.gemv_note = None, "off"
         on_cuda = cache.k.device.type == "cuda"
         if gemv or (gemv is None and on_cuda and os.environ.get("ENGINESMITH_GEMV", "1") != "0"):
+            if rows is None:
+                rows = os.environ.get("ENGINESMITH_GEMM_ROWS", "0") == "1"
             self.gemv, self.gemv_note = GemvDecode.try_build(model, self.rope_write, attention, self.reduce,
-                                                             self.gather, exchange, pdl)
+                                                             self.gather, exchange, pdl, rows)
             if self.gemv is None and on_cuda:
                 self.fallbacks.append(f"fused GEMV step unusable, cuBLAS regions at batch 1: {self.gemv_note}")
         if compile:
@@ -72,7 +77,7 @@ class DecodeStep:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
         """(B,) ids and positions -> (B, V_pad) float32 logits; writes each row's K/V into the cache."""
-        if self.gemv is not None and input_ids.shape[0] == 1:
+        if self.gemv is not None and self.gemv.handles(input_ids.shape[0]):
             return self.gemv(input_ids, positions, batch, self.k_layers, self.v_layers)
         m, r = self.model, self.regions
         cfg, eps = m.cfg, m.cfg.norm_epsilon

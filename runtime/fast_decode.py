@@ -50,14 +50,17 @@ class FastDecoder:
     def __init__(self, model: RankModel, cache: PagedKVCache, *, max_batch_size: int, max_seq_len: int,
                  cuda_graphs: bool | None = None, compile: bool | None = None, attention: str = "auto",
                  reduce: Collective | None = None, gather: Collective | None = None,
-                 rope_kernel: bool | None = None, gemv: bool | None = None, exchange=None, pdl: bool | None = None):
+                 rope_kernel: bool | None = None, gemv: bool | None = None, exchange=None, pdl: bool | None = None,
+                 rows: bool | None = None):
         """cuda_graphs / compile default to on for CUDA caches; attention: auto | triton | gather.
         `reduce` / `gather` are the TP all-reduce and vocab all-gather (ParallelGroups' methods) for tp > 1.
         rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA, if its self-check passes).
         gemv: batch-1 steps through the fused GEMV kernels (runtime/decode_gemv_step.py; None: on CUDA).
         exchange: a runtime.tp_exchange.TPExchange (tp > 1): the batch-1 step's all-reduces and logits gather
         fused into its GEMV kernels when it is enabled. pdl: launch the step's Triton kernels with programmatic
-        dependent launch (runtime/pdl.py; None: where runtime.pdl.enabled says so)."""
+        dependent launch (runtime/pdl.py; None: where runtime.pdl.enabled says so). rows: batches of 2..64
+        through the fused step's small-batch kernels (runtime/triton_rows.py; None: only with
+        ENGINESMITH_GEMM_ROWS=1, opt-in: slower than the cuBLAS regions at 32 rows on an H200)."""
         if not (model.is_first_stage and model.is_last_stage):
             raise ValueError("FastDecoder runs single-stage ranks only (pp_size=1)")
         self.model, self.cache = model, cache
@@ -73,7 +76,7 @@ class FastDecoder:
         self.attention = DecodeAttention(attention, model.num_heads, cache.k[0], max_batch_size, self.pdl)
         self.block_buckets = buckets(self.max_blocks) if self.attention.needs_context_buckets else [self.max_blocks]
         self.step = DecodeStep(model, cache, self.attention, on_cuda if compile is None else compile, reduce, gather,
-                               rope_kernel, gemv, exchange, self.pdl)
+                               rope_kernel, gemv, exchange, self.pdl, rows)
         # Prefill chunks of mixed steps: the engine's prefill layers (graphed + compiled on CUDA), no TP at tp=1
         self.prefill, self.prefill_reduce = layer_runner(self.device), reduce
         n, w = max_batch_size, self.max_blocks

@@ -12,15 +12,16 @@ from runtime.layers import swiglu as swiglu_fn
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6,
              swiglu: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
              out_f32: bool = False) -> torch.Tensor:
-    """The unfused arithmetic `gemv` reproduces (runtime/layers.py's rms_norm and swiglu, F.linear)."""
-    x = x.reshape(1, -1)
+    """The unfused arithmetic `gemv` (one row) and `gemm_rows` (M rows) reproduce (runtime/layers.py's rms_norm
+    and swiglu, F.linear): x (K,) or (M, K) -> (M, N)."""
+    x = x.reshape(-1, x.shape[-1])
     if norm is not None:
         x = rms_norm(x, norm, eps)
     y = F.linear(x, w, bias)
     if swiglu:
         y = swiglu_fn(*y.chunk(2, dim=-1))
     if residual is not None:
-        y = residual.reshape(1, -1) + y
+        y = residual.reshape(x.shape[0], -1) + y
     return y.float() if out_f32 else y
 
 

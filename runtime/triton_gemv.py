@@ -257,13 +257,18 @@ def shape_key(n: int, k: int, swiglu: bool) -> str:
     return f"{'swiglu-' if swiglu else ''}{n}x{k}"
 
 
-@lru_cache(maxsize=1)
-def _file_configs() -> dict[str, GemvConfig]:
-    path = os.environ.get("ENGINESMITH_GEMV_CONFIGS")
+@lru_cache(maxsize=4)
+def configs_from_env(var: str, cls: type) -> dict:
+    """The `best` table of a tuning run's JSON named by environment variable `var`, as `cls` configs ({} unset)."""
+    path = os.environ.get(var)
     if not path:
         return {}
     best = json.loads(open(path).read()).get("best", {})
-    return {k: GemvConfig(**v) for k, v in best.items()}
+    return {k: cls(**v) for k, v in best.items()}
+
+
+def _file_configs() -> dict[str, GemvConfig]:
+    return configs_from_env("ENGINESMITH_GEMV_CONFIGS", GemvConfig)
 
 
 def config_for(n: int, k: int, swiglu: bool, moe: bool = False) -> GemvConfig:

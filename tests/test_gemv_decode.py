@@ -92,25 +92,43 @@ def test_gemv_refuses_a_batch_and_a_mismatched_weight():
 
 
 @needs_triton
-def test_fused_gemv_step_matches_plain_path_and_keeps_larger_batches_on_regions():
+@pytest.mark.parametrize("rows", [True, False, None])
+def test_fused_gemv_step_matches_plain_path_and_takes_larger_batches_when_told(rows, monkeypatch):
+    monkeypatch.delenv("ENGINESMITH_GEMM_ROWS", raising=False)  # None: opt-in, so off
     model = tiny(device=KERNEL_DEVICE)
     cache, seqs = prefilled(model, [7, 3])
     fast_cache = copy.deepcopy(cache)
     ref = plain_forward(model, cache, [SeqSpan(seqs[0], 7, 1)], [5])
     dec = FastDecoder(model, fast_cache, max_batch_size=2, max_seq_len=64, compile=False, gemv=True,
-                      rope_kernel=INTERPRET or None, cuda_graphs=False)  # graphs would replay without Python
+                      rope_kernel=INTERPRET or None, cuda_graphs=False, rows=rows)  # graphs replay without Python
     assert dec.step.gemv is not None, dec.step.gemv_note
     assert dec.status()["gemv"].startswith("fused GEMV kernels")
+    assert ("through the rows kernels" in dec.status()["gemv"]) == bool(rows)
     calls = []
-    real = dec.step.gemv.__call__
-    dec.step.gemv = lambda *a: calls.append(1) or real(*a)
+    dec.step.gemv = _Counting(dec.step.gemv, calls)
     out = dec.decode([seqs[0]], [5], [7])
     assert calls == [1]
     assert_close(out, ref, 1e-4)
     assert_close(fast_cache.k, cache.k, 1e-5)
     both = plain_forward(model, cache, [SeqSpan(s, p, 1) for s, p in zip(seqs, [8, 3], strict=True)], [6, 2])
     assert_close(dec.decode(seqs, [6, 2], [8, 3]), both, 1e-4)
-    assert calls == [1]  # two rows: the regions path
+    assert_close(fast_cache.k, cache.k, 1e-5)
+    assert_close(fast_cache.v, cache.v, 1e-5)
+    assert calls == ([1, 2] if rows else [1])  # two rows: the rows kernels, or (default) the regions path
+
+
+class _Counting:
+    """The step, recording how many rows each call through it had."""
+
+    def __init__(self, step, calls: list):
+        self.step, self.calls = step, calls
+
+    def handles(self, rows: int) -> bool:
+        return self.step.handles(rows)
+
+    def __call__(self, input_ids, *a):
+        self.calls.append(input_ids.shape[0])
+        return self.step(input_ids, *a)
 
 
 @needs_triton
@@ -192,7 +210,7 @@ def test_configs_file_overrides_the_tuned_table_and_moe_entries_come_first(tmp_p
     path.write_text(json.dumps({"best": {"6144x4096": dict(block_n=32, block_k=128, num_warps=2, num_stages=1,
                                                            prefetch=False)}}))
     monkeypatch.setenv("ENGINESMITH_GEMV_CONFIGS", str(path))
-    tg._file_configs.cache_clear()
+    tg.configs_from_env.cache_clear()
     try:
         assert tg.config_for(6144, 4096, False) == tg.GemvConfig(32, 128, 2, 1, prefetch=False)
         assert tg.config_for(14336, 4096, True) == tg.TUNED["swiglu-14336x4096"]
@@ -201,7 +219,7 @@ def test_configs_file_overrides_the_tuned_table_and_moe_entries_come_first(tmp_p
         assert tg.config_for(123, 456, False) == tg.DEFAULT
     finally:
         monkeypatch.delenv("ENGINESMITH_GEMV_CONFIGS")
-        tg._file_configs.cache_clear()
+        tg.configs_from_env.cache_clear()
 
 
 def test_pdl_is_on_only_for_hopper_cuda_outside_the_interpreter(monkeypatch):
