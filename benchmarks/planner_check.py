@@ -4,8 +4,9 @@ Reads the runtime JSON files in benchmarks/results/ (card named in each), plans 
 `builders.plan.make_plan` on that card's catalogue entry, and prints one table: weight memory per GPU,
 batch-1 decode step (the runtime's fast path and its labelled baselines, e.g. cuBLAS + compiled regions),
 batch-32 and TP=2 decode steps, the 8 KB all-reduce inside a CUDA graph and the PP bubble, each predicted
-vs measured with the error. Rows measured by CALIBRATION are the ones builders.perf_constants was fitted on
-(role "calibration"); every other row is an independent check. Writes <results>/planner-vs-measured.json.
+vs measured with the error. The rows measured by CALIBRATION and MULTI_TOKEN_CALIBRATION are the ones
+builders.perf_constants was fitted on (role "calibration"); every other row is an independent check.
+Writes <results>/planner-vs-measured.json.
 Usage: python -m benchmarks.planner_check [--results DIR]
 """
 
@@ -25,6 +26,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"memory": 0.10, "step": 0.25}
 CALIBRATION = ("runtime-h200-decode-gemv.json", "decode")
 """(file, section) whose fast-path batch-1 step HBM_EFFICIENCY and LAYER_FIXED_US were fitted on."""
+MULTI_TOKEN_CALIBRATION = ("runtime-h200-x2-tp-rows.json", "tp1", "32_cublas_regions")
+"""(file, tp key, result key) of the batch-32 step MULTI_TOKEN_LAYER_FIXED_US was fitted on."""
 PP_SEQS = 16
 """runtime_parallel.py's pp section: 16 sequences of tokens_per_step / 16 tokens each."""
 MOE_SHAPE = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
@@ -114,8 +117,9 @@ def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
                              m["ms_per_step"], "ms", "step", src))
             for key, label in BASELINE_LABELS.items():
                 if base := runs.get(f"{batch}_{key}"):
+                    calib = (src.split(" ")[0], tp_key, f"{batch}_{key}") == MULTI_TOKEN_CALIBRATION
                     rows.append(_row(f"{what}, {label}", plan.decode.estimate_ms, base["ms_per_step"], "ms", "step",
-                                     src))
+                                     src, "calibration" if calib else "check"))
         if micro := runs.get("allreduce_micro"):
             link = resolve_hardware(_recipe(gpu, tp, 1, 1).hardware).intra_node
             predicted = 1e6 * link.ring_allreduce_s(micro["bytes"], tp)

@@ -39,6 +39,17 @@ gaps between kernels (~160 us per step, 5 us/layer). TP does not shrink it: ever
 kernels. History: 33.6 us, fitted the same way on the previous cuBLAS + compiled-regions path (5.41 ms step,
 runtime-h200.json, against 0.725 of HBM)."""
 
+MULTI_TOKEN_LAYER_FIXED_US = 27.1
+"""Fixed time per decoder layer added to a micro-batch of more than one token (batched decode, prefill): such a
+step runs GEMMs in place of GEMVs plus separate RMSNorm / SiLU kernels and split-K reductions, each small GEMM
+with a tensor-core pipeline's ramp and tail, and its attention reads a batch's KV below streaming speed.
+Calibrated on the tp=1 batch-32 decode step of runtime-h200-x2-tp-rows.json (cuBLAS + compiled regions,
+context 512-640, 5.677 ms against 4.811 ms without it: 0.866 ms over 32 layers); checked on the same
+run's tp=2 and on the Llama-3-70B shape's tp 1 and 2 batch-32 steps (benchmarks/planner_check.py). Seen in
+decode-profile-h200-b32.json: per layer, 4 norm / activation kernels (~8 us), 2 split-K reductions (~4 us),
+0.52 ms of gaps over the step (~16 us), the GEMMs at 2.2-3.6 TB/s and attention at 3.4 TB/s (the
+rest). Before: the batch-1 LAYER_FIXED_US alone, which left tp=2 batch 32 26% under the measurement."""
+
 COLLECTIVE_LATENCY_US: dict[str, float] = {"nvlink": 6.6, "pcie": 10.0, "infiniband": 15.0, "ethernet": 40.0}
 """Fixed latency of one collective or point-to-point operation (kernel start, flags, synchronisation), by the
 slowest link it crosses; small decode all-reduces (8 KB at batch 1) cost this, not bandwidth. nvlink: NCCL's

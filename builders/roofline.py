@@ -23,7 +23,7 @@ from builders.comms import CommFigure, merge, p2p_comm, stage_comm
 from builders.hardware import HardwareSpec
 from builders.mapping import Mapping
 from builders.model_spec import ModelSpec
-from builders.perf_constants import COMPUTE_EFFICIENCY, HBM_EFFICIENCY, LAYER_FIXED_US
+from builders.perf_constants import COMPUTE_EFFICIENCY, HBM_EFFICIENCY, LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +47,8 @@ class StageCost:
     hbm_bytes: float
     comm: list[CommFigure] = field(default_factory=list)
     fixed_s: float = 0.0
-    """The layers' fixed kernel time (LAYER_FIXED_US each), paid by every micro-batch."""
+    """The layers' fixed kernel time (LAYER_FIXED_US each, plus MULTI_TOKEN_LAYER_FIXED_US for a micro-batch of
+    more than one token), paid by every micro-batch."""
 
     @property
     def floor_s(self) -> float:
@@ -86,6 +87,11 @@ class PhaseEstimate:
     """Fixed layer time in the step (all stages, every micro-batch)."""
 
 
+def layer_fixed_us(tokens: int) -> float:
+    """Fixed time of one layer for a micro-batch of `tokens` tokens (perf_constants)."""
+    return LAYER_FIXED_US + (MULTI_TOKEN_LAYER_FIXED_US if tokens > 1 else 0.0)
+
+
 def _pipeline(times: list[float], m: int, p2p: float, inflight: bool) -> float:
     if inflight:
         return max(sum(times) + p2p, m * max(times))
@@ -117,7 +123,8 @@ class PerfModel:
         comm = stage_comm(spec, self.mapping, self.hw, st.pp_rank, st.layers, tokens, seqs, self.act_bytes)
         return StageCost(compute_s=flops / self.hw.peak_flops(self.compute_dtype),
                          hbm_s=nbytes / (self.hw.hbm_gbps * 1e9), comm_s=sum(c.time_s for c in comm),
-                         flops=flops, hbm_bytes=nbytes, comm=comm, fixed_s=len(st.layers) * LAYER_FIXED_US * 1e-6)
+                         flops=flops, hbm_bytes=nbytes, comm=comm,
+                         fixed_s=len(st.layers) * layer_fixed_us(tokens) * 1e-6)
 
     def stage_costs(self, tokens: int, seqs: int, attended: float, kv_read: float, m: int) -> list[StageCost]:
         """Every stage's cost for one of `m` micro-batches of the step."""

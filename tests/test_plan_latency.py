@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from builders.hardware import Link
-from builders.perf_constants import HBM_EFFICIENCY, LAYER_FIXED_US
+from builders.perf_constants import HBM_EFFICIENCY, LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
 from builders.plan import make_plan
 from builders.recipe import parse_recipe
 
@@ -81,6 +81,16 @@ def test_batch1_decode_is_gemv_bandwidth_plus_fixed_layer_time():
     assert p.decode.estimate_ms == pytest.approx(1e3 * (hbm_s + fixed_s))
     assert hbm_s > 5 * fixed_s  # the weights, not the fixed kernel time, set the step
     assert p.decode.bound_by == "memory bandwidth"
+
+
+def test_batched_decode_pays_the_multi_token_layer_time_on_every_rank():
+    one, b2, b32, b32_tp2 = plan(), plan(batch=2), plan(batch=32), plan(tp=2, batch=32)
+    multi = LAYERS * (LAYER_FIXED_US + MULTI_TOKEN_LAYER_FIXED_US) * 1e-3
+    assert one.decode.fixed_ms == pytest.approx(LAYERS * LAYER_FIXED_US * 1e-3)  # one token: the GEMV step
+    assert b2.decode.fixed_ms == b32.decode.fixed_ms == b32_tp2.decode.fixed_ms == pytest.approx(multi)
+    # the bytes barely grow from 1 to 2 rows, so the step grows by the added fixed time (and a little KV)
+    added = b2.decode.estimate_ms - one.decode.estimate_ms
+    assert LAYERS * MULTI_TOKEN_LAYER_FIXED_US * 1e-3 < added < 1.05 * LAYERS * MULTI_TOKEN_LAYER_FIXED_US * 1e-3
 
 
 def test_tp2_batch1_splits_bytes_but_not_fixed_time_or_latency():

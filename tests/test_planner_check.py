@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks.planner_check import CALIBRATION, RESULTS, compare, main
+from benchmarks.planner_check import CALIBRATION, MULTI_TOKEN_CALIBRATION, RESULTS, compare, main
 from builders.perf_constants import COLLECTIVE_LATENCY_US, HOP_LATENCY_US
 
 
@@ -16,12 +16,15 @@ def rows() -> list[dict]:
     return compare(RESULTS)
 
 
-def test_the_calibration_row_is_reproduced_by_the_constants(rows):
+def test_the_calibration_rows_are_reproduced_by_the_constants(rows):
     calib = [r for r in rows if r["role"] == "calibration"]
-    assert [r["source"].split(" ")[0] for r in calib] == [CALIBRATION[0]]
+    assert [r["source"].split(" ")[0] for r in calib] == [CALIBRATION[0], MULTI_TOKEN_CALIBRATION[0]]
     measured = json.loads((RESULTS / CALIBRATION[0]).read_text())["decode"]["fast"]["ms_per_token"]
     assert calib[0]["measured"] == measured
     assert abs(calib[0]["error"]) < 0.01  # HBM_EFFICIENCY and LAYER_FIXED_US were fitted on this step
+    file, tp, key = MULTI_TOKEN_CALIBRATION
+    assert calib[1]["measured"] == json.loads((RESULTS / file).read_text())["tp"][tp][key]["ms_per_step"]
+    assert "batch 32" in calib[1]["what"] and abs(calib[1]["error"]) < 0.01  # MULTI_TOKEN_LAYER_FIXED_US's step
 
 
 def test_rows_label_kernels_and_baselines_and_compute_errors(rows):
