@@ -120,9 +120,21 @@ class RowsConfig:
 DEFAULT = RowsConfig(32, 128, 4, 4)
 """For shapes and row counts the tuned table has no entry for."""
 
-TUNED: dict[str, RowsConfig] = {}
-"""Best config per `shape_key` (benchmarks/gemv_kernels.py --rows on an H200); ENGINESMITH_ROWS_CONFIGS names a
-JSON file of that benchmark whose entries win."""
+TUNED: dict[str, RowsConfig] = {
+    "m32-6144x4096": RowsConfig(32, 128, 4, 5),  # qkv tp1
+    "m32-4096x4096": RowsConfig(32, 128, 4, 5),  # o_proj tp1
+    "m32-swiglu-14336x4096": RowsConfig(64, 128, 4, 3),  # gate_up tp1
+    "m32-4096x14336": RowsConfig(32, 256, 4, 5),  # down tp1
+    "m32-128256x4096": RowsConfig(64, 128, 4, 3),  # lm_head tp1
+    "m32-3072x4096": RowsConfig(32, 256, 4, 5),  # qkv tp2
+    "m32-4096x2048": RowsConfig(32, 128, 4, 5),  # o_proj tp2
+    "m32-swiglu-7168x4096": RowsConfig(64, 128, 4, 5),  # gate_up tp2
+    "m32-4096x7168": RowsConfig(32, 256, 4, 5),  # down tp2
+    "m32-64128x4096": RowsConfig(64, 128, 4, 3),  # lm_head tp2
+}
+"""Best config per `shape_key` at 32 rows (Llama-3-8B at tp 1 and 2) from `benchmarks/gemv_kernels.py --rows 32`
+on an H200 (gemm-rows-h200.json); other row buckets take DEFAULT. ENGINESMITH_ROWS_CONFIGS names a JSON file of
+that benchmark whose entries win."""
 
 
 def shape_key(m: int, n: int, k: int, swiglu: bool) -> str:
