@@ -47,25 +47,20 @@ def _prefetch_kernel(W, OUT, n, per_prog, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _line_prefetch_kernel(W, n, per_prog, STEP: tl.constexpr, BLOCK: tl.constexpr):
-    """PTX prefetch of every STEP-th element (one per 128-byte line) of this program's share into L2."""
+def _asm_prefetch_kernel(W, n, per_prog, STEP: tl.constexpr, BLOCK: tl.constexpr, BULK: tl.constexpr):
+    """This program's share into L2 without waiting for it: BLOCK addresses STEP elements apart per iteration,
+    each a PTX prefetch.global.L2::evict_last of its 128-byte line (STEP 64), or with BULK a Hopper
+    cp.async.bulk.prefetch.L2 of 32 KB (STEP 16384)."""
     pid = tl.program_id(0)
+    end = tl.minimum(pid.to(tl.int64) * per_prog + per_prog, n)
     for i in range(0, per_prog, BLOCK * STEP):
         offs = pid.to(tl.int64) * per_prog + i + tl.arange(0, BLOCK) * STEP
-        end = tl.minimum(pid.to(tl.int64) * per_prog + per_prog, n)
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                  [W + tl.minimum(offs, end - 1)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _bulk_prefetch_kernel(W, n, per_prog, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Hopper bulk prefetch into L2, CHUNK elements (32 KB) per instruction."""
-    pid = tl.program_id(0)
-    for i in range(0, per_prog, BLOCK * CHUNK):
-        offs = pid.to(tl.int64) * per_prog + i + tl.arange(0, BLOCK) * CHUNK
-        end = tl.minimum(pid.to(tl.int64) * per_prog + per_prog, n)
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], 32768;\n\tmov.u32 $0, 0;", "=r,l",
-                                  [W + tl.minimum(offs, end - CHUNK)], dtype=tl.int32, is_pure=False, pack=1)
+        if BULK:
+            tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], 32768;\n\tmov.u32 $0, 0;", "=r,l",
+                                      [W + tl.minimum(offs, end - STEP)], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                      [W + tl.minimum(offs, end - 1)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 def prefetch(w: torch.Tensor, nbytes: int, programs: int, out: torch.Tensor, how: str = "loads") -> None:
@@ -74,9 +69,9 @@ def prefetch(w: torch.Tensor, nbytes: int, programs: int, out: torch.Tensor, how
     if how == "loads":
         _prefetch_kernel[(programs,)](w, out, n, per, BLOCK=4096, num_warps=8)
     elif how == "line":
-        _line_prefetch_kernel[(programs,)](w, n, per, STEP=64, BLOCK=256, num_warps=8)
+        _asm_prefetch_kernel[(programs,)](w, n, per, STEP=64, BLOCK=256, BULK=False, num_warps=8)
     else:
-        _bulk_prefetch_kernel[(programs,)](w, n, per, CHUNK=16384, BLOCK=32, num_warps=1)
+        _asm_prefetch_kernel[(programs,)](w, n, per, STEP=16384, BLOCK=32, BULK=True, num_warps=1)
 
 
 VARIANTS = {"loads": [66], "line": [4, 16, 66], "bulk": [1, 4, 16]}

@@ -98,6 +98,18 @@ def _silu_mul(act, lin, act_ty: tl.constexpr):
 
 
 @triton.jit
+def residual_store(y, RES, OUT, offs, mask, act_ty: tl.constexpr, RESIDUAL: tl.constexpr, OUT_F32: tl.constexpr):
+    """Store y (float32, rounded to act_ty already) at OUT + offs: plus the residual at RES + offs first (rounded
+    again, as the unfused add rounds), as float32 (OUT_F32) or in OUT's dtype."""
+    if RESIDUAL:
+        y = (tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32) + y).to(act_ty).to(tl.float32)
+    if OUT_F32:
+        tl.store(OUT + offs, y, mask=mask)
+    else:
+        tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC, stride_slot,
                  XS, EPOCH, DCOUNT, DST, DFLAG, RANK,
                  NORM: tl.constexpr, SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -179,12 +191,7 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         return
     if SWIGLU:
         y = _silu_mul(y, (tl.sum(acc2, 1) * scale).to(act_ty).to(tl.float32), act_ty)
-    if RESIDUAL:
-        y = (tl.load(RES + offs_n, mask=mask_n, other=0.0).to(tl.float32) + y).to(act_ty).to(tl.float32)
-    if OUT_F32:
-        tl.store(OUT + offs_n, y, mask=mask_n)
-    else:
-        tl.store(OUT + offs_n, y.to(OUT.dtype.element_ty), mask=mask_n)
+    residual_store(y, RES, OUT, offs_n, mask_n, act_ty, RESIDUAL, OUT_F32)
     if SCATTER:  # OUT is this rank's slot of its exchange buffer: the last program pushes it to the peers
         push_when_last(OUT, N, DCOUNT, DST, DFLAG, EPOCH, RANK, TP, 1024)
 

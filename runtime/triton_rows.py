@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from runtime.pdl import wait_then_release
+from runtime.triton_gemv import _silu_mul, residual_store
 
 MAX_ROWS = 64
 
@@ -93,17 +94,9 @@ def _rows_kernel(X, W, B, RES, OUT, M, N, K, HALF,
         y += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = y.to(act_ty).to(tl.float32)
     if SWIGLU:
-        lin = acc2.to(act_ty).to(tl.float32)
-        silu = (y / (1.0 + tl.exp(-y))).to(act_ty).to(tl.float32)
-        y = (silu * lin).to(act_ty).to(tl.float32)
-    mask = mask_m[:, None] & mask_n[None, :]
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
-    if RESIDUAL:
-        y = (tl.load(RES + out_offs, mask=mask, other=0.0).to(tl.float32) + y).to(act_ty).to(tl.float32)
-    if OUT_F32:
-        tl.store(OUT + out_offs, y, mask=mask)
-    else:
-        tl.store(OUT + out_offs, y.to(OUT.dtype.element_ty), mask=mask)
+        y = _silu_mul(y, acc2.to(act_ty).to(tl.float32), act_ty)
+    residual_store(y, RES, OUT, offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], act_ty,
+                   RESIDUAL, OUT_F32)
 
 
 @dataclass(frozen=True)
