@@ -170,6 +170,28 @@ def test_failed_self_check_leaves_the_regions_path_with_a_recorded_reason(monkey
     assert_close(dec.decode(seqs, [3], [4]), ref)
 
 
+def test_rows_kernels_failing_their_check_leave_larger_batches_on_the_regions_path(monkeypatch):
+    import sys
+    import types
+
+    exact = types.ModuleType("runtime.triton_gemv")  # the batch-1 kernels: the reference arithmetic itself
+    exact.gemv = lambda x, w, recv=None, **kw: gemv_ref(x, w, **kw)
+    exact.rope_unsupported = lambda *a: "not under test"
+    rows = types.ModuleType("runtime.triton_rows")
+    rows.MAX_ROWS = 64
+    rows.gemm_rows = lambda x, w, **kw: gemv_ref(x, w, **{k: v for k, v in kw.items() if k != "residual"})
+    monkeypatch.setitem(sys.modules, "runtime.triton_gemv", exact)
+    monkeypatch.setitem(sys.modules, "runtime.triton_rows", rows)
+    model = tiny()
+    cache, seqs = prefilled(model, [4, 6])
+    ref = plain_forward(model, copy.deepcopy(cache), [SeqSpan(s, p, 1) for s, p in zip(seqs, [4, 6], strict=True)],
+                        [3, 5])
+    dec = FastDecoder(model, cache, max_batch_size=2, max_seq_len=64, compile=False, gemv=True, rows=True)
+    assert dec.step.gemv is not None and "rows kernels' self-check error" in dec.step.gemv_note
+    assert dec.step.gemv.handles(1) and not dec.step.gemv.handles(2)
+    assert_close(dec.decode(seqs, [3, 5], [4, 6]), ref)
+
+
 def test_self_check_measures_the_reference_against_itself_as_exact():
     assert check_on_model(tiny(), gemv_ref, gemv_ref) == 0.0
 
