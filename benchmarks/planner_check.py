@@ -161,9 +161,11 @@ def compare(results_dir: Path) -> list[dict]:
 def _pp_rows(gpu: str, pp: dict, src: str) -> list[dict]:
     """runtime_parallel.py's pp section: a burst of seqs x seq_len prompt tokens through pp=2, m micro-batches;
     the layers it ran (graphed, compiled or eager prefill layers) and the baselines timed beside them."""
+    from benchmarks.runtime_parallel import pp_runs  # imports torch: only where pp results are read
+
     seqs, seq_len = PP_SEQS, pp["tokens_per_step"] // PP_SEQS
     rows = []
-    for name, run in {pp["layers"]: pp, **pp.get("baselines", {})}.items():
+    for name, run in pp_runs(pp).items():
         for m, measured in run["measured_bubble"].items():
             plan = make_plan(_recipe(gpu, 1, 2, seqs, isl=seq_len, micro=int(m)), with_options=False)
             if m == "1":

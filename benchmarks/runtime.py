@@ -116,6 +116,8 @@ class Bench:
 
 def table(r: dict) -> str:
     """The short summary printed last."""
+    from benchmarks.runtime_parallel import pp_runs
+
     rows = [("section", "metric", "value", "target")]
     hw, srv = r.get("hw", {}), r.get("serving", {})
     _row(rows, "hw", "copy GB/s (read+write)", hw.get("copy_gbps"))
@@ -131,7 +133,7 @@ def table(r: dict) -> str:
             if isinstance(v, int | float) and k != "section_s":
                 _row(rows, name, k, v)
     pp = r.get("pp") or {}
-    for name, run in {pp.get("layers"): pp, **pp.get("baselines", {})}.items():
+    for name, run in (pp_runs(pp) if pp else {}).items():
         if run.get("stage_s"):
             _row(rows, "pp", f"{name} layers: stage ms, whole step", 1e3 * max(run["stage_s"]))
         for m, v in (run.get("measured_bubble") or {}).items():

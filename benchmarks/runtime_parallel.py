@@ -78,8 +78,22 @@ _BASELINES_BATCH1 = (
     ("1_no_pdl", dict(pdl=False)),  # fused GEMVs launched without programmatic dependent launch
     ("1_cublas_regions", dict(gemv=False)),
 )
-"""Batch-1 paths timed after the main one in the same ranks: (result key, FastDecoder options); "1_exchange"
-(tp > 1 with ENGINESMITH_TP_EXCHANGE=1: all-reduces and gather inside the GEMVs) goes first when it is on."""
+"""Batch-1 paths timed after the main one in the same ranks: (result key, FastDecoder options)."""
+
+
+def _baselines(batch: int, exchange) -> tuple[tuple[str, dict], ...]:
+    """The paths timed after the main one at `batch`: at batch 1 the TP exchange first when it is on
+    (ENGINESMITH_TP_EXCHANGE=1: all-reduces and gather inside the GEMVs), then _BASELINES_BATCH1; at larger
+    batches the opt-in rows kernels."""
+    if batch > 1:
+        return ((f"{batch}_rows", dict(rows=True)),)
+    return ((("1_exchange", dict(exchange=exchange)),) if exchange is not None else ()) + _BASELINES_BATCH1
+
+
+def pp_runs(pp: dict) -> dict[str, dict]:
+    """The pp section's result by layer runner: the main run (its own keys; "" in files older than the
+    runners) first, then the baselines timed beside it."""
+    return {pp.get("layers", ""): pp, **pp.get("baselines", {})}
 
 
 def _all_reduce_summary(two: dict) -> dict:
@@ -140,16 +154,11 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         out[str(bs)] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"], status=status)
         if bs == 1:
             out["tokens"] = [t[0] for t in tokens]
-        if bs > 1 and p["cuda"] and p["options"].get("gemv") is None:  # same run: the opt-in rows kernels
-            toks, secs, _ = _timed(dec_args | dict(rows=True), first, p, device)
-            out[f"{bs}_rows"] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"],
-                                     same_tokens=toks == tokens)
-        if bs == 1 and p["cuda"] and p["options"].get("gemv") is None:  # same run: the other batch-1 paths
-            extra = (("1_exchange", dict(exchange=exchange)),) if exchange is not None else ()
-            for name, kw in extra + _BASELINES_BATCH1:
+        if p["cuda"] and p["options"].get("gemv") is None:  # same run: the other paths at this batch
+            for name, kw in _baselines(bs, exchange):
                 toks, secs, _ = _timed(dec_args | kw, first, p, device)
-                out[name] = dict(tok_s=p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"],
-                                 same_tokens=[t[0] for t in toks] == out["tokens"])
+                out[name] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"],
+                                 same_tokens=toks == tokens)
                 if name == "1_exchange":
                     try:
                         exchange.check_error()
@@ -319,7 +328,7 @@ def _plot(out: dict, path: Path) -> Path | None:
 
     ms = sorted(out["measured_bubble"], key=int)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, run in {out.get("layers", ""): out, **out.get("baselines", {})}.items():
+    for name, run in pp_runs(out).items():
         label = f"measured, {name} layers" if name else "measured"
         ax.plot([int(m) for m in ms], [run["measured_bubble"][m] for m in ms], "o-", label=label)
     ax.plot([int(m) for m in ms], [out["predicted_bubble"][m] for m in ms], "s--", label="(p-1)/(m+p-1)")

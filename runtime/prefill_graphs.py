@@ -156,8 +156,7 @@ class GraphedPrefill:
         sizes = [b for b in self.buckets if b < max_tokens] + [b for b in self.buckets if b >= max_tokens][:1]
         for size in sizes:
             if self._bucket(model, size) is None:
-                log.warning("prefill graphs: %s", self.fallback)
-                self._drop(model)
+                self._give_up(self.fallback, model)
                 return []
         # The graphs ran the regions on the buckets' normal tensors; steps (and the first step's check) pass
         # inference tensors, which Dynamo guards apart: compile those variants now too, on a few tokens.
@@ -193,12 +192,13 @@ class GraphedPrefill:
 
     def _fall_back(self, reason: str, model: RankModel, hidden: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         """Drop the graphs for good and run this step through the compiled regions."""
-        self.fallback = reason[:500]
-        log.warning("prefill graphs: %s", self.fallback)
-        self._drop(model)
+        self._give_up(reason, model)
         return self.regions(model, None, hidden, mb)
 
-    def _drop(self, model: RankModel) -> None:
+    def _give_up(self, reason: str, model: RankModel) -> None:
+        """Record why, log it, and free every bucket's graphs and buffers: the compiled regions serve from now on."""
+        self.fallback = reason[:500]
+        log.warning("prefill graphs: %s", self.fallback)
         self._buckets, self._pool = weakref.WeakKeyDictionary(), None
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)

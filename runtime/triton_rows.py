@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from runtime.pdl import wait_then_release
-from runtime.triton_gemv import _silu_mul, residual_store
+from runtime.triton_gemv import _silu_mul, configs_from_env, residual_store
 
 MAX_ROWS = 64
 
@@ -139,8 +139,6 @@ def block_m(m: int) -> int:
 
 
 def config_for(m: int, n: int, k: int, swiglu: bool) -> RowsConfig:
-    from runtime.triton_gemv import configs_from_env
-
     return (TUNED | configs_from_env("ENGINESMITH_ROWS_CONFIGS", RowsConfig)).get(shape_key(m, n, k, swiglu), DEFAULT)
 
 
