@@ -1,26 +1,29 @@
 """The TP all-reduces and the logits all-gather of the batch-1 decode step, fused into the GEMV kernels.
 
 With tp > 1 the GemvDecode step (runtime/decode_gemv_step.py) reduces twice per layer: after o_proj and
-after down. Instead of a collective kernel there, the producer GEMV stores its partial (rank 0's with the
-residual added) into its slot of the exchange buffer; its last program to finish pushes the slot to every
-peer over NVLink and raises a flag there (runtime/tp_signal.py). A one-warp kernel waits for the peers'
-flags; the consumer, the next RMSNorm-GEMV (gate/up, the next layer's qkv, lm_head), sums the slots in rank
-order and writes the summed residual stream for the next residual GEMV. lm_head's vocab slices reach every
-rank's logits row the same way. No collective kernel and no host sync is left in the step, and with
-programmatic dependent launch the consumer's first weight tiles load while the peers are still producing.
+after down. Instead of a collective kernel there, every program of the producer GEMV stores its outputs
+(rank 0's with the residual added) into this rank's slot on every rank, the peers' over NVLink; the
+consumer, the next RMSNorm-GEMV (gate/up, the next layer's qkv, lm_head), polls its own buffer until the
+peers' slots have landed (a slot element is "empty" while it holds -0.0: runtime/tp_signal.py), sums the
+slots in rank order and writes the summed residual stream for the next residual GEMV. lm_head's vocab slices
+reach every rank's logits row the same way, and a small kernel copies the row out once it is complete. No
+collective kernel, wait kernel or host sync is left in the step, and with programmatic dependent launch the
+consumer's first weight tiles load while the peers are still producing.
 
 Buffers live in PyTorch symmetric memory (peer-mapped allocations, NVLink multicast off, as in
-runtime/fast_allreduce.py): one slot row per rank for each of the step's 2 x layers points, the logits
-row, and int64 flags and counters. Every point is produced and consumed exactly once per step, in the same order on
-every rank (TP ranks run the same steps), so `begin_step` only adds 1 to the on-device epoch.
+runtime/fast_allreduce.py): three rotating sets (one per step epoch mod 3) of one slot row per rank for each
+of the step's 2 x layers points, and of the logits row. Every point is produced and consumed exactly once per
+step, in the same order on every rank (TP ranks run the same steps), so `begin_step` only adds 1 to the
+on-device epoch.
 
 Set-up is collective and checks the fused kernels against dist.all_reduce / all_gather on random data;
 the ranks agree, and on any failure `enabled` is False with the reason (the step keeps its collectives).
 
-OFF unless ENGINESMITH_TP_EXCHANGE=1: on 2 x H200 every version so far made the tp=2 batch-1 step slower
-than the one-shot symmetric-memory all-reduce (runtime/fast_allreduce.py) with PDL: the last one by 5% on
-Llama-3-8B and 9% on Llama-3-70B-shaped layers (benchmarks/results/runtime-h200-x2-tp*-exchange-v4.json;
-v1-v3 in runtime/tp_signal.py). It stays, correct and tested, as the base for the next attempt.
+OFF unless ENGINESMITH_TP_EXCHANGE=1: it has not beaten the one-shot symmetric-memory all-reduce
+(runtime/fast_allreduce.py) with PDL. Versions 1-4 (flags and counters, see runtime/tp_signal.py) made the tp=2
+batch-1 step slower on 2 x H200, v4 by 5% on Llama-3-8B and 9% on Llama-3-70B-shaped layers
+(benchmarks/results/runtime-h200-x2-tp*-exchange-v4.json); this version (v5) ties: 0.998x and 0.994x of the
+default's tokens/s in two runs on 2 x H100, the same tokens (runtime-h100-x2-tp-exchange-v5*.json).
 """
 
 from __future__ import annotations
@@ -43,31 +46,36 @@ _ALIGN = 256
 @dataclass(frozen=True)
 class Link:
     epoch: torch.Tensor
-    """(1,) int64 on the device: decode steps begun."""
+    """(1,) int64 on the device: decode steps begun (the slots' set is epoch % 3)."""
     err: torch.Tensor
-    """(1,) int32: set by a wait that gave up (a peer never arrived)."""
+    """(2,) int32: [0] set by a poll that gave up (a peer never delivered); [1] poll rounds spent waiting."""
     rank: int
     tp: int
+    spin: int
+    """Polls before a consumer gives up."""
 
 
 @dataclass(frozen=True)
 class Recv:
-    """Where a consumer kernel finds its input: slot q of `slots` is rank q's partial."""
+    """Where a consumer kernel finds its input: row q of `slots` (set 0; + set_stride per set) is rank q's."""
     slots: torch.Tensor  # (tp, n), this rank's buffer
+    set_stride: int
     link: Link
 
 
 @dataclass(frozen=True)
 class Send:
     """Where a producer kernel stores its output: this rank's slice on every rank."""
-    dst: torch.Tensor  # (tp,) int64 addresses of this rank's slice in each rank's buffer
-    flags: torch.Tensor  # (tp,) int64 addresses of this rank's flag in each rank's buffer
-    count: torch.Tensor  # (1,) int64 in this rank's buffer: the producer's programs so far
+    dst: torch.Tensor  # (tp,) int64 addresses of this rank's slice (set 0) in each rank's buffer
+    set_stride: int  # elements from one set to the next
     slice_like: torch.Tensor  # the slice in this rank's own buffer (its shape and dtype)
     link: Link
 
 
 class TPExchange:
+    check_columns = 2048
+    """The set-up check computes lm_head's slice in chunks of this many columns (one small random weight)."""
+
     def __init__(self, group, rank: int, tp: int, device: torch.device, dtype: torch.dtype, hidden: int,
                  vocab_local: int, num_points: int, *, pdl: bool = False, spin: int = tp_signal.SPIN_LIMIT):
         """Collective over `group` (the TP group; `rank` is the TP rank): allocate, rendezvous, self-check."""
@@ -86,52 +94,53 @@ class TPExchange:
         return self._buf is not None
 
     def status(self) -> dict:
-        return dict(enabled=self.enabled, reason=self.reason, self_check_rel_err=self.check_err, pdl=self.pdl,
-                    points=self.num_points)
+        out = dict(enabled=self.enabled, reason=self.reason, self_check_rel_err=self.check_err, pdl=self.pdl,
+                   points=self.num_points)
+        if self.enabled:  # a host sync: not inside a graph
+            out["poll_rounds_waited"] = int(self.link.err[1])
+        return out
 
     # ---- the step's view ----
     def begin_step(self) -> None:
         self.link.epoch.add_(1)
 
     def recv(self, point: int) -> Recv:
-        """Waits (a one-warp kernel) for the peers' slots of `point`; the returned Recv feeds the consumer."""
-        self._wait(point)
-        return Recv(self._slots[point], self.link)
+        """Where the consumer of `point` polls for the ranks' partials (it launches nothing itself)."""
+        return Recv(self._slots[0, point], self._slot_set, self.link)
 
     def send(self, point: int) -> Send:
-        return Send(self._dst[point], self._dflag[point], self._flags[point, self.tp:],
-                    self._slots[point, self.rank].view(1, -1), self.link)
+        return Send(self._dst[point], self._slot_set, self._slots[0, point, self.rank].view(1, -1), self.link)
 
     def send_logits(self) -> Send:
-        v, p = self.vocab_local, self.num_points
-        return Send(self._dst_logits, self._dflag[p], self._flags[p, self.tp:],
-                    self._logits[:, self.rank * v: (self.rank + 1) * v], self.link)
+        v = self.vocab_local
+        return Send(self._dst_logits, self._logit_set, self._logits[0:1, self.rank * v: (self.rank + 1) * v],
+                    self.link)
 
     def wait_logits(self) -> torch.Tensor:
-        """(1, tp x vocab_local) float32: every rank's lm_head slice, once the peers' have arrived."""
-        self._wait(self.num_points)
-        return self._logits
-
-    def _wait(self, point: int) -> None:
-        """The stream goes on once every peer has raised its flag of `point` (the logits: num_points) to the epoch."""
-        tp_signal.wait(self._flags[point, : self.tp], self.link.epoch, self.rank, self.link.err, self.tp, self.pdl,
-                       self.spin)
+        """(1, tp x vocab_local) float32: every rank's lm_head slice, copied out (a kernel) once all have landed."""
+        n = self.tp * self.vocab_local
+        tp_signal.gather(self._logits, self._logits_out, n, n, self.link.epoch, self.link.err, self.spin, self.pdl)
+        return self._logits_out
 
     def check_error(self) -> None:
-        """Raise if a wait gave up (a host sync: call it between steps, not inside a graph)."""
-        if int(self.link.err.item()):
+        """Raise if a poll gave up (a host sync: call it between steps, not inside a graph)."""
+        if int(self.link.err[0]):
             raise RuntimeError("TP exchange: a peer rank never delivered its partial (dead or out of step); "
                                "the last step's output is invalid")
 
     def reset(self) -> None:
-        """Collective: zero the counters and the epoch on every rank (nothing may be in flight)."""
-        torch.cuda.synchronize(self.device)
+        """Collective: every slot empty, the epoch and the error zero on every rank (nothing may be in flight)."""
+        self._sync()
         dist.barrier(group=self.group)
-        self._flags.zero_()
+        self.mark_empty(self._buf, self.tp, self.num_points, self.hidden, self.vocab_local, self.dtype)
         self.link.epoch.zero_()
         self.link.err.zero_()
-        torch.cuda.synchronize(self.device)
+        self._sync()
         dist.barrier(group=self.group)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ---- set-up ----
     def _local_problem(self) -> str | None:
@@ -145,19 +154,29 @@ class TPExchange:
 
     @staticmethod
     def layout(tp: int, num_points: int, hidden: int, vocab_local: int, dtype: torch.dtype) -> tuple[list[int], int]:
-        """Byte offsets of the slots, the logits row and the flags in one rank's buffer, and its size. Flags:
-        per point, one per source rank (the epoch its producer last completed) and this rank's program counter."""
+        """Byte offsets of the slots (3 sets x points x ranks x hidden) and the logits rows (3 sets x ranks x
+        vocab_local float32) in one rank's buffer, and its size."""
         offs, total = [], 0
-        for size in (num_points * tp * hidden * dtype.itemsize, tp * vocab_local * 4, (num_points + 1) * (tp + 1) * 8):
+        for size in (3 * num_points * tp * hidden * dtype.itemsize, 3 * tp * vocab_local * 4):
             offs.append(total)
             total += -(-size // _ALIGN) * _ALIGN
         return offs, total
 
     @classmethod
+    def mark_empty(cls, buf: torch.Tensor, tp: int, num_points: int, hidden: int, vocab_local: int,
+                   dtype: torch.dtype) -> None:
+        """Fill a `layout`-sized byte buffer with -0.0 (the "not landed yet" mark) in each region's dtype."""
+        (s_off, l_off), _ = cls.layout(tp, num_points, hidden, vocab_local, dtype)
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        for off, n, es in ((s_off, 3 * num_points * tp * hidden, dtype.itemsize), (l_off, 3 * tp * vocab_local, 4)):
+            ty = bits[es]
+            buf[off: off + n * es].view(ty).fill_(torch.iinfo(ty).min)
+
+    @classmethod
     def over_buffers(cls, bufs: list[torch.Tensor], rank: int, dtype: torch.dtype, hidden: int, vocab_local: int,
                      num_points: int, *, pdl: bool = False, spin: int = tp_signal.SPIN_LIMIT) -> TPExchange:
-        """Rank `rank`'s exchange over every rank's zeroed byte buffer (`layout` sized) in one address space:
-        no collective and no self-check (tests run the ranks as threads under Triton's interpreter)."""
+        """Rank `rank`'s exchange over every rank's byte buffer (`layout` sized, `mark_empty`-filled) in one
+        address space: no collective and no self-check (tests run the ranks under Triton's interpreter)."""
         ex = cls.__new__(cls)
         ex._set(None, rank, len(bufs), bufs[rank].device, dtype, hidden, vocab_local, num_points, pdl, spin)
         ex._attach(bufs[rank], [b.data_ptr() for b in bufs])
@@ -175,7 +194,7 @@ class TPExchange:
 
         _, total = self.layout(self.tp, self.num_points, self.hidden, self.vocab_local, self.dtype)
         buf = symm_mem.empty(total, dtype=torch.uint8, device=self.device)
-        buf.zero_()
+        self.mark_empty(buf, self.tp, self.num_points, self.hidden, self.vocab_local, self.dtype)
         torch.cuda.synchronize(self.device)
         handle = symm_mem.rendezvous(buf, self.group.group_name)
         ptrs = [int(a) for a in handle.buffer_ptrs]
@@ -190,27 +209,27 @@ class TPExchange:
     def _attach(self, buf: torch.Tensor, ptrs: list[int]) -> None:
         """Views of this rank's buffer and the address tables of every rank's (ptrs: their base addresses)."""
         tp, p, h, v, es = self.tp, self.num_points, self.hidden, self.vocab_local, self.dtype.itemsize
-        (s_off, l_off, f_off), total = self.layout(tp, p, h, v, self.dtype)
+        (s_off, l_off), total = self.layout(tp, p, h, v, self.dtype)
         if buf.numel() < total or buf.dtype != torch.uint8:
             raise ValueError(f"exchange buffer of {buf.numel()} {buf.dtype} elements, need {total} uint8")
-        self._slots = buf[s_off: s_off + p * tp * h * es].view(self.dtype).view(p, tp, h)
-        self._logits = buf[l_off: l_off + tp * v * 4].view(torch.float32).view(1, tp * v)
-        self._flags = buf[f_off: f_off + (p + 1) * (tp + 1) * 8].view(torch.int64).view(p + 1, tp + 1)
+        self._slots = buf[s_off: s_off + 3 * p * tp * h * es].view(self.dtype).view(3, p, tp, h)
+        self._logits = buf[l_off: l_off + 3 * tp * v * 4].view(torch.float32).view(3, tp * v)
+        self._slot_set, self._logit_set = p * tp * h, tp * v
         r, dev = self.rank, self.device
 
         def table(rows) -> torch.Tensor:
             return torch.tensor(rows, dtype=torch.int64, device=dev)
 
         self._dst = table([[ptrs[q] + s_off + (i * tp + r) * h * es for q in range(tp)] for i in range(p)])
-        self._dflag = table([[ptrs[q] + f_off + (i * (tp + 1) + r) * 8 for q in range(tp)] for i in range(p + 1)])
         self._dst_logits = table([ptrs[q] + l_off + r * v * 4 for q in range(tp)])
-        self.link = Link(torch.zeros(1, dtype=torch.int64, device=dev), torch.zeros(1, dtype=torch.int32, device=dev),
-                         r, tp)
+        self._logits_out = torch.empty(1, tp * v, dtype=torch.float32, device=dev)
+        self.link = Link(torch.zeros(1, dtype=torch.int64, device=dev), torch.zeros(2, dtype=torch.int32, device=dev),
+                         r, tp, self.spin)
         self._buf = buf
 
     def _self_check(self) -> None:
         """One exchange step on random weights: a residual GEMV into point 0, an RMSNorm GEMV out of it into
-        the logits, against the same arithmetic with dist.all_reduce / all_gather; then the counters reset."""
+        the logits, against the same arithmetic with dist.all_reduce / all_gather; then every slot emptied."""
         from runtime import triton_gemv
         from runtime.gemv_ref import gemv_ref, rel_err
 
@@ -220,24 +239,29 @@ class TPExchange:
         def rnd(*shape) -> torch.Tensor:
             return (torch.randn(*shape, generator=gen) / shape[-1] ** 0.5).to(dev, dt)
 
-        k_part, n_out = 256, min(v, 2048)  # the logits check fills the first n_out columns of each slice
+        k_part, n_out = 256, min(v, self.check_columns)  # lm_head's check: one (n_out, h) weight per chunk
         x, res, w1, w2, norm = rnd(1, k_part), rnd(1, h), rnd(h, k_part), rnd(n_out, h), 1 + rnd(h)
         with torch.inference_mode():
             part = gemv_ref(x, w1, residual=res if self.rank == 0 else None)
             summed = part.clone()
             dist.all_reduce(summed, group=self.group)
             ref_h = summed
-            ref_slice = gemv_ref(ref_h, w2, norm=norm, out_f32=True)
+            chunk = gemv_ref(ref_h, w2, norm=norm, out_f32=True)
+            ref_slice = torch.cat([chunk] * -(-v // n_out), -1)[:, :v]
             parts = [torch.empty_like(ref_slice) for _ in range(self.tp)]
             dist.all_gather(parts, ref_slice, group=self.group)
-            ref_logits = torch.cat(parts, -1).view(self.tp, n_out)
+            ref_logits = torch.cat(parts, -1)
             self.begin_step()
             triton_gemv.gemv(x, w1, residual=res if self.rank == 0 else None, pdl=self.pdl, send=self.send(0))
             got_h = torch.empty(1, h, dtype=dt, device=dev)
-            triton_gemv.gemv(got_h, w2, norm=norm, out_f32=True, pdl=self.pdl, recv=self.recv(0),
-                             send=self.send_logits())
-            logits = self.wait_logits().view(self.tp, v)[:, :n_out].clone()
-            torch.cuda.synchronize(dev)
+            whole = self.send_logits()
+            for c in range(0, v, n_out):  # every column of the slice, or the gather waits for the rest forever
+                n = min(n_out, v - c)
+                triton_gemv.gemv(got_h, w2[:n], norm=norm, out_f32=True, pdl=self.pdl, recv=self.recv(0),
+                                 send=Send(whole.dst + 4 * c, whole.set_stride, whole.slice_like[:, c: c + n],
+                                           self.link))
+            logits = self.wait_logits().clone()
+            self._sync()
         self.check_error()
         self.check_err = max(rel_err(got_h, ref_h), rel_err(logits, ref_logits))
         self.reset()

@@ -1,18 +1,33 @@
-"""Cross-rank signals for the fused TP exchange (runtime/tp_exchange.py), as Triton functions.
+"""Cross-rank signalling for the fused TP exchange (runtime/tp_exchange.py): the data is its own flag.
 
-A producer kernel (o_proj, down, lm_head on every TP rank) stores its slice into its own buffer; each of its
-programs counts itself on a counter there, and the program that arrives last copies the whole slice into
-every peer's buffer, fences once, and writes the step's epoch into a flag in each peer's memory (release,
-system scope). A one-warp wait kernel before the consumer polls its flags (acquire loads) until each peer's reaches the
-epoch; launched with PDL it lets the consumer start loading weights at once. Earlier versions were slower
-than the collective kernels they replaced: v1 stored to the peers from every producer program, each adding
-to a counter in the peer's memory; v2 counted locally with a system fence per program; v3 (this push) had
-every consumer program poll the flag itself (benchmarks/results/runtime-h200-x2-tp-exchange-v*.json).
+Every element of an exchange slot starts as -0.0 (the sign bit alone: "empty"). A producer program (o_proj,
+down, lm_head on every TP rank) stores its outputs straight into its slot on every rank, the peers' over
+NVLink, turning a -0.0 result into +0.0 so that no real value reads as empty. A consumer program polls its
+own buffer (volatile loads, served from L2) until no element it needs is empty. There is no counter, fence,
+flag or wait kernel: a slot is ready element by element, the moment the peer's stores land (the Lamport
+scheme of TensorRT-LLM's low-latency all-reduce).
 
-`epoch` counts decode steps on the device; every point is produced once per step, so counters and flags
-only grow and never need a reset that could race with a fast peer. A wait that outlasts SPIN polls (a dead
-peer) sets ERR and gives up instead of hanging the GPU; later waits then return at once, the step's output
-is garbage, and `TPExchange.check_error` says so.
+Slots come in three sets that rotate with the step epoch (on the device, one per decode step): step e writes
+and reads set e % 3, and its consumers empty set (e + 1) % 3 again. That set was last read at step e - 2;
+it is next written at step e + 1, and a peer can only get that far after it has consumed this rank's later
+outputs of step e, which this rank produces after the clear.
+
+Earlier versions were slower than the collective kernels they replaced (benchmarks/results/
+runtime-h200-x2-tp-exchange-v*.json): v1 stored to the peers from every producer program, each adding to a
+counter in the peer's memory; v2 counted locally with a system fence per program; v3 had every consumer
+program poll a flag the producer's last program raised after pushing the slot; v4 polled that flag in a
+one-warp wait kernel before the consumer. The counter, the fence and the serial push are what this version
+(v5) drops; it ties with the one-shot all-reduce (runtime/tp_exchange.py). Two lessons of getting there: a
+poll through tl.load(volatile=True) was hoisted out of its loop by Triton (the consumer spun on a stale
+register and gave up), hence the inline-asm loads; and polling every K tile of a GEMV, element by element,
+made the step 5x slower (runtime-h200-x2-tp*-device-fed.json, their "1_exchange" rows), hence one
+vectorized pass over the slots before the K loop, and per-element polls only for what had not landed. That
+slow version's tokens also drifted from the default path's (logits off by ~0.03 at some steps in a
+teacher-forced probe; cause not found); this one matched the collective path bit for bit in the probe and
+gave the same greedy tokens in both tp-section runs.
+
+A poll that outlasts SPIN rounds (a dead peer) sets ERR[0] and gives up instead of hanging the GPU; later polls
+return at once, the step's output is garbage, and `TPExchange.check_error` says so.
 """
 
 from __future__ import annotations
@@ -22,82 +37,124 @@ import os
 import triton
 import triton.language as tl
 
-SPIN_LIMIT = 1 << 25
-"""Polls before a wait gives up (tens of seconds on an H200: ranks start their first steps seconds apart, while
-one still compiles kernels); kernels take it as an argument."""
-
 _ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
-"""PTX acquire loads on a GPU; Triton's interpreter (tests) runs the ranks one after another and takes an atomic."""
+"""PTX loads on a GPU; Triton's interpreter (tests) takes tl.load."""
+
+SPIN_LIMIT = 1 << 25
+"""Polls before a consumer gives up (tens of seconds on an H200: ranks start their first steps seconds apart,
+while one still compiles kernels); kernels take it as an argument."""
 
 
 @triton.jit
-def _load_acquire(ptr):
-    if _ASM:
-        return tl.inline_asm_elementwise("ld.global.acquire.sys.b64 $0, [$1];", "=l,l", [ptr], dtype=tl.int64,
-                                         is_pure=False, pack=1)
+def _bits(P):
+    """P recast to the signed integer of its element's width (float32 -> int32, 16-bit floats -> int16)."""
+    if P.dtype.element_ty == tl.float32:
+        return P.to(tl.pointer_type(tl.int32), bitcast=True)
     else:
-        return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+        return P.to(tl.pointer_type(tl.int16), bitcast=True)
 
 
 @triton.jit
-def wait_for_peers(FLAGS, EPOCH, RANK, ERR, SPIN, TP: tl.constexpr):
-    """Block until every peer's flag FLAGS[q] (q != RANK) reaches EPOCH[0] (at most SPIN polls each)."""
-    epoch = tl.load(EPOCH)
-    live = tl.load(ERR) == 0  # after one wait gave up, later ones do not spin again
-    for q in tl.static_range(TP):
-        if (q != RANK) & live:
-            n = 0
-            seen = _load_acquire(FLAGS + q)
-            while (seen < epoch) & (n < SPIN):
-                seen = _load_acquire(FLAGS + q)
-                n += 1
-            if seen < epoch:
-                tl.atomic_xchg(ERR, 1)
-    tl.debug_barrier()  # no thread reads the slots before the flags are seen
+def _empty_bits(B):
+    """The bit pattern of -0.0 (the sign bit alone) at integer pointer B's width."""
+    if B.dtype.element_ty == tl.int32:
+        return -2147483648
+    else:
+        return -32768
 
 
 @triton.jit
-def _fence_system():
-    """Every thread: its stores (to peers too) are performed system-wide before what it does next."""
+def _load_volatile(B, offs, mask):
+    """B[offs] (integers) read from memory every time: PTX ld.volatile as inline asm, which no compiler pass
+    hoists out of a polling loop (Triton's loop-invariant code motion moved tl.load(volatile=True) out of it
+    and the poll spun on a stale register); masked lanes read B[0] and give 0."""
+    safe = B + tl.where(mask, offs, 0)
     if _ASM:
-        tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                                  pack=1)
+        if B.dtype.element_ty == tl.int32:
+            v = tl.inline_asm_elementwise("ld.volatile.global.b32 $0, [$1];", "=r,l", [safe], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+        else:
+            v = tl.inline_asm_elementwise("ld.volatile.global.b16 $0, [$1];", "=h,l", [safe], dtype=tl.int16,
+                                          is_pure=False, pack=1)
+    else:
+        v = tl.load(safe, volatile=True)
+    return tl.where(mask, v, 0)
 
 
 @triton.jit
-def push_when_last(SRC, N, COUNT, DST, DFLAG, EPOCH, RANK, TP: tl.constexpr, BLOCK: tl.constexpr):
-    """After this program's stores into SRC (this rank's slice, its own buffer): count it on COUNT; the last
-    program of the launch copies the whole slice (N elements) to every peer (DST: TP int64 addresses of the
-    slice there), fences, and writes the epoch into this rank's flag on every peer (DFLAG). Programs only
-    count locally; the one system fence and the remote writes are the last program's."""
-    tl.debug_barrier()  # every thread's stores come before the release below
-    epoch = tl.load(EPOCH)
-    done = tl.atomic_add(COUNT, 1, sem="acq_rel", scope="gpu")
-    if done == epoch * tl.num_programs(0) - 1:
-        offs = tl.arange(0, BLOCK)
-        for q in tl.static_range(TP):
-            if q != RANK:
-                dst = tl.load(DST + q).to(tl.pointer_type(SRC.dtype.element_ty))
-                for start in range(0, N, BLOCK):
-                    m = start + offs < N
-                    tl.store(dst + start + offs, tl.load(SRC + start + offs, mask=m, cache_modifier=".cg"), mask=m)
-        _fence_system()
-        tl.debug_barrier()
-        for q in tl.static_range(TP):
-            if q != RANK:
-                tl.atomic_xchg(tl.load(DFLAG + q).to(tl.pointer_type(tl.int64)), epoch, sem="release", scope="sys")
+def _spin(B, offs, mask, live, ERR, SPIN):
+    """Poll B[offs] (volatile loads) until none is empty; at most SPIN rounds, then ERR[0] is set. ERR[1] adds
+    the rounds spent, a statistic (TPExchange.status)."""
+    empty = _empty_bits(B)
+    v = _load_volatile(B, offs, mask)
+    if live:
+        n = 0
+        while (tl.max((v == empty).to(tl.int32), 0) > 0) & (n < SPIN):
+            v = _load_volatile(B, offs, mask)
+            n += 1
+        if n > 0:
+            tl.atomic_add(ERR + 1, n)
+        if tl.max((v == empty).to(tl.int32), 0) > 0:
+            tl.atomic_xchg(ERR, 1)
 
 
 @triton.jit
-def _wait_kernel(FLAGS, EPOCH, RANK, ERR, SPIN, TP: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # the consumer may launch (and load its first weight tiles) at once; it waits for this kernel
-        tl.extra.cuda.gdc_launch_dependents()
+def await_landed(P, N, live, ERR, SPIN, BLOCK: tl.constexpr):
+    """Return once P[0:N] (this rank's buffer) holds no empty element; `live`: no earlier poll gave up (else
+    return at once). One pass of vectorized L2 loads (ld.global.cg) with a single reduction at the end; only if
+    something had not landed, chunk by chunk volatile polls. The caller then reads P with .cg loads: landed
+    data sits in L2, and no stale L1 line is read."""
+    B = _bits(P)
+    offs = tl.arange(0, BLOCK)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for s in range(0, N, BLOCK):
+        v = tl.load(B + s + offs, mask=s + offs < N, other=0, cache_modifier=".cg")
+        bad = bad | (v == _empty_bits(B)).to(tl.int32)
+    if tl.max(bad, 0) > 0:
+        for s in range(0, N, BLOCK):
+            _spin(B, s + offs, s + offs < N, live, ERR, SPIN)
+
+
+@triton.jit
+def scatter(v, offs, mask, DST, shift, TP: tl.constexpr):
+    """Store v (in the slot's dtype) at offs of this rank's slot on every rank: DST[q] is its address in rank
+    q's buffer (set 0), `shift` the elements to the step's set. A -0.0 is stored as +0.0."""
+    for q in tl.static_range(TP):
+        B = _bits(tl.load(DST + q).to(tl.pointer_type(v.dtype)))
+        bits = v.to(B.dtype.element_ty, bitcast=True)
+        bits = tl.where(bits == _empty_bits(B), 0, bits)
+        tl.store(B + shift + offs, bits, mask=mask)
+
+
+@triton.jit
+def clear(P, N, BLOCK: tl.constexpr):
+    """Mark P[0:N] empty again, the launch's programs taking BLOCK-sized chunks in turn."""
+    B = _bits(P)
+    offs = tl.arange(0, BLOCK)
+    empty = tl.full([BLOCK], _empty_bits(B), B.dtype.element_ty)
+    for s in range(tl.program_id(0) * BLOCK, N, tl.num_programs(0) * BLOCK):
+        tl.store(B + s + offs, empty, mask=s + offs < N)
+
+
+@triton.jit
+def _gather_kernel(SRC, OUT, N, SET, EPOCH, ERR, SPIN, PDL: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[0:N] = this step's set of SRC (every rank's slice, in rank order) once it is complete; then the
+    set after it emptied."""
+    if PDL:
         tl.extra.cuda.gdc_wait()
-    wait_for_peers(FLAGS, EPOCH, RANK, ERR, SPIN, TP)
+        tl.extra.cuda.gdc_launch_dependents()
+    epoch = tl.load(EPOCH)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    src = SRC + (epoch % 3) * SET
+    await_landed(src + tl.program_id(0) * BLOCK, tl.minimum(N - tl.program_id(0) * BLOCK, BLOCK),
+                 tl.load(ERR) == 0, ERR, SPIN, BLOCK)
+    tl.store(OUT + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
+    B = _bits(SRC + ((epoch + 1) % 3) * SET)
+    tl.store(B + offs, tl.full([BLOCK], _empty_bits(B), B.dtype.element_ty), mask=mask)
 
 
-def wait(flags, epoch, rank: int, err, tp: int, pdl: bool, spin: int = SPIN_LIMIT) -> None:
-    """A one-program kernel (one warp polls): the stream continues once every peer's producer has raised its
-    flag to the epoch. Consumers do not poll themselves: hundreds of programs polling one flag slowed the
-    step (v3 in the module docstring)."""
-    _wait_kernel[(1,)](flags, epoch, rank, err, spin, TP=tp, PDL=pdl, launch_pdl=pdl, num_warps=1)
+def gather(src, out, n: int, set_stride: int, epoch, err, spin: int, pdl: bool, block: int = 2048) -> None:
+    """out[:n] = the step's complete set of src (one float32 row of every rank's slice), as a kernel."""
+    _gather_kernel[(triton.cdiv(n, block),)](src, out, n, set_stride, epoch, err, spin, PDL=pdl, BLOCK=block,
+                                              launch_pdl=pdl, num_warps=4)

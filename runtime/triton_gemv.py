@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from runtime.pdl import wait_then_release
-from runtime.tp_signal import push_when_last
+from runtime.tp_signal import await_landed, clear, scatter
 
 
 @triton.jit
@@ -98,11 +98,18 @@ def _silu_mul(act, lin, act_ty: tl.constexpr):
 
 
 @triton.jit
-def residual_store(y, RES, OUT, offs, mask, act_ty: tl.constexpr, RESIDUAL: tl.constexpr, OUT_F32: tl.constexpr):
-    """Store y (float32, rounded to act_ty already) at OUT + offs: plus the residual at RES + offs first (rounded
-    again, as the unfused add rounds), as float32 (OUT_F32) or in OUT's dtype."""
+def with_residual(y, RES, offs, mask, act_ty: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y (float32, rounded to act_ty already) plus the residual at RES + offs (RESIDUAL), rounded again as the
+    unfused add rounds."""
     if RESIDUAL:
         y = (tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32) + y).to(act_ty).to(tl.float32)
+    return y
+
+
+@triton.jit
+def residual_store(y, RES, OUT, offs, mask, act_ty: tl.constexpr, RESIDUAL: tl.constexpr, OUT_F32: tl.constexpr):
+    """Store with_residual(y) at OUT + offs, as float32 (OUT_F32) or in OUT's dtype."""
+    y = with_residual(y, RES, offs, mask, act_ty, RESIDUAL)
     if OUT_F32:
         tl.store(OUT + offs, y, mask=mask)
     else:
@@ -111,7 +118,7 @@ def residual_store(y, RES, OUT, offs, mask, act_ty: tl.constexpr, RESIDUAL: tl.c
 
 @triton.jit
 def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC, stride_slot,
-                 XS, EPOCH, DCOUNT, DST, DFLAG, RANK,
+                 XS, XSET, DST, DSET, EPOCH, ERR, SPIN,
                  NORM: tl.constexpr, SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                  OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                  ROPE: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HEAD_D: tl.constexpr,
@@ -139,13 +146,20 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
             w2_next = tl.load(rows + HALF * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
                               other=0.0)
     wait_then_release(PDL)  # the first tiles above are in flight while the previous kernel finishes
+    if XSUM or SCATTER:
+        epoch = tl.load(EPOCH)
+    if XSUM:  # this step's set of the slots, once every rank's partial has landed; the set after it is
+        # emptied for the step after this one
+        xs = XS + (epoch % 3) * XSET
+        clear(XS + ((epoch + 1) % 3) * XSET, TP * K, BLOCK_K)
+        await_landed(xs, TP * K, tl.load(ERR) == 0, ERR, SPIN, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        if XSUM:  # x = the TP ranks' partials in XS (TP, K; a wait kernel ran before this one) summed in rank
-            # order (every rank gets the same bits), rounded once like an all-reduce
-            x = tl.load(XS + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if XSUM:  # x = the TP ranks' partials in the slots (TP, K) summed in rank order (every rank gets the
+            # same bits), rounded once like an all-reduce
+            x = tl.load(xs + kk, mask=kk < K, other=0.0, cache_modifier=".cg").to(tl.float32)
             for q in tl.static_range(1, TP):
-                x += tl.load(XS + q * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+                x += tl.load(xs + q * K + kk, mask=kk < K, other=0.0, cache_modifier=".cg").to(tl.float32)
             x = x.to(act_ty).to(tl.float32)
             if pid == 0:  # the summed residual stream, for the next residual GEMV
                 tl.store(X + kk, x.to(act_ty), mask=kk < K)
@@ -191,9 +205,11 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         return
     if SWIGLU:
         y = _silu_mul(y, (tl.sum(acc2, 1) * scale).to(act_ty).to(tl.float32), act_ty)
-    residual_store(y, RES, OUT, offs_n, mask_n, act_ty, RESIDUAL, OUT_F32)
-    if SCATTER:  # OUT is this rank's slot of its exchange buffer: the last program pushes it to the peers
-        push_when_last(OUT, N, DCOUNT, DST, DFLAG, EPOCH, RANK, TP, 1024)
+    if SCATTER:  # to this rank's slot on every rank (OUT: its own, for the dtype), this step's set
+        scatter(with_residual(y, RES, offs_n, mask_n, act_ty, RESIDUAL).to(OUT.dtype.element_ty), offs_n, mask_n,
+                DST, (epoch % 3) * DSET, TP)
+    else:
+        residual_store(y, RES, OUT, offs_n, mask_n, act_ty, RESIDUAL, OUT_F32)
 
 
 @triton.jit
@@ -291,8 +307,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
          pdl: bool = False, recv=None, send=None) -> torch.Tensor | None:
     """x (1, K) or (K,) -> (1, N) (N = w.shape[0], or half of it with swiglu); see the module docstring.
     pdl: launch with programmatic dependent launch (runtime/pdl.py). TP exchange (runtime/tp_exchange.py):
-    with `recv` (after its `wait`) the input is the sum of the ranks' slots and `x` is where the kernel writes
-    that sum; with `send` the output goes to every rank's exchange buffer and None is returned."""
+    with `recv` the input is the sum of the ranks' slots (polled until they have landed) and `x` is where the
+    kernel writes that sum; with `send` the output goes to every rank's exchange buffer and None is returned."""
     k = x.shape[-1]
     if x.numel() != k:
         raise ValueError(f"gemv takes one row, got x of shape {tuple(x.shape)}")
@@ -321,12 +337,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
 
 
 def exchange_args(recv, send, dummy: torch.Tensor) -> tuple:
-    """The kernel's XS, EPOCH, DCOUNT, DST, DFLAG, RANK arguments (dummies where unused)."""
+    """The kernel's XS, XSET, DST, DSET, EPOCH, ERR, SPIN arguments (dummies where unused)."""
     link = (recv or send).link if (recv or send) else None
     if link is None:
-        return dummy, dummy, dummy, dummy, dummy, 0
-    count, dst, dflag = (send.count, send.dst, send.flags) if send else (dummy, dummy, dummy)
-    return recv.slots if recv else dummy, link.epoch, count, dst, dflag, link.rank
+        return dummy, 0, dummy, 0, dummy, dummy, 0
+    xs, xset = (recv.slots, recv.set_stride) if recv else (dummy, 0)
+    dst, dset = (send.dst, send.set_stride) if send else (dummy, 0)
+    return xs, xset, dst, dset, link.epoch, link.err, link.spin
 
 
 def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: float, bias: torch.Tensor | None,

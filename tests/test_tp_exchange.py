@@ -1,7 +1,7 @@
 """The TP exchange (runtime/tp_exchange.py): all-reduces and the logits gather inside the GEMV kernels.
 
 Kernel tests run two "ranks" over two buffers of one device (CUDA, or CPU under Triton's interpreter):
-producers before consumers, so no wait spins. The step test runs two real processes (gloo for the prefill's
+producers before consumers, so no poll spins. The step test runs two real processes (gloo for the prefill's
 collectives) under the interpreter with the exchange buffers in shared CPU memory, so the consumers do wait
 for the other process's kernels, and compares the step with the collective path and with tp=1.
 """
@@ -22,10 +22,23 @@ from tests.test_decode_kernels import INTERPRET, KERNEL_DEVICE, needs_triton
 H, K, V = 64, 96, 40  # hidden, o_proj input, vocab slice
 
 
+def _buffers(tp: int, points: int, hidden: int, vocab_local: int, dtype, device=KERNEL_DEVICE) -> list[torch.Tensor]:
+    _, total = TPExchange.layout(tp, points, hidden, vocab_local, dtype)
+    bufs = [torch.zeros(total, dtype=torch.uint8, device=device) for _ in range(tp)]
+    for b in bufs:
+        TPExchange.mark_empty(b, tp, points, hidden, vocab_local, dtype)
+    return bufs
+
+
 def _ranks(tp: int = 2, points: int = 2, spin: int = 100_000, dtype=torch.float32) -> list[TPExchange]:
-    _, total = TPExchange.layout(tp, points, H, V, dtype)
-    bufs = [torch.zeros(total, dtype=torch.uint8, device=KERNEL_DEVICE) for _ in range(tp)]
+    bufs = _buffers(tp, points, H, V, dtype)
     return [TPExchange.over_buffers(bufs, r, dtype, H, V, points, spin=spin) for r in range(tp)]
+
+
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    """Which elements hold the -0.0 "not landed" mark."""
+    bits = {2: torch.int16, 4: torch.int32}[t.element_size()]
+    return t.view(bits) == torch.iinfo(bits).min
 
 
 def _rnd(gen, *shape, scale=1.0):
@@ -35,14 +48,14 @@ def _rnd(gen, *shape, scale=1.0):
 @needs_triton
 @pytest.mark.parametrize("tp", [2, 3])
 def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp):
-    from runtime.triton_gemv import config_for, gemv
+    from runtime.triton_gemv import gemv
 
     gen = torch.Generator().manual_seed(tp)
     exs = _ranks(tp)
     res, norm = _rnd(gen, 1, H), 1 + 0.1 * _rnd(gen, H)
     w1 = [_rnd(gen, H, K, scale=0.1) for _ in range(tp)]  # row-parallel partials
     w2 = [_rnd(gen, V, H, scale=0.1) for _ in range(tp)]  # vocab-parallel lm_head slices
-    for step in range(2):  # flags and counters keep growing with the epoch: no reset between steps
+    for step in range(4):  # the slots' three sets rotate with the epoch: no reset between steps
         x = [_rnd(gen, 1, K) for _ in range(tp)]
         parts = [gemv_ref(x[r], w1[r], residual=res if r == 0 else None) for r in range(tp)]
         ref_h = sum(parts[1:], parts[0])
@@ -51,6 +64,9 @@ def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp):
             ex.begin_step()
         for r, ex in enumerate(exs):
             assert gemv(x[r], w1[r], residual=res if r == 0 else None, send=ex.send(1)) is None
+        here, after = (step + 1) % 3, (step + 2) % 3  # this step's set, the one its consumers empty
+        for ex in exs:  # every rank's partial has landed in every rank's slots of this step's set
+            assert torch.allclose(ex._slots[here, 1], torch.cat(parts), rtol=1e-5, atol=1e-5), (step, ex.rank)
         hs = [torch.full((1, H), float("nan"), device=KERNEL_DEVICE) for _ in range(tp)]
         for r, ex in enumerate(exs):
             gemv(hs[r], w2[r], norm=norm, out_f32=True, recv=ex.recv(1), send=ex.send_logits())
@@ -60,9 +76,28 @@ def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp):
             assert torch.allclose(hs[r], ref_h, rtol=1e-5, atol=1e-5), (step, r)
             assert torch.allclose(logits[r], ref_logits, rtol=1e-4, atol=1e-5), (step, r)
             assert torch.equal(hs[r], hs[0]) and torch.equal(logits[r], logits[0])  # same bits on every rank
-            peers = [q for q in range(tp) if q != r]
-            assert ex._flags[1, peers].tolist() == [step + 1] * (tp - 1)  # each peer's producer raised the epoch
-            assert int(ex._flags[1, tp]) == (step + 1) * -(-H // config_for(H, K, False).block_n)  # own programs
+            assert _empty(ex._slots[after, 1]).all() and _empty(ex._logits[after]).all(), (step, r)
+            assert not _empty(ex._slots[here, 1]).any()  # this step's set stays filled until its turn to be emptied
+
+
+@needs_triton
+def test_a_partial_that_rounds_to_minus_zero_still_arrives_as_plus_zero():
+    """-0.0 is the "not landed" mark, so a producer stores a -0.0 result as +0.0 instead of hanging its peers."""
+    from runtime.triton_gemv import gemv
+
+    exs = _ranks(dtype=torch.bfloat16, spin=50)
+    x = torch.full((1, K), 1e-22, device=KERNEL_DEVICE).to(torch.bfloat16)
+    w = torch.full((H, K), -1e-22, device=KERNEL_DEVICE).to(torch.bfloat16)  # x . w ~ -1e-42: rounds to -0.0 in bf16
+    for ex in exs:
+        ex.begin_step()
+    for ex in exs:
+        gemv(x, w, send=ex.send(0))
+    h = torch.empty(1, H, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    gemv(h, torch.ones(V, H, dtype=torch.bfloat16, device=KERNEL_DEVICE), norm=torch.ones(H, device=KERNEL_DEVICE,
+         dtype=torch.bfloat16), recv=exs[0].recv(0))
+    exs[0].check_error()  # no poll gave up
+    assert (exs[0]._slots[1, 0].view(torch.int16) == 0).all()  # +0.0 bits in both ranks' slots
+    assert not torch.signbit(h).any() and (h == 0).all()
 
 
 @needs_triton
@@ -80,11 +115,15 @@ def test_a_wait_for_a_peer_that_never_sends_gives_up_and_reports_it():
     exs[1].check_error()  # rank 1 waited for nothing
 
 
-def test_layout_keeps_regions_aligned_and_apart():
+def test_layout_keeps_regions_aligned_and_apart_and_marks_them_empty():
     offs, total = TPExchange.layout(tp=2, num_points=64, hidden=4096, vocab_local=64128, dtype=torch.bfloat16)
-    slots, logits, flags = offs
-    assert slots == 0 and logits >= 64 * 2 * 4096 * 2 and flags >= logits + 2 * 64128 * 4
-    assert all(o % 256 == 0 for o in offs) and total >= flags + 65 * 3 * 8
+    slots, logits = offs
+    assert slots == 0 and logits >= 3 * 64 * 2 * 4096 * 2 and total >= logits + 3 * 2 * 64128 * 4
+    assert all(o % 256 == 0 for o in offs)
+    buf = _buffers(2, 3, 8, 5, torch.bfloat16, device="cpu")[0]
+    (_, l_off), _ = TPExchange.layout(2, 3, 8, 5, torch.bfloat16)
+    assert _empty(buf[: 3 * 3 * 2 * 8 * 2].view(torch.bfloat16)).all()
+    assert _empty(buf[l_off: l_off + 3 * 2 * 5 * 4].view(torch.float32)).all()
 
 
 def test_exchange_is_opt_in_and_refuses_cpu_with_the_reason(monkeypatch):
@@ -126,6 +165,9 @@ def _step_rank(rank: int, port: int, bufs: list[torch.Tensor], queue) -> None:
     plain_forward(model, cache, [SeqSpan(0, 0, len(PROMPT))], PROMPT, reduce, gather)
     ex = TPExchange.over_buffers(bufs, rank, model.dtype, cfg.hidden_size, model.lm_head.shape[0],
                                  2 * model.num_local_layers, spin=200_000)
+    ex.group, ex.check_columns = groups.tp_group, 48  # the set-up check, lm_head's slice in several chunks
+    ex._self_check()  # raises on a poll that gave up or a wrong number; empties every slot after
+    check_err = ex.check_err
     outs = {}
     for name, exchange in (("exchange", ex), ("collectives", None)):
         dec = FastDecoder(model, copy.deepcopy(cache), max_batch_size=1, max_seq_len=12, compile=False, gemv=True,
@@ -133,7 +175,7 @@ def _step_rank(rank: int, port: int, bufs: list[torch.Tensor], queue) -> None:
         assert ("TP exchange" in dec.status()["gemv"]) == (exchange is not None), dec.status()["gemv"]
         outs[name] = [dec.decode([0], [tok], [len(PROMPT) + i]).clone() for i, tok in enumerate(NEXT)]
     ex.check_error()
-    queue.put((rank, {k: [t.numpy() for t in v] for k, v in outs.items()}))
+    queue.put((rank, {k: [t.numpy() for t in v] for k, v in outs.items()} | dict(check_err=check_err)))
     dist.destroy_process_group()
 
 
@@ -151,8 +193,7 @@ def test_two_ranks_step_through_the_exchange_like_the_collective_path_and_tp1():
     model1 = random_rank_model(checkpoint_config(TINY_LLAMA), seed=1)
     n_points = 2 * model1.num_local_layers
     vocab_local = random_rank_model(cfg, 0, seed=1).lm_head.shape[0]
-    _, total = TPExchange.layout(2, n_points, cfg.hidden_size, vocab_local, model1.dtype)
-    bufs = [torch.zeros(total, dtype=torch.uint8).share_memory_() for _ in range(2)]
+    bufs = [b.share_memory_() for b in _buffers(2, n_points, cfg.hidden_size, vocab_local, model1.dtype, "cpu")]
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _free_port()
     procs = [ctx.Process(target=_step_rank, args=(r, port, bufs, queue)) for r in range(2)]
@@ -170,6 +211,7 @@ def test_two_ranks_step_through_the_exchange_like_the_collective_path_and_tp1():
                          head_size=model1.head_size, num_blocks=16, tokens_per_block=4)
     cache.reserve(0, 12)
     plain_forward(model1, cache, [SeqSpan(0, 0, len(PROMPT))], PROMPT)
+    assert all(got[r]["check_err"] < 1e-4 for r in range(2)), [got[r]["check_err"] for r in range(2)]
     for i, tok in enumerate(NEXT):
         ref = plain_forward(model1, cache, [SeqSpan(0, len(PROMPT) + i, 1)], [tok])[:, : cfg.vocab_size]
         for r in range(2):
