@@ -150,6 +150,7 @@ def _decode_rows(rows: list, name: str, d: dict) -> None:
     _row(rows, name, "roofline tok/s", d.get("roofline_tok_s"))
     _row(rows, name, "fast tok/s", f.get("tok_s"))
     _row(rows, name, "fast % of roofline", f.get("pct_roofline"), ">= 80" if name == "decode" else "")
+    _row(rows, name, "fast % of roofline, token fed on the GPU", f.get("device_fed", {}).get("pct_roofline"))
     _row(rows, name, "plain tok/s", p.get("tok_s"))
     _row(rows, name, "fast vs plain max rel err", d.get("fast_vs_plain", {}).get("max_rel_err"))
     for key, b in (d.get("baselines") or {}).items():

@@ -1,7 +1,8 @@
 """The multi-rank sections of benchmarks/runtime.py: one spawned process per rank (NCCL on GPUs, gloo on CPU).
 
 tp: greedy decode at batch 1 (latency) and a larger batch (throughput) through FastDecoder with the TP
-all-reduce and vocab all-gather inside the captured graph, at tp=1 and tp=2 on the same machine.
+all-reduce and vocab all-gather inside the captured graph, at tp=1 and tp=2 on the same machine; each step's
+token is fed back on the GPU (no host sync per token; the host-synced loop is timed beside it).
 pp: one prefill-sized step through runtime.pipeline.rank_forward at pp=2 split into m micro-batches (the
 engine's prefill layers: graphed on CUDA, timed beside compiled-only and eager layers);
 the bubble is 1 - (one stage's time for the whole step) / (step time), against (p-1)/(m+p-1).
@@ -46,6 +47,8 @@ def tp_section(bench) -> dict:
         regions["speedup_throughput_rows"] = two[f"{bn}_rows"]["tok_s"] / one[f"{bn}_rows"]["tok_s"]
     if "1_exchange" in two:
         regions["tp2_batch1_exchange_gain"] = two["1_exchange"]["tok_s"] / two[b1]["tok_s"]
+        regions["speedup_batch1_latency_exchange"] = two["1_exchange"]["tok_s"] / one[b1]["tok_s"]
+    regions["speedup_batch1_latency_host_sync"] = two[b1]["tok_s_host_sync"] / one[b1]["tok_s_host_sync"]
     model = dict(shape="tiny" if tiny else bench.args.tp_shape,
                  layers=p["layers"] or p["shape"]["num_hidden_layers"])
     return dict(res, **regions, model=model, speedup_batch1_latency=two[b1]["tok_s"] / one[b1]["tok_s"],
@@ -150,15 +153,13 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         first = plain_forward(model, cache, spans, prompts.flatten().tolist(), reduce, gather).argmax(-1).tolist()
         dec_args = dict(model=model, cache=cache, max_batch_size=bs, max_seq_len=total, reduce=reduce,
                         gather=gather) | p["options"]
-        tokens, secs, status = _timed(dec_args, first, p, device)
-        out[str(bs)] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"], status=status)
+        tokens, out[str(bs)] = _timed(dec_args, first, p, device)
         if bs == 1:
             out["tokens"] = [t[0] for t in tokens]
         if p["cuda"] and p["options"].get("gemv") is None:  # same run: the other paths at this batch
             for name, kw in _baselines(bs, exchange):
-                toks, secs, _ = _timed(dec_args | kw, first, p, device)
-                out[name] = dict(tok_s=bs * p["steps"] / secs, ms_per_step=1e3 * secs / p["steps"],
-                                 same_tokens=toks == tokens)
+                toks, row = _timed(dec_args | kw, first, p, device)
+                out[name] = {k: v for k, v in row.items() if k != "status"} | dict(same_tokens=toks == tokens)
                 if name == "1_exchange":
                     try:
                         exchange.check_error()
@@ -297,23 +298,23 @@ def _need_gpus(cuda: bool, n: int) -> None:
                            "(run it on nvidia-h100-x2, or with --device cpu --tiny)")
 
 
-def _timed(dec_args: dict, first: list[int], p: dict, device) -> tuple[list[list[int]], float, dict]:
-    """Greedy steps through FastDecoder(**dec_args) after a warm-up run (compile, capture): tokens, seconds, status."""
+def _timed(dec_args: dict, first: list[int], p: dict, device) -> tuple[list[list[int]], dict]:
+    """Greedy steps through FastDecoder(**dec_args) after a warm-up run (compile, capture): tokens and the
+    result row: tok/s and ms per step with the next token fed on the device (no host sync per token, the
+    figures the summary compares), the same with the host reading each token before the next step
+    (`*_host_sync`), and the decoder's status."""
+    from benchmarks.runtime_decode import greedy_batch
     from runtime.fast_decode import FastDecoder
 
-    dec = FastDecoder(**dec_args)
-    _greedy(dec, first, p["prompt_len"], p["steps"], device)
-    return (*_greedy(dec, first, p["prompt_len"], p["steps"], device), dec.status())
-
-
-def _greedy(dec, first: list[int], start: int, steps: int, device) -> tuple[list[list[int]], float]:
-    seqs, toks, out = list(range(len(first))), list(first), []
-    _sync(device)
-    t = time.perf_counter()
-    for j in range(steps):
-        toks = dec.decode(seqs, toks, [start + j] * len(seqs)).argmax(-1).tolist()
-        out.append(toks)
-    return out, time.perf_counter() - t
+    dec, bs, steps = FastDecoder(**dec_args), len(first), p["steps"]
+    greedy_batch(dec, first, p["prompt_len"], steps, device)
+    tokens, secs = greedy_batch(dec, first, p["prompt_len"], steps, device)
+    fed, secs_fed = greedy_batch(dec, first, p["prompt_len"], steps, device, on_device=True)
+    row = dict(tok_s=bs * steps / secs_fed, ms_per_step=1e3 * secs_fed / steps, tok_s_host_sync=bs * steps / secs,
+               ms_per_step_host_sync=1e3 * secs / steps, status=dec.status())
+    if fed != tokens:
+        row["device_fed_tokens_differ_at_step"] = _prefix(fed, tokens)
+    return tokens, row
 
 
 def _plot(out: dict, path: Path) -> Path | None:

@@ -143,14 +143,25 @@ class FastDecoder:
         return torch.cat([logits, rest_logits])[torch.tensor(rows, device=logits.device)]
 
     @torch.inference_mode()
-    def decode(self, seq_ids: list[int], input_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One token per sequence at `positions` (its blocks reserved) -> (B, vocab) float32 logits."""
+    def decode(self, seq_ids: list[int], input_ids: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """One token per sequence at `positions` (its blocks reserved) -> (B, vocab) float32 logits.
+        input_ids may be a (B,) integer tensor on the decoder's device (e.g. the previous step's argmax): then
+        the step reads it there, and nothing waits for the GPU (no host sync per token; the host blocks only
+        on the staging copy of the step before, so it runs at most one step ahead)."""
         b = len(seq_ids)
         if not 0 < b <= self.max_batch_size or len(input_ids) != b or len(positions) != b:
             raise ValueError(f"decode got {b} sequences, {len(input_ids)} ids and {len(positions)} positions "
                              f"(1..max_batch_size={self.max_batch_size} of each)")
+        on_device = isinstance(input_ids, torch.Tensor)
+        if on_device and (input_ids.device != self.device or input_ids.dim() != 1):
+            raise ValueError(f"input_ids as a tensor must be 1-d on {self.device}, got {tuple(input_ids.shape)} "
+                             f"on {input_ids.device}")
         bucket = next(x for x in self.batch_buckets if x >= b)
-        need = self._stage(seq_ids, input_ids, positions, bucket)
+        need = self._stage(seq_ids, [0] * b if on_device else input_ids, positions, bucket)
+        if on_device:  # after the staging copy, in stream order; padding rows repeat row 0's id like its slot
+            ids = self._dev[:bucket]
+            ids[:b].copy_(input_ids)
+            ids[b:].copy_(input_ids[:1].expand(bucket - b))
         nblk = next(x for x in self.block_buckets if x >= need)
         out = self._run(bucket, nblk)
         return out[:b, : self.model.cfg.vocab_size].clone()

@@ -99,6 +99,29 @@ def test_greedy_steps_match_plain_path_token_for_token():
         assert fast_tok == plain_tok, step
 
 
+def test_token_ids_fed_as_a_device_tensor_step_like_host_lists():
+    """The previous step's argmax fed back as a tensor (no host read per token): the same tokens and the same
+    cache. Batch 3 runs in bucket 4, whose padding row must repeat row 0's id as it repeats its slot (on a GPU
+    the two rows' K/V writes to that slot race)."""
+    model = tiny()
+    lens = [3, 11, 6]
+    cache, seqs = prefilled(model, lens, extra=12)
+    host_cache = copy.deepcopy(cache)
+    on_host = FastDecoder(model, host_cache, max_batch_size=4, max_seq_len=64, compile=False)
+    on_dev = FastDecoder(model, cache, max_batch_size=4, max_seq_len=64, compile=False)
+    host_tok, dev_tok = [1, 2, 3], torch.tensor([1, 2, 3])
+    for step in range(10):
+        pos = [n + step for n in lens]
+        host_ids = host_tok
+        host_tok = on_host.decode(seqs, host_tok, pos).argmax(-1).tolist()
+        dev_tok = on_dev.decode(seqs, dev_tok, pos).argmax(-1)
+        assert dev_tok.tolist() == host_tok, step
+        assert int(on_dev._dev[3]) == int(on_dev._dev[0]) == host_ids[0], step  # the staged ids: padding = row 0
+    assert torch.equal(cache.k, host_cache.k) and torch.equal(cache.v, host_cache.v)
+    with pytest.raises(ValueError, match="must be 1-d"):
+        on_dev.decode(seqs, dev_tok.view(3, 1), pos)
+
+
 def test_position_without_a_block_is_refused():
     model = tiny()
     cache, seqs = prefilled(model, [4], extra=0)  # blocks for positions 0..3 only

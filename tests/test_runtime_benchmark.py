@@ -60,6 +60,7 @@ def test_tiny_single_gpu_sections_write_every_number(tmp_path):
         d = r[name]
         assert d["fast"]["tok_s"] > 0 and d["plain"]["tok_s"] > 0 and d["roofline_tok_s"] > 0
         assert 0 < d["fast"]["pct_roofline"] < 100
+        assert d["fast"]["device_fed"]["same_tokens"] and d["fast"]["device_fed"]["tok_s"] > 0  # token fed on device
         assert d["fast_vs_plain"]["max_rel_err"] < 1e-4 and d["fast_vs_plain"]["argmax_agreement"] == 1.0
         assert d["greedy_prefix_match"] == d["fast"]["tokens"] or d["greedy_prefix_match"] == d["plain"]["tokens"]
     s = r["serving"]
@@ -75,6 +76,8 @@ def test_tiny_tp_and_pp_sections_run_real_ranks(tmp_path):
     tp = r["tp"]
     assert tp["greedy_prefix_match"] == tp["tokens_compared"] > 0  # tp=2 generates tp=1's tokens (float32)
     assert tp["tp2"]["1"]["tok_s"] > 0 and tp["speedup_batch1_latency"] > 0
+    for run in (tp["tp1"]["1"], tp["tp2"]["1"], tp["tp2"]["4"]):  # device-fed and host-synced loops, same tokens
+        assert run["ms_per_step_host_sync"] > 0 and "device_fed_tokens_differ_at_step" not in run
     pp = r["pp"]
     assert set(pp["measured_bubble"]) == {"1", "2", "4", "8"} and len(pp["stage_s"]) == 2
     assert pp["plot"] is None or pp["plot"].endswith(".png")
