@@ -43,6 +43,10 @@ BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions", "no_pdl": "fus
 SUPERSEDED = ("-exchange-v1.json", "-exchange-v2.json", "-exchange-v3.json")
 """Runs of the TP exchange's earlier versions: their default-path rows repeat the last run's, so the table skips
 them (README quotes all four runs)."""
+SUPERSEDED_BASELINES = {"runtime-h200-x2-tp-device-fed.json": ("1_exchange",),
+                        "runtime-h200-x2-tp70b-device-fed.json": ("1_exchange",)}
+"""Baseline rows timed with a version of their path since replaced (the TP exchange v5's first form, polling
+element by element in every K tile: 5x slower; runtime/tp_signal.py): the table skips them."""
 TP70B_SHAPE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 8192,
                "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 28672,
                "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
@@ -91,6 +95,9 @@ def _decode_rows(gpu: str, d: dict, src: str, calibration: bool) -> list[dict]:
                  "memory", src),
             _row(f"decode step, batch 1, {_kernels(d['fast'].get('status'))}", plan.decode.estimate_ms,
                  d["fast"]["ms_per_token"], "ms", "step", src, "calibration" if calibration else "check")]
+    if fed := d["fast"].get("device_fed"):
+        rows.append(_row(f"decode step, batch 1, {_kernels(d['fast'].get('status'))}, token fed on the GPU",
+                         plan.decode.estimate_ms, fed["ms_per_token"], "ms", "step", src))
     for key, base in d.get("baselines", {}).items():
         rows.append(_row(f"decode step, batch 1, {BASELINE_LABELS.get(key, key)}", plan.decode.estimate_ms,
                          base["ms_per_token"], "ms", "step", src))
@@ -113,13 +120,16 @@ def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
                 continue
             plan = make_plan(_recipe(gpu, tp, 1, int(batch)), spec=spec, with_options=False)
             what = f"decode step, {name}, tp={tp}, batch {batch}" if spec else f"decode step, tp={tp}, batch {batch}"
-            rows.append(_row(f"{what}, {_kernels(m.get('status'), int(batch))}", plan.decode.estimate_ms,
+            fed = ", token fed on the GPU" if "ms_per_step_host_sync" in m else ""  # runs since session 7
+            rows.append(_row(f"{what}, {_kernels(m.get('status'), int(batch))}{fed}", plan.decode.estimate_ms,
                              m["ms_per_step"], "ms", "step", src))
             for key, label in BASELINE_LABELS.items():
+                if f"{batch}_{key}" in SUPERSEDED_BASELINES.get(src.split(" ")[0], ()):
+                    continue
                 if base := runs.get(f"{batch}_{key}"):
                     calib = (src.split(" ")[0], tp_key, f"{batch}_{key}") == MULTI_TOKEN_CALIBRATION
-                    rows.append(_row(f"{what}, {label}", plan.decode.estimate_ms, base["ms_per_step"], "ms", "step",
-                                     src, "calibration" if calib else "check"))
+                    rows.append(_row(f"{what}, {label}{fed}", plan.decode.estimate_ms, base["ms_per_step"], "ms",
+                                     "step", src, "calibration" if calib else "check"))
         if micro := runs.get("allreduce_micro"):
             link = resolve_hardware(_recipe(gpu, tp, 1, 1).hardware).intra_node
             predicted = 1e6 * link.ring_allreduce_s(micro["bytes"], tp)
