@@ -82,6 +82,15 @@ def _load_volatile(B, offs, mask):
 
 
 @triton.jit
+def _backoff():
+    """A short sleep between poll rounds (PTX nanosleep), so waiting programs leave issue slots and L2 to the
+    kernels still producing."""
+    if _ASM:
+        tl.inline_asm_elementwise("nanosleep.u32 32; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+
+@triton.jit
 def _spin(B, offs, mask, live, ERR, SPIN):
     """Poll B[offs] (volatile loads) until none is empty; at most SPIN rounds, then ERR[0] is set. ERR[1] adds
     the rounds spent, a statistic (TPExchange.status)."""
@@ -90,6 +99,7 @@ def _spin(B, offs, mask, live, ERR, SPIN):
     if live:
         n = 0
         while (tl.max((v == empty).to(tl.int32), 0) > 0) & (n < SPIN):
+            _backoff()
             v = _load_volatile(B, offs, mask)
             n += 1
         if n > 0:

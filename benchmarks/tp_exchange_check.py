@@ -1,0 +1,98 @@
+"""The TP exchange (runtime/tp_exchange.py) against the collective path on 2 GPUs, teacher-forced.
+
+Two ranks (NCCL, the one-shot symmetric-memory all-reduce on), a random Llama-3-8B-shaped model trimmed to
+--layers layers. Both decoders get the same 16 tokens at the same positions; the table gives the largest
+logit difference per step (0.0: bit for bit) and whether the argmax agrees, then each path's ms per step over
+64 greedy steps with the token fed on the GPU, and how many poll rounds the exchange's consumers waited.
+Needs 2 CUDA GPUs with peer access (nvidia-h100-x2).
+Usage: python -m benchmarks.tp_exchange_check [--layers 32] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from benchmarks.runtime_parallel import _join, _need_gpus, _spawn
+from builders.manifest import atomic_write_text
+from runtime.random_model import LLAMA_3_8B, checkpoint_config, random_rank_model
+
+PROMPT, FORCED, TIMED = 64, 16, 64
+
+
+def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
+    import torch.distributed as dist
+
+    from benchmarks.runtime_decode import make_cache
+    from runtime.fast_decode import FastDecoder
+    from runtime.paged_attention import SeqSpan
+    from runtime.plain_step import plain_forward
+    from runtime.tp_exchange import for_model
+
+    device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
+    cfg = checkpoint_config(LLAMA_3_8B, num_layers=p["layers"], dtype="bfloat16", tp_size=world)
+    model = random_rank_model(cfg, rank, device=device, seed=0)
+    groups.enable_fast_all_reduce(cfg.hidden_size * 2, model.dtype, device)
+    ex = for_model(groups, model, device)
+    total = PROMPT + FORCED + TIMED + 1
+    cache = make_cache(model, total, 32)
+    cache.reserve(0, total)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (PROMPT,), generator=gen).tolist()
+    forced = torch.randint(0, cfg.vocab_size, (FORCED,), generator=gen).tolist()
+    first = int(plain_forward(model, cache, [SeqSpan(0, 0, PROMPT)], prompt, groups.all_reduce_tp,
+                              groups.gather_tp_last_dim)[0].argmax())
+    out: dict = dict(exchange=ex.status(), layers=p["layers"], card=torch.cuda.get_device_name(device))
+    logits = {}
+    for name, exchange in (("collectives", None), ("exchange", ex if ex.enabled else None)):
+        dec = FastDecoder(model, cache, max_batch_size=1, max_seq_len=total, reduce=groups.all_reduce_tp,
+                          gather=groups.gather_tp_last_dim, exchange=exchange)
+        logits[name] = [dec.decode([0], [t], [PROMPT + i]).float().cpu() for i, t in enumerate(forced)]
+        ids = torch.tensor([first], device=device)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for j in range(TIMED):
+            ids = dec.decode([0], ids, [PROMPT + FORCED + j]).argmax(-1)
+        torch.cuda.synchronize(device)
+        out[f"{name}_ms_per_step"] = 1e3 * (time.perf_counter() - start) / TIMED
+        out[f"{name}_path"] = dec.status()["gemv"]
+    pairs = list(zip(logits["collectives"], logits["exchange"], strict=True))
+    out["max_abs_logit_diff_per_step"] = [float((a - b).abs().max()) for a, b in pairs]
+    out["argmax_agrees_per_step"] = [int(a.argmax()) == int(b.argmax()) for a, b in pairs]
+    out["exchange_after"] = ex.status()
+    try:
+        ex.check_error()
+    except RuntimeError as e:
+        out["exchange_error"] = str(e)
+    dist.destroy_process_group()
+    return out if rank == 0 else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tp_exchange_check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=32, help="Llama-3-8B layers to keep (32: the whole model)")
+    ap.add_argument("--out", help="write the result as JSON here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tp_exchange_check needs 2 CUDA GPUs with peer access (the exchange lives in symmetric "
+                         "memory); this machine has none")
+    _need_gpus(True, 2)
+    os.environ["ENGINESMITH_TP_EXCHANGE"] = "1"  # the spawned ranks read it when they set the exchange up
+    r = _spawn(_rank, 2, dict(cuda=True, layers=args.layers), timeout_s=300)
+    diffs = r["max_abs_logit_diff_per_step"]
+    print(f"{r['card']} x 2, {r['layers']} layers; exchange: {r['exchange']}")
+    print(f"max |logit difference| per step: {diffs} ({'bit for bit' if not any(diffs) else 'DIFFERENT'}); "
+          f"argmax agrees {sum(r['argmax_agrees_per_step'])}/{len(diffs)}")
+    print(f"ms per step (token fed on the GPU): collectives {r['collectives_ms_per_step']:.3f}, "
+          f"exchange {r['exchange_ms_per_step']:.3f}; poll rounds waited "
+          f"{r['exchange_after'].get('poll_rounds_waited')}; {r.get('exchange_error', 'no poll gave up')}")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(r, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
