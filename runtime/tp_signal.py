@@ -2,8 +2,9 @@
 
 Every element of an exchange slot starts as -0.0 (the sign bit alone: "empty"). A producer program (o_proj,
 down, lm_head on every TP rank) stores its outputs straight into its slot on every rank, the peers' over
-NVLink, turning a -0.0 result into +0.0 so that no real value reads as empty. A consumer program polls its
-own buffer (volatile loads, served from L2) until no element it needs is empty. There is no counter, fence,
+NVLink, turning a -0.0 result into +0.0 so that no real value reads as empty. A consumer program reads its
+own buffer once with vectorized L2 loads and, if some element it needs is still empty, polls (volatile loads)
+until none is. There is no counter, fence,
 flag or wait kernel: a slot is ready element by element, the moment the peer's stores land (the Lamport
 scheme of TensorRT-LLM's low-latency all-reduce).
 
@@ -17,14 +18,14 @@ runtime-h200-x2-tp-exchange-v*.json): v1 stored to the peers from every producer
 counter in the peer's memory; v2 counted locally with a system fence per program; v3 had every consumer
 program poll a flag the producer's last program raised after pushing the slot; v4 polled that flag in a
 one-warp wait kernel before the consumer. The counter, the fence and the serial push are what this version
-(v5) drops; it ties with the one-shot all-reduce (runtime/tp_exchange.py). Two lessons of getting there: a
-poll through tl.load(volatile=True) was hoisted out of its loop by Triton (the consumer spun on a stale
-register and gave up), hence the inline-asm loads; and polling every K tile of a GEMV, element by element,
-made the step 5x slower (runtime-h200-x2-tp*-device-fed.json, their "1_exchange" rows), hence one
-vectorized pass over the slots before the K loop, and per-element polls only for what had not landed. That
-slow version's tokens also drifted from the default path's (logits off by ~0.03 at some steps in a
-teacher-forced probe; cause not found); this one matched the collective path bit for bit in the probe and
-gave the same greedy tokens in both tp-section runs.
+(v5) drops; it ties with the one-shot all-reduce (runtime/tp_exchange.py). What getting there taught: the
+set-up check must fill every element of a slot (it once wrote 2048 of lm_head's columns and its gather waited
+for the rest until the poll gave up); polling every K tile of a GEMV element by element made the step 5x
+slower (runtime-h200-x2-tp*-device-fed.json, their "1_exchange" rows), hence one vectorized pass over the
+slots before the K loop and per-element polls only for what had not landed. That slow version's tokens also
+drifted from the default path's (logits off by ~0.03 at some steps in a teacher-forced probe; cause not
+found); this one matched the collective path bit for bit in the probe (benchmarks/tp_exchange_check.py) and
+gave the same greedy tokens in all three tp-section runs.
 
 A poll that outlasts SPIN rounds (a dead peer) sets ERR[0] and gives up instead of hanging the GPU; later polls
 return at once, the step's output is garbage, and `TPExchange.check_error` says so.
@@ -65,9 +66,9 @@ def _empty_bits(B):
 
 @triton.jit
 def _load_volatile(B, offs, mask):
-    """B[offs] (integers) read from memory every time: PTX ld.volatile as inline asm, which no compiler pass
-    hoists out of a polling loop (Triton's loop-invariant code motion moved tl.load(volatile=True) out of it
-    and the poll spun on a stale register); masked lanes read B[0] and give 0."""
+    """B[offs] (integers) read from memory every time: PTX ld.volatile as inline asm with side effects, which
+    no compiler pass may hoist out of a polling loop or merge with an earlier load (tl.load(volatile=True)
+    carries no such promise through Triton's loop-invariant code motion); masked lanes read B[0] and give 0."""
     safe = B + tl.where(mask, offs, 0)
     if _ASM:
         if B.dtype.element_ty == tl.int32:
