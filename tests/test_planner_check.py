@@ -1,4 +1,4 @@
-"""benchmarks.planner_check on the committed H200 results: the constants reproduce their calibration point,
+"""benchmarks.planner_check on the committed H200 and H100 results: the constants reproduce their calibration point,
 baselines and kernels are labelled, every other row is a check with its error computed from both numbers."""
 
 from __future__ import annotations
@@ -54,3 +54,13 @@ def test_main_writes_the_table_to_the_results_dir(tmp_path, monkeypatch, capsys)
     written = json.loads((tmp_path / "planner-vs-measured.json").read_text())
     assert written == compare(tmp_path) and len(written) > 5
     assert "calibration" in capsys.readouterr().out
+
+
+def test_device_fed_rows_are_labelled_and_superseded_baselines_skipped(rows):
+    fed = [r for r in rows if r["source"].startswith("runtime-h200-x2-tp-device-fed.json")]
+    assert fed and all(r["what"].endswith("token fed on the GPU") for r in fed if r["what"].startswith("decode"))
+    assert not any("TP exchange" in r["what"] for r in fed)  # its first v5 form: SUPERSEDED_BASELINES
+    h100 = [r for r in rows if r["source"].startswith("runtime-h100-x2-tp-exchange-v5.json")]
+    assert any("TP exchange" in r["what"] for r in h100) and "H100" in h100[0]["source"]
+    older = [r for r in rows if r["source"].startswith("runtime-h200-x2-tp-gemv.json")]
+    assert not any("token fed on the GPU" in r["what"] for r in older)  # host-synced runs keep their labels
