@@ -147,7 +147,7 @@ class TPExchange:
     # ---- set-up ----
     def _local_problem(self) -> str | None:
         if os.environ.get(ENV_SWITCH, "0") != "1":
-            return f"off (measured slower than the one-shot all-reduce; {ENV_SWITCH}=1 turns it on)"
+            return f"off (measured no faster than the one-shot all-reduce; {ENV_SWITCH}=1 turns it on)"
         if self.device.type != "cuda":
             return f"device is {self.device.type}: the TP exchange needs CUDA peer memory"
         if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
