@@ -107,6 +107,7 @@ def _decode_rows(gpu: str, d: dict, src: str, calibration: bool) -> list[dict]:
 def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
     """runtime_parallel.py's tp section: greedy steps from context 512 to 640, so isl 512 + osl 128 / 2."""
     rows, model = [], tp_data.get("model") or {"shape": "llama-3-8b"}
+    file = src.split(" ")[0]
     spec, name = None, "Llama-3-8B"
     if model["shape"] == "llama-3-70b":
         spec = ModelSpec.from_hf_config(TP70B_SHAPE | {"num_hidden_layers": model["layers"]},
@@ -124,10 +125,10 @@ def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
             rows.append(_row(f"{what}, {_kernels(m.get('status'), int(batch))}{fed}", plan.decode.estimate_ms,
                              m["ms_per_step"], "ms", "step", src))
             for key, label in BASELINE_LABELS.items():
-                if f"{batch}_{key}" in SUPERSEDED_BASELINES.get(src.split(" ")[0], ()):
+                if f"{batch}_{key}" in SUPERSEDED_BASELINES.get(file, ()):
                     continue
                 if base := runs.get(f"{batch}_{key}"):
-                    calib = (src.split(" ")[0], tp_key, f"{batch}_{key}") == MULTI_TOKEN_CALIBRATION
+                    calib = (file, tp_key, f"{batch}_{key}") == MULTI_TOKEN_CALIBRATION
                     rows.append(_row(f"{what}, {label}{fed}", plan.decode.estimate_ms, base["ms_per_step"], "ms",
                                      "step", src, "calibration" if calib else "check"))
         if micro := runs.get("allreduce_micro"):

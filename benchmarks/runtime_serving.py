@@ -31,10 +31,7 @@ class FastEngine(Engine):
 
     def __init__(self, model: RankModel, config: EngineConfig, decoder_options: dict | None = None, **kwargs):
         super().__init__(model, config, **kwargs)
-        self.fast_decoder = FastDecoder(model, self.cache, max_batch_size=config.max_batch_size,
-                                        max_seq_len=config.max_seq_len, **(decoder_options or {}))
-        self.fast_decoder.capture_all()
-        self.fast_decoder.prepare_prefill(config.max_num_tokens)  # as FastDecoder.for_engine does
+        self.fast_decoder = FastDecoder.started(model, self.cache, config, **(decoder_options or {}))
         self.fast_steps = self.plain_steps = 0
 
     def _forward(self, sched):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 
@@ -27,7 +26,7 @@ PROMPT, FORCED, TIMED = 64, 16, 64
 def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     import torch.distributed as dist
 
-    from benchmarks.runtime_decode import make_cache
+    from benchmarks.runtime_decode import greedy_batch, make_cache
     from runtime.fast_decode import FastDecoder
     from runtime.paged_attention import SeqSpan
     from runtime.plain_step import plain_forward
@@ -52,13 +51,8 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         dec = FastDecoder(model, cache, max_batch_size=1, max_seq_len=total, reduce=groups.all_reduce_tp,
                           gather=groups.gather_tp_last_dim, exchange=exchange)
         logits[name] = [dec.decode([0], [t], [PROMPT + i]).float().cpu() for i, t in enumerate(forced)]
-        ids = torch.tensor([first], device=device)
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for j in range(TIMED):
-            ids = dec.decode([0], ids, [PROMPT + FORCED + j]).argmax(-1)
-        torch.cuda.synchronize(device)
-        out[f"{name}_ms_per_step"] = 1e3 * (time.perf_counter() - start) / TIMED
+        _, secs = greedy_batch(dec, [first], PROMPT + FORCED, TIMED, device, on_device=True)
+        out[f"{name}_ms_per_step"] = 1e3 * secs / TIMED
         out[f"{name}_path"] = dec.status()["gemv"]
     pairs = list(zip(logits["collectives"], logits["exchange"], strict=True))
     out["max_abs_logit_diff_per_step"] = [float((a - b).abs().max()) for a, b in pairs]

@@ -96,7 +96,13 @@ class FastDecoder:
             return None
         if model.cfg.mapping.world_size != 1:
             return None
-        dec = cls(model, cache, max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len)
+        return cls.started(model, cache, config)
+
+    @classmethod
+    def started(cls, model: RankModel, cache: PagedKVCache, config, **options) -> FastDecoder:
+        """A decoder sized by the engine's config (`options`: the constructor's keywords), with its decode and
+        prefill graphs captured now, while the cache is empty."""
+        dec = cls(model, cache, max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len, **options)
         dec.capture_all()
         dec.prepare_prefill(config.max_num_tokens)
         return dec

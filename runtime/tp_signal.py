@@ -161,8 +161,7 @@ def _gather_kernel(SRC, OUT, N, SET, EPOCH, ERR, SPIN, PDL: tl.constexpr, BLOCK:
     await_landed(src + tl.program_id(0) * BLOCK, tl.minimum(N - tl.program_id(0) * BLOCK, BLOCK),
                  tl.load(ERR) == 0, ERR, SPIN, BLOCK)
     tl.store(OUT + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
-    B = _bits(SRC + ((epoch + 1) % 3) * SET)
-    tl.store(B + offs, tl.full([BLOCK], _empty_bits(B), B.dtype.element_ty), mask=mask)
+    clear(SRC + ((epoch + 1) % 3) * SET, N, BLOCK)  # one BLOCK per program: this program's share
 
 
 def gather(src, out, n: int, set_stride: int, epoch, err, spin: int, pdl: bool, block: int = 2048) -> None:
