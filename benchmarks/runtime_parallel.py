@@ -48,11 +48,6 @@ def tp_section(bench) -> dict:
     if "1_exchange" in two:
         regions["tp2_batch1_exchange_gain"] = two["1_exchange"]["tok_s"] / two[b1]["tok_s"]
         regions["speedup_batch1_latency_exchange"] = two["1_exchange"]["tok_s"] / one[b1]["tok_s"]
-    for key in (k for k in one if k.startswith("1_preload")):  # each budget on both sides (tp=1 preloads too)
-        regions[f"speedup_batch1_latency_{key[2:]}"] = two[key]["tok_s"] / one[key]["tok_s"]
-        if f"1_exchange_{key[2:]}" in two:
-            regions[f"speedup_batch1_latency_exchange_{key[2:]}"] = \
-                two[f"1_exchange_{key[2:]}"]["tok_s"] / one[key]["tok_s"]
     regions["speedup_batch1_latency_host_sync"] = two[b1]["tok_s_host_sync"] / one[b1]["tok_s_host_sync"]
     model = dict(shape="tiny" if tiny else bench.args.tp_shape,
                  layers=p["layers"] or p["shape"]["num_hidden_layers"])
@@ -89,28 +84,13 @@ _BASELINES_BATCH1 = (
 """Batch-1 paths timed after the main one in the same ranks: (result key, FastDecoder options)."""
 
 
-PRELOAD_SWEEP = (32 << 10, 64 << 10)
-"""Weight bytes per GEMV program loaded before it waits (runtime/triton_gemv.py PRELOAD_ENV), timed at batch 1
-as "1_preload<KB>k" (and "1_exchange_preload<KB>k" with the TP exchange on)."""
-
-
 def _baselines(batch: int, exchange) -> tuple[tuple[str, dict], ...]:
     """The paths timed after the main one at `batch`: at batch 1 the TP exchange first when it is on
-    (ENGINESMITH_TP_EXCHANGE=1: all-reduces and gather inside the GEMVs), then _BASELINES_BATCH1, then the
-    preload budgets (with and without the exchange); at larger batches the opt-in rows kernels. An "env" entry
-    is set while that path is built and timed."""
+    (ENGINESMITH_TP_EXCHANGE=1: all-reduces and gather inside the GEMVs), then _BASELINES_BATCH1; at larger
+    batches the opt-in rows kernels."""
     if batch > 1:
         return ((f"{batch}_rows", dict(rows=True)),)
-    from runtime.triton_gemv import PRELOAD_ENV
-
-    pre = []
-    for b in PRELOAD_SWEEP:
-        env = {PRELOAD_ENV: str(b)}
-        pre.append((f"1_preload{b >> 10}k", dict(env=env)))
-        if exchange is not None:
-            pre.append((f"1_exchange_preload{b >> 10}k", dict(exchange=exchange, env=env)))
-    return ((("1_exchange", dict(exchange=exchange)),) if exchange is not None else ()) + _BASELINES_BATCH1 \
-        + tuple(pre)
+    return ((("1_exchange", dict(exchange=exchange)),) if exchange is not None else ()) + _BASELINES_BATCH1
 
 
 def pp_runs(pp: dict) -> dict[str, dict]:
@@ -180,7 +160,7 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
             for name, kw in _baselines(bs, exchange):
                 toks, row = _timed(dec_args | kw, first, p, device)
                 out[name] = {k: v for k, v in row.items() if k != "status"} | dict(same_tokens=toks == tokens)
-                if name.startswith("1_exchange"):
+                if name == "1_exchange":
                     try:
                         exchange.check_error()
                     except RuntimeError as e:  # recorded, not raised: the peer would hang in the next collectives
@@ -326,21 +306,10 @@ def _timed(dec_args: dict, first: list[int], p: dict, device) -> tuple[list[list
     from benchmarks.runtime_decode import greedy_batch
     from runtime.fast_decode import FastDecoder
 
-    dec_args = dict(dec_args)
-    env = dec_args.pop("env", {})
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        dec, bs, steps = FastDecoder(**dec_args), len(first), p["steps"]
-        greedy_batch(dec, first, p["prompt_len"], steps, device)
-        tokens, secs = greedy_batch(dec, first, p["prompt_len"], steps, device)
-        fed, secs_fed = greedy_batch(dec, first, p["prompt_len"], steps, device, on_device=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    dec, bs, steps = FastDecoder(**dec_args), len(first), p["steps"]
+    greedy_batch(dec, first, p["prompt_len"], steps, device)
+    tokens, secs = greedy_batch(dec, first, p["prompt_len"], steps, device)
+    fed, secs_fed = greedy_batch(dec, first, p["prompt_len"], steps, device, on_device=True)
     row = dict(tok_s=bs * steps / secs_fed, ms_per_step=1e3 * secs_fed / steps, tok_s_host_sync=bs * steps / secs,
                ms_per_step_host_sync=1e3 * secs / steps, status=dec.status())
     if fed != tokens:

@@ -117,41 +117,13 @@ def residual_store(y, RES, OUT, offs, mask, act_ty: tl.constexpr, RESIDUAL: tl.c
 
 
 @triton.jit
-def _x_tile(X, NW, xs, kk, K, pid, act_ty: tl.constexpr, NORM: tl.constexpr, XSUM: tl.constexpr,
-            EVEN_K: tl.constexpr, TP: tl.constexpr):
-    """The input at columns kk as float32, times the norm weight (NORM), and its squares (NORM; else 0.0).
-    XSUM: the TP ranks' partials in the slots xs (TP, K) summed in rank order (every rank gets the same bits),
-    rounded once like an all-reduce; program 0 stores the sum at X (the residual stream of the next residual
-    GEMV)."""
-    if XSUM:
-        x = tl.load(xs + kk, mask=kk < K, other=0.0, cache_modifier=".cg").to(tl.float32)
-        for q in tl.static_range(1, TP):
-            x += tl.load(xs + q * K + kk, mask=kk < K, other=0.0, cache_modifier=".cg").to(tl.float32)
-        x = x.to(act_ty).to(tl.float32)
-        if pid == 0:
-            tl.store(X + kk, x.to(act_ty), mask=kk < K)
-    elif EVEN_K:
-        x = tl.load(X + kk).to(tl.float32)
-    else:
-        x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
-    sq = 0.0
-    if NORM:
-        sq = x * x
-        if EVEN_K:
-            x = x * tl.load(NW + kk).to(tl.float32)
-        else:
-            x = x * tl.load(NW + kk, mask=kk < K, other=0.0).to(tl.float32)
-    return x, sq
-
-
-@triton.jit
 def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC, stride_slot,
                  XS, XSET, DST, DSET, EPOCH, ERR, SPIN,
                  NORM: tl.constexpr, SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                  OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                  ROPE: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HEAD_D: tl.constexpr,
                  PDL: tl.constexpr, XSUM: tl.constexpr, SCATTER: tl.constexpr, TP: tl.constexpr,
-                 PRELOAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     if ROPE:  # rows j and j + HEAD_D / 2 of one head: BLOCK_N / 2 rotary pairs per program
         t = tl.arange(0, BLOCK_N)
@@ -168,16 +140,11 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if NORM:
         ss = tl.zeros([BLOCK_K], tl.float32)
-    if PRELOAD > 0:  # columns [0, PRELOAD) of the rows, in flight before the wait (PRELOAD <= K)
-        offs_p = tl.arange(0, PRELOAD)
-        wp = tl.load(rows + offs_p[None, :], mask=mask_n[:, None], other=0.0)
+    if PREFETCH:  # the first tiles; each iteration then loads the next before using the current
+        w_next = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
         if SWIGLU:
-            wp2 = tl.load(rows + HALF * K + offs_p[None, :], mask=mask_n[:, None], other=0.0)
-    if PREFETCH:  # the first loop tiles; each iteration then loads the next before using the current
-        kf = PRELOAD + offs_k
-        w_next = tl.load(rows + kf[None, :], mask=mask_n[:, None] & (kf < K)[None, :], other=0.0)
-        if SWIGLU:
-            w2_next = tl.load(rows + HALF * K + kf[None, :], mask=mask_n[:, None] & (kf < K)[None, :], other=0.0)
+            w2_next = tl.load(rows + HALF * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
+                              other=0.0)
     if XSUM:  # no griddepcontrol.wait: all it reads of the kernel before (its own rank's partial too) lands in
         # the slots, which it polls, so it starts summing while that kernel's tail and stores are in flight
         # (1.3% off the tp=2 batch-1 step on 2 x H100, logits bit for bit the same)
@@ -192,23 +159,26 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         xs = XS + (epoch % 3) * XSET
         clear(XS + ((epoch + 1) % 3) * XSET, TP * K, BLOCK_K)
         await_landed(xs, TP * K, tl.load(ERR) == 0, ERR, SPIN, BLOCK_K)
-    else:
-        xs = X
-    yp = tl.zeros([BLOCK_N], tl.float32)
-    yp2 = tl.zeros([BLOCK_N], tl.float32)
-    ssp = 0.0
-    if PRELOAD > 0:  # the preloaded columns' share: dot products and sum of squares, reduced right away
-        xp, sqp = _x_tile(X, NW, xs, offs_p, K, pid, act_ty, NORM, XSUM, True, TP)
-        if NORM:
-            ssp = tl.sum(sqp, 0)
-        yp = tl.sum(wp.to(tl.float32) * xp[None, :], 1)
-        if SWIGLU:
-            yp2 = tl.sum(wp2.to(tl.float32) * xp[None, :], 1)
-    for k0 in range(PRELOAD, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        x, sq = _x_tile(X, NW, xs, kk, K, pid, act_ty, NORM, XSUM, EVEN_K, TP)
+        if XSUM:  # x = the TP ranks' partials in the slots (TP, K) summed in rank order (every rank gets the
+            # same bits), rounded once like an all-reduce
+            x = tl.load(xs + kk, mask=kk < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+            for q in tl.static_range(1, TP):
+                x += tl.load(xs + q * K + kk, mask=kk < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+            x = x.to(act_ty).to(tl.float32)
+            if pid == 0:  # the summed residual stream, for the next residual GEMV
+                tl.store(X + kk, x.to(act_ty), mask=kk < K)
+        elif EVEN_K:
+            x = tl.load(X + kk).to(tl.float32)
+        else:
+            x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
         if NORM:  # sum of squares in the same pass; 1/rms scales the dot products at the end
-            ss += sq
+            ss += x * x
+            if EVEN_K:
+                x = x * tl.load(NW + kk).to(tl.float32)
+            else:
+                x = x * tl.load(NW + kk, mask=kk < K, other=0.0).to(tl.float32)
         xf = x[None, :]
         if PREFETCH:
             w = w_next
@@ -231,8 +201,8 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
             acc2 += w2.to(tl.float32) * xf
     scale = 1.0
     if NORM:
-        scale = tl.rsqrt((tl.sum(ss, 0) + ssp) / K + eps)
-    y = (tl.sum(acc, 1) + yp) * scale
+        scale = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+    y = tl.sum(acc, 1) * scale
     if BIAS:
         y += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = y.to(act_ty).to(tl.float32)
@@ -240,7 +210,7 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         _rope_store(y, pid, OUT, COS, SIN, SLOT, KC, VC, stride_slot, NQ, NKV, HEAD_D, BLOCK_N)
         return
     if SWIGLU:
-        y = _silu_mul(y, ((tl.sum(acc2, 1) + yp2) * scale).to(act_ty).to(tl.float32), act_ty)
+        y = _silu_mul(y, (tl.sum(acc2, 1) * scale).to(act_ty).to(tl.float32), act_ty)
     if SCATTER:  # to this rank's slot on every rank (OUT: its own, for the dtype), this step's set
         scatter(with_residual(y, RES, offs_n, mask_n, act_ty, RESIDUAL).to(OUT.dtype.element_ty), offs_n, mask_n,
                 DST, (epoch % 3) * DSET, TP)
@@ -312,29 +282,6 @@ PDL has its first weight tiles loading before it waits for the previous kernel: 
 o_proj tp2 a non-prefetching config was faster alone, by 0.0, 0.1 and 0.2 us."""
 
 
-PRELOAD_ENV = "ENGINESMITH_GEMV_PRELOAD"
-PRELOAD_BYTES = 0
-"""Weight bytes per program a GEMV that waits (PDL or TP exchange slots) loads before the wait; 0 = one tile
-(PREFETCH). ENGINESMITH_GEMV_PRELOAD overrides it."""
-
-
-def preload_cols(cfg: GemvConfig, k: int, swiglu: bool, elt: int, budget: int | None = None) -> int:
-    """Columns of its rows each program loads before it waits: the largest power of two <= k whose tile pair
-    (rows x columns, both row sets with swiglu) fits `budget` bytes (None: PRELOAD_ENV, else PRELOAD_BYTES)."""
-    if budget is None:
-        budget = int(os.environ.get(PRELOAD_ENV, PRELOAD_BYTES))
-    cols = budget // (cfg.block_n * elt * (2 if swiglu else 1))
-    if cols < 16:
-        return 0
-    cols = 1 << (min(cols, k).bit_length() - 1)
-    return cols
-
-
-def waits(pdl: bool, recv, preload: int | None) -> bool:
-    """Whether a launch preloads: it waits for its input (PDL, TP exchange slots), or `preload` was given."""
-    return pdl or recv is not None or preload is not None
-
-
 def shape_key(n: int, k: int, swiglu: bool) -> str:
     return f"{'swiglu-' if swiglu else ''}{n}x{k}"
 
@@ -363,13 +310,11 @@ def config_for(n: int, k: int, swiglu: bool, moe: bool = False) -> GemvConfig:
 def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6,
          swiglu: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
          out_f32: bool = False, config: GemvConfig | None = None, out: torch.Tensor | None = None,
-         pdl: bool = False, recv=None, send=None, preload: int | None = None) -> torch.Tensor | None:
+         pdl: bool = False, recv=None, send=None) -> torch.Tensor | None:
     """x (1, K) or (K,) -> (1, N) (N = w.shape[0], or half of it with swiglu); see the module docstring.
-    pdl: launch with programmatic dependent launch (runtime/pdl.py). preload: weight bytes per program loaded
-    before the kernel waits for its input (PDL or `recv`; `preload_cols`; given, also without a wait).
-    TP exchange (runtime/tp_exchange.py): with `recv` the input is the sum of the ranks' slots (polled until
-    they have landed) and `x` is where the kernel writes that sum; with `send` the output goes to every rank's
-    exchange buffer and None is returned."""
+    pdl: launch with programmatic dependent launch (runtime/pdl.py). TP exchange (runtime/tp_exchange.py):
+    with `recv` the input is the sum of the ranks' slots (polled until they have landed) and `x` is where the
+    kernel writes that sum; with `send` the output goes to every rank's exchange buffer and None is returned."""
     k = x.shape[-1]
     if x.numel() != k:
         raise ValueError(f"gemv takes one row, got x of shape {tuple(x.shape)}")
@@ -385,16 +330,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
         x = x.contiguous()
     dummy = x
     link = (recv or send).link if (recv or send) else None
-    pre = preload_cols(cfg, k, swiglu, w.element_size(), preload) if waits(pdl, recv, preload) else 0
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, w, norm if norm is not None else dummy, bias if bias is not None else dummy,
         residual.contiguous() if residual is not None else dummy, out, n, k, n, eps,
         dummy, dummy, dummy, dummy, dummy, 0, *exchange_args(recv, send, dummy),
         NORM=norm is not None, SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
-        OUT_F32=out_f32, EVEN_N=n % cfg.block_n == 0, EVEN_K=(k - pre) % cfg.block_k == 0, PREFETCH=cfg.prefetch,
+        OUT_F32=out_f32, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch,
         ROPE=False, NQ=1, NKV=1, HEAD_D=1, PDL=pdl, XSUM=recv is not None, SCATTER=send is not None,
-        TP=link.tp if link else 1, PRELOAD=pre, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
+        TP=link.tp if link else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, launch_pdl=pdl)
     return None if send is not None else out
 
 
@@ -411,11 +355,11 @@ def exchange_args(recv, send, dummy: torch.Tensor) -> tuple:
 def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: float, bias: torch.Tensor | None,
                   cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, nq: int, nkv: int, d: int, config: GemvConfig | None = None,
-                  pdl: bool = False, recv=None, preload: int | None = None) -> torch.Tensor:
+                  pdl: bool = False, recv=None) -> torch.Tensor:
     """RMSNorm, the fused qkv projection of one token, rotary of q and k, and the write of k and v into the
     cache layers (blocks, tpb, nkv, d) at flat slot slots[0], in one kernel -> rotated q (1, nq, d).
     The arithmetic of gemv(norm, bias) followed by runtime/decode_rope_write.rope_cache_write_ref.
-    pdl, preload and recv as in gemv (with recv, x receives the summed input)."""
+    pdl and recv as in gemv (with recv, x receives the summed input)."""
     why = rope_unsupported(w, k_cache, v_cache, nq, nkv, d, x.dtype)
     if why:
         raise ValueError(f"qkv_rope_gemv: {why}")
@@ -425,14 +369,12 @@ def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: flo
     q = torch.empty(1, nq, d, dtype=x.dtype, device=x.device)
     if recv is None:
         x = x.contiguous()
-    pcfg = GemvConfig(block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.prefetch)
-    pre = preload_cols(pcfg, k, False, w.element_size(), preload) if waits(pdl, recv, preload) else 0
     _gemv_kernel[(n // block_n,)](
         x, w, norm, bias if bias is not None else x, x, q, n, k, n, eps,
         cos.contiguous(), sin.contiguous(), slots, k_cache, v_cache, nkv * d, *exchange_args(recv, None, x),
         NORM=True, SWIGLU=False, BIAS=bias is not None, RESIDUAL=False, OUT_F32=False, EVEN_N=True,
-        EVEN_K=(k - pre) % cfg.block_k == 0, PREFETCH=cfg.prefetch, ROPE=True, NQ=nq, NKV=nkv, HEAD_D=d,
-        PDL=pdl, XSUM=recv is not None, SCATTER=False, TP=recv.link.tp if recv else 1, PRELOAD=pre,
+        EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch, ROPE=True, NQ=nq, NKV=nkv, HEAD_D=d,
+        PDL=pdl, XSUM=recv is not None, SCATTER=False, TP=recv.link.tp if recv else 1,
         BLOCK_N=block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
     return q
 

@@ -53,63 +53,9 @@ def test_gemv_variants_match_the_unfused_arithmetic(case, cfg):
 
 
 @needs_triton
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("budget", [0, 512, 2048, 1 << 20])
-def test_gemv_with_weights_preloaded_before_the_wait_matches_the_unfused_arithmetic(case, budget):
-    """The first columns of every program's rows loaded ahead (all of them with the largest budget), the rest
-    in the K loop: same result, also where the loop's remainder is not a whole number of tiles."""
-    from runtime.triton_gemv import GemvConfig, gemv, preload_cols
-
-    n, k, norm, swiglu, bias, residual, out_f32 = case
-    gen = torch.Generator().manual_seed(n + k)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(KERNEL_DEVICE)
-
-    cfg = GemvConfig(8, 32, 4, 1, True)
-    cols = preload_cols(cfg, k, swiglu, 4, budget)
-    assert cols == 0 or ((cols & (cols - 1)) == 0 and 16 <= cols <= k)
-    if budget == 1 << 20:
-        assert cols == 1 << (k.bit_length() - 1)
-    kw = dict(norm=1 + 0.1 * rnd(k) if norm else None, swiglu=swiglu, bias=rnd(n) if bias else None,
-              residual=rnd(1, n) if residual else None, out_f32=out_f32, eps=1e-5)
-    x, w = rnd(1, k), rnd(2 * n if swiglu else n, k, scale=0.1)
-    out = torch.full((1, n), float("nan"), device=KERNEL_DEVICE)
-    y = gemv(x, w, config=cfg, out=out, preload=budget, **kw)
-    ref = gemv_ref(x, w, **kw)
-    assert float((y - ref).norm() / ref.norm()) < 1e-5
-
-
-def test_preload_columns_fit_the_budget_as_a_power_of_two_no_wider_than_k():
-    from runtime.triton_gemv import GemvConfig, preload_cols
-
-    cfg = GemvConfig(8, 1024, 4, 1, True)
-    assert preload_cols(cfg, 4096, False, 2, 64 << 10) == 4096  # 8 rows x 4096 bf16 = 64 KB
-    assert preload_cols(cfg, 4096, True, 2, 64 << 10) == 2048  # gate and up rows: twice the bytes a column
-    assert preload_cols(cfg, 7168, False, 2, 1 << 30) == 4096  # a power of two, at most k
-    assert preload_cols(cfg, 4096, False, 2, 48 << 10) == 2048
-    assert preload_cols(cfg, 4096, False, 2, 100) == 0  # under 16 columns: nothing preloaded
-
-
-def test_preload_budget_comes_from_the_environment_unless_given(monkeypatch):
-    from runtime import triton_gemv
-
-    cfg = triton_gemv.GemvConfig(8, 1024, 4, 1, True)
-    monkeypatch.delenv(triton_gemv.PRELOAD_ENV, raising=False)
-    assert triton_gemv.preload_cols(cfg, 4096, False, 2) == (0 if triton_gemv.PRELOAD_BYTES == 0 else
-                                                             triton_gemv.preload_cols(cfg, 4096, False, 2,
-                                                                                      triton_gemv.PRELOAD_BYTES))
-    monkeypatch.setenv(triton_gemv.PRELOAD_ENV, str(32 << 10))
-    assert triton_gemv.preload_cols(cfg, 4096, False, 2) == 2048
-    assert triton_gemv.preload_cols(cfg, 4096, False, 2, 0) == 0
-    assert not triton_gemv.waits(False, None, None) and triton_gemv.waits(True, None, None)
-
-
-@needs_triton
 @pytest.mark.parametrize("block_n", [2, 8, 16, 64])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("preload", [None, 1 << 20])  # 1 MB: every column of the rows loaded before the loop
-def test_qkv_rope_kernel_writes_rotated_q_and_the_cache_like_the_unfused_ops(block_n, bias, preload):
+def test_qkv_rope_kernel_writes_rotated_q_and_the_cache_like_the_unfused_ops(block_n, bias):
     from runtime.decode_rope_write import rope_cache_write_ref
     from runtime.layers import rope_cos_sin
     from runtime.triton_gemv import GemvConfig, qkv_rope_gemv
@@ -129,8 +75,7 @@ def test_qkv_rope_kernel_writes_rotated_q_and_the_cache_like_the_unfused_ops(blo
     slots = torch.tensor([6]).to(KERNEL_DEVICE)
     qkv = gemv_ref(x, w, norm=g, eps=1e-5, bias=b)
     ref_q = rope_cache_write_ref(qkv, cos, sin, *ref_caches, slots, torch.tensor([0]).to(KERNEL_DEVICE), nq, nkv, d)
-    q = qkv_rope_gemv(x, w, g, 1e-5, b, cos, sin, slots, *caches, nq, nkv, d, config=GemvConfig(block_n, 32, 4),
-                      preload=preload)
+    q = qkv_rope_gemv(x, w, g, 1e-5, b, cos, sin, slots, *caches, nq, nkv, d, config=GemvConfig(block_n, 32, 4))
     assert float((q - ref_q).norm() / ref_q.norm()) < 1e-5
     for c, r in zip(caches, ref_caches, strict=True):
         assert float((c - r).norm() / r.norm()) < 1e-6  # slot 6 rewritten alike, every other slot untouched

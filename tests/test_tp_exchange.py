@@ -47,8 +47,7 @@ def _rnd(gen, *shape, scale=1.0):
 
 @needs_triton
 @pytest.mark.parametrize("tp", [2, 3])
-@pytest.mark.parametrize("preload", [None, 1 << 20])  # 1 MB: the consumer holds all its rows before it polls
-def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp, preload):
+def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp):
     from runtime.triton_gemv import gemv
 
     gen = torch.Generator().manual_seed(tp)
@@ -70,7 +69,7 @@ def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp, prel
             assert torch.allclose(ex._slots[here, 1], torch.cat(parts), rtol=1e-5, atol=1e-5), (step, ex.rank)
         hs = [torch.full((1, H), float("nan"), device=KERNEL_DEVICE) for _ in range(tp)]
         for r, ex in enumerate(exs):
-            gemv(hs[r], w2[r], norm=norm, out_f32=True, recv=ex.recv(1), send=ex.send_logits(), preload=preload)
+            gemv(hs[r], w2[r], norm=norm, out_f32=True, recv=ex.recv(1), send=ex.send_logits())
         logits = [ex.wait_logits().clone() for ex in exs]
         for r, ex in enumerate(exs):
             ex.check_error()
