@@ -21,7 +21,7 @@ $(VENV)/.stamp: pyproject.toml
 
 venv: $(VENV)/.stamp
 
-KERNEL_TESTS = tests/test_gemv_decode.py tests/test_gemm_rows.py tests/test_decode_kernels.py tests/test_tp_exchange.py
+KERNEL_TESTS = tests/test_gemv_decode.py tests/test_gemm_rows.py tests/test_moe_rows.py tests/test_decode_kernels.py tests/test_tp_exchange.py
 
 test: venv
 	$(PY) -m pytest -q -rs --durations=15 tests

@@ -37,12 +37,14 @@ MOE_SHAPE = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidd
 """runtime.random_model.MIXTRAL_8X7B trimmed to 8 layers, as benchmarks/runtime.py's moe section runs it."""
 BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions", "no_pdl": "fused GEMV, no PDL",
                    "previous": "fused GEMV, no PDL", "no_exchange": "fused GEMV + PDL, one-shot all-reduce",
-                   "exchange": "fused GEMV + PDL, TP exchange", "rows": "fused rows kernels + PDL (opt-in)"}
+                   "exchange": "fused GEMV + PDL, TP exchange", "rows": "fused rows kernels + PDL (opt-in)",
+                   "grouped_mm": "experts on torch's grouped GEMM"}
 """Names of the runtime's baseline paths (decode.baselines.<key>, tp.<tpN>.<batch>_<key>) as the table shows them
 ("previous" / "no_exchange": the keys of the runs made while the TP exchange was the default)."""
-SUPERSEDED = ("-exchange-v1.json", "-exchange-v2.json", "-exchange-v3.json")
-"""Runs of the TP exchange's earlier versions: their default-path rows repeat the last run's, so the table skips
-them (README quotes all four runs)."""
+SUPERSEDED = ("-exchange-v1.json", "-exchange-v2.json", "-exchange-v3.json", "-tp-mixtral.json")
+"""Runs the table skips: the TP exchange's earlier versions (their default-path rows repeat the last run's;
+README quotes all four runs) and the first Mixtral tp run, whose batch-32 steps (experts on torch's grouped GEMM,
+36-41% over the plan) were corrected by runtime/triton_moe_rows.py: -tp-mixtral-rows.json times both paths."""
 SUPERSEDED_BASELINES = {"runtime-h200-x2-tp-device-fed.json": ("1_exchange",),
                         "runtime-h200-x2-tp70b-device-fed.json": ("1_exchange",)}
 """Baseline rows timed with a version of their path since replaced (the TP exchange v5's first form, polling
@@ -74,12 +76,14 @@ def _row(what: str, predicted: float, measured: float, unit: str, kind: str, sou
 
 def _kernels(status: dict | None, batch: int = 1) -> str:
     """How the runtime ran the step, from its status block: which GEMVs (batches > 1: the rows kernels where the
-    status names them, else cuBLAS), with PDL, with the TP exchange."""
+    status names them, else cuBLAS; MoE experts through runtime/triton_moe_rows.py), with PDL, with the TP
+    exchange."""
     gemv = str((status or {}).get("gemv", ""))
     if batch > 1:
+        experts = ", Triton grouped experts" if "grouped rows kernels" in str((status or {}).get("moe", "")) else ""
         if "through the rows kernels" in gemv:
-            return "fused rows kernels + PDL" if "PDL on" in gemv else "fused rows kernels"
-        return "cuBLAS + compiled regions" if gemv.startswith("fused") else "cuBLAS"
+            return ("fused rows kernels + PDL" if "PDL on" in gemv else "fused rows kernels") + experts
+        return ("cuBLAS + compiled regions" if gemv.startswith("fused") else "cuBLAS") + experts
     if not gemv.startswith("fused"):
         return "cuBLAS"
     if "(TP exchange)" in gemv:
@@ -113,6 +117,10 @@ def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
         spec = ModelSpec.from_hf_config(TP70B_SHAPE | {"num_hidden_layers": model["layers"]},
                                         name=f"llama-3-70b-{model['layers']}-layers")
         name = f"Llama-3-70B shape, {model['layers']} layers"
+    elif model["shape"] == "mixtral-8x7b":
+        spec = ModelSpec.from_hf_config(MOE_SHAPE | {"num_hidden_layers": model["layers"]},
+                                        name=f"mixtral-8x7b-{model['layers']}-layers")
+        name = f"Mixtral-8x7B, {model['layers']} layers"
     for tp_key, tp in (("tp1", 1), ("tp2", 2)):
         runs = tp_data.get(tp_key, {})
         for batch in ("1", "32"):

@@ -85,7 +85,7 @@ def profile_rank(rank: int, world: int, port: int, p: dict) -> dict:
     for s in range(b):
         cache.reserve(s, total)
     dec = FastDecoder(model, cache, max_batch_size=b, max_seq_len=total, reduce=reduce, gather=gather)
-    seqs, toks = list(range(b)), [1] * b
+    seqs, toks = list(range(b)), [1 + 7 * s for s in range(b)]  # distinct ids: a MoE batch spreads over experts
     pos = PROMPT_LEN
     for _ in range(steps):  # warm-up: compile + capture
         dec.decode(seqs, toks, [pos] * b)

@@ -176,10 +176,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-gemv", action="store_true",
                     help="batch-1 steps through the cuBLAS regions, not the fused GEMV kernels")
     ap.add_argument("--moe-layers", type=int, default=8, help="layers of the Mixtral-shaped model (full: 32)")
-    ap.add_argument("--tp-shape", default="llama-3-8b", choices=("llama-3-8b", "llama-3-70b"),
+    ap.add_argument("--tp-shape", default="llama-3-8b", choices=("llama-3-8b", "llama-3-70b", "mixtral-8x7b"),
                     help="model shape of the tp section")
     ap.add_argument("--tp-layers", type=int, help="trim the tp section's model to this many layers (70b: 40 fit "
-                                                  "one H200 for the tp=1 run)")
+                                                  "one H200 for the tp=1 run; mixtral-8x7b: 8 unless given)")
     ap.add_argument("--requests", type=int, help="serving requests (default 256; tiny 12)")
     ap.add_argument("--max-batch-size", type=int, help="serving batch limit, also the static batch (default 64)")
     ap.add_argument("--hf-budget-s", type=float, default=40.0,

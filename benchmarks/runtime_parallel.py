@@ -19,17 +19,22 @@ from pathlib import Path
 
 import torch
 
-from runtime.random_model import LLAMA_3_8B, LLAMA_3_70B, TINY_LLAMA, checkpoint_config, random_rank_model
+from runtime.random_model import (LLAMA_3_8B, LLAMA_3_70B, MIXTRAL_8X7B, TINY_LLAMA, checkpoint_config,
+                                  random_rank_model)
 
-TP_SHAPES = {"llama-3-8b": LLAMA_3_8B, "llama-3-70b": LLAMA_3_70B}
+TP_SHAPES = {"llama-3-8b": LLAMA_3_8B, "llama-3-70b": LLAMA_3_70B, "mixtral-8x7b": MIXTRAL_8X7B}
 """--tp-shape choices (--tp-layers trims them: the tp=1 run must fit one GPU)."""
+TP_DEFAULT_LAYERS = {"mixtral-8x7b": 8}
+"""Layers when --tp-layers is not given (else the shape's own): 8 Mixtral layers fit one GPU, as in the moe section
+(at tp=2 its experts split as moe_tp_size=2, the planner's default for tp=2 without moe_ep_size)."""
 
 
 def tp_section(bench) -> dict:
     tiny, cuda = bench.args.tiny, bench.device.type == "cuda"
     _need_gpus(cuda, 2)
     shape = TINY_LLAMA if tiny else TP_SHAPES[bench.args.tp_shape]
-    p = dict(shape=shape, layers=None if tiny else bench.args.tp_layers, dtype="bfloat16" if cuda else "float32",
+    layers = None if tiny else bench.args.tp_layers or TP_DEFAULT_LAYERS.get(bench.args.tp_shape)
+    p = dict(shape=shape, layers=layers, dtype="bfloat16" if cuda else "float32",
              cuda=cuda,
              prompt_len=16 if tiny else 512, steps=8 if tiny else 128, batches=(1, 4) if tiny else (1, 32),
              tpb=4 if tiny else 32, options=bench.decoder_options())
@@ -54,7 +59,28 @@ def tp_section(bench) -> dict:
     return dict(res, **regions, model=model, speedup_batch1_latency=two[b1]["tok_s"] / one[b1]["tok_s"],
                 speedup_throughput=two[bn]["tok_s"] / one[bn]["tok_s"], target_speedup_batch1=1.7,
                 greedy_prefix_match=_prefix(one["tokens"], two["tokens"]), tokens_compared=len(one["tokens"]),
-                **_all_reduce_summary(two))
+                **_all_reduce_summary(two), **ceiling(one, two, b1, model["layers"]))
+
+
+def ceiling(one: dict, two: dict, b1: str, layers: int) -> dict:
+    """What bounds the batch-1 TP=2 speedup, from this run's own numbers (CUDA runs: ranks report their bytes
+    per step and the copy bandwidth): each step's streaming time (weight + KV bytes / copy bandwidth) and the
+    rest (its fixed costs: launches, ramps, attention, all-reduces). `speedup_ceiling`: tp=1's step over a tp=2
+    step that streams its half and carries tp=1's fixed costs unchanged plus 2 x layers one-shot all-reduces at
+    their measured in-graph time; `..._free_allreduce`: the same with all-reduces that cost nothing."""
+    if "copy_gbps" not in one or "step_bytes" not in one or "step_bytes" not in two:
+        return {}
+    bw = one["copy_gbps"] * 1e9
+    t1, t2 = one[b1]["ms_per_step"] / 1e3, two[b1]["ms_per_step"] / 1e3
+    s1, s2 = one["step_bytes"] / bw, two["step_bytes"] / bw
+    micro = two.get("allreduce_micro", {})
+    ar_us = micro.get("fast_us") or micro.get("nccl_us")
+    out = dict(tp1_stream_ms=1e3 * s1, tp1_fixed_ms=1e3 * (t1 - s1), tp2_stream_ms=1e3 * s2,
+               tp2_fixed_ms=1e3 * (t2 - s2), allreduces_per_step=2 * layers,
+               speedup_ceiling_free_allreduce=t1 / (s2 + t1 - s1))
+    if ar_us:
+        out |= dict(allreduce_us=ar_us, speedup_ceiling=t1 / (s2 + t1 - s1 + 2 * layers * ar_us / 1e6))
+    return {"ceiling": out}
 
 
 def _spawn_tp(bench, tp: int, p: dict, res: dict) -> dict:
@@ -84,12 +110,12 @@ _BASELINES_BATCH1 = (
 """Batch-1 paths timed after the main one in the same ranks: (result key, FastDecoder options)."""
 
 
-def _baselines(batch: int, exchange) -> tuple[tuple[str, dict], ...]:
+def _baselines(batch: int, exchange, moe: bool = False) -> tuple[tuple[str, dict], ...]:
     """The paths timed after the main one at `batch`: at batch 1 the TP exchange first when it is on
     (ENGINESMITH_TP_EXCHANGE=1: all-reduces and gather inside the GEMVs), then _BASELINES_BATCH1; at larger
-    batches the opt-in rows kernels."""
+    batches the opt-in rows kernels (dense), or the experts on torch's grouped GEMM (MoE)."""
     if batch > 1:
-        return ((f"{batch}_rows", dict(rows=True)),)
+        return ((f"{batch}_grouped_mm", dict(moe_rows=False)),) if moe else ((f"{batch}_rows", dict(rows=True)),)
     return ((("1_exchange", dict(exchange=exchange)),) if exchange is not None else ()) + _BASELINES_BATCH1
 
 
@@ -132,6 +158,14 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     model = random_rank_model(cfg, rank, device=device, seed=0)
     reduce, gather = (groups.all_reduce_tp, groups.gather_tp_last_dim) if groups else (None, None)
     out: dict = {"all_reduce": dict(enabled=False, reason="tp=1: no all-reduce")}
+    if p["cuda"]:  # what one batch-1 step streams on this rank (weights, KV at the mean context), and how fast
+        from benchmarks.runtime_hw import copy_bandwidth
+        from runtime.kv_cache import PagedKVCache
+        from runtime.random_model import weight_bytes_per_token
+
+        kv = PagedKVCache.bytes_per_token(model.num_local_layers, model.num_kv_heads, model.head_size, model.dtype)
+        out["step_bytes"] = weight_bytes_per_token(model) + int(kv * (p["prompt_len"] + p["steps"] / 2))
+        out["copy_gbps"] = copy_bandwidth(device, 1 << 30)["copy_gbps"]
     if groups is not None:  # issue 6: decode-sized TP all-reduces take the one-shot P2P kernel if it checks out
         max_bytes = max(p["batches"]) * cfg.hidden_size * torch.empty((), dtype=model.dtype).element_size()
         out["all_reduce"] = groups.enable_fast_all_reduce(max_bytes, model.dtype, device)
@@ -157,7 +191,7 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         if bs == 1:
             out["tokens"] = [t[0] for t in tokens]
         if p["cuda"] and p["options"].get("gemv") is None:  # same run: the other paths at this batch
-            for name, kw in _baselines(bs, exchange):
+            for name, kw in _baselines(bs, exchange, cfg.is_moe):
                 toks, row = _timed(dec_args | kw, first, p, device)
                 out[name] = {k: v for k, v in row.items() if k != "status"} | dict(same_tokens=toks == tokens)
                 if name == "1_exchange":

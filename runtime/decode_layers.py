@@ -55,11 +55,13 @@ def final_logits(h: torch.Tensor, m: torch.Tensor, ln_f: torch.Tensor, lm_head: 
 
 
 def moe_mlp(x: torch.Tensor, router: torch.Tensor, fc: torch.Tensor, proj: torch.Tensor, top_k: int,
-            renormalize: bool, first_expert: int, grouped: bool = True) -> torch.Tensor:
+            renormalize: bool, first_expert: int, grouped: bool = True, rows_kernels=None) -> torch.Tensor:
     """Mixtral MoE on the normed input x (T, H) for this rank's experts [first_expert, + len(fc)).
 
     fc: (E_local, 2I, H) up then gate; proj: (E_local, H, I). Each (token, choice) pair is sorted by
     expert and run through one grouped GEMM per projection; pairs routed to other ranks weigh 0.
+    rows_kernels: runtime.triton_moe_rows, which runs both projections (SwiGLU fused) when the step has at
+    most its MAX_ROWS pairs (decode steps).
     """
     t, e_local = x.shape[0], fc.shape[0]
     probs = F.softmax(F.linear(x.float(), router), dim=-1)
@@ -75,9 +77,12 @@ def moe_mlp(x: torch.Tensor, router: torch.Tensor, fc: torch.Tensor, proj: torch
         0, local, torch.ones_like(local, dtype=torch.int32))
     offs = counts.cumsum(0).to(torch.int32)
     xs = x[order // top_k]
-    inter = fc.shape[1] // 2
-    up, gate = grouped_linear(xs, fc, offs, grouped).split(inter, dim=-1)
-    y_sorted = grouped_linear(swiglu(gate, up), proj, offs, grouped)
+    if rows_kernels is not None and xs.shape[0] <= rows_kernels.MAX_ROWS:
+        y_sorted = rows_kernels.grouped(rows_kernels.grouped_swiglu(xs, fc, offs, t), proj, offs, t)
+    else:
+        inter = fc.shape[1] // 2
+        up, gate = grouped_linear(xs, fc, offs, grouped).split(inter, dim=-1)
+        y_sorted = grouped_linear(swiglu(gate, up), proj, offs, grouped)
     y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
     return (y.view(t, top_k, -1) * weight.view(t, top_k, 1).to(x.dtype)).sum(1)
 

@@ -8,6 +8,7 @@ function serves every layer, since weights are arguments).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -32,13 +33,15 @@ class DecodeStep:
     def __init__(self, model: RankModel, cache: PagedKVCache, attention: DecodeAttention, compile: bool,
                  reduce: Collective | None = None, gather: Collective | None = None,
                  rope_kernel: bool | None = None, gemv: bool | None = None, exchange=None, pdl: bool = False,
-                 rows: bool | None = None):
+                 rows: bool | None = None, moe_rows: bool | None = None):
         """rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA if its self-check passes).
         gemv: batch-1 steps through fused GEMV kernels (runtime/decode_gemv_step.py; None: on CUDA unless
         ENGINESMITH_GEMV=0, if its self-check passes; True: also off CUDA, e.g. Triton's interpreter);
         exchange and pdl go to that step (GemvDecode.try_build); rows: steps of 2..64 rows through that step's
         small-batch kernels too (dense models; None: only with ENGINESMITH_GEMM_ROWS=1: at 32 rows on an H200
-        they were 3-4% slower than the cuBLAS regions, runtime-h200-x2-tp-rows.json)."""
+        they were 3-4% slower than the cuBLAS regions, runtime-h200-x2-tp-rows.json). moe_rows: the experts of
+        multi-token steps through runtime/triton_moe_rows.py's grouped kernels (None: on CUDA unless
+        ENGINESMITH_MOE_ROWS=0; True: also off CUDA), if they match the model's MoE block on layer 0."""
         self.model, self.attention = model, attention
         self.reduce = reduce or (lambda x: x)
         self.gather = gather or (lambda x: x)
@@ -51,6 +54,11 @@ class DecodeStep:
         self.moe_grouped, self.moe_note = _check_grouped_moe(model) if model.cfg.is_moe else (False, "dense model")
         self.gemv, self.gemv_note = None, "off"
         on_cuda = cache.k.device.type == "cuda"
+        self.moe_rows = None
+        if model.cfg.is_moe and (moe_rows or (moe_rows is None and on_cuda
+                                              and os.environ.get("ENGINESMITH_MOE_ROWS", "1") != "0")):
+            self.moe_rows, rows_note = _try_moe_rows(model, self.moe_grouped)
+            self.moe_note += f"; {rows_note}"
         if gemv or (gemv is None and on_cuda and os.environ.get("ENGINESMITH_GEMV", "1") != "0"):
             if rows is None:
                 rows = os.environ.get("ENGINESMITH_GEMM_ROWS", "0") == "1"
@@ -99,9 +107,34 @@ class DecodeStep:
             else:
                 h, x = r["post_attention_norm"](h, a, w.post_layernorm, eps)
                 res = decode_layers.moe_mlp(x, w.router, w.fc, w.proj, cfg.moe_top_k,
-                                            cfg.moe_normalization_mode == 1, m.experts.start, self.moe_grouped)
+                                            cfg.moe_normalization_mode == 1, m.experts.start, self.moe_grouped,
+                                            self.moe_rows)
             res = self.reduce(res)
         return self.gather(r["final_logits"](h, res, m.ln_f, m.lm_head, eps))
+
+
+def _try_moe_rows(model: RankModel, grouped: bool):
+    """(runtime.triton_moe_rows, note) if its kernels give RankModel.mlp_partial's MoE block on layer 0's experts
+    for 8 random tokens, else (None, why not)."""
+    w, cfg = model.layers[0], model.cfg
+    gen = torch.Generator(device=model.device).manual_seed(1)
+    h = torch.randn(8, cfg.hidden_size, device=model.device, generator=gen).to(model.dtype)
+    try:
+        kernels = importlib.import_module("runtime.triton_moe_rows")
+        with torch.inference_mode():
+            ref = model.mlp_partial(0, h).float()
+            x = rms_norm(h, w.post_layernorm, cfg.norm_epsilon)
+            out = decode_layers.moe_mlp(x, w.router, w.fc, w.proj, cfg.moe_top_k, cfg.moe_normalization_mode == 1,
+                                        model.experts.start, grouped, kernels).float()
+    except Exception as e:  # no triton, or a compile error: the grouped GEMM still serves
+        log.warning("MoE grouped rows kernels unusable: %s", e)
+        return None, f"multi-token experts on the grouped GEMM (rows kernels failed: {type(e).__name__}: " \
+                     f"{str(e)[:200]})"
+    err = float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+    tol = 1e-4 if model.dtype == torch.float32 else 2e-2
+    if not err < tol:
+        return None, f"multi-token experts on the grouped GEMM (rows kernels off by {err:.3g})"
+    return kernels, f"multi-token experts through the Triton grouped rows kernels, relative error {err:.1e}"
 
 
 def _check_grouped_moe(model: RankModel) -> tuple[bool, str]:

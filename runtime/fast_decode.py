@@ -51,7 +51,7 @@ class FastDecoder:
                  cuda_graphs: bool | None = None, compile: bool | None = None, attention: str = "auto",
                  reduce: Collective | None = None, gather: Collective | None = None,
                  rope_kernel: bool | None = None, gemv: bool | None = None, exchange=None, pdl: bool | None = None,
-                 rows: bool | None = None):
+                 rows: bool | None = None, moe_rows: bool | None = None):
         """cuda_graphs / compile default to on for CUDA caches; attention: auto | triton | gather.
         `reduce` / `gather` are the TP all-reduce and vocab all-gather (ParallelGroups' methods) for tp > 1.
         rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA, if its self-check passes).
@@ -60,7 +60,8 @@ class FastDecoder:
         fused into its GEMV kernels when it is enabled. pdl: launch the step's Triton kernels with programmatic
         dependent launch (runtime/pdl.py; None: where runtime.pdl.enabled says so). rows: batches of 2..64
         through the fused step's small-batch kernels (runtime/triton_rows.py; None: only with
-        ENGINESMITH_GEMM_ROWS=1, opt-in: slower than the cuBLAS regions at 32 rows on an H200)."""
+        ENGINESMITH_GEMM_ROWS=1, opt-in: slower than the cuBLAS regions at 32 rows on an H200). moe_rows: MoE
+        experts of multi-token steps through runtime/triton_moe_rows.py (None: on CUDA, if its check passes)."""
         if not (model.is_first_stage and model.is_last_stage):
             raise ValueError("FastDecoder runs single-stage ranks only (pp_size=1)")
         self.model, self.cache = model, cache
@@ -76,7 +77,7 @@ class FastDecoder:
         self.attention = DecodeAttention(attention, model.num_heads, cache.k[0], max_batch_size, self.pdl)
         self.block_buckets = buckets(self.max_blocks) if self.attention.needs_context_buckets else [self.max_blocks]
         self.step = DecodeStep(model, cache, self.attention, on_cuda if compile is None else compile, reduce, gather,
-                               rope_kernel, gemv, exchange, self.pdl, rows)
+                               rope_kernel, gemv, exchange, self.pdl, rows, moe_rows)
         # Prefill chunks of mixed steps: the engine's prefill layers (graphed + compiled on CUDA), no TP at tp=1
         self.prefill, self.prefill_reduce = layer_runner(self.device), reduce
         n, w = max_batch_size, self.max_blocks

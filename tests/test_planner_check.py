@@ -64,3 +64,18 @@ def test_device_fed_rows_are_labelled_and_superseded_baselines_skipped(rows):
     assert any("TP exchange" in r["what"] for r in h100) and "H100" in h100[0]["source"]
     older = [r for r in rows if r["source"].startswith("runtime-h200-x2-tp-gemv.json")]
     assert not any("token fed on the GPU" in r["what"] for r in older)  # host-synced runs keep their labels
+
+
+def test_tp_rows_of_a_mixtral_run_are_planned_for_that_shape():
+    """A tp section run with --tp-shape mixtral-8x7b is compared with the plan of the 8-layer Mixtral (MoE weights
+    and top-2 expert reads), not with Llama-3-8B's."""
+    from benchmarks.planner_check import _tp_rows
+
+    data = {"model": {"shape": "mixtral-8x7b", "layers": 8},
+            "tp1": {"1": {"ms_per_step": 3.0, "status": {"gemv": "fused GEMV kernels, PDL on"}}},
+            "tp2": {"1": {"ms_per_step": 2.0, "status": {"gemv": "fused GEMV kernels, PDL on"}}}}
+    moe = _tp_rows("H200", data, "runtime-h200-x2-tp-moe.json (tp)")
+    llama = _tp_rows("H200", data | {"model": {"shape": "llama-3-8b", "layers": 32}}, "x.json (tp)")
+    assert [r["what"] for r in moe] == ["decode step, Mixtral-8x7B, 8 layers, tp=1, batch 1, fused GEMV + PDL",
+                                        "decode step, Mixtral-8x7B, 8 layers, tp=2, batch 1, fused GEMV + PDL"]
+    assert moe[0]["predicted"] != llama[0]["predicted"] and moe[0]["predicted"] > moe[1]["predicted"]

@@ -81,3 +81,21 @@ def test_tiny_tp_and_pp_sections_run_real_ranks(tmp_path):
     pp = r["pp"]
     assert set(pp["measured_bubble"]) == {"1", "2", "4", "8"} and len(pp["stage_s"]) == 2
     assert pp["plot"] is None or pp["plot"].endswith(".png")
+
+
+def test_tp_ceiling_splits_each_step_into_streaming_and_fixed_costs():
+    """tp=1 streams 4 GB in 1 ms of its 1.2 ms step (0.2 ms fixed); tp=2 streams half: with tp=1's fixed costs
+    and 2 x 10 all-reduces of 5 us the step would be 0.8 ms (1.5x), with free all-reduces 0.7 ms."""
+    from benchmarks.runtime_parallel import ceiling
+
+    one = {"step_bytes": 4_000_000_000, "copy_gbps": 4000.0, "1": {"ms_per_step": 1.2}}
+    two = {"step_bytes": 2_000_000_000, "1": {"ms_per_step": 0.9}, "allreduce_micro": {"fast_us": 5.0}}
+    c = ceiling(one, two, "1", layers=10)["ceiling"]
+    assert c["tp1_stream_ms"] == pytest.approx(1.0) and c["tp1_fixed_ms"] == pytest.approx(0.2)
+    assert c["tp2_stream_ms"] == pytest.approx(0.5) and c["tp2_fixed_ms"] == pytest.approx(0.4)
+    assert c["allreduces_per_step"] == 20 and c["allreduce_us"] == 5.0
+    assert c["speedup_ceiling"] == pytest.approx(1.5)
+    assert c["speedup_ceiling_free_allreduce"] == pytest.approx(1.2 / 0.7)
+    no_micro = ceiling(one, {k: v for k, v in two.items() if k != "allreduce_micro"}, "1", layers=10)["ceiling"]
+    assert "speedup_ceiling" not in no_micro and no_micro["speedup_ceiling_free_allreduce"] > 1
+    assert ceiling({"1": {"ms_per_step": 1.0}}, two, "1", layers=10) == {}  # CPU runs report no bandwidth
