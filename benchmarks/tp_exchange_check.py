@@ -17,7 +17,6 @@ import os
 import torch
 
 from benchmarks.runtime_parallel import _join, _need_gpus, _spawn
-from builders.manifest import atomic_write_text
 from runtime.random_model import LLAMA_3_8B, checkpoint_config, random_rank_model
 
 PROMPT, FORCED, TIMED = 64, 16, 64
@@ -85,7 +84,10 @@ def main() -> None:
           f"exchange {r['exchange_ms_per_step']:.3f}; poll rounds waited "
           f"{r['exchange_after'].get('poll_rounds_waited')}; {r.get('exchange_error', 'no poll gave up')}")
     if args.out:
-        atomic_write_text(args.out, json.dumps(r, indent=2) + "\n")
+        tmp = f"{args.out}.tmp"  # whole or not at all (builders.manifest's helper needs pydantic, absent on GPU hosts)
+        with open(tmp, "w") as f:
+            f.write(json.dumps(r, indent=2) + "\n")
+        os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":
