@@ -6,7 +6,7 @@ the down projection through runtime/triton_moe_rows.py over a grid of launch con
 torch._grouped_mm (plus PyTorch's SwiGLU) as runtime/decode_layers.moe_mlp ran them before. Each timing is a CUDA
 graph replay (median); TB/s counts the bytes of the experts the step touches. Writes moe-rows-<card>.json with a
 "best" table in the format ENGINESMITH_MOE_ROWS_CONFIGS reads.
-Usage: python -m benchmarks.moe_rows [--tokens 32] [--out DIR]
+Usage: python -m benchmarks.moe_rows [--tokens 32] [--configs sweep|tuned] [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.graph_timing import time_graph
 from runtime.layers import swiglu
-from runtime.triton_moe_rows import RowsConfig, grouped, grouped_swiglu, shape_key
+from runtime.triton_moe_rows import DEFAULT, TUNED, RowsConfig, grouped, grouped_swiglu, shape_key
 
 HID, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
 CONFIGS = [RowsConfig(bn, bk, w, s) for bn, bk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4, 8),
@@ -38,6 +38,8 @@ def _routed(tokens: int, device) -> tuple[torch.Tensor, list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--configs", choices=("sweep", "tuned"), default="sweep",
+                    help="the whole grid, or only the tuned table's configs and the default (a quick re-check)")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -46,6 +48,7 @@ def main() -> None:
     rows = a.tokens * TOP_K
     res: dict = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, tokens=a.tokens, top_k=TOP_K,
                      experts=EXPERTS, rows_per_expert=counts, shapes={}, best={})
+    configs = CONFIGS if a.configs == "sweep" else sorted(set(TUNED.values()) | {DEFAULT}, key=RowsConfig.key)
     for tp in (1, 2):
         inter = INTER // tp
         fc = torch.randn(EXPERTS, 2 * inter, HID, device=dev, dtype=dt) * 0.02
@@ -67,7 +70,7 @@ def main() -> None:
             fn = grouped_swiglu if swi else grouped
             row = dict(n=n, k=k, swiglu=swi, touched_mb=nbytes / 1e6, grouped_mm_us=1e3 * time_graph(torch_path),
                        configs={})
-            for cfg in CONFIGS:
+            for cfg in configs:
                 try:
                     out = fn(x, w, offs, a.tokens, cfg)
                     err = float((out.float() - ref.float()).norm() / ref.float().norm())
@@ -78,7 +81,7 @@ def main() -> None:
                 row["configs"][cfg.key()] = dict(us=us, tb_s=nbytes / us / 1e6, rel_err=err)
             ok = {key: v for key, v in row["configs"].items() if "us" in v and v["rel_err"] < 2e-2}
             best = min(ok, key=lambda key: ok[key]["us"])
-            cfg = next(c for c in CONFIGS if c.key() == best)
+            cfg = next(c for c in configs if c.key() == best)
             row |= dict(best=best, best_us=ok[best]["us"], best_tb_s=ok[best]["tb_s"],
                         grouped_mm_tb_s=nbytes / row["grouped_mm_us"] / 1e6,
                         speedup=row["grouped_mm_us"] / ok[best]["us"])

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from runtime.triton_gemv import _silu_mul, configs_from_env
-from runtime.triton_rows import RowsConfig
+from runtime.triton_rows import RowsConfig, k_loop
 
 MAX_ROWS = 512
 """Routed (token, choice) rows up to which moe_mlp takes these kernels (256 tokens at top-2)."""
@@ -46,30 +46,8 @@ def _grouped_rows_kernel(X, W, OFFS, OUT, N, K, stride_g, HALF, SWIGLU: tl.const
         rows = m0 + tl.arange(0, BLOCK_M)
         mask_m = rows < end
         xp = X + rows.to(tl.int64)[:, None] * K + offs_k[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if SWIGLU:
-            acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(xp + k0, mask=mask_m[:, None], other=0.0)
-                w = tl.load(wp + k0, mask=mask_n[None, :], other=0.0)
-            else:
-                kk = k0 + offs_k
-                x = tl.load(xp + k0, mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
-                w = tl.load(wp + k0, mask=mask_n[None, :] & (kk < K)[:, None], other=0.0)
-            if IEEE:
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
-            if SWIGLU:  # the gate rows, HALF below the up rows
-                if EVEN_K:
-                    w2 = tl.load(wp + HALF * K + k0, mask=mask_n[None, :], other=0.0)
-                else:
-                    w2 = tl.load(wp + HALF * K + k0, mask=mask_n[None, :] & (kk < K)[:, None], other=0.0)
-                if IEEE:
-                    acc2 = tl.dot(x, w2, acc2, input_precision="ieee")
-                else:
-                    acc2 = tl.dot(x, w2, acc2)
+        acc, acc2 = k_loop(xp, wp, K, HALF * K, mask_m, mask_n, offs_k, SWIGLU, EVEN_K, IEEE, BLOCK_M, BLOCK_N,
+                           BLOCK_K)  # acc2: the gate rows, HALF below the up rows
         y = acc.to(act_ty).to(tl.float32)
         if SWIGLU:
             y = _silu_mul(acc2.to(act_ty).to(tl.float32), y, act_ty)

@@ -52,22 +52,16 @@ def _rms_rows_kernel(X, NW, OUT, K, eps, PDL: tl.constexpr, BLOCK_K: tl.constexp
 
 
 @triton.jit
-def _rows_kernel(X, W, B, RES, OUT, M, N, K, HALF,
-                 SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, OUT_F32: tl.constexpr,
-                 EVEN_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    act_ty = X.dtype.element_ty
-    xp = X + offs_m[:, None] * K + offs_k[None, :]
-    wp = W + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N): W^T tiles
+def k_loop(xp, wp, K, second, mask_m, mask_n, offs_k, TWO: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x tiles (xp: (BLOCK_M, BLOCK_K) pointers at k = 0) times W^T tiles (wp: (BLOCK_K, BLOCK_N)) over K on tensor
+    cores -> float32 (acc, acc2): acc2 from the rows `second` elements past wp's (TWO; else 0.0). IEEE: float32
+    products (the CPU / test dtype). Shared with runtime/triton_moe_rows.py; on an H200 neither kernel changed
+    speed when it moved here (moe-rows-h200-helper.json, runtime-h200-x2-tp-helper.json's 32_rows rows)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if SWIGLU:
+    acc2 = 0.0
+    if TWO:
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    wait_then_release(PDL)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(xp + k0, mask=mask_m[:, None], other=0.0)
@@ -80,15 +74,33 @@ def _rows_kernel(X, W, B, RES, OUT, M, N, K, HALF,
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
-        if SWIGLU:
+        if TWO:
             if EVEN_K:
-                w2 = tl.load(wp + HALF * K + k0, mask=mask_n[None, :], other=0.0)
+                w2 = tl.load(wp + second + k0, mask=mask_n[None, :], other=0.0)
             else:
-                w2 = tl.load(wp + HALF * K + k0, mask=mask_n[None, :] & (kk < K)[:, None], other=0.0)
+                w2 = tl.load(wp + second + k0, mask=mask_n[None, :] & (kk < K)[:, None], other=0.0)
             if IEEE:
                 acc2 = tl.dot(x, w2, acc2, input_precision="ieee")
             else:
                 acc2 = tl.dot(x, w2, acc2)
+    return acc, acc2
+
+
+@triton.jit
+def _rows_kernel(X, W, B, RES, OUT, M, N, K, HALF,
+                 SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, OUT_F32: tl.constexpr,
+                 EVEN_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    act_ty = X.dtype.element_ty
+    xp = X + offs_m[:, None] * K + offs_k[None, :]
+    wp = W + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N): W^T tiles
+    wait_then_release(PDL)
+    acc, acc2 = k_loop(xp, wp, K, HALF * K, mask_m, mask_n, offs_k, SWIGLU, EVEN_K, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     y = acc
     if BIAS:
         y += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
