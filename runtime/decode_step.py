@@ -113,24 +113,29 @@ class DecodeStep:
         return self.gather(r["final_logits"](h, res, m.ln_f, m.lm_head, eps))
 
 
-def _try_moe_rows(model: RankModel, grouped: bool):
-    """(runtime.triton_moe_rows, note) if its kernels give RankModel.mlp_partial's MoE block on layer 0's experts
-    for 8 random tokens, else (None, why not)."""
+def _moe_block_err(model: RankModel, seed: int, grouped: bool = True, rows_kernels=None) -> float:
+    """Relative error of decode_layers.moe_mlp (with these kernels) against RankModel.mlp_partial's MoE block on
+    layer 0's experts, for 8 random tokens."""
     w, cfg = model.layers[0], model.cfg
-    gen = torch.Generator(device=model.device).manual_seed(1)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
     h = torch.randn(8, cfg.hidden_size, device=model.device, generator=gen).to(model.dtype)
+    with torch.inference_mode():
+        ref = model.mlp_partial(0, h).float()
+        x = rms_norm(h, w.post_layernorm, cfg.norm_epsilon)
+        out = decode_layers.moe_mlp(x, w.router, w.fc, w.proj, cfg.moe_top_k, cfg.moe_normalization_mode == 1,
+                                    model.experts.start, grouped, rows_kernels).float()
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def _try_moe_rows(model: RankModel, grouped: bool):
+    """(runtime.triton_moe_rows, note) if its kernels pass `_moe_block_err`, else (None, why not)."""
     try:
         kernels = importlib.import_module("runtime.triton_moe_rows")
-        with torch.inference_mode():
-            ref = model.mlp_partial(0, h).float()
-            x = rms_norm(h, w.post_layernorm, cfg.norm_epsilon)
-            out = decode_layers.moe_mlp(x, w.router, w.fc, w.proj, cfg.moe_top_k, cfg.moe_normalization_mode == 1,
-                                        model.experts.start, grouped, kernels).float()
+        err = _moe_block_err(model, 1, grouped, kernels)
     except Exception as e:  # no triton, or a compile error: the grouped GEMM still serves
         log.warning("MoE grouped rows kernels unusable: %s", e)
         return None, f"multi-token experts on the grouped GEMM (rows kernels failed: {type(e).__name__}: " \
                      f"{str(e)[:200]})"
-    err = float((out - ref).norm() / ref.norm().clamp(min=1e-30))
     tol = 1e-4 if model.dtype == torch.float32 else 2e-2
     if not err < tol:
         return None, f"multi-token experts on the grouped GEMM (rows kernels off by {err:.3g})"
@@ -139,19 +144,11 @@ def _try_moe_rows(model: RankModel, grouped: bool):
 
 def _check_grouped_moe(model: RankModel) -> tuple[bool, str]:
     """Use the grouped GEMM only if it runs here and matches RankModel.mlp_partial on random tokens."""
-    w, cfg = model.layers[0], model.cfg
-    gen = torch.Generator(device=model.device).manual_seed(0)
-    h = torch.randn(8, cfg.hidden_size, device=model.device, generator=gen).to(model.dtype)
     try:
-        with torch.inference_mode():
-            ref = model.mlp_partial(0, h).float()
-            x = rms_norm(h, w.post_layernorm, cfg.norm_epsilon)
-            out = decode_layers.moe_mlp(x, w.router, w.fc, w.proj, cfg.moe_top_k, cfg.moe_normalization_mode == 1,
-                                        model.experts.start).float()
+        err = _moe_block_err(model, 0)
     except Exception as e:  # e.g. no grouped GEMM kernel for this dtype or card: the masked fallback still works
         log.warning("grouped-GEMM MoE unusable, using the masked fallback: %s", e)
         return False, f"grouped GEMM failed ({type(e).__name__}: {str(e)[:200]}); masked fallback"
-    err = float((out - ref).norm() / ref.norm().clamp(min=1e-30))
     if not err < 2e-2:
         return False, f"grouped GEMM off by {err:.3g} against RankModel._moe; masked fallback"
     return True, f"grouped GEMM, relative error {err:.1e}"
