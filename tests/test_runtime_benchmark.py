@@ -99,3 +99,23 @@ def test_tp_ceiling_splits_each_step_into_streaming_and_fixed_costs():
     no_micro = ceiling(one, {k: v for k, v in two.items() if k != "allreduce_micro"}, "1", layers=10)["ceiling"]
     assert "speedup_ceiling" not in no_micro and no_micro["speedup_ceiling_free_allreduce"] > 1
     assert ceiling({"1": {"ms_per_step": 1.0}}, two, "1", layers=10) == {}  # CPU runs report no bandwidth
+
+
+def test_tp_ceiling_report_splits_out_the_allreduces_and_marks_the_target(tmp_path):
+    """benchmarks.tp_ceiling over a results folder: only runs with a ceiling count; tp=2's fixed part loses the
+    all-reduces' share; the target step is tp=1's over 1.7."""
+    from benchmarks import tp_ceiling
+
+    c = dict(tp1_stream_ms=1.0, tp1_fixed_ms=0.2, tp2_stream_ms=0.5, tp2_fixed_ms=0.4, allreduces_per_step=20,
+             allreduce_us=5.0, speedup_ceiling=1.5, speedup_ceiling_free_allreduce=1.2 / 0.7)
+    run = {"tp": {"ceiling": c, "speedup_batch1_latency": 1.33, "model": {"shape": "llama-3-8b", "layers": 10}}}
+    (tmp_path / "runtime-x-tp-a.json").write_text(json.dumps(run))
+    (tmp_path / "runtime-x-decode.json").write_text(json.dumps({"decode": {}}))  # no tp section: left out
+    rows = tp_ceiling.rows(tmp_path)
+    assert [r["file"] for r in rows] == ["runtime-x-tp-a.json"]
+    r = rows[0]
+    assert r["tp2"]["allreduce_ms"] == pytest.approx(0.1) and r["tp2"]["fixed_ms"] == pytest.approx(0.3)
+    assert r["tp2_step_for_target_ms"] == pytest.approx(1.2 / 1.7) and r["model"] == "llama-3-8b, 10 layers"
+    assert "1.33x" in tp_ceiling.table(rows) and "1.50x" in tp_ceiling.table(rows)
+    png = tp_ceiling.plot(rows, tmp_path / "c.png")
+    assert png is None or png.stat().st_size > 1000
