@@ -41,10 +41,11 @@ BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions", "no_pdl": "fus
                    "grouped_mm": "experts on torch's grouped GEMM"}
 """Names of the runtime's baseline paths (decode.baselines.<key>, tp.<tpN>.<batch>_<key>) as the table shows them
 ("previous" / "no_exchange": the keys of the runs made while the TP exchange was the default)."""
-SUPERSEDED = ("-exchange-v1.json", "-exchange-v2.json", "-exchange-v3.json", "-tp-mixtral.json")
+SUPERSEDED = ("-exchange-v1.json", "-exchange-v2.json", "-exchange-v3.json", "runtime-h200-x2-tp-mixtral.json")
 """Runs the table skips: the TP exchange's earlier versions (their default-path rows repeat the last run's;
 README quotes all four runs) and the first Mixtral tp run, whose batch-32 steps (experts on torch's grouped GEMM,
-36-41% over the plan) were corrected by runtime/triton_moe_rows.py: -tp-mixtral-rows.json times both paths."""
+36-41% over the plan) were corrected by runtime/triton_moe_rows.py: runtime-h200-x2-tp-mixtral-rows.json times both
+paths."""
 SUPERSEDED_BASELINES = {"runtime-h200-x2-tp-device-fed.json": ("1_exchange",),
                         "runtime-h200-x2-tp70b-device-fed.json": ("1_exchange",)}
 """Baseline rows timed with a version of their path since replaced (the TP exchange v5's first form, polling
