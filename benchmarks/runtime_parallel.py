@@ -54,6 +54,8 @@ def tp_section(bench) -> dict:
         regions["tp2_batch1_exchange_gain"] = two["1_exchange"]["tok_s"] / two[b1]["tok_s"]
         regions["speedup_batch1_latency_exchange"] = two["1_exchange"]["tok_s"] / one[b1]["tok_s"]
     regions["speedup_batch1_latency_host_sync"] = two[b1]["tok_s_host_sync"] / one[b1]["tok_s_host_sync"]
+    if "1_no_allreduce" in two:  # timing only: tp=2 without its all-reduces
+        regions["speedup_batch1_latency_no_allreduce"] = two["1_no_allreduce"]["tok_s"] / one[b1]["tok_s"]
     model = dict(shape="tiny" if tiny else bench.args.tp_shape,
                  layers=p["layers"] or p["shape"]["num_hidden_layers"])
     return dict(res, **regions, model=model, speedup_batch1_latency=two[b1]["tok_s"] / one[b1]["tok_s"],
@@ -108,6 +110,12 @@ _BASELINES_BATCH1 = (
     ("1_cublas_regions", dict(gemv=False)),
 )
 """Batch-1 paths timed after the main one in the same ranks: (result key, FastDecoder options)."""
+
+
+def _no_allreduce(x: torch.Tensor) -> torch.Tensor:
+    """The "1_no_allreduce" row's stand-in for the TP all-reduce: nothing. Timing only (each rank decodes with
+    its own partial sums, wrong tokens): what the tp=2 step costs when its all-reduces cost nothing."""
+    return x
 
 
 def _baselines(batch: int, exchange, moe: bool = False) -> tuple[tuple[str, dict], ...]:
@@ -191,7 +199,8 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         if bs == 1:
             out["tokens"] = [t[0] for t in tokens]
         if p["cuda"] and p["options"].get("gemv") is None:  # same run: the other paths at this batch
-            for name, kw in _baselines(bs, exchange, cfg.is_moe):
+            skip = (("1_no_allreduce", dict(reduce=_no_allreduce)),) if bs == 1 and world > 1 else ()
+            for name, kw in _baselines(bs, exchange, cfg.is_moe) + skip:
                 toks, row = _timed(dec_args | kw, first, p, device)
                 out[name] = {k: v for k, v in row.items() if k != "status"} | dict(same_tokens=toks == tokens)
                 if name == "1_exchange":

@@ -4,7 +4,8 @@ costs and all-reduces.
 Reads every benchmarks/results/runtime-*.json whose tp section carries `ceiling` (benchmarks/runtime_parallel.py:
 step bytes over the run's copy bandwidth = streaming; the rest of the measured step = fixed costs; at tp=2 the
 2 x layers one-shot all-reduces at their in-graph time are split out of the fixed part), prints a table and
-writes tp-ceiling.json and tp-ceiling.png (stacked bars per run and tp, the 1.7x target's tp=2 step marked).
+writes tp-ceiling.json and tp-ceiling.png (stacked bars per run and tp, the 1.7x target's tp=2 step marked, and
+where the run timed it, the tp=2 step with its all-reduces skipped: "1_no_allreduce", timing only).
 Usage: python -m benchmarks.tp_ceiling [--results DIR]
 """
 
@@ -33,19 +34,23 @@ def rows(results: Path) -> list[dict]:
             tp2=dict(stream_ms=c["tp2_stream_ms"], fixed_ms=c["tp2_fixed_ms"] - ar_ms, allreduce_ms=ar_ms),
             measured_speedup=tp["speedup_batch1_latency"], ceiling=c["speedup_ceiling"],
             ceiling_free_allreduce=c["speedup_ceiling_free_allreduce"],
-            tp2_step_for_target_ms=(c["tp1_stream_ms"] + c["tp1_fixed_ms"]) / TARGET))
+            tp2_step_for_target_ms=(c["tp1_stream_ms"] + c["tp1_fixed_ms"]) / TARGET,
+            # measured where the run has it: tp=2 with its all-reduces skipped (timing only, wrong tokens)
+            tp2_no_allreduce_ms=(tp.get("tp2", {}).get("1_no_allreduce") or {}).get("ms_per_step"),
+            speedup_no_allreduce=tp.get("speedup_batch1_latency_no_allreduce")))
     return out
 
 
 def table(rs: list[dict]) -> str:
     head = (f"{'run':44s} {'model':22s} {'tp1 stream/fixed':>17s} {'tp2 stream/fixed/AR':>21s} "
-            f"{'measured':>8s} {'ceiling':>8s} {'free AR':>8s}")
+            f"{'measured':>8s} {'ceiling':>8s} {'free AR':>8s} {'AR skipped':>10s}")
     lines = [head]
     for r in rs:
         a, b = r["tp1"], r["tp2"]
         lines.append(f"{r['file']:44s} {r['model']:22s} {a['stream_ms']:8.2f}/{a['fixed_ms']:<8.2f} "
                      f"{b['stream_ms']:7.2f}/{b['fixed_ms']:.2f}/{b['allreduce_ms']:<5.2f} "
-                     f"{r['measured_speedup']:7.2f}x {r['ceiling']:7.2f}x {r['ceiling_free_allreduce']:7.2f}x")
+                     f"{r['measured_speedup']:7.2f}x {r['ceiling']:7.2f}x {r['ceiling_free_allreduce']:7.2f}x "
+                     + (f"{r['speedup_no_allreduce']:9.2f}x" if r["speedup_no_allreduce"] else f"{'-':>10s}"))
     return "\n".join(lines)
 
 
@@ -71,6 +76,10 @@ def plot(rs: list[dict], path: Path) -> Path | None:
                 bottom += r[side][part]
             top = max(top, bottom)
             ticks.append((x, side.replace("tp", "tp=")))
+            if side == "tp2" and r["tp2_no_allreduce_ms"]:
+                name = "tp=2 with all-reduces skipped (measured)"
+                ax.plot([x], [r["tp2_no_allreduce_ms"]], "kx", markersize=8, label=None if name in seen else name)
+                seen.add(name)
             if side == "tp2":
                 name = f"tp=2 step for {TARGET}x"
                 ax.hlines(r["tp2_step_for_target_ms"], x - 0.45, x + 0.45, colors="k", linestyles="--",
@@ -84,7 +93,7 @@ def plot(rs: list[dict], path: Path) -> Path | None:
         ax.text(gx, -0.12, text, transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=6)
     ax.set_ylim(0, top * 1.12)
     ax.set(ylabel="ms per decode step (batch 1)", title="TP=2 at batch 1: streaming, fixed costs, all-reduces")
-    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

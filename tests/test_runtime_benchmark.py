@@ -117,5 +117,10 @@ def test_tp_ceiling_report_splits_out_the_allreduces_and_marks_the_target(tmp_pa
     assert r["tp2"]["allreduce_ms"] == pytest.approx(0.1) and r["tp2"]["fixed_ms"] == pytest.approx(0.3)
     assert r["tp2_step_for_target_ms"] == pytest.approx(1.2 / 1.7) and r["model"] == "llama-3-8b, 10 layers"
     assert "1.33x" in tp_ceiling.table(rows) and "1.50x" in tp_ceiling.table(rows)
+    assert r["tp2_no_allreduce_ms"] is None  # this run did not time the step without all-reduces
+    run["tp"] |= {"tp2": {"1_no_allreduce": {"ms_per_step": 0.7}}, "speedup_batch1_latency_no_allreduce": 1.71}
+    (tmp_path / "runtime-x-tp-a.json").write_text(json.dumps(run))
+    rows = tp_ceiling.rows(tmp_path)
+    assert rows[0]["tp2_no_allreduce_ms"] == 0.7 and "1.71x" in tp_ceiling.table(rows)
     png = tp_ceiling.plot(rows, tmp_path / "c.png")
     assert png is None or png.stat().st_size > 1000
