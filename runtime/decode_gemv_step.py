@@ -27,7 +27,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from runtime.gemv_ref import gemv_ref, rel_err
+from runtime.gemv_ref import check_tol, gemv_ref, rel_err
 from runtime.model import RankModel
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class GemvDecode:
         except Exception as e:  # a compile error must not take the engine down: the cuBLAS path still works
             log.warning("fused GEMV kernels unusable: %s", e)
             return None, f"fused GEMV kernels failed ({type(e).__name__}: {str(e)[:300]})"
-        tol = 1e-4 if model.dtype == torch.float32 else 2e-2
+        tol = check_tol(model.dtype)
         if not err < tol:
             return None, f"fused GEMV self-check relative error {err:.3g} over {tol:g}"
         qkv_rope, rope_note = _try_qkv_rope(model, triton_gemv, tol)

@@ -20,6 +20,7 @@ from runtime import decode_layers
 from runtime.decode_attention import DecodeAttention, DecodeBatch
 from runtime.decode_gemv_step import GemvDecode
 from runtime.decode_rope_write import RopeWriter
+from runtime.gemv_ref import check_tol, rel_err
 from runtime.kv_cache import PagedKVCache
 from runtime.layers import rms_norm
 from runtime.model import RankModel
@@ -55,11 +56,10 @@ class DecodeStep:
         self.gemv, self.gemv_note = None, "off"
         on_cuda = cache.k.device.type == "cuda"
         self.moe_rows = None
-        if model.cfg.is_moe and (moe_rows or (moe_rows is None and on_cuda
-                                              and os.environ.get("ENGINESMITH_MOE_ROWS", "1") != "0")):
+        if model.cfg.is_moe and _wanted(moe_rows, on_cuda, "ENGINESMITH_MOE_ROWS"):
             self.moe_rows, rows_note = _try_moe_rows(model, self.moe_grouped)
             self.moe_note += f"; {rows_note}"
-        if gemv or (gemv is None and on_cuda and os.environ.get("ENGINESMITH_GEMV", "1") != "0"):
+        if _wanted(gemv, on_cuda, "ENGINESMITH_GEMV"):
             if rows is None:
                 rows = os.environ.get("ENGINESMITH_GEMM_ROWS", "0") == "1"
             self.gemv, self.gemv_note = GemvDecode.try_build(model, self.rope_write, attention, self.reduce,
@@ -113,6 +113,11 @@ class DecodeStep:
         return self.gather(r["final_logits"](h, res, m.ln_f, m.lm_head, eps))
 
 
+def _wanted(asked: bool | None, on_cuda: bool, env: str) -> bool:
+    """An optional kernel path's switch: as asked, or (None) on CUDA unless the environment variable says "0"."""
+    return bool(asked) or (asked is None and on_cuda and os.environ.get(env, "1") != "0")
+
+
 def _moe_block_err(model: RankModel, seed: int, grouped: bool = True, rows_kernels=None) -> float:
     """Relative error of decode_layers.moe_mlp (with these kernels) against RankModel.mlp_partial's MoE block on
     layer 0's experts, for 8 random tokens."""
@@ -120,11 +125,11 @@ def _moe_block_err(model: RankModel, seed: int, grouped: bool = True, rows_kerne
     gen = torch.Generator(device=model.device).manual_seed(seed)
     h = torch.randn(8, cfg.hidden_size, device=model.device, generator=gen).to(model.dtype)
     with torch.inference_mode():
-        ref = model.mlp_partial(0, h).float()
+        ref = model.mlp_partial(0, h)
         x = rms_norm(h, w.post_layernorm, cfg.norm_epsilon)
         out = decode_layers.moe_mlp(x, w.router, w.fc, w.proj, cfg.moe_top_k, cfg.moe_normalization_mode == 1,
-                                    model.experts.start, grouped, rows_kernels).float()
-    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+                                    model.experts.start, grouped, rows_kernels)
+    return rel_err(out, ref)
 
 
 def _try_moe_rows(model: RankModel, grouped: bool):
@@ -136,7 +141,7 @@ def _try_moe_rows(model: RankModel, grouped: bool):
         log.warning("MoE grouped rows kernels unusable: %s", e)
         return None, f"multi-token experts on the grouped GEMM (rows kernels failed: {type(e).__name__}: " \
                      f"{str(e)[:200]})"
-    tol = 1e-4 if model.dtype == torch.float32 else 2e-2
+    tol = check_tol(model.dtype)
     if not err < tol:
         return None, f"multi-token experts on the grouped GEMM (rows kernels off by {err:.3g})"
     return kernels, f"multi-token experts through the Triton grouped rows kernels, relative error {err:.1e}"
