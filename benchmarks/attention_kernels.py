@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.graph_timing import time_graph
+from benchmarks.runtime_hw import card_slug
 from runtime.triton_decode_attention import TritonDecodeAttention
 
 NQ, NKV, D, TPB, LAYERS = 32, 8, 128, 32, 8
@@ -76,7 +77,7 @@ def main() -> None:
         r = rows[-1]
         print(f"[{time.perf_counter() - t0:5.1f}s] batch {batch} ctx {ctx}: " + ", ".join(
             f"{m}: {v['us']:.1f} us" for m, v in r["min_chunk"].items()), flush=True)
-    slug = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "-").lower()
+    slug = card_slug(card)
     out = Path(args.out)
     out = out / f"attention-kernels-{slug}.json" if out.is_dir() or not out.suffix else out
     out.parent.mkdir(parents=True, exist_ok=True)

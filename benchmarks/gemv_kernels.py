@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.graph_timing import time_graph
+from benchmarks.runtime_hw import card_slug
 from runtime import triton_rows
-from runtime.gemv_ref import gemv_ref
+from runtime.gemv_ref import gemv_ref, rel_err
 from runtime.triton_gemv import GemvConfig, gemv, shape_key
 
 HID, INTER, VOCAB, NQ, NKV, D = 4096, 14336, 128256, 32, 8, 128
@@ -90,7 +91,7 @@ def bench_shape(spec: dict, cfgs: list, gen: torch.Generator, m: int = 1) -> dic
     for cfg in cfgs:
         try:
             out.fill_(float("nan"))
-            err = float((kernel(x, ws[0], config=cfg, out=out, **kw).float() - ref).norm() / ref.norm())
+            err = rel_err(kernel(x, ws[0], config=cfg, out=out, **kw), ref)
             if not err < 2e-2:
                 res["configs"][cfg.key()] = dict(error=f"relative error {err:.3g}")
                 continue
@@ -135,7 +136,7 @@ def main() -> None:
                   f"({r.get('best_gbps', float('nan')):.0f} GB/s)", flush=True)
     result = dict(card=card, torch=torch.__version__, triton=__import__("triton").__version__, copies=COPIES,
                   shapes=rows, best={r["key"]: r["configs"][r["best"]]["config"] for r in rows if "best" in r})
-    slug = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "-").lower()
+    slug = card_slug(card)
     out = Path(args.out)
     stem = "gemv-kernels" if ms == [1] else "gemm-rows"
     out = out / f"{stem}-{slug}.json" if out.is_dir() or not out.suffix else out

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.graph_timing import time_graph
+from benchmarks.runtime_hw import card_slug
 from runtime.triton_gemv import gemv
 
 HID, INTER, NQ, NKV, D = 4096, 14336, 32, 8, 128
@@ -166,7 +167,7 @@ def main() -> None:
         for key, v in r["overlapped"].items():
             line = f"{v['us']:.1f} us, saved {v['saved_us']:.1f}" if "us" in v else v["error"][:150]
             print(f"    {key:<20} {line}")
-    slug = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "-").lower()
+    slug = card_slug(card)
     out = Path(a.out)
     out = out / f"l2-prefetch-{slug}.json" if out.is_dir() or not out.suffix else out
     out.parent.mkdir(parents=True, exist_ok=True)

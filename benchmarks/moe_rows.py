@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.graph_timing import time_graph
+from benchmarks.runtime_hw import card_slug
+from runtime.gemv_ref import check_tol, rel_err
 from runtime.layers import swiglu
 from runtime.triton_moe_rows import DEFAULT, TUNED, RowsConfig, grouped, grouped_swiglu, shape_key
 
@@ -73,13 +75,13 @@ def main() -> None:
             for cfg in configs:
                 try:
                     out = fn(x, w, offs, a.tokens, cfg)
-                    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                    err = rel_err(out, ref)
                     us = 1e3 * time_graph(lambda cfg=cfg, fn=fn, x=x, w=w: fn(x, w, offs, a.tokens, cfg))
                 except Exception as e:  # a config the compiler refuses (shared memory): recorded, skipped
                     row["configs"][cfg.key()] = dict(error=f"{type(e).__name__}: {str(e)[:120]}")
                     continue
                 row["configs"][cfg.key()] = dict(us=us, tb_s=nbytes / us / 1e6, rel_err=err)
-            ok = {key: v for key, v in row["configs"].items() if "us" in v and v["rel_err"] < 2e-2}
+            ok = {key: v for key, v in row["configs"].items() if "us" in v and v["rel_err"] < check_tol(dt)}
             best = min(ok, key=lambda key: ok[key]["us"])
             cfg = next(c for c in configs if c.key() == best)
             row |= dict(best=best, best_us=ok[best]["us"], best_tb_s=ok[best]["tb_s"],
@@ -95,7 +97,7 @@ def main() -> None:
     out = Path(a.out)
     if out.suffix != ".json":
         out.mkdir(parents=True, exist_ok=True)
-        out = out / f"moe-rows-{torch.cuda.get_device_name().split()[-1].lower()}.json"
+        out = out / f"moe-rows-{card_slug(torch.cuda.get_device_name())}.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 

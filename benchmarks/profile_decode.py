@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.runtime_hw import card_slug
 from runtime.random_model import LLAMA_3_8B, MIXTRAL_8X7B, checkpoint_config, random_rank_model
 
 PROMPT_LEN = 512
@@ -46,7 +47,7 @@ def main() -> None:
         print(_table(r))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    card = torch.cuda.get_device_name().split()[-1].lower()
+    card = card_slug(torch.cuda.get_device_name())
     suffix = ("-moe" if a.moe else "") + (f"-tp{a.tp}" if a.tp > 1 else "") + (f"-b{a.batch}" if a.batch > 1 else "")
     path = out / f"decode-profile-{card}{suffix}.json"
     body = ranks[0] if a.tp == 1 else dict(ranks[0], ranks=ranks)

@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -40,13 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
+    from benchmarks.runtime_hw import card_slug
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         sys.exit(f"--sections: unknown {bad}; choose from {', '.join(SECTIONS)}")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    name = f"runtime-{_slug(card)}{'-tiny' if args.tiny else ''}.json"
+    name = f"runtime-{card_slug(card)}{'-tiny' if args.tiny else ''}.json"
     out = Path(args.out) if args.out else RESULTS / name
     out = out / name if out.is_dir() else out
     results = dict(card=card, device=str(device), tiny=args.tiny, sections=sections, versions=_versions(),
@@ -185,13 +186,6 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--hf-budget-s", type=float, default=40.0,
                     help="each transformers baseline starts no new work after this many seconds")
     return ap
-
-
-def _slug(card: str) -> str:
-    for known in ("h200", "h100", "a100", "l40s", "l4"):
-        if known in card.lower():
-            return known
-    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "cpu"
 
 
 def _versions() -> dict:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 
 import torch
+
+
+def card_slug(card: str) -> str:
+    """The card's short name in result file names: h200, h100, a100, l40s, l4, else the name made a slug."""
+    for known in ("h200", "h100", "a100", "l40s", "l4"):
+        if known in card.lower():
+            return known
+    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "cpu"
 
 
 def timed(fn, device: torch.device, repeat: int, warmup: int = 3) -> list[float]:
