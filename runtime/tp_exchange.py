@@ -51,7 +51,11 @@ class Link:
     epoch: torch.Tensor
     """(1,) int64 on the device: decode steps begun (the slots' set is epoch % 3)."""
     err: torch.Tensor
-    """(2,) int32: [0] set by a poll that gave up (a peer never delivered); [1] poll rounds spent waiting."""
+    """(3,) int32: [0] set by a poll that gave up (a peer never delivered); [1] poll rounds spent waiting;
+    [2] always 0 (the polls read it as an offset the compiler cannot fold, runtime/tp_signal.py)."""
+    ready: torch.Tensor
+    """(points,) int32, this rank's: a consumer's program 0 stores the step's tag (epoch + 1) into its point's
+    word once every rank's partial has landed, which is what the consumer's other programs poll."""
     rank: int
     tp: int
     spin: int
@@ -64,6 +68,7 @@ class Recv:
     slots: torch.Tensor  # (tp, n), this rank's buffer
     set_stride: int
     link: Link
+    ready: torch.Tensor  # (1,) int32: the point's word of link.ready
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ class TPExchange:
 
     def recv(self, point: int) -> Recv:
         """Where the consumer of `point` polls for the ranks' partials (it launches nothing itself)."""
-        return Recv(self._slots[0, point], self._slot_set, self.link)
+        return Recv(self._slots[0, point], self._slot_set, self.link, self.link.ready[point: point + 1])
 
     def send(self, point: int) -> Send:
         return Send(self._dst[point], self._slot_set, self._slots[0, point, self.rank].view(1, -1), self.link)
@@ -138,6 +143,7 @@ class TPExchange:
         self.mark_empty(self._buf, self.tp, self.num_points, self.hidden, self.vocab_local, self.dtype)
         self.link.epoch.zero_()
         self.link.err.zero_()
+        self.link.ready.zero_()
         self._sync()
         dist.barrier(group=self.group)
 
@@ -226,8 +232,8 @@ class TPExchange:
         self._dst = table([[ptrs[q] + s_off + (i * tp + r) * h * es for q in range(tp)] for i in range(p)])
         self._dst_logits = table([ptrs[q] + l_off + r * v * 4 for q in range(tp)])
         self._logits_out = torch.empty(1, tp * v, dtype=torch.float32, device=dev)
-        self.link = Link(torch.zeros(1, dtype=torch.int64, device=dev), torch.zeros(2, dtype=torch.int32, device=dev),
-                         r, tp, self.spin)
+        self.link = Link(torch.zeros(1, dtype=torch.int64, device=dev), torch.zeros(3, dtype=torch.int32, device=dev),
+                         torch.zeros(p, dtype=torch.int32, device=dev), r, tp, self.spin)
         self._buf = buf
 
     def _self_check(self) -> None:

@@ -29,7 +29,9 @@ import triton
 import triton.language as tl
 
 from runtime.pdl import wait_then_release
-from runtime.tp_signal import await_landed, clear, scatter
+from runtime.tp_signal import HANDOFF, await_landed, clear, scatter
+
+POLL_ENV = "ENGINESMITH_TP_EXCHANGE_POLL"
 
 
 @triton.jit
@@ -118,12 +120,12 @@ def residual_store(y, RES, OUT, offs, mask, act_ty: tl.constexpr, RESIDUAL: tl.c
 
 @triton.jit
 def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC, stride_slot,
-                 XS, XSET, DST, DSET, EPOCH, ERR, SPIN,
+                 XS, XSET, DST, DSET, EPOCH, ERR, SPIN, READY,
                  NORM: tl.constexpr, SWIGLU: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                  OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                  ROPE: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HEAD_D: tl.constexpr,
                  PDL: tl.constexpr, XSUM: tl.constexpr, SCATTER: tl.constexpr, TP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 XCHUNKS: tl.constexpr, XHANDOFF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     if ROPE:  # rows j and j + HEAD_D / 2 of one head: BLOCK_N / 2 rotary pairs per program
         t = tl.arange(0, BLOCK_N)
@@ -158,7 +160,8 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         # emptied for the step after this one
         xs = XS + (epoch % 3) * XSET
         clear(XS + ((epoch + 1) % 3) * XSET, TP * K, BLOCK_K)
-        await_landed(xs, TP * K, tl.load(ERR) == 0, ERR, SPIN, BLOCK_K)
+        await_landed(xs, TP * K, tl.load(ERR) == 0, ERR, SPIN, READY, (epoch + 1).to(tl.int32), BLOCK_K, XCHUNKS,
+                     XHANDOFF)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         if XSUM:  # x = the TP ranks' partials in the slots (TP, K) summed in rank order (every rank gets the
@@ -337,19 +340,33 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
         NORM=norm is not None, SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
         OUT_F32=out_f32, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch,
         ROPE=False, NQ=1, NKV=1, HEAD_D=1, PDL=pdl, XSUM=recv is not None, SCATTER=send is not None,
-        TP=link.tp if link else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        TP=link.tp if link else 1, XCHUNKS=x_poll(recv, k, cfg.block_k)[0], XHANDOFF=x_poll(recv, k, cfg.block_k)[1],
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, launch_pdl=pdl)
     return None if send is not None else out
 
 
+def x_poll(recv, k: int, block_k: int) -> tuple[int, int]:
+    """How a consumer polls the ranks' slots (tp x k elements): tp_signal.await_landed's CHUNKS and HANDOFF, by
+    ENGINESMITH_TP_EXCHANGE_POLL. "seq" (default): every program chunk after chunk; "vec": every program all
+    chunks at once; "handoff": program 0 all at once, the others wait for its ready word. In isolation the
+    exchange point costs 5.8 / 1.3 / 0.6 us, but in the 32-layer tp=2 step "seq" is the fastest (3.08 vs 3.19 ms
+    for "handoff", 2 x H200; benchmarks/exchange_latency.py, exchange-latency-h200.json). (1, 0) without recv."""
+    if recv is None:
+        return 1, 0
+    chunks, mode = triton.cdiv(recv.link.tp * k, block_k), os.environ.get(POLL_ENV, "seq")
+    return {"vec": (chunks, 0), "handoff": (chunks, HANDOFF.value)}.get(mode, (0, 0))
+
+
 def exchange_args(recv, send, dummy: torch.Tensor) -> tuple:
-    """The kernel's XS, XSET, DST, DSET, EPOCH, ERR, SPIN arguments (dummies where unused)."""
+    """The kernel's XS, XSET, DST, DSET, EPOCH, ERR, SPIN, READY arguments (dummies where unused)."""
     link = (recv or send).link if (recv or send) else None
     if link is None:
-        return dummy, 0, dummy, 0, dummy, dummy, 0
-    xs, xset = (recv.slots, recv.set_stride) if recv else (dummy, 0)
+        return dummy, 0, dummy, 0, dummy, dummy, 0, dummy
+    xs, xset, ready = (recv.slots, recv.set_stride, recv.ready) if recv else (dummy, 0, dummy)
     dst, dset = (send.dst, send.set_stride) if send else (dummy, 0)
-    return xs, xset, dst, dset, link.epoch, link.err, link.spin
+    return xs, xset, dst, dset, link.epoch, link.err, link.spin, ready
 
 
 def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: float, bias: torch.Tensor | None,
@@ -375,7 +392,9 @@ def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: flo
         NORM=True, SWIGLU=False, BIAS=bias is not None, RESIDUAL=False, OUT_F32=False, EVEN_N=True,
         EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch, ROPE=True, NQ=nq, NKV=nkv, HEAD_D=d,
         PDL=pdl, XSUM=recv is not None, SCATTER=False, TP=recv.link.tp if recv else 1,
-        BLOCK_N=block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
+        XCHUNKS=x_poll(recv, k, cfg.block_k)[0], XHANDOFF=x_poll(recv, k, cfg.block_k)[1], BLOCK_N=block_n,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, launch_pdl=pdl)
     return q
 
 

@@ -45,11 +45,16 @@ def _rnd(gen, *shape, scale=1.0):
     return (torch.randn(*shape, generator=gen) * scale).to(KERNEL_DEVICE)
 
 
-@needs_triton
-@pytest.mark.parametrize("tp", [2, 3])
-def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp):
-    from runtime.triton_gemv import gemv
+POLLS = ["seq", "vec", "handoff"]  # runtime/triton_gemv.x_poll: how the consumer programs poll the slots
 
+
+@needs_triton
+@pytest.mark.parametrize("poll", POLLS)
+@pytest.mark.parametrize("tp", [2, 3])
+def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp, poll, monkeypatch):
+    from runtime.triton_gemv import POLL_ENV, gemv
+
+    monkeypatch.setenv(POLL_ENV, poll)
     gen = torch.Generator().manual_seed(tp)
     exs = _ranks(tp)
     res, norm = _rnd(gen, 1, H), 1 + 0.1 * _rnd(gen, H)
@@ -101,9 +106,11 @@ def test_a_partial_that_rounds_to_minus_zero_still_arrives_as_plus_zero():
 
 
 @needs_triton
-def test_a_wait_for_a_peer_that_never_sends_gives_up_and_reports_it():
-    from runtime.triton_gemv import gemv
+@pytest.mark.parametrize("poll", POLLS)
+def test_a_wait_for_a_peer_that_never_sends_gives_up_and_reports_it(poll, monkeypatch):
+    from runtime.triton_gemv import POLL_ENV, gemv
 
+    monkeypatch.setenv(POLL_ENV, poll)
     gen = torch.Generator().manual_seed(0)
     exs = _ranks(spin=50)
     exs[0].begin_step()
@@ -113,6 +120,19 @@ def test_a_wait_for_a_peer_that_never_sends_gives_up_and_reports_it():
     with pytest.raises(RuntimeError, match="never delivered"):
         exs[0].check_error()
     exs[1].check_error()  # rank 1 waited for nothing
+
+
+def test_poll_modes_map_to_the_kernel_switches(monkeypatch):
+    from runtime.tp_signal import HANDOFF
+    from runtime.triton_gemv import POLL_ENV, x_poll
+
+    recv = _ranks(points=1)[0].recv(0)
+    assert x_poll(None, 4096, 512) == (1, 0)  # no exchange: unused
+    assert x_poll(recv, 4096, 512) == (0, 0)  # default: chunk after chunk (the fastest in the step)
+    monkeypatch.setenv(POLL_ENV, "vec")
+    assert x_poll(recv, 4096, 512) == (16, 0)  # 2 ranks x 4096 elements in 512-element chunks, all at once
+    monkeypatch.setenv(POLL_ENV, "handoff")
+    assert x_poll(recv, 4096, 512) == (16, HANDOFF.value) and HANDOFF.value > 0
 
 
 def test_layout_keeps_regions_aligned_and_apart_and_marks_them_empty():
