@@ -148,7 +148,7 @@ def await_landed(P, N, live, ERR, SPIN, READY, e, BLOCK: tl.constexpr, CHUNKS: t
                  HANDOFF: tl.constexpr):
     """Return once P[0:N] (this rank's buffer) holds no empty element; `live`: no earlier poll gave up (else
     return at once). The caller then reads P with .cg loads: landed data sits in L2, and no stale L1 line is read.
-    Three ways (runtime/triton_gemv.x_poll picks one):
+    Three ways (runtime/triton_gemv.x_poll picks one for the GEMVs; the logits gather takes the second):
     - CHUNKS = 0 (the step's default): one pass of L2 loads chunk after chunk, then, only for what had not
       landed, chunk by chunk polls with one-element volatile loads.
     - CHUNKS = cdiv(N, BLOCK), HANDOFF = 0: every round reads all of P[0:N] at once (16-byte L2 loads), until
