@@ -340,23 +340,24 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
         NORM=norm is not None, SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
         OUT_F32=out_f32, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch,
         ROPE=False, NQ=1, NKV=1, HEAD_D=1, PDL=pdl, XSUM=recv is not None, SCATTER=send is not None,
-        TP=link.tp if link else 1, XCHUNKS=x_poll(recv, k, cfg.block_k)[0], XHANDOFF=x_poll(recv, k, cfg.block_k)[1],
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        TP=link.tp if link else 1, **x_poll(recv, k, cfg.block_k), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, launch_pdl=pdl)
     return None if send is not None else out
 
 
-def x_poll(recv, k: int, block_k: int) -> tuple[int, int]:
-    """How a consumer polls the ranks' slots (tp x k elements): tp_signal.await_landed's CHUNKS and HANDOFF, by
-    ENGINESMITH_TP_EXCHANGE_POLL. "seq" (default): every program chunk after chunk; "vec": every program all
-    chunks at once; "handoff": program 0 all at once, the others wait for its ready word. In isolation the
-    exchange point costs 5.8 / 1.3 / 0.6 us, but in the 32-layer tp=2 step "seq" is the fastest (3.08 vs 3.19 ms
-    for "handoff", 2 x H200; benchmarks/exchange_latency.py, exchange-latency-h200.json). (1, 0) without recv."""
+def x_poll(recv, k: int, block_k: int) -> dict[str, int]:
+    """The kernel's XCHUNKS and XHANDOFF: how a consumer polls the ranks' slots (tp x k elements; tp_signal.
+    await_landed's CHUNKS and HANDOFF), by ENGINESMITH_TP_EXCHANGE_POLL. "seq" (default): every program chunk
+    after chunk; "vec": every program all chunks at once; "handoff": program 0 all at once, the others wait for
+    its ready word. In isolation the exchange point costs 5.8 / 1.3 / 0.6 us, but in the 32-layer tp=2 step
+    "seq" is the fastest (3.08 vs 3.19 ms for "handoff", 2 x H200; benchmarks/exchange_latency.py,
+    exchange-latency-h200.json). 1 and 0 without recv (unused)."""
     if recv is None:
-        return 1, 0
+        return dict(XCHUNKS=1, XHANDOFF=0)
     chunks, mode = triton.cdiv(recv.link.tp * k, block_k), os.environ.get(POLL_ENV, "seq")
-    return {"vec": (chunks, 0), "handoff": (chunks, HANDOFF.value)}.get(mode, (0, 0))
+    way = {"vec": (chunks, 0), "handoff": (chunks, HANDOFF.value)}.get(mode, (0, 0))
+    return dict(XCHUNKS=way[0], XHANDOFF=way[1])
 
 
 def exchange_args(recv, send, dummy: torch.Tensor) -> tuple:
@@ -392,7 +393,7 @@ def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: flo
         NORM=True, SWIGLU=False, BIAS=bias is not None, RESIDUAL=False, OUT_F32=False, EVEN_N=True,
         EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch, ROPE=True, NQ=nq, NKV=nkv, HEAD_D=d,
         PDL=pdl, XSUM=recv is not None, SCATTER=False, TP=recv.link.tp if recv else 1,
-        XCHUNKS=x_poll(recv, k, cfg.block_k)[0], XHANDOFF=x_poll(recv, k, cfg.block_k)[1], BLOCK_N=block_n,
+        **x_poll(recv, k, cfg.block_k), BLOCK_N=block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, launch_pdl=pdl)
     return q

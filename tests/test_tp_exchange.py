@@ -127,12 +127,12 @@ def test_poll_modes_map_to_the_kernel_switches(monkeypatch):
     from runtime.triton_gemv import POLL_ENV, x_poll
 
     recv = _ranks(points=1)[0].recv(0)
-    assert x_poll(None, 4096, 512) == (1, 0)  # no exchange: unused
-    assert x_poll(recv, 4096, 512) == (0, 0)  # default: chunk after chunk (the fastest in the step)
+    assert x_poll(None, 4096, 512) == dict(XCHUNKS=1, XHANDOFF=0)  # no exchange: unused
+    assert x_poll(recv, 4096, 512) == dict(XCHUNKS=0, XHANDOFF=0)  # default: chunk after chunk (fastest in the step)
     monkeypatch.setenv(POLL_ENV, "vec")
-    assert x_poll(recv, 4096, 512) == (16, 0)  # 2 ranks x 4096 elements in 512-element chunks, all at once
+    assert x_poll(recv, 4096, 512) == dict(XCHUNKS=16, XHANDOFF=0)  # 2 x 4096 elements, 512-element chunks at once
     monkeypatch.setenv(POLL_ENV, "handoff")
-    assert x_poll(recv, 4096, 512) == (16, HANDOFF.value) and HANDOFF.value > 0
+    assert x_poll(recv, 4096, 512) == dict(XCHUNKS=16, XHANDOFF=HANDOFF.value) and HANDOFF.value > 0
 
 
 def test_layout_keeps_regions_aligned_and_apart_and_marks_them_empty():
