@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
 from runtime import tp_signal
 
@@ -107,29 +108,7 @@ def _mini_consumer(XS, XSET, OUT, EPOCH, ERR, SPIN, READY, N, PDL: tl.constexpr,
 
 def _timed_graph(fn, barrier) -> float:
     """ms per replay of a graph of fn: REPLAYS replays back to back after a barrier, median of ROUNDS."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    barrier()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(ROUNDS):
-        torch.cuda.synchronize()
-        barrier()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(REPLAYS):
-            g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / REPLAYS)
-    barrier()
-    return sorted(times)[len(times) // 2]
+    return time_graph(fn, reps=ROUNDS, replays=REPLAYS, barrier=barrier)
 
 
 def _pingpong(rank: int, group, barrier, device) -> dict:
