@@ -145,7 +145,7 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     from benchmarks.runtime_parallel import _join
     from runtime import pdl as pdl_mod
     from runtime.tp_exchange import TPExchange
-    from runtime.triton_gemv import gemv
+    from runtime.triton_gemv import POLL_ENV, gemv
 
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
     group = groups.tp_group
@@ -227,8 +227,6 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     if groups.fast_ar is not None:
         ms["gemv_one_shot"] = _timed_graph(pairs("one_shot"), barrier)
         ms["one_shot_alone"] = _timed_graph(ar_alone, barrier)
-    from runtime.triton_gemv import POLL_ENV
-
     for poll in ("seq", "vec", "handoff"):  # the consumer GEMV's ways to poll (runtime/triton_gemv.x_poll)
         os.environ[POLL_ENV] = poll
         ex.reset()
