@@ -16,9 +16,11 @@ in the step (README, "What misses and why"). This separates that cost into parts
 3. `gemv`: P pairs of the step's real tp=2 kernels (o_proj 4096x2048 with the residual -> the RMSNorm +
    gate/up + SwiGLU GEMV 7168x4096, distinct weight copies so L2 holds none) joined: with nothing between them
    (`local`, wrong sums: the floor), the one-shot symmetric-memory all-reduce kernel the step uses
-   (`one_shot`), and the fused exchange polling each of the three ways (`exchange_seq|vec|handoff`). Their
-   differences per pair are what one all-reduce point costs next to weight streaming; `one_shot_alone` times P
-   all-reduce kernels back to back.
+   (`one_shot`), the exchange as a small kernel of its own between them (`kernel`: the gate/up GEMV launches
+   as that kernel starts; `kernel_late`: after it has summed; `split`: o_proj stores into the slots itself, the
+   kernel only polls and sums), and the fused exchange polling each of the three
+   ways (`exchange_seq|vec|handoff`). Their differences per pair are what one all-reduce point costs next to
+   weight streaming; `one_shot_alone` and `kernel_alone` time P all-reduce kernels back to back.
 
 Each graph is replayed REPLAYS times back to back between two events after a barrier (the ranks start
 together once, not per replay); the median of ROUNDS such runs is kept. Writes
@@ -206,27 +208,43 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
 
     def pairs(how: str):
         def run() -> None:
-            if how == "exchange":
+            if how not in ("local", "one_shot"):
                 ex.begin_step()
             for i in range(P):
-                if how == "exchange":
+                if how in ("exchange", "split"):
                     gemv(attn, w_o[i], residual=res, pdl=use_pdl, send=ex.send(i))
-                    gemv(h, w_gu[i], norm=norm, swiglu=True, pdl=use_pdl, recv=ex.recv(i))
+                    if how == "exchange":
+                        gemv(h, w_gu[i], norm=norm, swiglu=True, pdl=use_pdl, recv=ex.recv(i))
+                        continue
+                    y = ex.landed_sum(i)
                 else:
                     y = gemv(attn, w_o[i], residual=res, pdl=use_pdl)
                     if how == "one_shot":
                         y = groups.all_reduce_tp(y)
-                    gemv(y, w_gu[i], norm=norm, swiglu=True, pdl=use_pdl)
+                    elif how.startswith("kernel"):
+                        y = ex.all_reduce(i, y, early=how == "kernel")
+                gemv(y, w_gu[i], norm=norm, swiglu=True, pdl=use_pdl)
         return run
 
     def ar_alone() -> None:
         for _ in range(P):
             groups.all_reduce_tp(h)
 
+    def kernel_alone() -> None:
+        ex.begin_step()
+        for i in range(P):
+            ex.all_reduce(i, h)
+
     ms["gemv_local"] = _timed_graph(pairs("local"), barrier)
     if groups.fast_ar is not None:
         ms["gemv_one_shot"] = _timed_graph(pairs("one_shot"), barrier)
         ms["one_shot_alone"] = _timed_graph(ar_alone, barrier)
+    for how in ("kernel", "kernel_late", "split"):  # each point a kernel of its own (TPExchange.all_reduce,
+        # .landed_sum)
+        ex.reset()
+        ms[f"gemv_{how}"] = _timed_graph(pairs(how), barrier)
+    ex.reset()
+    ms["kernel_alone"] = _timed_graph(kernel_alone, barrier)
     for poll in ("seq", "vec", "handoff"):  # the consumer GEMV's ways to poll (runtime/triton_gemv.x_poll)
         os.environ[POLL_ENV] = poll
         ex.reset()
@@ -248,7 +266,8 @@ def _per_point(ms: dict, points: int) -> dict:
     for tag in ("", "_vec", "_seq", "_1prog_seq", "_1prog"):
         if f"mini_tp2{tag}" in us:
             diff[f"mini_cross_gpu{tag}"] = us[f"mini_tp2{tag}"] - us[f"mini_tp1{tag}"]
-    for k in ("gemv_one_shot", "gemv_exchange_seq", "gemv_exchange_vec", "gemv_exchange_handoff"):
+    for k in ("gemv_one_shot", "gemv_kernel", "gemv_kernel_late", "gemv_split", "gemv_exchange_seq",
+              "gemv_exchange_vec", "gemv_exchange_handoff"):
         if k in us:
             diff[k.removeprefix("gemv_") + "_over_local"] = us[k] - us["gemv_local"]
     return dict(per_pair=us, cost=diff)

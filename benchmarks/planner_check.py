@@ -38,9 +38,14 @@ MOE_SHAPE = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidd
 BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions", "no_pdl": "fused GEMV, no PDL",
                    "previous": "fused GEMV, no PDL", "no_exchange": "fused GEMV + PDL, one-shot all-reduce",
                    "exchange": "fused GEMV + PDL, TP exchange", "rows": "fused rows kernels + PDL (opt-in)",
-                   "grouped_mm": "experts on torch's grouped GEMM"}
+                   "grouped_mm": "experts on torch's grouped GEMM",
+                   "collectives": "fused GEMV + PDL, one-shot all-reduce"}
 """Names of the runtime's baseline paths (decode.baselines.<key>, tp.<tpN>.<batch>_<key>) as the table shows them
-("previous" / "no_exchange": the keys of the runs made while the TP exchange was the default)."""
+("previous" / "no_exchange": the keys of the runs made while the fused TP exchange was the default;
+"collectives": since the exchange kernels are)."""
+FILE_LABELS = {"runtime-h200-x2-tp-kernel.json": {"exchange": "fused GEMV + PDL, TP exchange kernels"},
+               "runtime-h200-x2-tp-split.json": {"exchange": "fused GEMV + PDL, TP exchange split"}}
+"""Baseline names particular to one run: there `1_exchange` ran ENGINESMITH_TP_EXCHANGE=kernel / split."""
 SUPERSEDED = ("-exchange-v1.json", "-exchange-v2.json", "-exchange-v3.json", "runtime-h200-x2-tp-mixtral.json")
 """Runs the table skips: the TP exchange's earlier versions (their default-path rows repeat the last run's;
 README quotes all four runs) and the first Mixtral tp run, whose batch-32 steps (experts on torch's grouped GEMM,
@@ -87,6 +92,9 @@ def _kernels(status: dict | None, batch: int = 1) -> str:
         return ("cuBLAS + compiled regions" if gemv.startswith("fused") else "cuBLAS") + experts
     if not gemv.startswith("fused"):
         return "cuBLAS"
+    for mode in ("kernel", "split"):
+        if f"exchange kernels ({mode})" in gemv:
+            return BASELINE_LABELS["exchange"] + (" kernels" if mode == "kernel" else " split")
     if "(TP exchange)" in gemv:
         return BASELINE_LABELS["exchange"]
     return "fused GEMV + PDL" if "PDL on" in gemv else "fused GEMV kernels"
@@ -133,7 +141,7 @@ def _tp_rows(gpu: str, tp_data: dict, src: str) -> list[dict]:
             fed = ", token fed on the GPU" if "ms_per_step_host_sync" in m else ""  # runs since session 7
             rows.append(_row(f"{what}, {_kernels(m.get('status'), int(batch))}{fed}", plan.decode.estimate_ms,
                              m["ms_per_step"], "ms", "step", src))
-            for key, label in BASELINE_LABELS.items():
+            for key, label in (BASELINE_LABELS | FILE_LABELS.get(file, {})).items():
                 if f"{batch}_{key}" in SUPERSEDED_BASELINES.get(file, ()):
                     continue
                 if base := runs.get(f"{batch}_{key}"):

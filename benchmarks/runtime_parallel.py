@@ -50,9 +50,9 @@ def tp_section(bench) -> dict:
                for key in ("1_no_pdl", "1_cublas_regions") if key in one and key in two}
     if f"{bn}_rows" in two and f"{bn}_rows" in one:
         regions["speedup_throughput_rows"] = two[f"{bn}_rows"]["tok_s"] / one[f"{bn}_rows"]["tok_s"]
-    if "1_exchange" in two:
-        regions["tp2_batch1_exchange_gain"] = two["1_exchange"]["tok_s"] / two[b1]["tok_s"]
-        regions["speedup_batch1_latency_exchange"] = two["1_exchange"]["tok_s"] / one[b1]["tok_s"]
+    if "1_collectives" in two:  # the step without the TP exchange (its default when it is on)
+        regions["tp2_batch1_exchange_gain"] = two[b1]["tok_s"] / two["1_collectives"]["tok_s"]
+        regions["speedup_batch1_latency_collectives"] = two["1_collectives"]["tok_s"] / one[b1]["tok_s"]
     regions["speedup_batch1_latency_host_sync"] = two[b1]["tok_s_host_sync"] / one[b1]["tok_s_host_sync"]
     if "1_no_allreduce" in two:  # timing only: tp=2 without its all-reduces
         regions["speedup_batch1_latency_no_allreduce"] = two["1_no_allreduce"]["tok_s"] / one[b1]["tok_s"]
@@ -69,11 +69,12 @@ def ceiling(one: dict, two: dict, b1: str, layers: int) -> dict:
     per step and the copy bandwidth): each step's streaming time (weight + KV bytes / copy bandwidth) and the
     rest (its fixed costs: launches, ramps, attention, all-reduces). `speedup_ceiling`: tp=1's step over a tp=2
     step that streams its half and carries tp=1's fixed costs unchanged plus 2 x layers one-shot all-reduces at
-    their measured in-graph time; `..._free_allreduce`: the same with all-reduces that cost nothing."""
+    their measured in-graph time; `..._free_allreduce`: the same with all-reduces that cost nothing. tp=2's
+    step is the one with the one-shot all-reduce: its `1_collectives` row where the TP exchange ran the main one."""
     if "copy_gbps" not in one or "step_bytes" not in one or "step_bytes" not in two:
         return {}
     bw = one["copy_gbps"] * 1e9
-    t1, t2 = one[b1]["ms_per_step"] / 1e3, two[b1]["ms_per_step"] / 1e3
+    t1, t2 = one[b1]["ms_per_step"] / 1e3, (two.get("1_collectives") or two[b1])["ms_per_step"] / 1e3
     s1, s2 = one["step_bytes"] / bw, two["step_bytes"] / bw
     micro = two.get("allreduce_micro", {})
     ar_us = micro.get("fast_us") or micro.get("nccl_us")
@@ -119,12 +120,14 @@ def _no_allreduce(x: torch.Tensor) -> torch.Tensor:
 
 
 def _baselines(batch: int, exchange, moe: bool = False) -> tuple[tuple[str, dict], ...]:
-    """The paths timed after the main one at `batch`: at batch 1 the TP exchange first when it is on
-    (ENGINESMITH_TP_EXCHANGE=1: all-reduces and gather inside the GEMVs), then _BASELINES_BATCH1; at larger
-    batches the opt-in rows kernels (dense), or the experts on torch's grouped GEMM (MoE)."""
+    """The paths timed after the main one at `batch`: at batch 1, when the main one ran the TP exchange (on by
+    default, runtime/tp_exchange.py), the step with the one-shot all-reduce instead ("1_collectives"), then
+    _BASELINES_BATCH1 (both without the exchange); at larger batches the opt-in rows kernels (dense), or the
+    experts on torch's grouped GEMM (MoE)."""
     if batch > 1:
         return ((f"{batch}_grouped_mm", dict(moe_rows=False)),) if moe else ((f"{batch}_rows", dict(rows=True)),)
-    return ((("1_exchange", dict(exchange=exchange)),) if exchange is not None else ()) + _BASELINES_BATCH1
+    rows = (("1_collectives", {}),) if exchange is not None else ()
+    return tuple((name, kw | dict(exchange=None)) for name, kw in rows + _BASELINES_BATCH1)
 
 
 def pp_runs(pp: dict) -> dict[str, dict]:
@@ -178,12 +181,12 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         max_bytes = max(p["batches"]) * cfg.hidden_size * torch.empty((), dtype=model.dtype).element_size()
         out["all_reduce"] = groups.enable_fast_all_reduce(max_bytes, model.dtype, device)
     exchange = None
-    if groups is not None and p["cuda"]:  # opt-in (ENGINESMITH_TP_EXCHANGE=1): all-reduces fused into the GEMVs
+    if groups is not None and p["cuda"]:  # the TP exchange (ENGINESMITH_TP_EXCHANGE, default "kernel")
         from runtime.tp_exchange import for_model
 
         exchange = for_model(groups, model, device)
         out["tp_exchange"] = exchange.status()
-        exchange = exchange if exchange.enabled else None
+        exchange = exchange if exchange.enabled and not cfg.is_moe else None  # it covers dense layers
     for bs in p["batches"]:
         total = p["prompt_len"] + 2 * p["steps"] + 1
         cache = make_cache(model, total, p["tpb"], batch=bs)
@@ -194,20 +197,20 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         spans = [SeqSpan(s, 0, p["prompt_len"]) for s in range(bs)]
         first = plain_forward(model, cache, spans, prompts.flatten().tolist(), reduce, gather).argmax(-1).tolist()
         dec_args = dict(model=model, cache=cache, max_batch_size=bs, max_seq_len=total, reduce=reduce,
-                        gather=gather) | p["options"]
+                        gather=gather, exchange=exchange if bs == 1 else None) | p["options"]
         tokens, out[str(bs)] = _timed(dec_args, first, p, device)
         if bs == 1:
             out["tokens"] = [t[0] for t in tokens]
+            if exchange is not None:
+                try:
+                    exchange.check_error()
+                except RuntimeError as e:  # recorded, not raised: the peer would hang in the next collectives
+                    out[str(bs)]["exchange_error"] = str(e)
         if p["cuda"] and p["options"].get("gemv") is None:  # same run: the other paths at this batch
-            skip = (("1_no_allreduce", dict(reduce=_no_allreduce)),) if bs == 1 and world > 1 else ()
+            skip = (("1_no_allreduce", dict(reduce=_no_allreduce, exchange=None)),) if bs == 1 and world > 1 else ()
             for name, kw in _baselines(bs, exchange, cfg.is_moe) + skip:
                 toks, row = _timed(dec_args | kw, first, p, device)
                 out[name] = {k: v for k, v in row.items() if k != "status"} | dict(same_tokens=toks == tokens)
-                if name == "1_exchange":
-                    try:
-                        exchange.check_error()
-                    except RuntimeError as e:  # recorded, not raised: the peer would hang in the next collectives
-                        out[name]["exchange_error"] = str(e)
         del cache
     if groups is not None:
         import torch.distributed as dist

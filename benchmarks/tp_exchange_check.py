@@ -1,9 +1,12 @@
 """The TP exchange (runtime/tp_exchange.py) against the collective path on 2 GPUs, teacher-forced.
 
 Two ranks (NCCL, the one-shot symmetric-memory all-reduce on), a random Llama-3-8B-shaped model trimmed to
---layers layers. Both decoders get the same 16 tokens at the same positions; the table gives the largest
-logit difference per step (0.0: bit for bit) and whether the argmax agrees, then each path's ms per step over
-64 greedy steps with the token fed on the GPU, and how many poll rounds the exchange's consumers waited.
+--layers layers. The decoders (collectives; the exchange fused into the GEMVs; the exchange as a kernel per
+point, ENGINESMITH_TP_EXCHANGE=kernel's mode; the residual GEMVs storing into the slots and a kernel per point
+summing them, =split) get the same 16 tokens at the same positions; the table gives
+the largest logit difference per step against the collectives (0.0: bit for bit) and whether the argmax
+agrees, then each path's ms per step over 64 greedy steps with the token fed on the GPU, and how many poll
+rounds the exchange's consumers waited.
 Needs 2 CUDA GPUs with peer access (nvidia-h100-x2).
 Usage: python -m benchmarks.tp_exchange_check [--layers 32] [--out FILE.json]
 """
@@ -46,16 +49,25 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
                               groups.gather_tp_last_dim)[0].argmax())
     out: dict = dict(exchange=ex.status(), layers=p["layers"], card=torch.cuda.get_device_name(device))
     logits = {}
-    for name, exchange in (("collectives", None), ("exchange", ex if ex.enabled else None)):
+    for name, mode in (("collectives", None), ("exchange", "fused"), ("kernel", "kernel"), ("split", "split")):
+        if mode is not None:
+            if not ex.enabled:
+                continue
+            ex.mode = mode
+        if rank == 0:
+            print(f"  {name}", flush=True)
         dec = FastDecoder(model, cache, max_batch_size=1, max_seq_len=total, reduce=groups.all_reduce_tp,
-                          gather=groups.gather_tp_last_dim, exchange=exchange)
+                          gather=groups.gather_tp_last_dim, exchange=ex if mode else None)
         logits[name] = [dec.decode([0], [t], [PROMPT + i]).float().cpu() for i, t in enumerate(forced)]
         _, secs = greedy_batch(dec, [first], PROMPT + FORCED, TIMED, device, on_device=True)
         out[f"{name}_ms_per_step"] = 1e3 * secs / TIMED
         out[f"{name}_path"] = dec.status()["gemv"]
-    pairs = list(zip(logits["collectives"], logits["exchange"], strict=True))
-    out["max_abs_logit_diff_per_step"] = [float((a - b).abs().max()) for a, b in pairs]
-    out["argmax_agrees_per_step"] = [int(a.argmax()) == int(b.argmax()) for a, b in pairs]
+    for name in ("exchange", "kernel", "split"):
+        if name in logits:
+            pairs = list(zip(logits["collectives"], logits[name], strict=True))
+            key = "" if name == "exchange" else f"_{name}"
+            out[f"max_abs_logit_diff_per_step{key}"] = [float((a - b).abs().max()) for a, b in pairs]
+            out[f"argmax_agrees_per_step{key}"] = [int(a.argmax()) == int(b.argmax()) for a, b in pairs]
     out["exchange_after"] = ex.status()
     try:
         ex.check_error()
@@ -76,12 +88,16 @@ def main() -> None:
     _need_gpus(True, 2)
     os.environ["ENGINESMITH_TP_EXCHANGE"] = "1"  # the spawned ranks read it when they set the exchange up
     r = _spawn(_rank, 2, dict(cuda=True, layers=args.layers), timeout_s=300)
-    diffs = r["max_abs_logit_diff_per_step"]
     print(f"{r['card']} x 2, {r['layers']} layers; exchange: {r['exchange']}")
-    print(f"max |logit difference| per step: {diffs} ({'bit for bit' if not any(diffs) else 'DIFFERENT'}); "
-          f"argmax agrees {sum(r['argmax_agrees_per_step'])}/{len(diffs)}")
-    print(f"ms per step (token fed on the GPU): collectives {r['collectives_ms_per_step']:.3f}, "
-          f"exchange {r['exchange_ms_per_step']:.3f}; poll rounds waited "
+    for key, what in (("", "exchange (fused)"), ("_kernel", "exchange kernels"), ("_split", "exchange split")):
+        diffs = r.get(f"max_abs_logit_diff_per_step{key}")
+        if diffs is not None:
+            print(f"{what}: max |logit difference| per step vs the collectives: {diffs} "
+                  f"({'bit for bit' if not any(diffs) else 'DIFFERENT'}); argmax agrees "
+                  f"{sum(r[f'argmax_agrees_per_step{key}'])}/{len(diffs)}")
+    names = ("collectives", "exchange", "kernel", "split")
+    times = ", ".join(f"{n} {r[f'{n}_ms_per_step']:.3f}" for n in names if f"{n}_ms_per_step" in r)
+    print(f"ms per step (token fed on the GPU): {times}; poll rounds waited "
           f"{r['exchange_after'].get('poll_rounds_waited')}; {r.get('exchange_error', 'no poll gave up')}")
     if args.out:
         tmp = f"{args.out}.tmp"  # whole or not at all (builders.manifest's helper needs pydantic, absent on GPU hosts)

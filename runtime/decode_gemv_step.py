@@ -7,8 +7,10 @@ residual] (runtime/triton_moe_gemv.py). The cuBLAS path (runtime/decode_step.py'
 more kernels per dense layer: two norms, rotary + cache write, SiLU * up, and split-K reductions.
 With tp > 1 the all-reduce follows o_proj and down (or the MoE block), and only TP rank 0 adds the
 residual into its partial, so the reduced sum is h + every rank's partial. On Hopper the kernels launch with
-programmatic dependent launch (runtime/pdl.py); the opt-in TP exchange (runtime/tp_exchange.py) moves the
-all-reduces and the logits gather into the GEMV kernels (dense layers). Opt-in (`rows`), dense models also run
+programmatic dependent launch (runtime/pdl.py); given a TP exchange (runtime/tp_exchange.py; dense layers) the
+all-reduces go through peer memory instead: a small kernel per point (mode "kernel", its default), the producer
+GEMV's stores and a summing kernel ("split"), or the GEMVs alone ("fused"), and the logits gather through
+lm_head's stores. Opt-in (`rows`), dense models also run
 steps of 2..64 rows this way: the projections through runtime/triton_rows.py's tensor-core kernels (same
 fusions), rotary and the KV-cache write through `rope_write`'s kernel.
 
@@ -40,8 +42,8 @@ class GemvDecode:
         """qkv_rope: triton_gemv.qkv_rope_gemv (rotary and the KV-cache write in the qkv kernel's epilogue),
         or None: the qkv kernel, then `rope_write`'s kernel. moe_kernels: runtime.triton_moe_gemv (MoE layers).
         pdl: launch the GEMVs with programmatic dependent launch (runtime/pdl.py). exchange: an enabled
-        runtime.tp_exchange.TPExchange (tp > 1, dense layers): the all-reduces and the logits gather happen
-        inside the GEMV kernels instead of `reduce` / `gather`. rows: triton_rows.gemm_rows (dense models): steps
+        runtime.tp_exchange.TPExchange (tp > 1, dense layers): the batch-1 step's all-reduces and logits gather
+        go through it (in its `mode`) instead of `reduce` / `gather`. rows: triton_rows.gemm_rows (dense models): steps
         of 2..MAX_ROWS rows run here too."""
         self.model, self.rope_write, self.attention = model, rope_write, attention
         self.reduce, self.gather, self._qkv_rope = reduce, gather, qkv_rope
@@ -83,7 +85,10 @@ class GemvDecode:
         if qkv_rope is not None and pdl:
             qkv_rope = partial(qkv_rope, pdl=True)
         use_ex = exchange is not None and exchange.enabled and not moe
-        ex_note = ("; all-reduces and logits gather fused into the GEMVs (TP exchange)" if use_ex else
+        ex_note = ("; all-reduces and logits gather fused into the GEMVs (TP exchange)" if use_ex and
+                   exchange.mode == "fused" else
+                   f"; all-reduces as exchange kernels ({exchange.mode}), logits gather fused into lm_head (TP "
+                   "exchange)" if use_ex else
                    f"; TP exchange off ({exchange.reason or 'MoE layers'})" if exchange is not None else "")
         gemm_rows, rows_note = _try_rows(model, tol) if rows and not moe else (None, "")
         step = cls(model, rope_write, attention, reduce, gather, triton_gemv.gemv, qkv_rope, moe_kernels, pdl,
@@ -95,28 +100,50 @@ class GemvDecode:
                  v_layers: list[torch.Tensor]) -> torch.Tensor:
         """B rows (B <= max_rows): (B,) ids and positions -> (B, V_pad) float32 logits; writes the rows' K/V into
         the cache."""
-        if self.exchange is not None and input_ids.shape[0] == 1:
-            return self._exchange_step(input_ids, positions, batch, k_layers, v_layers)
         m = self.model
         one = input_ids.shape[0] == 1
+        ex = self.exchange if one else None
+        if ex is not None and ex.mode == "fused":
+            return self._exchange_step(input_ids, positions, batch, k_layers, v_layers)
         gemv = self._gemv if one else self._rows
+        reduced = self._reduced_projection(gemv, ex)
         eps = m.cfg.norm_epsilon
         h = F.embedding(input_ids, m.embedding)
         cos, sin = m.rope(positions)
         for i, w in enumerate(m.layers):
             o = self._attend(h, w, cos, sin, batch, k_layers[i], v_layers[i], linear=gemv)
-            h = self.reduce(gemv(o.reshape(h.shape[0], -1), w.dense, residual=h if self.add_residual else None))
+            h = reduced(o.reshape(h.shape[0], -1), w.dense, h if self.add_residual else None)
             res = h if self.add_residual else None
             if w.router is None:
                 act = gemv(h, w.gate_up, norm=w.post_layernorm, eps=eps, swiglu=True)
-                h = self.reduce(gemv(act, w.proj, residual=res))
+                h = reduced(act, w.proj, res)
             else:
                 cfg = m.cfg
                 ids, prob = self._moe.moe_router(h, w.post_layernorm, eps, w.router, cfg.moe_top_k,
                                                  cfg.moe_normalization_mode == 1)
                 act = self._moe.moe_up(h, w.fc, w.post_layernorm, eps, ids, m.experts.start)
                 h = self.reduce(self._moe.moe_down(act, w.proj, ids, prob, m.experts.start, residual=res))
+        if ex is not None:
+            gemv(h, m.lm_head, norm=m.ln_f, eps=eps, out_f32=True, send=ex.send_logits())
+            return ex.wait_logits()
         return self.gather(gemv(h, m.lm_head, norm=m.ln_f, eps=eps, out_f32=True))
+
+    def _reduced_projection(self, gemv, ex):
+        """(x, weight, residual) -> the all-reduced residual GEMV: `reduce` after it, or with the exchange in mode
+        "kernel" / "split" (a new step begins) point 2i after layer i's o_proj and 2i + 1 after its down: a
+        reduce kernel after the GEMV, or the GEMV storing into the slots and a kernel summing them."""
+        if ex is None:
+            return lambda x, weight, res: self.reduce(gemv(x, weight, residual=res))
+        ex.begin_step()
+        points = iter(range(2 * self.model.num_local_layers))
+
+        def reduced(x, weight, res):
+            point = next(points)
+            if ex.mode == "split":
+                gemv(x, weight, residual=res, send=ex.send(point))
+                return ex.landed_sum(point)
+            return ex.all_reduce(point, gemv(x, weight, residual=res))
+        return reduced
 
     def _attend(self, h, w, cos, sin, batch, kc, vc, recv=None, linear=None) -> torch.Tensor:
         """[RMSNorm + qkv + rotary + KV write] then attention for one layer -> o (B, nq, d); with `recv` (the

@@ -57,9 +57,9 @@ class FastDecoder:
         rope_kernel: the fused rotary + KV-cache write kernel (None: on CUDA, if its self-check passes).
         gemv: batch-1 steps through the fused GEMV kernels (runtime/decode_gemv_step.py; None: on CUDA).
         exchange: a runtime.tp_exchange.TPExchange (tp > 1): the batch-1 step's all-reduces and logits gather
-        fused into its GEMV kernels when it is enabled. pdl: launch the step's Triton kernels with programmatic
-        dependent launch (runtime/pdl.py; None: where runtime.pdl.enabled says so). rows: batches of 2..64
-        through the fused step's small-batch kernels (runtime/triton_rows.py; None: only with
+        go through it (its exchange kernels by default) when it is enabled. pdl: launch the step's Triton
+        kernels with programmatic dependent launch (runtime/pdl.py; None: where runtime.pdl.enabled says so).
+        rows: batches of 2..64 through the fused step's small-batch kernels (runtime/triton_rows.py; None: only with
         ENGINESMITH_GEMM_ROWS=1, opt-in: slower than the cuBLAS regions at 32 rows on an H200). moe_rows: MoE
         experts of multi-token steps through runtime/triton_moe_rows.py (None: on CUDA, if its check passes)."""
         if not (model.is_first_stage and model.is_last_stage):

@@ -1,32 +1,37 @@
-"""The TP all-reduces and the logits all-gather of the batch-1 decode step, fused into the GEMV kernels.
+"""The TP all-reduces and the logits all-gather of the batch-1 decode step, through peer memory.
 
 With tp > 1 the GemvDecode step (runtime/decode_gemv_step.py) reduces twice per layer: after o_proj and
-after down. Instead of a collective kernel there, every program of the producer GEMV stores its outputs
-(rank 0's with the residual added) into this rank's slot on every rank, the peers' over NVLink; the
-consumer, the next RMSNorm-GEMV (gate/up, the next layer's qkv, lm_head), polls its own buffer until the
-peers' slots have landed (a slot element is "empty" while it holds -0.0: runtime/tp_signal.py), sums the
-slots in rank order and writes the summed residual stream for the next residual GEMV. lm_head's vocab slices
-reach every rank's logits row the same way, and a small kernel copies the row out once it is complete. No
-collective kernel, wait kernel or host sync is left in the step, and with programmatic dependent launch the
-consumer starts (loads its first weight tiles, polls) while the producers, its own rank's included, are still
-finishing: it skips griddepcontrol.wait, since everything it reads of them arrives through the slots.
+after down. Instead of the one-shot all-reduce kernel (runtime/fast_allreduce.py), each of these points goes
+through slots in every rank's buffer: a rank stores its partial (rank 0's with the residual added) into its
+slot on every rank, the peers' over NVLink, and a reader polls its own buffer until the peers' slots have
+landed (a slot element is "empty" while it holds -0.0: runtime/tp_signal.py), then sums the slots in rank
+order (float32, rounded once: the same bits as the all-reduce). lm_head's vocab slices reach every rank's
+logits row the same way, and a small kernel copies the row out once it is complete. No host sync, wait kernel
+or end-of-collective barrier is left in the step. Three modes (`TPExchange.mode`, ENGINESMITH_TP_EXCHANGE):
+
+- "kernel" (the default): a small kernel per point (tp_signal.reduce, 8 programs) between plain GEMVs: it waits
+  for the producer GEMV (PDL), lets the consumer GEMV launch at once (so it loads its first weight tiles while
+  the partials cross), scatters, polls, sums. 3.5-3.9 us a point over no exchange between the step's real
+  GEMVs vs 8.3-8.7 us for the one-shot all-reduce (benchmarks/exchange_latency.py, 2 x H200), and the
+  Llama-3-8B tp=2 batch-1 step 2.63 vs 2.94 ms with every logit bit for bit equal
+  (tp-exchange-check-modes-h200.json); in the tp section 1.55x over tp=1 against 1.39x
+  (runtime-h200-x2-tp-exchange-kernels.json).
+- "split" ("split"): the producer GEMV stores its outputs into the slots itself and the small kernel only polls
+  and sums (no wait on the producer): cheaper alone (2.6-2.8 us a point), slower in the step (2.70 ms).
+- "fused" ("1"): the consumer GEMV polls and sums the slots itself, skipping griddepcontrol.wait (everything it
+  reads of the producers arrives through the slots). Bit for bit equal too, but 3.08 ms a step on 2 x H200:
+  between real GEMVs a point costs 11-13 us. Versions 1-4 of it (flags and counters, see runtime/tp_signal.py)
+  were 3-30% slower than the collectives; v5 tied on 2 x H100 (runtime-h100-x2-tp-exchange-v5*.json).
 
 Buffers live in PyTorch symmetric memory (peer-mapped allocations, NVLink multicast off, as in
 runtime/fast_allreduce.py): three rotating sets (one per step epoch mod 3) of one slot row per rank for each
 of the step's 2 x layers points, and of the logits row. Every point is produced and consumed exactly once per
 step, in the same order on every rank (TP ranks run the same steps), so `begin_step` only adds 1 to the
-on-device epoch.
+on-device epoch; whoever sums a point empties the point's next set.
 
 Set-up is collective and checks the fused kernels against dist.all_reduce / all_gather on random data;
 the ranks agree, and on any failure `enabled` is False with the reason (the step keeps its collectives).
-
-OFF unless ENGINESMITH_TP_EXCHANGE=1: it has not beaten the one-shot symmetric-memory all-reduce
-(runtime/fast_allreduce.py) with PDL. Versions 1-4 (flags and counters, see runtime/tp_signal.py) made the tp=2
-batch-1 step slower on 2 x H200, v4 by 5% on Llama-3-8B and 9% on Llama-3-70B-shaped layers
-(benchmarks/results/runtime-h200-x2-tp*-exchange-v4.json); this version (v5) ties: 0.998x and 0.995x of the
-default's tokens/s in two runs on 2 x H100, then 1.004x with the consumers skipping griddepcontrol.wait, the
-same tokens each time (runtime-h100-x2-tp-exchange-v5*.json). On 2 x H200 it is 5% slower: 3.08 vs 2.93 ms a
-step, logits bit for bit equal (benchmarks/tp_exchange_check.py, tp-exchange-check-h200.json).
+ENGINESMITH_TP_EXCHANGE=0 turns the exchange off.
 """
 
 from __future__ import annotations
@@ -43,6 +48,17 @@ from runtime.fast_allreduce import all_ranks_ok
 
 log = logging.getLogger(__name__)
 ENV_SWITCH = "ENGINESMITH_TP_EXCHANGE"
+MODES = {"kernel": "kernel", "1": "fused", "fused": "fused", "split": "split"}
+"""ENGINESMITH_TP_EXCHANGE's values that turn the exchange on, and the TPExchange.mode each gives; unset means
+"kernel", "0" turns the exchange off (the step keeps the one-shot all-reduce)."""
+DEFAULT_MODE = "kernel"
+BLOCK_ENV = "ENGINESMITH_TP_REDUCE_BLOCK"
+"""Elements per program of the exchange kernels of modes "kernel" and "split" (default 512: 8 programs for a
+4096-wide hidden state)."""
+
+
+def _switch() -> str:
+    return os.environ.get(ENV_SWITCH, DEFAULT_MODE)
 _ALIGN = 256
 
 
@@ -102,8 +118,8 @@ class TPExchange:
         return self._buf is not None
 
     def status(self) -> dict:
-        out = dict(enabled=self.enabled, reason=self.reason, self_check_rel_err=self.check_err, pdl=self.pdl,
-                   points=self.num_points)
+        out = dict(enabled=self.enabled, mode=self.mode, reason=self.reason, self_check_rel_err=self.check_err,
+                   pdl=self.pdl, points=self.num_points)
         if self.enabled:  # a host sync: not inside a graph
             out["poll_rounds_waited"] = int(self.link.err[1])
         return out
@@ -118,6 +134,22 @@ class TPExchange:
 
     def send(self, point: int) -> Send:
         return Send(self._dst[point], self._slot_set, self._slots[0, point, self.rank].view(1, -1), self.link)
+
+    def all_reduce(self, point: int, x: torch.Tensor, early: bool = True) -> torch.Tensor:
+        """`mode` "kernel": the sum of every rank's x (this rank's partial, one row) through `point`, as one
+        small kernel (tp_signal.reduce) between the producer GEMV and the consumer, instead of inside them."""
+        out = torch.empty_like(x)
+        tp_signal.reduce(x, out, self._slots[0, point], self._dst[point], self._slot_set, self.link, self.pdl, early,
+                         self.block)
+        return out
+
+    def landed_sum(self, point: int) -> torch.Tensor:
+        """`mode` "split": (1, hidden), the sum of the ranks' partials a producer GEMV stored through
+        `send(point)`, as one small kernel that polls the slots (the producer scatters, no kernel waits)."""
+        out = torch.empty(1, self.hidden, dtype=self.dtype, device=self.device)
+        tp_signal.reduce(None, out, self._slots[0, point], self._dst[point], self._slot_set, self.link, self.pdl,
+                         block=self.block)
+        return out
 
     def send_logits(self) -> Send:
         v = self.vocab_local
@@ -153,8 +185,8 @@ class TPExchange:
 
     # ---- set-up ----
     def _local_problem(self) -> str | None:
-        if os.environ.get(ENV_SWITCH, "0") != "1":
-            return f"off (measured no faster than the one-shot all-reduce; {ENV_SWITCH}=1 turns it on)"
+        if _switch() not in MODES:
+            return (f"off ({ENV_SWITCH}={_switch()}; kernel (the default), split or 1 (fused) turns it on)")
         if self.device.type != "cuda":
             return f"device is {self.device.type}: the TP exchange needs CUDA peer memory"
         if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -196,6 +228,11 @@ class TPExchange:
         self.group, self.rank, self.tp, self.device, self.dtype = group, rank, tp, torch.device(device), dtype
         self.hidden, self.vocab_local, self.num_points, self.pdl, self.spin = hidden, vocab_local, num_points, pdl, spin
         self.reason, self.check_err, self._buf = "", None, None
+        self.mode = MODES.get(_switch(), DEFAULT_MODE)
+        self.block = int(os.environ.get(BLOCK_ENV, "512"))
+        """"fused": the GEMVs exchange (producers store into the slots, consumers poll them); "kernel": each
+        all-reduce point is a small kernel of its own (`all_reduce`) between plain GEMVs; "split": producers
+        store into the slots, a small kernel polls and sums them (`landed_sum`), consumers are plain GEMVs."""
 
     def _allocate(self) -> None:
         os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # before any symmetric allocation: no cuMulticast*

@@ -1,4 +1,4 @@
-"""Cross-rank signalling for the fused TP exchange (runtime/tp_exchange.py): the data is its own flag.
+"""Cross-rank signalling for the TP exchange (runtime/tp_exchange.py): the data is its own flag.
 
 Every element of an exchange slot starts as -0.0 (the sign bit alone: "empty"). A producer program (o_proj,
 down, lm_head on every TP rank) stores its outputs straight into its slot on every rank, the peers' over
@@ -6,12 +6,14 @@ NVLink, turning a -0.0 result into +0.0 so that no real value reads as empty. A 
 own buffer once with vectorized L2 loads and, if some element it needs is still empty, polls (volatile loads)
 until none is. There is no counter, fence,
 flag or wait kernel: a slot is ready element by element, the moment the peer's stores land (the Lamport
-scheme of TensorRT-LLM's low-latency all-reduce).
+scheme of TensorRT-LLM's low-latency all-reduce). The producer and the consumer are the GEMVs themselves
+(mode "fused"), or a small kernel of this module (`reduce`) is both (mode "kernel", the default) or the
+consumer only ("split").
 
 Slots come in three sets that rotate with the step epoch (on the device, one per decode step): step e writes
-and reads set e % 3, and its consumers empty set (e + 1) % 3 again. That set was last read at step e - 2;
-it is next written at step e + 1, and a peer can only get that far after it has consumed this rank's later
-outputs of step e, which this rank produces after the clear.
+and reads set e % 3, and its consumers (each point's reader) empty set (e + 1) % 3 again. That set was last
+read at step e - 2; it is next written at step e + 1, and a peer can only get that far after it has consumed
+this rank's later outputs of step e, which this rank produces after the clear.
 
 Earlier versions were slower than the collective kernels they replaced (benchmarks/results/
 runtime-h200-x2-tp-exchange-v*.json): v1 stored to the peers from every producer program, each adding to a
@@ -207,6 +209,52 @@ def clear(P, N, BLOCK: tl.constexpr):
     empty = tl.full([BLOCK], _empty_bits(B), B.dtype.element_ty)
     for s in range(tl.program_id(0) * BLOCK, N, tl.num_programs(0) * BLOCK):
         tl.store(B + s + offs, empty, mask=s + offs < N)
+
+
+@triton.jit
+def _reduce_kernel(X, OUT, DST, DSET, XS, XSET, EPOCH, ERR, SPIN, N, PDL: tl.constexpr, EARLY: tl.constexpr,
+                   SCATTER: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr):
+    """One all-reduce point as a kernel of its own: program p stores its BLOCK of this rank's partial X into
+    every rank's slot (SCATTER; else the producer GEMV has stored its outputs there itself, and this kernel
+    does not wait for it), empties its share of the next set, polls its BLOCK of every rank's slot until
+    landed, and writes their sum (float32, rank order, rounded once) to OUT. EARLY: its dependents (the next
+    GEMV) launch as soon as it starts, so they load their first weight tiles while the partials cross."""
+    if PDL:
+        if SCATTER:
+            tl.extra.cuda.gdc_wait()
+        if EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
+    epoch = tl.load(EPOCH)
+    start = tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < N
+    if SCATTER:
+        scatter(tl.load(X + offs, mask=mask, other=0.0), offs, mask, DST, (epoch % 3) * DSET, TP)
+    nxt = _bits(XS + ((epoch + 1) % 3) * XSET)
+    for q in tl.static_range(TP):
+        tl.store(nxt + q * N + offs, tl.full([BLOCK], _empty_bits(nxt), nxt.dtype.element_ty), mask=mask)
+    xs = XS + (epoch % 3) * XSET
+    for q in tl.static_range(TP):
+        await_landed(xs + q * N + start, tl.minimum(N - start, BLOCK), tl.load(ERR) == 0, ERR, SPIN, ERR, 0, BLOCK,
+                     1, 0)
+    s = tl.load(xs + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    for q in tl.static_range(1, TP):
+        s += tl.load(xs + q * N + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    tl.store(OUT + offs, s.to(OUT.dtype.element_ty), mask=mask)
+    if PDL:
+        if not EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+def reduce(x, out, slots, dst, set_stride: int, link, pdl: bool, early: bool = True, block: int = 512) -> None:
+    """out = the sum over the TP ranks of x (this rank's partial, n elements) through one exchange point:
+    `slots` (tp, n) of this rank's buffer (set 0), `dst` (tp,) the addresses of this rank's slot on every rank.
+    x None: the producer has stored this rank's partial into the slots itself (a GEMV with `send`)."""
+    n = out.numel()
+    _reduce_kernel[(triton.cdiv(n, block),)](out if x is None else x, out, dst, set_stride, slots, set_stride,
+                                             link.epoch, link.err, link.spin, n, PDL=pdl, EARLY=early,
+                                             SCATTER=x is not None, TP=link.tp, BLOCK=block, launch_pdl=pdl,
+                                             num_warps=4)
 
 
 @triton.jit

@@ -96,6 +96,9 @@ def test_tp_ceiling_splits_each_step_into_streaming_and_fixed_costs():
     assert c["allreduces_per_step"] == 20 and c["allreduce_us"] == 5.0
     assert c["speedup_ceiling"] == pytest.approx(1.5)
     assert c["speedup_ceiling_free_allreduce"] == pytest.approx(1.2 / 0.7)
+    with_exchange = ceiling(one, two | {"1": {"ms_per_step": 0.75}, "1_collectives": {"ms_per_step": 0.9}}, "1",
+                            layers=10)["ceiling"]  # the main row ran the TP exchange: the collective step is split
+    assert with_exchange["tp2_fixed_ms"] == pytest.approx(0.4)
     no_micro = ceiling(one, {k: v for k, v in two.items() if k != "allreduce_micro"}, "1", layers=10)["ceiling"]
     assert "speedup_ceiling" not in no_micro and no_micro["speedup_ceiling_free_allreduce"] > 1
     assert ceiling({"1": {"ms_per_step": 1.0}}, two, "1", layers=10) == {}  # CPU runs report no bandwidth
@@ -124,3 +127,23 @@ def test_tp_ceiling_report_splits_out_the_allreduces_and_marks_the_target(tmp_pa
     assert rows[0]["tp2_no_allreduce_ms"] == 0.7 and "1.71x" in tp_ceiling.table(rows)
     png = tp_ceiling.plot(rows, tmp_path / "c.png")
     assert png is None or png.stat().st_size > 1000
+    assert rows[0]["speedup_exchange"] is None
+
+
+def test_tp_ceiling_splits_the_collective_step_of_a_run_whose_main_row_ran_the_exchange(tmp_path):
+    """Since the TP exchange kernels are the default, "1" is the exchange step and "1_collectives" the one-shot
+    all-reduce step: the report recomputes the split from the collective one and shows both speedups."""
+    from benchmarks import tp_ceiling
+
+    one = {"step_bytes": 4_000_000_000, "copy_gbps": 4000.0, "1": {"ms_per_step": 1.2}}
+    two = {"step_bytes": 2_000_000_000, "1": {"ms_per_step": 0.75}, "1_collectives": {"ms_per_step": 0.9},
+           "allreduce_micro": {"fast_us": 5.0}}
+    stored = dict(tp1_stream_ms=1.0, tp1_fixed_ms=0.2, tp2_stream_ms=0.5, tp2_fixed_ms=0.25, allreduces_per_step=20,
+                  allreduce_us=5.0, speedup_ceiling=1.5, speedup_ceiling_free_allreduce=1.2 / 0.7)
+    run = {"tp": {"ceiling": stored, "tp1": one, "tp2": two, "speedup_batch1_latency": 1.6,
+                  "speedup_batch1_latency_collectives": 1.33, "model": {"shape": "llama-3-8b", "layers": 10}}}
+    (tmp_path / "runtime-x-tp-b.json").write_text(json.dumps(run))
+    r = tp_ceiling.rows(tmp_path)[0]
+    assert r["tp2"]["fixed_ms"] == pytest.approx(0.3) and r["tp2"]["allreduce_ms"] == pytest.approx(0.1)
+    assert r["measured_speedup"] == 1.33 and r["speedup_exchange"] == 1.6 and r["tp2_exchange_ms"] == 0.75
+    assert "1.60x" in tp_ceiling.table([r])

@@ -122,6 +122,61 @@ def test_a_wait_for_a_peer_that_never_sends_gives_up_and_reports_it(poll, monkey
     exs[1].check_error()  # rank 1 waited for nothing
 
 
+@needs_triton
+@pytest.mark.parametrize("early", [True, False])
+def test_reduce_kernel_sums_every_ranks_partial_in_rank_order_and_empties_the_next_set(early):
+    """Mode "kernel": each point is a small kernel. Under one process the ranks' kernels run one after the
+    other, so rank 1's partial is placed in rank 0's slot first, as its store would have landed."""
+    gen = torch.Generator().manual_seed(3)
+    exs = _ranks(points=3)  # float32 (the interpreter's bf16 rounding is not the GPU's)
+    for step in range(4):  # the three sets rotate: no reset between steps
+        parts = [_rnd(gen, 1, H) for _ in exs]
+        ref = parts[0] + parts[1]
+        for ex in exs:
+            ex.begin_step()
+        here, after = (step + 1) % 3, (step + 2) % 3
+        exs[0]._slots[here, 2, 1] = parts[1][0]
+        outs = [ex.all_reduce(2, parts[r], early=early) for r, ex in enumerate(exs)]
+        for r, ex in enumerate(exs):
+            ex.check_error()
+            assert torch.equal(outs[r], ref), (step, r)
+            assert torch.equal(ex._slots[here, 2], torch.cat(parts)), (step, r)
+            assert _empty(ex._slots[after, 2]).all() and _empty(ex._slots[here, :2]).all(), (step, r)
+
+
+@needs_triton
+def test_split_mode_sums_what_the_producer_gemvs_stored():
+    """Mode "split": the residual GEMVs store into the slots (send), a small kernel per point sums them."""
+    from runtime.triton_gemv import gemv
+
+    gen = torch.Generator().manual_seed(4)
+    exs = _ranks()
+    w = [_rnd(gen, H, K, scale=0.1) for _ in exs]
+    res = _rnd(gen, 1, H)
+    for step in range(4):
+        x = [_rnd(gen, 1, K) for _ in exs]
+        parts = [gemv_ref(x[r], w[r], residual=res if r == 0 else None) for r in range(2)]
+        for ex in exs:
+            ex.begin_step()
+        for r, ex in enumerate(exs):
+            gemv(x[r], w[r], residual=res if r == 0 else None, send=ex.send(1))
+        outs = [ex.landed_sum(1) for ex in exs]
+        for r, ex in enumerate(exs):
+            ex.check_error()
+            assert torch.allclose(outs[r], parts[0] + parts[1], rtol=1e-5, atol=1e-5), (step, r)
+            assert torch.equal(outs[r], outs[0]) and _empty(ex._slots[(step + 2) % 3, 1]).all()
+
+
+@needs_triton
+def test_reduce_kernel_gives_up_on_a_peer_that_never_sends():
+    exs = _ranks(spin=50)
+    exs[0].begin_step()
+    out = exs[0].all_reduce(0, torch.ones(1, H, device=KERNEL_DEVICE))
+    with pytest.raises(RuntimeError, match="never delivered"):
+        exs[0].check_error()
+    assert out.shape == (1, H)
+
+
 def test_poll_modes_map_to_the_kernel_switches(monkeypatch):
     from runtime.tp_signal import HANDOFF
     from runtime.triton_gemv import POLL_ENV, x_poll
@@ -146,13 +201,19 @@ def test_layout_keeps_regions_aligned_and_apart_and_marks_them_empty():
     assert _empty(buf[l_off: l_off + 3 * 2 * 5 * 4].view(torch.float32)).all()
 
 
-def test_exchange_is_opt_in_and_refuses_cpu_with_the_reason(monkeypatch):
+def test_exchange_modes_by_switch_and_cpu_refused_with_the_reason(monkeypatch):
     ex = TPExchange.__new__(TPExchange)
     ex.device, ex.dtype = torch.device("cpu"), torch.float32
-    monkeypatch.delenv("ENGINESMITH_TP_EXCHANGE", raising=False)
-    assert "ENGINESMITH_TP_EXCHANGE=1 turns it on" in ex._local_problem()
-    monkeypatch.setenv("ENGINESMITH_TP_EXCHANGE", "1")
-    assert "needs CUDA" in ex._local_problem()
+    monkeypatch.setenv("ENGINESMITH_TP_EXCHANGE", "0")
+    assert "ENGINESMITH_TP_EXCHANGE=0; kernel (the default), split or 1 (fused) turns it on" in ex._local_problem()
+    for value in (None, "1", "split"):
+        if value is None:
+            monkeypatch.delenv("ENGINESMITH_TP_EXCHANGE", raising=False)  # on by default, in mode "kernel"
+        else:
+            monkeypatch.setenv("ENGINESMITH_TP_EXCHANGE", value)
+        assert "needs CUDA" in ex._local_problem()
+        ex._set(None, 0, 2, "cpu", torch.float32, 8, 8, 2, False, 10)
+        assert ex.mode == {None: "kernel", "1": "fused", "split": "split"}[value]
 
 
 # ---- two processes, one decode step ----
@@ -189,10 +250,12 @@ def _step_rank(rank: int, port: int, bufs: list[torch.Tensor], queue) -> None:
     ex._self_check()  # raises on a poll that gave up or a wrong number; empties every slot after
     check_err = ex.check_err
     outs = {}
-    for name, exchange in (("exchange", ex), ("collectives", None)):
+    for name, exchange in (("exchange", ex), ("kernel", ex), ("split", ex), ("collectives", None)):
+        ex.mode = name if name in ("kernel", "split") else "fused"  # the sets rotate on: no reset between paths
         dec = FastDecoder(model, copy.deepcopy(cache), max_batch_size=1, max_seq_len=12, compile=False, gemv=True,
                           rope_kernel=True, cuda_graphs=False, reduce=reduce, gather=gather, exchange=exchange)
         assert ("TP exchange" in dec.status()["gemv"]) == (exchange is not None), dec.status()["gemv"]
+        assert (f"exchange kernels ({name})" in dec.status()["gemv"]) == (name in ("kernel", "split"))
         outs[name] = [dec.decode([0], [tok], [len(PROMPT) + i]).clone() for i, tok in enumerate(NEXT)]
     ex.check_error()
     queue.put((rank, {k: [t.numpy() for t in v] for k, v in outs.items()} | dict(check_err=check_err)))
@@ -235,8 +298,10 @@ def test_two_ranks_step_through_the_exchange_like_the_collective_path_and_tp1():
     for i, tok in enumerate(NEXT):
         ref = plain_forward(model1, cache, [SeqSpan(0, len(PROMPT) + i, 1)], [tok])[:, : cfg.vocab_size]
         for r in range(2):
-            ex = torch.from_numpy(got[r]["exchange"][i])[:, : cfg.vocab_size]
             coll = torch.from_numpy(got[r]["collectives"][i])[:, : cfg.vocab_size]
-            assert torch.allclose(ex, coll, rtol=1e-4, atol=1e-4), (i, r, float((ex - coll).abs().max()))
-            assert torch.allclose(ex, ref, rtol=1e-4, atol=1e-4), (i, r, float((ex - ref).abs().max()))
-        assert torch.equal(torch.from_numpy(got[0]["exchange"][i]), torch.from_numpy(got[1]["exchange"][i]))
+            for mode in ("exchange", "kernel", "split"):
+                ex = torch.from_numpy(got[r][mode][i])[:, : cfg.vocab_size]
+                assert torch.allclose(ex, coll, rtol=1e-4, atol=1e-4), (mode, i, r, float((ex - coll).abs().max()))
+                assert torch.allclose(ex, ref, rtol=1e-4, atol=1e-4), (mode, i, r, float((ex - ref).abs().max()))
+        for mode in ("exchange", "kernel", "split"):
+            assert torch.equal(torch.from_numpy(got[0][mode][i]), torch.from_numpy(got[1][mode][i])), mode
