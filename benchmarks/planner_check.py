@@ -44,6 +44,7 @@ BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions", "no_pdl": "fus
 ("previous" / "no_exchange": the keys of the runs made while the fused TP exchange was the default;
 "collectives": since the exchange kernels are)."""
 FILE_LABELS = {"runtime-h200-x2-tp-kernel.json": {"exchange": "fused GEMV + PDL, TP exchange kernels"},
+               "runtime-h200-x2-tp-kernel-rerun.json": {"exchange": "fused GEMV + PDL, TP exchange kernels"},
                "runtime-h200-x2-tp-split.json": {"exchange": "fused GEMV + PDL, TP exchange split"}}
 """Baseline names particular to one run: there `1_exchange` ran ENGINESMITH_TP_EXCHANGE=kernel / split."""
 SUPERSEDED = ("-exchange-v1.json", "-exchange-v2.json", "-exchange-v3.json", "runtime-h200-x2-tp-mixtral.json")
