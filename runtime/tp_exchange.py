@@ -59,6 +59,15 @@ BLOCK_ENV = "ENGINESMITH_TP_REDUCE_BLOCK"
 
 def _switch() -> str:
     return os.environ.get(ENV_SWITCH, DEFAULT_MODE)
+
+
+def _block() -> int:
+    raw = os.environ.get(BLOCK_ENV, "512")
+    block = int(raw) if raw.isdigit() else 0
+    if not (16 <= block <= 4096 and block & (block - 1) == 0):
+        raise ValueError(f"{BLOCK_ENV}={raw!r}: give a power of two from 16 to 4096 (elements per program of the "
+                         "exchange kernels), or unset it for 512")
+    return block
 _ALIGN = 256
 
 
@@ -186,7 +195,7 @@ class TPExchange:
     # ---- set-up ----
     def _local_problem(self) -> str | None:
         if _switch() not in MODES:
-            return (f"off ({ENV_SWITCH}={_switch()}; kernel (the default), split or 1 (fused) turns it on)")
+            return f"off ({ENV_SWITCH}={_switch()}; kernel (the default), split or 1 (fused) turns it on)"
         if self.device.type != "cuda":
             return f"device is {self.device.type}: the TP exchange needs CUDA peer memory"
         if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -229,10 +238,10 @@ class TPExchange:
         self.hidden, self.vocab_local, self.num_points, self.pdl, self.spin = hidden, vocab_local, num_points, pdl, spin
         self.reason, self.check_err, self._buf = "", None, None
         self.mode = MODES.get(_switch(), DEFAULT_MODE)
-        self.block = int(os.environ.get(BLOCK_ENV, "512"))
         """"fused": the GEMVs exchange (producers store into the slots, consumers poll them); "kernel": each
         all-reduce point is a small kernel of its own (`all_reduce`) between plain GEMVs; "split": producers
         store into the slots, a small kernel polls and sums them (`landed_sum`), consumers are plain GEMVs."""
+        self.block = _block()
 
     def _allocate(self) -> None:
         os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # before any symmetric allocation: no cuMulticast*

@@ -216,6 +216,15 @@ def test_exchange_modes_by_switch_and_cpu_refused_with_the_reason(monkeypatch):
         assert ex.mode == {None: "kernel", "1": "fused", "split": "split"}[value]
 
 
+@pytest.mark.parametrize("value", ["300", "8", "8192", "big"])
+def test_a_bad_reduce_block_is_refused_naming_the_variable(value, monkeypatch):
+    monkeypatch.setenv("ENGINESMITH_TP_REDUCE_BLOCK", value)
+    with pytest.raises(ValueError, match=f"ENGINESMITH_TP_REDUCE_BLOCK='{value}': give a power of two"):
+        _ranks()
+    monkeypatch.setenv("ENGINESMITH_TP_REDUCE_BLOCK", "256")
+    assert _ranks()[0].block == 256
+
+
 # ---- two processes, one decode step ----
 def _free_port() -> int:
     with socket.socket() as s:
