@@ -7,10 +7,10 @@ residual] (runtime/triton_moe_gemv.py). The cuBLAS path (runtime/decode_step.py'
 more kernels per dense layer: two norms, rotary + cache write, SiLU * up, and split-K reductions.
 With tp > 1 the all-reduce follows o_proj and down (or the MoE block), and only TP rank 0 adds the
 residual into its partial, so the reduced sum is h + every rank's partial. On Hopper the kernels launch with
-programmatic dependent launch (runtime/pdl.py); given a TP exchange (runtime/tp_exchange.py; dense layers) the
-all-reduces go through peer memory instead: a small kernel per point (mode "kernel", its default), the producer
-GEMV's stores and a summing kernel ("split"), or the GEMVs alone ("fused"), and the logits gather through
-lm_head's stores. Opt-in (`rows`), dense models also run
+programmatic dependent launch (runtime/pdl.py); given a TP exchange (runtime/tp_exchange.py) the all-reduces
+go through peer memory instead: a small kernel per point (mode "kernel", its default; MoE blocks too), the
+producer GEMV's stores and a summing kernel ("split"; MoE blocks take the kernel), or the GEMVs alone ("fused",
+dense layers only), and the logits gather through lm_head's stores. Opt-in (`rows`), dense models also run
 steps of 2..64 rows this way: the projections through runtime/triton_rows.py's tensor-core kernels (same
 fusions), rotary and the KV-cache write through `rope_write`'s kernel.
 
@@ -42,9 +42,9 @@ class GemvDecode:
         """qkv_rope: triton_gemv.qkv_rope_gemv (rotary and the KV-cache write in the qkv kernel's epilogue),
         or None: the qkv kernel, then `rope_write`'s kernel. moe_kernels: runtime.triton_moe_gemv (MoE layers).
         pdl: launch the GEMVs with programmatic dependent launch (runtime/pdl.py). exchange: an enabled
-        runtime.tp_exchange.TPExchange (tp > 1, dense layers): the batch-1 step's all-reduces and logits gather
-        go through it (in its `mode`) instead of `reduce` / `gather`. rows: triton_rows.gemm_rows (dense models): steps
-        of 2..MAX_ROWS rows run here too."""
+        runtime.tp_exchange.TPExchange (tp > 1; mode "fused": dense layers): the batch-1 step's all-reduces and
+        logits gather go through it (in its `mode`) instead of `reduce` / `gather`. rows: triton_rows.gemm_rows
+        (dense models): steps of 2..MAX_ROWS rows run here too."""
         self.model, self.rope_write, self.attention = model, rope_write, attention
         self.reduce, self.gather, self._qkv_rope = reduce, gather, qkv_rope
         self._gemv = partial(gemv, pdl=True) if pdl else gemv
@@ -52,7 +52,7 @@ class GemvDecode:
         self._rows = (partial(rows, pdl=True) if pdl else rows) if rows is not None else None
         self.max_rows = importlib.import_module("runtime.triton_rows").MAX_ROWS if rows is not None else 1
         self.add_residual = model.coords.tp_rank == 0
-        if exchange is not None and any(w.router is not None for w in model.layers):
+        if exchange is not None and exchange.mode == "fused" and any(w.router is not None for w in model.layers):
             raise ValueError("the fused TP exchange covers dense layers only")
 
     def handles(self, rows: int) -> bool:
@@ -63,8 +63,8 @@ class GemvDecode:
     def try_build(cls, model: RankModel, rope_write, attention, reduce: Collective, gather: Collective,
                   exchange=None, pdl: bool = False, rows: bool = False) -> tuple[GemvDecode | None, str]:
         """(the step, a note) or (None, why not). exchange: a runtime.tp_exchange.TPExchange (tp > 1) the
-        step uses when it is enabled and the model is dense; pdl: programmatic dependent launch; rows: also
-        steps of 2..64 rows (dense models, if the rows kernels pass their own check)."""
+        step uses when it is enabled (mode "fused": if the model is dense); pdl: programmatic dependent launch;
+        rows: also steps of 2..64 rows (dense models, if the rows kernels pass their own check)."""
         if not (model.is_first_stage and model.is_last_stage):
             return None, "pp_size > 1"
         moe = any(w.router is not None for w in model.layers)
@@ -84,12 +84,13 @@ class GemvDecode:
         qkv_rope, rope_note = _try_qkv_rope(model, triton_gemv, tol)
         if qkv_rope is not None and pdl:
             qkv_rope = partial(qkv_rope, pdl=True)
-        use_ex = exchange is not None and exchange.enabled and not moe
+        use_ex = exchange is not None and exchange.enabled and not (moe and exchange.mode == "fused")
         ex_note = ("; all-reduces and logits gather fused into the GEMVs (TP exchange)" if use_ex and
                    exchange.mode == "fused" else
                    f"; all-reduces as exchange kernels ({exchange.mode}), logits gather fused into lm_head (TP "
                    "exchange)" if use_ex else
-                   f"; TP exchange off ({exchange.reason or 'MoE layers'})" if exchange is not None else "")
+                   f"; TP exchange off ({exchange.reason or 'fused mode, MoE layers'})" if exchange is not None else
+                   "")
         gemm_rows, rows_note = _try_rows(model, tol) if rows and not moe else (None, "")
         step = cls(model, rope_write, attention, reduce, gather, triton_gemv.gemv, qkv_rope, moe_kernels, pdl,
                    exchange if use_ex else None, gemm_rows)
@@ -106,7 +107,7 @@ class GemvDecode:
         if ex is not None and ex.mode == "fused":
             return self._exchange_step(input_ids, positions, batch, k_layers, v_layers)
         gemv = self._gemv if one else self._rows
-        reduced = self._reduced_projection(gemv, ex)
+        reduced, reduce_partial = self._reducers(gemv, ex)
         eps = m.cfg.norm_epsilon
         h = F.embedding(input_ids, m.embedding)
         cos, sin = m.rope(positions)
@@ -122,28 +123,33 @@ class GemvDecode:
                 ids, prob = self._moe.moe_router(h, w.post_layernorm, eps, w.router, cfg.moe_top_k,
                                                  cfg.moe_normalization_mode == 1)
                 act = self._moe.moe_up(h, w.fc, w.post_layernorm, eps, ids, m.experts.start)
-                h = self.reduce(self._moe.moe_down(act, w.proj, ids, prob, m.experts.start, residual=res))
+                h = reduce_partial(self._moe.moe_down(act, w.proj, ids, prob, m.experts.start, residual=res))
         if ex is not None:
             gemv(h, m.lm_head, norm=m.ln_f, eps=eps, out_f32=True, send=ex.send_logits())
             return ex.wait_logits()
         return self.gather(gemv(h, m.lm_head, norm=m.ln_f, eps=eps, out_f32=True))
 
-    def _reduced_projection(self, gemv, ex):
-        """(x, weight, residual) -> the all-reduced residual GEMV: `reduce` after it, or with the exchange in mode
-        "kernel" / "split" (a new step begins) point 2i after layer i's o_proj and 2i + 1 after its down: a
-        reduce kernel after the GEMV, or the GEMV storing into the slots and a kernel summing them."""
+    def _reducers(self, gemv, ex):
+        """(reduced, reduce_partial): reduced(x, weight, residual) is the all-reduced residual GEMV,
+        reduce_partial(y) the all-reduce of a partial (a MoE block's output). Without the exchange both use
+        `reduce`; with it in mode "kernel" / "split" (a new step begins) point 2i follows layer i's o_proj and
+        2i + 1 its down or MoE block: a reduce kernel after the producer, or (split, dense GEMVs) the GEMV
+        storing into the slots and a kernel summing them."""
         if ex is None:
-            return lambda x, weight, res: self.reduce(gemv(x, weight, residual=res))
+            return (lambda x, weight, res: self.reduce(gemv(x, weight, residual=res))), self.reduce
         ex.begin_step()
         points = iter(range(2 * self.model.num_local_layers))
 
+        def reduce_partial(y):
+            return ex.all_reduce(next(points), y)
+
         def reduced(x, weight, res):
-            point = next(points)
             if ex.mode == "split":
+                point = next(points)
                 gemv(x, weight, residual=res, send=ex.send(point))
                 return ex.landed_sum(point)
-            return ex.all_reduce(point, gemv(x, weight, residual=res))
-        return reduced
+            return reduce_partial(gemv(x, weight, residual=res))
+        return reduced, reduce_partial
 
     def _attend(self, h, w, cos, sin, batch, kc, vc, recv=None, linear=None) -> torch.Tensor:
         """[RMSNorm + qkv + rotary + KV write] then attention for one layer -> o (B, nq, d); with `recv` (the

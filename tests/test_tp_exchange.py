@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from runtime.gemv_ref import gemv_ref
-from runtime.random_model import TINY_LLAMA, checkpoint_config, random_rank_model
+from runtime.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
 from runtime.tp_exchange import TPExchange
 from tests.test_decode_kernels import INTERPRET, KERNEL_DEVICE, needs_triton
 
@@ -232,7 +232,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _step_rank(rank: int, port: int, bufs: list[torch.Tensor], queue) -> None:
+def _step_rank(rank: int, port: int, bufs: list[torch.Tensor], queue, moe: bool) -> None:
     import copy
 
     import torch.distributed as dist
@@ -246,7 +246,7 @@ def _step_rank(rank: int, port: int, bufs: list[torch.Tensor], queue) -> None:
 
     torch.set_num_threads(1)
     groups = init_parallel(Mapping.create(tp_size=2), rank, f"tcp://127.0.0.1:{port}", "gloo")
-    cfg = checkpoint_config(TINY_LLAMA, tp_size=2)
+    cfg = checkpoint_config(TINY_MIXTRAL if moe else TINY_LLAMA, tp_size=2)
     model = random_rank_model(cfg, rank, seed=1)
     reduce, gather = groups.all_reduce_tp, groups.gather_tp_last_dim
     cache = PagedKVCache(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads,
@@ -259,8 +259,9 @@ def _step_rank(rank: int, port: int, bufs: list[torch.Tensor], queue) -> None:
     ex._self_check()  # raises on a poll that gave up or a wrong number; empties every slot after
     check_err = ex.check_err
     outs = {}
-    for name, exchange in (("exchange", ex), ("kernel", ex), ("split", ex), ("collectives", None)):
+    for name in (() if moe else ("exchange",)) + ("kernel", "split", "collectives"):
         ex.mode = name if name in ("kernel", "split") else "fused"  # the sets rotate on: no reset between paths
+        exchange = None if name == "collectives" else ex
         dec = FastDecoder(model, copy.deepcopy(cache), max_batch_size=1, max_seq_len=12, compile=False, gemv=True,
                           rope_kernel=True, cuda_graphs=False, reduce=reduce, gather=gather, exchange=exchange)
         assert ("TP exchange" in dec.status()["gemv"]) == (exchange is not None), dec.status()["gemv"]
@@ -276,19 +277,23 @@ PROMPT, NEXT = [5, 17, 33, 2, 99], [7, 250]
 
 @pytest.mark.skipif(not INTERPRET, reason="the two-process step runs its kernels under Triton's interpreter "
                                           "(GPU runs: benchmarks/runtime.py --sections tp)")
-def test_two_ranks_step_through_the_exchange_like_the_collective_path_and_tp1():
+@pytest.mark.parametrize("moe", [False, True], ids=["llama", "mixtral"])
+def test_two_ranks_step_through_the_exchange_like_the_collective_path_and_tp1(moe):
+    """Every mode against the collective path and tp=1; the tiny Mixtral (its experts split over the ranks) takes
+    the exchange kernels after its MoE blocks (the fused mode covers dense layers only)."""
     from runtime.kv_cache import PagedKVCache
     from runtime.paged_attention import SeqSpan
     from runtime.plain_step import plain_forward
 
-    cfg = checkpoint_config(TINY_LLAMA, tp_size=2)
-    model1 = random_rank_model(checkpoint_config(TINY_LLAMA), seed=1)
+    shape = TINY_MIXTRAL if moe else TINY_LLAMA
+    cfg = checkpoint_config(shape, tp_size=2)
+    model1 = random_rank_model(checkpoint_config(shape), seed=1)
     n_points = 2 * model1.num_local_layers
     vocab_local = random_rank_model(cfg, 0, seed=1).lm_head.shape[0]
     bufs = [b.share_memory_() for b in _buffers(2, n_points, cfg.hidden_size, vocab_local, model1.dtype, "cpu")]
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_step_rank, args=(r, port, bufs, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_step_rank, args=(r, port, bufs, queue, moe)) for r in range(2)]
     try:
         for p in procs:
             p.start()
@@ -304,13 +309,14 @@ def test_two_ranks_step_through_the_exchange_like_the_collective_path_and_tp1():
     cache.reserve(0, 12)
     plain_forward(model1, cache, [SeqSpan(0, 0, len(PROMPT))], PROMPT)
     assert all(got[r]["check_err"] < 1e-4 for r in range(2)), [got[r]["check_err"] for r in range(2)]
+    modes = ("kernel", "split") if moe else ("exchange", "kernel", "split")
     for i, tok in enumerate(NEXT):
         ref = plain_forward(model1, cache, [SeqSpan(0, len(PROMPT) + i, 1)], [tok])[:, : cfg.vocab_size]
         for r in range(2):
             coll = torch.from_numpy(got[r]["collectives"][i])[:, : cfg.vocab_size]
-            for mode in ("exchange", "kernel", "split"):
+            assert torch.allclose(coll, ref, rtol=1e-4, atol=1e-4), (i, r, float((coll - ref).abs().max()))
+            for mode in modes:
                 ex = torch.from_numpy(got[r][mode][i])[:, : cfg.vocab_size]
                 assert torch.allclose(ex, coll, rtol=1e-4, atol=1e-4), (mode, i, r, float((ex - coll).abs().max()))
-                assert torch.allclose(ex, ref, rtol=1e-4, atol=1e-4), (mode, i, r, float((ex - ref).abs().max()))
-        for mode in ("exchange", "kernel", "split"):
+        for mode in modes:
             assert torch.equal(torch.from_numpy(got[0][mode][i]), torch.from_numpy(got[1][mode][i])), mode
