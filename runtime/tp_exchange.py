@@ -284,7 +284,8 @@ class TPExchange:
 
     def _self_check(self) -> None:
         """One exchange step on random weights: a residual GEMV into point 0, an RMSNorm GEMV out of it into
-        the logits, against the same arithmetic with dist.all_reduce / all_gather; then every slot emptied."""
+        the logits, and the partial through point 1's reduce kernel, against the same arithmetic with
+        dist.all_reduce / all_gather; then every slot emptied."""
         from runtime import triton_gemv
         from runtime.gemv_ref import check_tol, gemv_ref, rel_err
 
@@ -316,9 +317,12 @@ class TPExchange:
                                  send=Send(whole.dst + 4 * c, whole.set_stride, whole.slice_like[:, c: c + n],
                                            self.link))
             logits = self.wait_logits().clone()
+            errs = [rel_err(got_h, ref_h), rel_err(logits, ref_logits)]
+            if self.num_points > 1:  # the reduce kernel of modes kernel / split, through the next point
+                errs.append(rel_err(self.all_reduce(1, part), ref_h))
             self._sync()
         self.check_error()
-        self.check_err = max(rel_err(got_h, ref_h), rel_err(logits, ref_logits))
+        self.check_err = max(errs)
         self.reset()
         if not self.check_err < check_tol(dt):
             raise RuntimeError(f"relative error {self.check_err:.3g} against dist.all_reduce / all_gather")
