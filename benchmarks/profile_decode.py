@@ -5,24 +5,31 @@ under torch.profiler and prints the kernels by total time per step (count per st
 fixed per-layer cost next to the GEMVs can be attributed. The timeline part sums, per step, the time
 some kernel runs (busy) against the span from the step's first kernel start to its last kernel end: the
 rest is launch gaps and waits between kernels. --tp 2 spawns one process per rank (NCCL, the fast
-all-reduce as the benchmarks set it up) and reports every rank. Writes
-decode-profile-<card>[-moe][-tpN][-bB].json (the defaults keep the old names).
-Usage: python -m benchmarks.profile_decode [--moe] [--layers N] [--tp N] [--batch B] [--out DIR]
+all-reduce and the TP exchange as the benchmarks set them up; --tp-path collectives / no-allreduce for the
+one-shot all-reduce or none) and reports every rank; --no-pdl gives each kernel's own duration (with PDL a
+kernel's time includes its wait for the one before). Writes
+decode-profile-<card>[-moe][-tpN][-bB][-nopdl][-<tp path>].json (the defaults keep the old names; the tp files
+before the exchange kernels became the default path timed the one-shot all-reduce).
+Usage: python -m benchmarks.profile_decode [--moe] [--layers N] [--tp N] [--batch B] [--no-pdl]
+       [--tp-path exchange|collectives|no-allreduce] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from benchmarks.runtime_hw import card_slug
+from runtime import pdl
 from runtime.random_model import LLAMA_3_8B, MIXTRAL_8X7B, checkpoint_config, random_rank_model
 
 PROMPT_LEN = 512
+TP_PATHS = ("exchange", "collectives", "no-allreduce")
 
 
 def main() -> None:
@@ -32,10 +39,19 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per decode step")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch without programmatic dependent launch: each kernel's duration is its own, not "
+                         "stretched by waiting for the kernel before it")
+    ap.add_argument("--tp-path", choices=TP_PATHS, default="exchange",
+                    help="tp > 1: how the step all-reduces: the TP exchange kernels (the default path), the "
+                         "one-shot all-reduce, or nothing (timing only: wrong sums)")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
     shape, layers = (MIXTRAL_8X7B, a.layers or 8) if a.moe else (LLAMA_3_8B, a.layers)
-    p = dict(shape=shape, layers=layers, tp=a.tp, batch=a.batch, steps=a.steps, cuda=True, dtype="bfloat16")
+    p = dict(shape=shape, layers=layers, tp=a.tp, batch=a.batch, steps=a.steps, cuda=True, dtype="bfloat16",
+             tp_path=a.tp_path)
+    if a.no_pdl:  # runtime.pdl.enabled reads it: the decoder and the TP exchange (spawned ranks inherit it)
+        os.environ[pdl.ENV_SWITCH] = "0"
     if a.tp == 1:
         ranks = [profile_rank(0, 1, 0, p)]
     else:
@@ -49,6 +65,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     card = card_slug(torch.cuda.get_device_name())
     suffix = ("-moe" if a.moe else "") + (f"-tp{a.tp}" if a.tp > 1 else "") + (f"-b{a.batch}" if a.batch > 1 else "")
+    suffix += ("-nopdl" if a.no_pdl else "") + (f"-{a.tp_path}" if a.tp > 1 and a.tp_path != "exchange" else "")
     path = out / f"decode-profile-{card}{suffix}.json"
     body = ranks[0] if a.tp == 1 else dict(ranks[0], ranks=ranks)
     path.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), tp=a.tp, batch=a.batch, **body), indent=2)
@@ -76,16 +93,24 @@ def profile_rank(rank: int, world: int, port: int, p: dict) -> dict:
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
     cfg = checkpoint_config(p["shape"], num_layers=p["layers"], dtype=p["dtype"], tp_size=world)
     model = random_rank_model(cfg, rank, device=device, seed=0)
-    reduce = gather = None
+    reduce = gather = exchange = None
     if groups is not None:
+        from runtime.tp_exchange import for_model
+
         reduce, gather = groups.all_reduce_tp, groups.gather_tp_last_dim
         groups.enable_fast_all_reduce(p["batch"] * cfg.hidden_size * 2, model.dtype, device)
+        if p["tp_path"] == "exchange":  # collective set-up on every rank; off (with its reason) if it fails
+            exchange = for_model(groups, model, device)
+            exchange = exchange if exchange.enabled else None
+        elif p["tp_path"] == "no-allreduce":  # the tokens are fixed, so wrong sums change no step's shape
+            reduce = _keep_partial
     b, steps = p["batch"], p["steps"]
     total = PROMPT_LEN + 2 * steps + 8
     cache = make_cache(model, total, 32, batch=b)
     for s in range(b):
         cache.reserve(s, total)
-    dec = FastDecoder(model, cache, max_batch_size=b, max_seq_len=total, reduce=reduce, gather=gather)
+    dec = FastDecoder(model, cache, max_batch_size=b, max_seq_len=total, reduce=reduce, gather=gather,
+                      exchange=exchange)
     seqs, toks = list(range(b)), [1 + 7 * s for s in range(b)]  # distinct ids: a MoE batch spreads over experts
     pos = PROMPT_LEN
     for _ in range(steps):  # warm-up: compile + capture
@@ -100,6 +125,11 @@ def profile_rank(rank: int, world: int, port: int, p: dict) -> dict:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return dict(rank=rank, layers=cfg.num_hidden_layers, status=str(dec.status()),
                 **_kernel_table(kernels, steps), **_timeline(kernels, steps))
+
+
+def _keep_partial(x: torch.Tensor) -> torch.Tensor:
+    """--tp-path no-allreduce's all-reduce: nothing (each rank keeps its partial sums)."""
+    return x
 
 
 def _kernel_table(kernels, steps: int) -> dict:
