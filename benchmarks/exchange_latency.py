@@ -102,10 +102,7 @@ def _mini_consumer(XS, XSET, OUT, EPOCH, ERR, SPIN, READY, N, PDL: tl.constexpr,
                            CHUNKS, HANDOFF)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    x = tl.load(xs + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    for q in tl.static_range(1, TP):
-        x += tl.load(xs + q * N + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    tl.store(OUT + offs, x, mask=mask)
+    tl.store(OUT + offs, tp_signal.slot_sum(xs, N, offs, mask, TP), mask=mask)
 
 
 def _timed_graph(fn, barrier) -> float:

@@ -87,7 +87,7 @@ def _spawn_body(rank: int, world: int, port: int, p: dict) -> list[dict] | None:
 def profile_rank(rank: int, world: int, port: int, p: dict) -> dict:
     """Build this rank's model and decoder, warm up (compile + capture), then profile p["steps"] steps."""
     from benchmarks.runtime_decode import make_cache
-    from benchmarks.runtime_parallel import _join
+    from benchmarks.runtime_parallel import _join, _no_allreduce
     from runtime.fast_decode import FastDecoder
 
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
@@ -103,7 +103,7 @@ def profile_rank(rank: int, world: int, port: int, p: dict) -> dict:
             exchange = for_model(groups, model, device)
             exchange = exchange if exchange.enabled else None
         elif p["tp_path"] == "no-allreduce":  # the tokens are fixed, so wrong sums change no step's shape
-            reduce = _keep_partial
+            reduce = _no_allreduce
     b, steps = p["batch"], p["steps"]
     total = PROMPT_LEN + 2 * steps + 8
     cache = make_cache(model, total, 32, batch=b)
@@ -125,11 +125,6 @@ def profile_rank(rank: int, world: int, port: int, p: dict) -> dict:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return dict(rank=rank, layers=cfg.num_hidden_layers, status=str(dec.status()),
                 **_kernel_table(kernels, steps), **_timeline(kernels, steps))
-
-
-def _keep_partial(x: torch.Tensor) -> torch.Tensor:
-    """--tp-path no-allreduce's all-reduce: nothing (each rank keeps its partial sums)."""
-    return x
 
 
 def _kernel_table(kernels, steps: int) -> dict:

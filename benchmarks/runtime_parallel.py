@@ -186,7 +186,7 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
 
         exchange = for_model(groups, model, device)
         out["tp_exchange"] = exchange.status()
-        exchange = exchange if exchange.enabled and not (cfg.is_moe and exchange.mode == "fused") else None
+        exchange = exchange if exchange.serves(cfg.is_moe) else None
     for bs in p["batches"]:
         total = p["prompt_len"] + 2 * p["steps"] + 1
         cache = make_cache(model, total, p["tpb"], batch=bs)

@@ -84,7 +84,7 @@ class GemvDecode:
         qkv_rope, rope_note = _try_qkv_rope(model, triton_gemv, tol)
         if qkv_rope is not None and pdl:
             qkv_rope = partial(qkv_rope, pdl=True)
-        use_ex = exchange is not None and exchange.enabled and not (moe and exchange.mode == "fused")
+        use_ex = exchange is not None and exchange.serves(moe)
         ex_note = ("; all-reduces and logits gather fused into the GEMVs (TP exchange)" if use_ex and
                    exchange.mode == "fused" else
                    f"; all-reduces as exchange kernels ({exchange.mode}), logits gather fused into lm_head (TP "

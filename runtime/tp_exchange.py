@@ -147,18 +147,21 @@ class TPExchange:
     def all_reduce(self, point: int, x: torch.Tensor, early: bool = True) -> torch.Tensor:
         """`mode` "kernel": the sum of every rank's x (this rank's partial, one row) through `point`, as one
         small kernel (tp_signal.reduce) between the producer GEMV and the consumer, instead of inside them."""
-        out = torch.empty_like(x)
-        tp_signal.reduce(x, out, self._slots[0, point], self._dst[point], self._slot_set, self.link, self.pdl, early,
-                         self.block)
-        return out
+        return self._reduce(point, x, torch.empty_like(x), early)
 
     def landed_sum(self, point: int) -> torch.Tensor:
         """`mode` "split": (1, hidden), the sum of the ranks' partials a producer GEMV stored through
         `send(point)`, as one small kernel that polls the slots (the producer scatters, no kernel waits)."""
-        out = torch.empty(1, self.hidden, dtype=self.dtype, device=self.device)
-        tp_signal.reduce(None, out, self._slots[0, point], self._dst[point], self._slot_set, self.link, self.pdl,
-                         block=self.block)
+        return self._reduce(point, None, torch.empty(1, self.hidden, dtype=self.dtype, device=self.device))
+
+    def _reduce(self, point: int, x: torch.Tensor | None, out: torch.Tensor, early: bool = True) -> torch.Tensor:
+        tp_signal.reduce(x, out, self._slots[0, point], self._dst[point], self._slot_set, self.link, self.pdl, early,
+                         self.block)
         return out
+
+    def serves(self, moe: bool) -> bool:
+        """Whether a decode step uses this exchange: enabled, and (mode "fused") the model is dense."""
+        return self.enabled and not (moe and self.mode == "fused")
 
     def send_logits(self) -> Send:
         v = self.vocab_local

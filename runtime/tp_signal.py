@@ -212,6 +212,15 @@ def clear(P, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def slot_sum(XS, N, offs, mask, TP: tl.constexpr):
+    """float32 sum, in rank order, of XS[q * N + offs] over the TP slots (landed: read with .cg from L2)."""
+    s = tl.load(XS + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    for q in tl.static_range(1, TP):
+        s += tl.load(XS + q * N + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return s
+
+
+@triton.jit
 def _reduce_kernel(X, OUT, DST, DSET, XS, XSET, EPOCH, ERR, SPIN, N, PDL: tl.constexpr, EARLY: tl.constexpr,
                    SCATTER: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr):
     """One all-reduce point as a kernel of its own: program p stores its BLOCK of this rank's partial X into
@@ -230,17 +239,12 @@ def _reduce_kernel(X, OUT, DST, DSET, XS, XSET, EPOCH, ERR, SPIN, N, PDL: tl.con
     mask = offs < N
     if SCATTER:
         scatter(tl.load(X + offs, mask=mask, other=0.0), offs, mask, DST, (epoch % 3) * DSET, TP)
-    nxt = _bits(XS + ((epoch + 1) % 3) * XSET)
-    for q in tl.static_range(TP):
-        tl.store(nxt + q * N + offs, tl.full([BLOCK], _empty_bits(nxt), nxt.dtype.element_ty), mask=mask)
+    clear(XS + ((epoch + 1) % 3) * XSET, TP * N, BLOCK)
     xs = XS + (epoch % 3) * XSET
     for q in tl.static_range(TP):
         await_landed(xs + q * N + start, tl.minimum(N - start, BLOCK), tl.load(ERR) == 0, ERR, SPIN, ERR, 0, BLOCK,
                      1, 0)
-    s = tl.load(xs + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    for q in tl.static_range(1, TP):
-        s += tl.load(xs + q * N + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    tl.store(OUT + offs, s.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + offs, slot_sum(xs, N, offs, mask, TP).to(OUT.dtype.element_ty), mask=mask)
     if PDL:
         if not EARLY:
             tl.extra.cuda.gdc_launch_dependents()

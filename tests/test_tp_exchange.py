@@ -216,6 +216,13 @@ def test_exchange_modes_by_switch_and_cpu_refused_with_the_reason(monkeypatch):
         assert ex.mode == {None: "kernel", "1": "fused", "split": "split"}[value]
 
 
+def test_the_fused_mode_serves_dense_models_only_and_the_kernels_serve_both():
+    ex = _ranks(points=1)[0]
+    for mode, dense, moe in (("fused", True, False), ("kernel", True, True), ("split", True, True)):
+        ex.mode = mode
+        assert (ex.serves(False), ex.serves(True)) == (dense, moe), mode
+
+
 @pytest.mark.parametrize("value", ["300", "8", "8192", "big"])
 def test_a_bad_reduce_block_is_refused_naming_the_variable(value, monkeypatch):
     monkeypatch.setenv("ENGINESMITH_TP_REDUCE_BLOCK", value)
