@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.graph_timing import time_graph
+from benchmarks.runtime import write_atomic
 from benchmarks.runtime_hw import card_slug
 from runtime import tp_signal
 
@@ -288,12 +289,8 @@ def main() -> None:
         print(f"  ping-pong one-way {pp['one_way_us']:.2f} us (gave up: {pp['gave_up']})")
         print("  per pair (us): " + ", ".join(f"{k} {v:.2f}" for k, v in pt["per_pair"].items()))
         print("  point cost (us): " + ", ".join(f"{k} {v:.2f}" for k, v in pt["cost"].items()))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"exchange-latency-{card_slug(r['card'])}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(r, indent=2) + "\n")
-    os.replace(tmp, path)
+    path = Path(a.out) / f"exchange-latency-{card_slug(r['card'])}.json"
+    write_atomic(path, json.dumps(r, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -71,7 +71,7 @@ class Bench:
         print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
 
     def write(self) -> None:
-        _atomic_write(self.out, json.dumps(self.results, indent=2, default=str))
+        write_atomic(self.out, json.dumps(self.results, indent=2, default=str))
 
     def section(self, name: str) -> None:
         from benchmarks import runtime_sections
@@ -200,7 +200,7 @@ def _versions() -> dict:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Temporary file in the same folder, then rename (builders.manifest needs pydantic, absent on GPU hosts)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

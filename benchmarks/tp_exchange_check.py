@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import torch
 
+from benchmarks.runtime import write_atomic
 from benchmarks.runtime_parallel import _join, _need_gpus, _spawn
 from runtime.random_model import LLAMA_3_8B, checkpoint_config, random_rank_model
 
 PROMPT, FORCED, TIMED = 64, 16, 64
+PATHS = (("collectives", None), ("exchange", "fused"), ("kernel", "kernel"), ("split", "split"))
+"""The decoders compared: (name, TPExchange.mode or None for the one-shot all-reduce)."""
 
 
 def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
@@ -49,7 +53,7 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
                               groups.gather_tp_last_dim)[0].argmax())
     out: dict = dict(exchange=ex.status(), layers=p["layers"], card=torch.cuda.get_device_name(device))
     logits = {}
-    for name, mode in (("collectives", None), ("exchange", "fused"), ("kernel", "kernel"), ("split", "split")):
+    for name, mode in PATHS:
         if mode is not None:
             if not ex.enabled:
                 continue
@@ -95,15 +99,11 @@ def main() -> None:
             print(f"{what}: max |logit difference| per step vs the collectives: {diffs} "
                   f"({'bit for bit' if not any(diffs) else 'DIFFERENT'}); argmax agrees "
                   f"{sum(r[f'argmax_agrees_per_step{key}'])}/{len(diffs)}")
-    names = ("collectives", "exchange", "kernel", "split")
-    times = ", ".join(f"{n} {r[f'{n}_ms_per_step']:.3f}" for n in names if f"{n}_ms_per_step" in r)
+    times = ", ".join(f"{n} {r[f'{n}_ms_per_step']:.3f}" for n, _ in PATHS if f"{n}_ms_per_step" in r)
     print(f"ms per step (token fed on the GPU): {times}; poll rounds waited "
           f"{r['exchange_after'].get('poll_rounds_waited')}; {r.get('exchange_error', 'no poll gave up')}")
     if args.out:
-        tmp = f"{args.out}.tmp"  # whole or not at all (builders.manifest's helper needs pydantic, absent on GPU hosts)
-        with open(tmp, "w") as f:
-            f.write(json.dumps(r, indent=2) + "\n")
-        os.replace(tmp, args.out)
+        write_atomic(Path(args.out), json.dumps(r, indent=2) + "\n")
 
 
 if __name__ == "__main__":
