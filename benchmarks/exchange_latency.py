@@ -145,7 +145,7 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     from benchmarks.runtime_parallel import _join
     from runtime import pdl as pdl_mod
     from runtime.tp_exchange import TPExchange
-    from runtime.triton_gemv import POLL_ENV, gemv
+    from runtime.triton_gemv import POLL_ENV, gemv, poll_switches
 
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
     group = groups.tp_group
@@ -172,8 +172,7 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
 
     def mini(tp: int, block: int, poll: str):
         grid = (triton.cdiv(HID, block),)
-        chunks = 0 if poll == "seq" else triton.cdiv(tp * HID, block)
-        handoff = tp_signal.HANDOFF.value if poll == "handoff" else 0
+        way = poll_switches(poll, tp * HID, block)
 
         def run() -> None:
             link.epoch.add_(1)
@@ -183,7 +182,7 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
                 _mini_producer[grid](dst, ex._slot_set, link.epoch, HID, PDL=use_pdl, TP=tp, BLOCK=block,
                                      launch_pdl=use_pdl, num_warps=4)
                 _mini_consumer[grid](xs, ex._slot_set, sink, link.epoch, link.err, link.spin, link.ready[i:], HID,
-                                     PDL=use_pdl, TP=tp, CHUNKS=chunks, HANDOFF=handoff, BLOCK=block,
+                                     PDL=use_pdl, TP=tp, CHUNKS=way["XCHUNKS"], HANDOFF=way["XHANDOFF"], BLOCK=block,
                                      launch_pdl=use_pdl, num_warps=4)
         return run
 

@@ -355,7 +355,12 @@ def x_poll(recv, k: int, block_k: int) -> dict[str, int]:
     exchange-latency-h200.json). 1 and 0 without recv (unused)."""
     if recv is None:
         return dict(XCHUNKS=1, XHANDOFF=0)
-    chunks, mode = triton.cdiv(recv.link.tp * k, block_k), os.environ.get(POLL_ENV, "seq")
+    return poll_switches(os.environ.get(POLL_ENV, "seq"), recv.link.tp * k, block_k)
+
+
+def poll_switches(mode: str, n: int, block: int) -> dict[str, int]:
+    """XCHUNKS and XHANDOFF for polling n slot elements in `block`-sized chunks the way `mode` names (x_poll)."""
+    chunks = triton.cdiv(n, block)
     way = {"vec": (chunks, 0), "handoff": (chunks, HANDOFF.value)}.get(mode, (0, 0))
     return dict(XCHUNKS=way[0], XHANDOFF=way[1])
 
