@@ -7,10 +7,15 @@ weight tensors (as consecutive layers do, so the L2 cache holds none of them), m
 launch. Every config is first checked against runtime/gemv_ref.py. The best config per shape goes to
 `best` in the JSON, which `ENGINESMITH_GEMV_CONFIGS=<file>` makes the runtime use.
 
+--rope times the qkv projection as the decode step runs it (runtime/triton_gemv.qkv_rope_gemv: RMSNorm, qkv,
+rotary and the KV-cache write in one kernel) over the same configs, next to the plain fused GEMV in each
+config, at tp 1 and 2 (gemv-rope-<card>.json; its `best` entries are keyed "rope-<n>x<k>", which
+qkv_rope_gemv looks up first).
+
 --rows 8,32 does the same for the small-batch kernels (runtime/triton_rows.py) at those row counts against
 cuBLAS's GEMM of as many rows (gemm-rows-<card>.json, `ENGINESMITH_ROWS_CONFIGS=<file>`).
 
-Usage: python -m benchmarks.gemv_kernels [--out DIR] [--quick] [--rows M[,M...]]
+Usage: python -m benchmarks.gemv_kernels [--out DIR] [--quick] [--rows M[,M...] | --rope]
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from benchmarks.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
 from runtime import triton_rows
 from runtime.gemv_ref import gemv_ref, rel_err
-from runtime.triton_gemv import GemvConfig, gemv, shape_key
+from runtime.triton_gemv import GemvConfig, gemv, qkv_rope_gemv, shape_key
 
 HID, INTER, VOCAB, NQ, NKV, D = 4096, 14336, 128256, 32, 8, 128
 COPIES = 16
@@ -115,14 +120,72 @@ def bench_shape(spec: dict, cfgs: list, gen: torch.Generator, m: int = 1) -> dic
     return res
 
 
+def bench_rope(tp: int, cfgs: list[GemvConfig], gen: torch.Generator) -> dict:
+    """The qkv projection of one of tp ranks: qkv_rope_gemv (norm, rotary, KV write) against the unfused
+    arithmetic, then per config its time next to the plain fused GEMV's (norm only) in the same config."""
+    from runtime.decode_rope_write import rope_cache_write_ref
+    from runtime.layers import rope_cos_sin
+
+    nq, nkv, n, k = NQ // tp, NKV // tp, (NQ + 2 * NKV) * D // tp, HID
+    dev, dt = "cuda", torch.bfloat16
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=dev, generator=gen) * scale).to(dt)
+
+    ws, x, g = [rnd(n, k, scale=0.02) for _ in range(COPIES)], rnd(1, k), 1 + 0.1 * rnd(k)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    cos, sin = rope_cos_sin(torch.tensor([600], device=dev), inv, torch.float32)
+    caches = [rnd(64, 32, nkv, D) for _ in range(2)]
+    slots, src = torch.tensor([777], device=dev), torch.tensor([0], device=dev)  # block 24, token 9
+    ref_caches = [c.clone() for c in caches]
+    ref_q = rope_cache_write_ref(gemv_ref(x, ws[0], norm=g, eps=1e-5), cos, sin, *ref_caches, slots, src, nq, nkv, D)
+    out = torch.empty(1, n, device=dev, dtype=dt)
+    bytes_ = n * k * 2
+    res = dict(name=f"qkv+rope tp{tp}", key="rope-" + shape_key(n, k, False), n=n, k=k, weight_bytes=bytes_,
+               configs={})
+    for cfg in cfgs:
+        try:
+            q = qkv_rope_gemv(x, ws[0], g, 1e-5, None, cos, sin, slots, *caches, nq, nkv, D, config=cfg)
+            err = max(rel_err(q, ref_q), *(rel_err(c.view(-1, nkv, D)[777], r.view(-1, nkv, D)[777])
+                                           for c, r in zip(caches, ref_caches, strict=True)))
+            if not err < 2e-2:
+                res["configs"][cfg.key()] = dict(error=f"relative error {err:.3g}")
+                continue
+
+            def rope(cfg=cfg):
+                for w in ws:
+                    qkv_rope_gemv(x, w, g, 1e-5, None, cos, sin, slots, *caches, nq, nkv, D, config=cfg)
+
+            def plain(cfg=cfg):
+                for w in ws:
+                    gemv(x, w, norm=g, eps=1e-5, config=cfg, out=out)
+
+            t, t_plain = time_graph(rope) / COPIES, time_graph(plain) / COPIES
+            res["configs"][cfg.key()] = dict(us=1e3 * t, gbps=bytes_ / t / 1e6, plain_us=1e3 * t_plain, rel_err=err,
+                                             config=cfg.__dict__)
+        except Exception as e:  # e.g. out of shared memory for one tile: record it, try the rest
+            res["configs"][cfg.key()] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+    ok = {c: v for c, v in res["configs"].items() if "us" in v}
+    if ok:
+        best = min(ok, key=lambda c: ok[c]["us"])
+        res.update(best=best, best_us=ok[best]["us"], best_gbps=ok[best]["gbps"],
+                   best_plain=min(v["plain_us"] for v in ok.values()))
+    ws.clear()
+    torch.cuda.empty_cache()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="2 tiles instead of 8")
     ap.add_argument("--rows", default="", help="row counts for the small-batch kernels, e.g. 8,32")
+    ap.add_argument("--rope", action="store_true", help="the qkv kernel with rotary and the KV write fused")
     args = ap.parse_args()
     card = torch.cuda.get_device_name()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.rope:
+        return main_rope(args, card, gen)
     ms = [int(v) for v in args.rows.split(",") if v] or [1]
     cfgs = rows_configs(args.quick) if ms != [1] else configs(args.quick)
     t0 = time.perf_counter()
@@ -147,6 +210,36 @@ def main() -> None:
         print(f"{r['name']:<20}{r['n']:>7}x{r['k']:<6}{r['cublas_us']:>11.1f}{r['cublas_gbps']:>7.0f}"
               f"{r.get('best_us', float('nan')):>10.1f}{r.get('best_gbps', float('nan')):>7.0f}  {r.get('best')}")
     print(f"written {out}")
+
+
+def main_rope(args, card: str, gen: torch.Generator) -> None:
+    cfgs = configs(args.quick)
+    rows = []
+    for tp in (1, 2):
+        r = bench_rope(tp, cfgs, gen)
+        rows.append(r)
+        cur = r["configs"].get(qkv_config(tp).key(), {})
+        nan = float("nan")
+        print(f"{r['name']}: best {r.get('best')} {r.get('best_us', nan):.2f} us ({r.get('best_gbps', nan):.0f} "
+              f"GB/s); plain GEMV best {r.get('best_plain', nan):.2f} us; "
+              f"the config in use now {qkv_config(tp).key()}: {cur.get('us', float('nan')):.2f} us "
+              f"(plain {cur.get('plain_us', float('nan')):.2f})", flush=True)
+        for key, v in sorted(r["configs"].items(), key=lambda kv: kv[1].get("us", 1e9))[:8]:
+            print(f"    {key:<22} {v.get('us', float('nan')):7.2f} us  plain {v.get('plain_us', float('nan')):7.2f}")
+    result = dict(card=card, torch=torch.__version__, triton=__import__("triton").__version__, copies=COPIES,
+                  shapes=rows, best={r["key"]: r["configs"][r["best"]]["config"] for r in rows if "best" in r})
+    out = Path(args.out)
+    out = out / f"gemv-rope-{card_slug(card)}.json" if out.is_dir() or not out.suffix else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written {out}")
+
+
+def qkv_config(tp: int) -> GemvConfig:
+    """The config qkv_rope_gemv picks now for the tp-rank qkv shape."""
+    from runtime.triton_gemv import config_for
+
+    return config_for((NQ + 2 * NKV) * D // tp, HID, False, rope=True)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ fixed per-layer cost next to the GEMVs can be attributed. The timeline part sums
 some kernel runs (busy) against the span from the step's first kernel start to its last kernel end: the
 rest is launch gaps and waits between kernels. --tp 2 spawns one process per rank (NCCL, the fast
 all-reduce and the TP exchange as the benchmarks set them up; --tp-path collectives / no-allreduce for the
-one-shot all-reduce or none) and reports every rank; --no-pdl gives each kernel's own duration (with PDL a
+one-shot all-reduce or none) and reports every rank; --tp N --rank-alone builds rank 0's shards on one GPU
+and decodes without all-reduce (the gather repeats its own logits: timing only), so tp=2's per-rank costs
+can be profiled where one GPU is lent; --no-pdl gives each kernel's own duration (with PDL a
 kernel's time includes its wait for the one before). Writes
 decode-profile-<card>[-moe][-tpN][-bB][-nopdl][-<tp path>].json (the defaults keep the old names; the tp files
 before the exchange kernels became the default path timed the one-shot all-reduce).
 Usage: python -m benchmarks.profile_decode [--moe] [--layers N] [--tp N] [--batch B] [--no-pdl]
-       [--tp-path exchange|collectives|no-allreduce] [--out DIR]
+       [--tp-path exchange|collectives|no-allreduce] [--rank-alone] [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import argparse
 import json
 import os
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from benchmarks.runtime_hw import card_slug
 from runtime import pdl
+from benchmarks.runtime_parallel import _no_allreduce
 from runtime.random_model import LLAMA_3_8B, MIXTRAL_8X7B, checkpoint_config, random_rank_model
 
 PROMPT_LEN = 512
@@ -45,15 +49,17 @@ def main() -> None:
     ap.add_argument("--tp-path", choices=TP_PATHS, default="exchange",
                     help="tp > 1: how the step all-reduces: the TP exchange kernels (the default path), the "
                          "one-shot all-reduce, or nothing (timing only: wrong sums)")
+    ap.add_argument("--rank-alone", action="store_true",
+                    help="tp > 1 on one GPU: rank 0's shards, no all-reduce, logits gather stood in (timing only)")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
     shape, layers = (MIXTRAL_8X7B, a.layers or 8) if a.moe else (LLAMA_3_8B, a.layers)
     p = dict(shape=shape, layers=layers, tp=a.tp, batch=a.batch, steps=a.steps, cuda=True, dtype="bfloat16",
-             tp_path=a.tp_path)
+             tp_path="no-allreduce" if a.rank_alone else a.tp_path)
     if a.no_pdl:  # runtime.pdl.enabled reads it: the decoder and the TP exchange (spawned ranks inherit it)
         os.environ[pdl.ENV_SWITCH] = "0"
-    if a.tp == 1:
-        ranks = [profile_rank(0, 1, 0, p)]
+    if a.tp == 1 or a.rank_alone:
+        ranks = [profile_rank(0, 1, 0, p, tp_size=a.tp)]
     else:
         from benchmarks.runtime_parallel import _need_gpus, _spawn
 
@@ -65,7 +71,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     card = card_slug(torch.cuda.get_device_name())
     suffix = ("-moe" if a.moe else "") + (f"-tp{a.tp}" if a.tp > 1 else "") + (f"-b{a.batch}" if a.batch > 1 else "")
-    suffix += ("-nopdl" if a.no_pdl else "") + (f"-{a.tp_path}" if a.tp > 1 and a.tp_path != "exchange" else "")
+    suffix += ("-nopdl" if a.no_pdl else "") + ("-alone" if a.tp > 1 and a.rank_alone else
+                                                f"-{a.tp_path}" if a.tp > 1 and a.tp_path != "exchange" else "")
     path = out / f"decode-profile-{card}{suffix}.json"
     body = ranks[0] if a.tp == 1 else dict(ranks[0], ranks=ranks)
     path.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), tp=a.tp, batch=a.batch, **body), indent=2)
@@ -84,16 +91,21 @@ def _spawn_body(rank: int, world: int, port: int, p: dict) -> list[dict] | None:
     return ranks if rank == 0 else None
 
 
-def profile_rank(rank: int, world: int, port: int, p: dict) -> dict:
-    """Build this rank's model and decoder, warm up (compile + capture), then profile p["steps"] steps."""
+def profile_rank(rank: int, world: int, port: int, p: dict, tp_size: int | None = None) -> dict:
+    """Build this rank's model and decoder, warm up (compile + capture), then profile p["steps"] steps.
+    tp_size > world (one process): rank 0's shards of a tp_size model decoding alone (no all-reduce, its own
+    logits repeated for the gather)."""
     from benchmarks.runtime_decode import make_cache
-    from benchmarks.runtime_parallel import _join, _no_allreduce
+    from benchmarks.runtime_parallel import _join
     from runtime.fast_decode import FastDecoder
 
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
-    cfg = checkpoint_config(p["shape"], num_layers=p["layers"], dtype=p["dtype"], tp_size=world)
+    tp = tp_size or world
+    cfg = checkpoint_config(p["shape"], num_layers=p["layers"], dtype=p["dtype"], tp_size=tp)
     model = random_rank_model(cfg, rank, device=device, seed=0)
     reduce = gather = exchange = None
+    if groups is None and tp > 1:
+        reduce, gather = _no_allreduce, partial(_repeat_last_dim, times=tp)
     if groups is not None:
         from runtime.tp_exchange import for_model
 
@@ -124,7 +136,13 @@ def profile_rank(rank: int, world: int, port: int, p: dict) -> dict:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return dict(rank=rank, layers=cfg.num_hidden_layers, status=str(dec.status()),
-                **_kernel_table(kernels, steps), **_timeline(kernels, steps))
+                **_kernel_table(kernels, steps), **_timeline(kernels, steps),
+                **_layer_report(kernels, steps, cfg.num_hidden_layers))
+
+
+def _repeat_last_dim(x: torch.Tensor, times: int) -> torch.Tensor:
+    """--rank-alone's stand-in for the logits gather: this rank's shard `times` over (the full vocab's shape)."""
+    return torch.cat([x] * times, dim=-1)
 
 
 def _kernel_table(kernels, steps: int) -> dict:
@@ -137,18 +155,73 @@ def _kernel_table(kernels, steps: int) -> dict:
                 kernels=[dict(name=n, count_per_step=c, us_per_step=u) for n, c, u in rows])
 
 
+def _step_bounds(iv: list[tuple[float, float]], steps: int) -> tuple[list[tuple[int, int]], list[float], list[float]]:
+    """The kernel intervals `iv` (sorted by start) cut into `steps` steps at the steps - 1 largest idle gaps (the
+    host's turns between steps): ([(first, end) index ranges], reach, idle) with reach[i] the latest end among
+    kernels 0..i and idle[i] the gap before kernel i."""
+    reach, idle = [iv[0][1]], [0.0]
+    for s, e in iv[1:]:
+        idle.append(max(0.0, s - reach[-1]))
+        reach.append(max(reach[-1], e))
+    cuts = sorted(sorted(range(1, len(iv)), key=idle.__getitem__, reverse=True)[: steps - 1])
+    return list(zip([0, *cuts], [*cuts, len(iv)], strict=True)), reach, idle
+
+
+def _layer_report(kernels, steps: int, layers: int) -> dict:
+    """{"layer_slots": _layer_slots(...)}, plus the kernel names of one step when no layer pattern was found."""
+    slots = _layer_slots(kernels, steps, layers)
+    if slots or len(kernels) < steps:
+        return dict(layer_slots=slots)
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in kernels))
+    a, b = _common_step([(s, e) for s, e, _ in ev], steps)
+    return dict(layer_slots=[], step_kernels=[n[:60] for _, _, n in ev[a:b]])
+
+
+def _common_step(iv: list[tuple[float, float]], steps: int) -> tuple[int, int]:
+    """The index range of a step of the most common kernel count (a step cut short at the profiler's start
+    is not taken)."""
+    bounds, _, _ = _step_bounds(iv, steps)
+    lengths = [b - a for a, b in bounds]
+    return bounds[lengths.index(max(set(lengths), key=lengths.count))]
+
+
+def _layer_slots(kernels, steps: int, layers: int) -> list[dict]:
+    """The kernels of one layer in launch order (the step's repeating pattern of kernel names over `layers`
+    layers): per slot its mean duration and the mean time from the previous kernel's end to its start
+    (negative: it started before that end, as PDL launches do). [] when no pattern repeats `layers` times."""
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in kernels))
+    if len(ev) < steps or layers < 2:
+        return []
+    iv = [(s, e) for s, e, _ in ev]
+    bounds, _, _ = _step_bounds(iv, steps)
+    a, b = _common_step(iv, steps)
+    names = [n for _, _, n in ev[a:b]]
+    for period in range(1, 17):
+        span = layers * period
+        off = next((o for o in range(len(names) - span + 1)
+                    if all(names[o + j] == names[o + j + period] for j in range(span - period))), None)
+        if off is not None:
+            break
+    else:
+        return []
+    dur, gap = [0.0] * period, [0.0] * period
+    used = [ev[a:b] for a, b in bounds if b - a == len(names)]
+    for step in used:
+        for j in range(off, off + span):
+            dur[(j - off) % period] += step[j][1] - step[j][0]
+            gap[(j - off) % period] += step[j][0] - step[j - 1][1] if j else 0.0
+    n = layers * len(used)
+    return [dict(slot=i, name=names[off + i][:80], us=dur[i] / n, gap_before_us=gap[i] / n) for i in range(period)]
+
+
 def _timeline(kernels, steps: int) -> dict:
     """Per step (the kernels cut at the steps - 1 largest idle gaps, which are the host's turns between
     steps): span from first start to last end, busy (union of kernel intervals), the idle time inside."""
     iv = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     if len(iv) < steps:
         return {}
-    reach, idle = [iv[0][1]], [0.0]  # reach[i]: latest end among kernels 0..i; idle[i]: gap before kernel i
-    for s, e in iv[1:]:
-        idle.append(max(0.0, s - reach[-1]))
-        reach.append(max(reach[-1], e))
-    cuts = sorted(sorted(range(1, len(iv)), key=idle.__getitem__, reverse=True)[: steps - 1])
-    bounds = list(zip([0, *cuts], [*cuts, len(iv)], strict=True))
+    bounds, reach, idle = _step_bounds(iv, steps)
+    cuts = [a for a, _ in bounds[1:]]
     span = sum(reach[b - 1] - iv[a][0] for a, b in bounds) / steps
     gaps = sum(sum(idle[a + 1:b]) for a, b in bounds) / steps
     return dict(step_span_us=span, step_busy_us=span - gaps, step_gaps_us=gaps,
@@ -163,6 +236,10 @@ def _table(r: dict) -> str:
     for k in r["kernels"][:25]:
         lines.append(f"{k['us_per_step']:>9.1f} {k['count_per_step']:>6.0f} "
                      f"{k['us_per_step'] / max(k['count_per_step'], 1):>8.2f}  {k['name'][:110]}")
+    if r.get("layer_slots"):
+        lines.append(f"one layer, in launch order: {'us':>7} {'gap before':>10}  kernel")
+        for k in r["layer_slots"]:
+            lines.append(f"{k['slot']:>27} {k['us']:>7.2f} {k['gap_before_us']:>10.2f}  {k['name']}")
     return "\n".join(lines)
 
 

@@ -271,7 +271,11 @@ TUNED: dict[str, GemvConfig] = {
     "4096x14336": GemvConfig(4, 1024, 4, 1, prefetch=True),  # down tp1
     "128256x4096": GemvConfig(16, 256, 4, 1, prefetch=True),  # lm_head tp1
     "3072x4096": GemvConfig(8, 1024, 4, 1, prefetch=True),  # qkv tp2
-    "4096x2048": GemvConfig(8, 512, 4, 1, prefetch=True),  # o_proj tp2
+    # qkv tp2 with rotary and the KV write (qkv_rope_gemv): the plain GEMV's config above ran it 2.8 us slower
+    # than the plain GEMV (gemv-rope-h200.json; cause not profiled); this one was the fastest
+    # inside the step (step-configs-h200-tp2.json)
+    "rope-3072x4096": GemvConfig(2, 2048, 8, 1),
+    "4096x2048": GemvConfig(8, 1024, 4, 1, prefetch=True),  # o_proj tp2 (best inside the step)
     "swiglu-7168x4096": GemvConfig(16, 512, 4, 1, prefetch=True),  # gate_up tp2
     "4096x7168": GemvConfig(4, 1024, 4, 1, prefetch=True),  # down tp2
     "64128x4096": GemvConfig(8, 256, 8, 1, prefetch=True),  # lm_head tp2
@@ -282,7 +286,10 @@ TUNED: dict[str, GemvConfig] = {
 """Best prefetching config per shape (`shape_key`: Llama-3-8B at tp 1 and 2) from benchmarks/gemv_kernels.py on
 an H200 (benchmarks/results/gemv-kernels-h200.json). Prefetching ones only, so that a kernel launched with
 PDL has its first weight tiles loading before it waits for the previous kernel: for down tp1, qkv tp2 and
-o_proj tp2 a non-prefetching config was faster alone, by 0.0, 0.1 and 0.2 us."""
+o_proj tp2 a non-prefetching config was faster alone, by 0.0, 0.1 and 0.2 us. Then checked inside the
+batch-1 step (benchmarks/step_configs.py, 2-5 candidates a shape, step-configs-h200[-tp2].json): every tp1 entry
+and the tp2 gate/up, down and lm_head entries were already the fastest there; the tp2 o_proj and qkv + rotary
+entries changed, 2.436 -> 2.391 ms a step for a tp=2 rank (without its all-reduces)."""
 
 
 def shape_key(n: int, k: int, swiglu: bool) -> str:
@@ -303,11 +310,13 @@ def _file_configs() -> dict[str, GemvConfig]:
     return configs_from_env("ENGINESMITH_GEMV_CONFIGS", GemvConfig)
 
 
-def config_for(n: int, k: int, swiglu: bool, moe: bool = False) -> GemvConfig:
-    """moe: the MoE kernels' launch (TOP_K experts in one grid) looks for a "moe-" entry first."""
+def config_for(n: int, k: int, swiglu: bool, moe: bool = False, rope: bool = False) -> GemvConfig:
+    """moe: the MoE kernels' launch (TOP_K experts in one grid) looks for a "moe-" entry first; rope: the qkv
+    kernel with rotary and the KV write in its epilogue (qkv_rope_gemv) for a "rope-" entry."""
     key = shape_key(n, k, swiglu)
     table = TUNED | _file_configs()  # the file's entries win: that is what the variable is for
-    return (table.get("moe-" + key) if moe else None) or table.get(key) or DEFAULT
+    prefix = "moe-" if moe else "rope-" if rope else None
+    return (table.get(prefix + key) if prefix else None) or table.get(key) or DEFAULT
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6,
@@ -387,7 +396,7 @@ def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: flo
     if why:
         raise ValueError(f"qkv_rope_gemv: {why}")
     k, n = x.shape[-1], w.shape[0]
-    cfg = config or config_for(n, k, False)
+    cfg = config or config_for(n, k, False, rope=True)
     block_n = max(2, min(cfg.block_n, d))  # a program covers whole rotary pairs of one head
     q = torch.empty(1, nq, d, dtype=x.dtype, device=x.device)
     if recv is None:

@@ -224,7 +224,7 @@ def test_moe_kernels_match_the_grouped_moe_block(first_expert, e_local, renormal
     assert float((out - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_configs_file_overrides_the_tuned_table_and_moe_entries_come_first(tmp_path, monkeypatch):
+def test_configs_file_overrides_the_tuned_table_and_moe_and_rope_entries_come_first(tmp_path, monkeypatch):
     import json
 
     tg = pytest.importorskip("runtime.triton_gemv")  # triton is in the dev extra; nothing here launches a kernel
@@ -239,6 +239,9 @@ def test_configs_file_overrides_the_tuned_table_and_moe_entries_come_first(tmp_p
         assert tg.config_for(14336, 4096, True, moe=True) == tg.TUNED["moe-swiglu-14336x4096"]
         assert tg.config_for(4096, 14336, False, moe=True) == tg.TUNED["4096x14336"]  # no moe- entry: the dense one
         assert tg.config_for(123, 456, False) == tg.DEFAULT
+        assert tg.config_for(3072, 4096, False, rope=True) == tg.TUNED["rope-3072x4096"]  # qkv + rotary, tp2
+        assert tg.config_for(3072, 4096, False) == tg.TUNED["3072x4096"]
+        assert tg.config_for(6144, 4096, False, rope=True) == tg.GemvConfig(32, 128, 2, 1)  # no rope- entry
     finally:
         monkeypatch.delenv("ENGINESMITH_GEMV_CONFIGS")
         tg.configs_from_env.cache_clear()
