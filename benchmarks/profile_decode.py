@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.runtime_hw import card_slug
-from runtime import pdl
 from benchmarks.runtime_parallel import _no_allreduce
+from runtime import pdl
 from runtime.random_model import LLAMA_3_8B, MIXTRAL_8X7B, checkpoint_config, random_rank_model
 
 PROMPT_LEN = 512

@@ -288,8 +288,9 @@ an H200 (benchmarks/results/gemv-kernels-h200.json). Prefetching ones only, so t
 PDL has its first weight tiles loading before it waits for the previous kernel: for down tp1, qkv tp2 and
 o_proj tp2 a non-prefetching config was faster alone, by 0.0, 0.1 and 0.2 us. Then checked inside the
 batch-1 step (benchmarks/step_configs.py, 2-5 candidates a shape, step-configs-h200[-tp2].json): every tp1 entry
-and the tp2 gate/up, down and lm_head entries were already the fastest there; the tp2 o_proj and qkv + rotary
-entries changed, 2.436 -> 2.391 ms a step for a tp=2 rank (without its all-reduces)."""
+and the tp2 gate/up, down and lm_head entries were already the fastest there; the tp2 o_proj entry changed and
+the qkv + rotary kernel got an entry of its own (the one non-prefetching entry: it won inside the step too),
+2.421 -> 2.374 ms a step for a tp=2 rank without its all-reduces (step-configs-h200-tp2-check.json)."""
 
 
 def shape_key(n: int, k: int, swiglu: bool) -> str:
