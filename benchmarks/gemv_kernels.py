@@ -32,7 +32,7 @@ from benchmarks.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
 from runtime import triton_rows
 from runtime.gemv_ref import gemv_ref, rel_err
-from runtime.triton_gemv import GemvConfig, gemv, qkv_rope_gemv, shape_key
+from runtime.triton_gemv import GemvConfig, config_for, gemv, qkv_rope_gemv, shape_key
 
 HID, INTER, VOCAB, NQ, NKV, D = 4096, 14336, 128256, 32, 8, 128
 COPIES = 16
@@ -109,15 +109,20 @@ def bench_shape(spec: dict, cfgs: list, gen: torch.Generator, m: int = 1) -> dic
             res["configs"][cfg.key()] = dict(us=1e3 * t, gbps=bytes_ / t / 1e6, rel_err=err, config=cfg.__dict__)
         except Exception as e:  # e.g. out of shared memory for one tile: record it, try the rest
             res["configs"][cfg.key()] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-    ok = {c: v for c, v in res["configs"].items() if "us" in v}
-    if ok:
-        best = min(ok, key=lambda c: ok[c]["us"])
-        res["best"] = best
-        res["best_us"], res["best_gbps"] = ok[best]["us"], ok[best]["gbps"]
-        res["speedup_vs_cublas_gemv"] = t_cublas * 1e3 / ok[best]["us"]
+    if _pick_best(res):
+        res["speedup_vs_cublas_gemv"] = t_cublas * 1e3 / res["best_us"]
     ws.clear()
     torch.cuda.empty_cache()
     return res
+
+
+def _pick_best(res: dict) -> dict:
+    """Sets res's best / best_us / best_gbps from its timed configs; returns those configs ({} if none ran)."""
+    ok = {c: v for c, v in res["configs"].items() if "us" in v}
+    if ok:
+        best = min(ok, key=lambda c: ok[c]["us"])
+        res.update(best=best, best_us=ok[best]["us"], best_gbps=ok[best]["gbps"])
+    return ok
 
 
 def bench_rope(tp: int, cfgs: list[GemvConfig], gen: torch.Generator) -> dict:
@@ -136,7 +141,8 @@ def bench_rope(tp: int, cfgs: list[GemvConfig], gen: torch.Generator) -> dict:
     inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
     cos, sin = rope_cos_sin(torch.tensor([600], device=dev), inv, torch.float32)
     caches = [rnd(64, 32, nkv, D) for _ in range(2)]
-    slots, src = torch.tensor([777], device=dev), torch.tensor([0], device=dev)  # block 24, token 9
+    slot = 777  # block 24, token 9 of the 64 x 32-token cache
+    slots, src = torch.tensor([slot], device=dev), torch.tensor([0], device=dev)
     ref_caches = [c.clone() for c in caches]
     ref_q = rope_cache_write_ref(gemv_ref(x, ws[0], norm=g, eps=1e-5), cos, sin, *ref_caches, slots, src, nq, nkv, D)
     out = torch.empty(1, n, device=dev, dtype=dt)
@@ -146,7 +152,7 @@ def bench_rope(tp: int, cfgs: list[GemvConfig], gen: torch.Generator) -> dict:
     for cfg in cfgs:
         try:
             q = qkv_rope_gemv(x, ws[0], g, 1e-5, None, cos, sin, slots, *caches, nq, nkv, D, config=cfg)
-            err = max(rel_err(q, ref_q), *(rel_err(c.view(-1, nkv, D)[777], r.view(-1, nkv, D)[777])
+            err = max(rel_err(q, ref_q), *(rel_err(c.view(-1, nkv, D)[slot], r.view(-1, nkv, D)[slot])
                                            for c, r in zip(caches, ref_caches, strict=True)))
             if not err < 2e-2:
                 res["configs"][cfg.key()] = dict(error=f"relative error {err:.3g}")
@@ -165,11 +171,8 @@ def bench_rope(tp: int, cfgs: list[GemvConfig], gen: torch.Generator) -> dict:
                                              config=cfg.__dict__)
         except Exception as e:  # e.g. out of shared memory for one tile: record it, try the rest
             res["configs"][cfg.key()] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-    ok = {c: v for c, v in res["configs"].items() if "us" in v}
-    if ok:
-        best = min(ok, key=lambda c: ok[c]["us"])
-        res.update(best=best, best_us=ok[best]["us"], best_gbps=ok[best]["gbps"],
-                   best_plain=min(v["plain_us"] for v in ok.values()))
+    if ok := _pick_best(res):
+        res["best_plain"] = min(v["plain_us"] for v in ok.values())
     ws.clear()
     torch.cuda.empty_cache()
     return res
@@ -197,14 +200,7 @@ def main() -> None:
             print(f"[{time.perf_counter() - t0:6.1f}s] {r['name']}: cuBLAS {r['cublas_us']:.1f} us "
                   f"({r['cublas_gbps']:.0f} GB/s); fused best {r.get('best')} {r.get('best_us', float('nan')):.1f} us "
                   f"({r.get('best_gbps', float('nan')):.0f} GB/s)", flush=True)
-    result = dict(card=card, torch=torch.__version__, triton=__import__("triton").__version__, copies=COPIES,
-                  shapes=rows, best={r["key"]: r["configs"][r["best"]]["config"] for r in rows if "best" in r})
-    slug = card_slug(card)
-    out = Path(args.out)
-    stem = "gemv-kernels" if ms == [1] else "gemm-rows"
-    out = out / f"{stem}-{slug}.json" if out.is_dir() or not out.suffix else out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = _save(rows, "gemv-kernels" if ms == [1] else "gemm-rows", args.out, card)
     print(f"\n{'shape':<20}{'n x k':>14}{'cuBLAS us':>11}{'GB/s':>7}{'fused us':>10}{'GB/s':>7}  best config")
     for r in rows:
         print(f"{r['name']:<20}{r['n']:>7}x{r['k']:<6}{r['cublas_us']:>11.1f}{r['cublas_gbps']:>7.0f}"
@@ -218,28 +214,26 @@ def main_rope(args, card: str, gen: torch.Generator) -> None:
     for tp in (1, 2):
         r = bench_rope(tp, cfgs, gen)
         rows.append(r)
-        cur = r["configs"].get(qkv_config(tp).key(), {})
-        nan = float("nan")
+        now = config_for((NQ + 2 * NKV) * D // tp, HID, False, rope=True).key()  # what qkv_rope_gemv picks
+        cur, nan = r["configs"].get(now, {}), float("nan")
         print(f"{r['name']}: best {r.get('best')} {r.get('best_us', nan):.2f} us ({r.get('best_gbps', nan):.0f} "
-              f"GB/s); plain GEMV best {r.get('best_plain', nan):.2f} us; "
-              f"the config in use now {qkv_config(tp).key()}: {cur.get('us', float('nan')):.2f} us "
-              f"(plain {cur.get('plain_us', float('nan')):.2f})", flush=True)
+              f"GB/s); plain GEMV best {r.get('best_plain', nan):.2f} us; the config in use now {now}: "
+              f"{cur.get('us', nan):.2f} us (plain {cur.get('plain_us', nan):.2f})", flush=True)
         for key, v in sorted(r["configs"].items(), key=lambda kv: kv[1].get("us", 1e9))[:8]:
-            print(f"    {key:<22} {v.get('us', float('nan')):7.2f} us  plain {v.get('plain_us', float('nan')):7.2f}")
+            print(f"    {key:<22} {v.get('us', nan):7.2f} us  plain {v.get('plain_us', nan):7.2f}")
+    print(f"written {_save(rows, 'gemv-rope', args.out, card)}")
+
+
+def _save(rows: list[dict], stem: str, out_arg: str, card: str) -> Path:
+    """The sweep's JSON (rows and each shape's best config under `best`) at out_arg, or <stem>-<card>.json in
+    that folder; returns the path."""
     result = dict(card=card, torch=torch.__version__, triton=__import__("triton").__version__, copies=COPIES,
                   shapes=rows, best={r["key"]: r["configs"][r["best"]]["config"] for r in rows if "best" in r})
-    out = Path(args.out)
-    out = out / f"gemv-rope-{card_slug(card)}.json" if out.is_dir() or not out.suffix else out
+    out = Path(out_arg)
+    out = out / f"{stem}-{card_slug(card)}.json" if out.is_dir() or not out.suffix else out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"written {out}")
-
-
-def qkv_config(tp: int) -> GemvConfig:
-    """The config qkv_rope_gemv picks now for the tp-rank qkv shape."""
-    from runtime.triton_gemv import config_for
-
-    return config_for((NQ + 2 * NKV) * D // tp, HID, False, rope=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def profile_rank(rank: int, world: int, port: int, p: dict, tp_size: int | None 
     model = random_rank_model(cfg, rank, device=device, seed=0)
     reduce = gather = exchange = None
     if groups is None and tp > 1:
-        reduce, gather = _no_allreduce, partial(_repeat_last_dim, times=tp)
+        reduce, gather = rank_alone_collectives(tp)
     if groups is not None:
         from runtime.tp_exchange import for_model
 
@@ -140,8 +140,13 @@ def profile_rank(rank: int, world: int, port: int, p: dict, tp_size: int | None 
                 **_layer_report(kernels, steps, cfg.num_hidden_layers))
 
 
+def rank_alone_collectives(tp: int) -> tuple:
+    """(reduce, gather) for one rank of a tp-way model decoding alone (timing only): no all-reduce, and this
+    rank's logits shard repeated tp times for the gather (the full vocab's shape)."""
+    return _no_allreduce, partial(_repeat_last_dim, times=tp)
+
+
 def _repeat_last_dim(x: torch.Tensor, times: int) -> torch.Tensor:
-    """--rank-alone's stand-in for the logits gather: this rank's shard `times` over (the full vocab's shape)."""
     return torch.cat([x] * times, dim=-1)
 
 
@@ -172,15 +177,20 @@ def _layer_report(kernels, steps: int, layers: int) -> dict:
     slots = _layer_slots(kernels, steps, layers)
     if slots or len(kernels) < steps:
         return dict(layer_slots=slots)
-    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in kernels))
-    a, b = _common_step([(s, e) for s, e, _ in ev], steps)
+    ev, bounds = _steps_of(kernels, steps)
+    a, b = _common_step(bounds)
     return dict(layer_slots=[], step_kernels=[n[:60] for _, _, n in ev[a:b]])
 
 
-def _common_step(iv: list[tuple[float, float]], steps: int) -> tuple[int, int]:
+def _steps_of(kernels, steps: int) -> tuple[list[tuple[float, float, str]], list[tuple[int, int]]]:
+    """(start, end, name) of the kernels sorted by start, and each step's index range (_step_bounds)."""
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in kernels))
+    return ev, _step_bounds([(s, e) for s, e, _ in ev], steps)[0]
+
+
+def _common_step(bounds: list[tuple[int, int]]) -> tuple[int, int]:
     """The index range of a step of the most common kernel count (a step cut short at the profiler's start
     is not taken)."""
-    bounds, _, _ = _step_bounds(iv, steps)
     lengths = [b - a for a, b in bounds]
     return bounds[lengths.index(max(set(lengths), key=lengths.count))]
 
@@ -189,12 +199,10 @@ def _layer_slots(kernels, steps: int, layers: int) -> list[dict]:
     """The kernels of one layer in launch order (the step's repeating pattern of kernel names over `layers`
     layers): per slot its mean duration and the mean time from the previous kernel's end to its start
     (negative: it started before that end, as PDL launches do). [] when no pattern repeats `layers` times."""
-    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in kernels))
-    if len(ev) < steps or layers < 2:
+    if len(kernels) < steps or layers < 2:
         return []
-    iv = [(s, e) for s, e, _ in ev]
-    bounds, _, _ = _step_bounds(iv, steps)
-    a, b = _common_step(iv, steps)
+    ev, bounds = _steps_of(kernels, steps)
+    a, b = _common_step(bounds)
     names = [n for _, _, n in ev[a:b]]
     for period in range(1, 17):
         span = layers * period
