@@ -212,9 +212,10 @@ def main_rope(args, card: str, gen: torch.Generator) -> None:
     cfgs = configs(args.quick)
     rows = []
     for tp in (1, 2):
-        r = bench_rope(tp, cfgs, gen)
+        in_use = config_for((NQ + 2 * NKV) * D // tp, HID, False, rope=True)  # what qkv_rope_gemv picks
+        r = bench_rope(tp, cfgs if in_use in cfgs else [*cfgs, in_use], gen)  # timed even when --quick leaves it out
         rows.append(r)
-        now = config_for((NQ + 2 * NKV) * D // tp, HID, False, rope=True).key()  # what qkv_rope_gemv picks
+        now = in_use.key()
         cur, nan = r["configs"].get(now, {}), float("nan")
         print(f"{r['name']}: best {r.get('best')} {r.get('best_us', nan):.2f} us ({r.get('best_gbps', nan):.0f} "
               f"GB/s); plain GEMV best {r.get('best_plain', nan):.2f} us; the config in use now {now}: "

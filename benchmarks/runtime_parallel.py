@@ -45,6 +45,7 @@ def tp_section(bench) -> dict:
         bench.progress(f"tp={tp}: " + ", ".join(f"batch {b}: {v['tok_s']:.1f} tok/s" for b, v in res[f"tp{tp}"].items()
                                                  if isinstance(v, dict) and "tok_s" in v))
     one, two = res["tp1"], res["tp2"]
+    check = logits_check(*(torch.from_numpy(r.pop("prefill_logits")) for r in (one, two)))
     b1, bn = (str(b) for b in p["batches"])
     regions = {f"speedup_batch1_latency_{key[2:]}": two[key]["tok_s"] / one[key]["tok_s"]
                for key in ("1_no_pdl", "1_cublas_regions") if key in one and key in two}
@@ -61,7 +62,22 @@ def tp_section(bench) -> dict:
     return dict(res, **regions, model=model, speedup_batch1_latency=two[b1]["tok_s"] / one[b1]["tok_s"],
                 speedup_throughput=two[bn]["tok_s"] / one[bn]["tok_s"], target_speedup_batch1=1.7,
                 greedy_prefix_match=_prefix(one["tokens"], two["tokens"]), tokens_compared=len(one["tokens"]),
+                logits_check=check, logits_rel_err_tp1_tp2=check["rel_err"],
+                logits_tp1_top2_margin_over_max_diff=check["tp1_top2_margin"] / max(check["max_abs_diff"], 1e-30),
                 **_all_reduce_summary(two), **ceiling(one, two, b1, model["layers"]))
+
+
+def logits_check(one: torch.Tensor, two: torch.Tensor) -> dict:
+    """tp=1 against tp=2 on the same prompt's prefill logits (the last position, batch 1). The two layouts sum
+    in different orders (each rank its half of a row, then the all-reduce), so in bf16 the logits differ by
+    rounding; a random-weight model's top two logits can lie closer together than that (`tp1_top2_margin` under
+    twice `max_abs_diff`), and then greedy tokens part from the first one (`greedy_prefix_match`) while the
+    logits agree (`rel_err`)."""
+    diff = (two - one).abs()
+    top2 = one.topk(2).values
+    return dict(rel_err=float(diff.norm() / one.norm().clamp_min(1e-30)), max_abs_diff=float(diff.max()),
+                logit_std=float(one.std()), tp1_top2_margin=float(top2[0] - top2[1]),
+                same_top1=int(one.argmax()) == int(two.argmax()))
 
 
 def ceiling(one: dict, two: dict, b1: str, layers: int) -> dict:
@@ -195,7 +211,10 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         for s in range(bs):
             cache.reserve(s, total)
         spans = [SeqSpan(s, 0, p["prompt_len"]) for s in range(bs)]
-        first = plain_forward(model, cache, spans, prompts.flatten().tolist(), reduce, gather).argmax(-1).tolist()
+        logits = plain_forward(model, cache, spans, prompts.flatten().tolist(), reduce, gather)
+        first = logits.argmax(-1).tolist()
+        if bs == 1:  # compared with the other layout's in tp_section (logits_check)
+            out["prefill_logits"] = logits[0].float().cpu().numpy()  # by value: a tensor would go by shared memory
         dec_args = dict(model=model, cache=cache, max_batch_size=bs, max_seq_len=total, reduce=reduce,
                         gather=gather, exchange=exchange if bs == 1 else None) | p["options"]
         tokens, out[str(bs)] = _timed(dec_args, first, p, device)

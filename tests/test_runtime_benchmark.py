@@ -75,6 +75,9 @@ def test_tiny_tp_and_pp_sections_run_real_ranks(tmp_path):
     assert r["errors"] == {}
     tp = r["tp"]
     assert tp["greedy_prefix_match"] == tp["tokens_compared"] > 0  # tp=2 generates tp=1's tokens (float32)
+    check = tp["logits_check"]  # the prefill logits of both layouts agree to float32 rounding
+    assert check["same_top1"] and check["rel_err"] < 1e-5 and check["max_abs_diff"] < 1e-3 * check["logit_std"]
+    assert "prefill_logits" not in tp["tp1"] and "prefill_logits" not in tp["tp2"]
     assert tp["tp2"]["1"]["tok_s"] > 0 and tp["speedup_batch1_latency"] > 0
     for run in (tp["tp1"]["1"], tp["tp2"]["1"], tp["tp2"]["4"]):  # device-fed and host-synced loops, same tokens
         assert run["ms_per_step_host_sync"] > 0 and "device_fed_tokens_differ_at_step" not in run
@@ -147,3 +150,17 @@ def test_tp_ceiling_splits_the_collective_step_of_a_run_whose_main_row_ran_the_e
     assert r["tp2"]["fixed_ms"] == pytest.approx(0.3) and r["tp2"]["allreduce_ms"] == pytest.approx(0.1)
     assert r["measured_speedup"] == 1.33 and r["speedup_exchange"] == 1.6 and r["tp2_exchange_ms"] == 0.75
     assert "1.60x" in tp_ceiling.table([r])
+
+
+def test_logits_check_measures_the_layouts_difference():
+    from benchmarks.runtime_parallel import logits_check
+
+    one = torch.tensor([0.0, 5.0, 4.999, -3.0])
+    tie = logits_check(one, torch.tensor([0.0, 4.999, 5.0, -3.0]))  # the top two swapped by a rounding-sized move
+    assert not tie["same_top1"] and tie["rel_err"] < 1e-3
+    assert tie["max_abs_diff"] == pytest.approx(1e-3, rel=1e-2)
+    assert tie["tp1_top2_margin"] == pytest.approx(1e-3, rel=1e-2)
+    far = logits_check(one, torch.tensor([0.0, 5.0, 1.0, -3.0]))
+    assert far["same_top1"] and far["max_abs_diff"] == pytest.approx(3.999) and far["rel_err"] > 0.5
+    same = logits_check(one, one.clone())
+    assert same["same_top1"] and same["rel_err"] == 0.0 and same["max_abs_diff"] == 0.0
