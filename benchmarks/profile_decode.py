@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -197,8 +198,10 @@ def _common_step(bounds: list[tuple[int, int]]) -> tuple[int, int]:
 
 def _layer_slots(kernels, steps: int, layers: int) -> list[dict]:
     """The kernels of one layer in launch order (the step's repeating pattern of kernel names over `layers`
-    layers): per slot its mean duration and the mean time from the previous kernel's end to its start
-    (negative: it started before that end, as PDL launches do). [] when no pattern repeats `layers` times."""
+    layers): per slot its mean duration, its median (`us_median`: a wait that happens once a step, such as a
+    rank that starts early waiting at the step's first all-reduce, lifts the mean of its slot, not the median),
+    and the mean time from the previous kernel's end to its start (negative: it started before that end, as
+    PDL launches do). [] when no pattern repeats `layers` times."""
     if len(kernels) < steps or layers < 2:
         return []
     ev, bounds = _steps_of(kernels, steps)
@@ -212,14 +215,16 @@ def _layer_slots(kernels, steps: int, layers: int) -> list[dict]:
             break
     else:
         return []
-    dur, gap = [0.0] * period, [0.0] * period
+    dur: list[list[float]] = [[] for _ in range(period)]
+    gap = [0.0] * period
     used = [ev[a:b] for a, b in bounds if b - a == len(names)]
     for step in used:
         for j in range(off, off + span):
-            dur[(j - off) % period] += step[j][1] - step[j][0]
+            dur[(j - off) % period].append(step[j][1] - step[j][0])
             gap[(j - off) % period] += step[j][0] - step[j - 1][1] if j else 0.0
     n = layers * len(used)
-    return [dict(slot=i, name=names[off + i][:80], us=dur[i] / n, gap_before_us=gap[i] / n) for i in range(period)]
+    return [dict(slot=i, name=names[off + i][:80], us=sum(dur[i]) / n, us_median=statistics.median(dur[i]),
+                 gap_before_us=gap[i] / n) for i in range(period)]
 
 
 def _timeline(kernels, steps: int) -> dict:
@@ -245,9 +250,10 @@ def _table(r: dict) -> str:
         lines.append(f"{k['us_per_step']:>9.1f} {k['count_per_step']:>6.0f} "
                      f"{k['us_per_step'] / max(k['count_per_step'], 1):>8.2f}  {k['name'][:110]}")
     if r.get("layer_slots"):
-        lines.append(f"one layer, in launch order: {'us':>7} {'gap before':>10}  kernel")
+        lines.append(f"one layer, in launch order: {'us':>7} {'median':>7} {'gap before':>10}  kernel")
         for k in r["layer_slots"]:
-            lines.append(f"{k['slot']:>27} {k['us']:>7.2f} {k['gap_before_us']:>10.2f}  {k['name']}")
+            lines.append(f"{k['slot']:>27} {k['us']:>7.2f} {k.get('us_median', float('nan')):>7.2f} "
+                         f"{k['gap_before_us']:>10.2f}  {k['name']}")
     return "\n".join(lines)
 
 

@@ -61,3 +61,22 @@ def test_layer_report_lists_a_step_when_no_pattern_repeats():
               for i in range(14)]
     rep = _layer_report(events, 2, 4)
     assert rep["layer_slots"] == [] and rep["step_kernels"] == [f"k{i}" for i in range(7)]
+
+
+def test_layer_slots_median_ignores_a_wait_once_a_step():
+    """A rank that starts the step early waits once, at the first layer's all-reduce: that lifts the slot's
+    mean by wait / layers, not its median."""
+    pattern = [("gemv", 1.0, 9.0), ("reduce", 0.5, 3.0)]
+    events, layers, wait = _steps(4, 3, pattern), 4, 40.0
+    stretched = []
+    for i, e in enumerate(events):
+        first_reduce_of_step = e.name == "reduce" and events[i - 2].name == "embed"
+        shift = sum(wait for x in stretched if x)  # later events move by the waits before them
+        stretched.append(first_reduce_of_step)
+        end = e.time_range.end + shift + (wait if first_reduce_of_step else 0.0)
+        events[i] = _ev(e.name, e.time_range.start + shift, end)
+    slots = _layer_slots(events, 3, layers)
+    reduce = next(s for s in slots if s["name"] == "reduce")
+    assert abs(reduce["us"] - (3.0 + wait / layers)) < 1e-9
+    assert abs(reduce["us_median"] - 3.0) < 1e-9
+    assert abs(slots[0]["us_median"] - 9.0) < 1e-9
