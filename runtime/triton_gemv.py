@@ -92,7 +92,7 @@ def _row_dots(X, NW, rows, rows2, mask_n, K, NORM: tl.constexpr, TWO: tl.constex
     return tl.sum(acc, 1), y2, sq
 
 
-L2_LINE = 64
+L2_LINE = tl.constexpr(64)
 """Elements between two of l2_ahead's prefetches: one 128-byte line of bf16 / fp16 weights (every other line of
 float32 ones)."""
 
