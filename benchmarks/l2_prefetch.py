@@ -10,11 +10,7 @@ evict_last: each program waits for its own loads), "line" (PTX prefetch.global.L
 Saved time per GEMV = serial - overlapped;
 the GEMV alone and the wait alone are timed too. Every timing is a CUDA graph over COPIES weight copies
 (L2 holds none of them at the start of each), median of replays.
---in-kernel measures the other way of it, with no graph branch: the GEMV itself asks L2 for its next K tiles
-(GemvConfig.l2_tiles, runtime/triton_gemv.l2_ahead) before its PDL wait, behind a one-program kernel that lets
-dependents launch at once and then spins for the wait (as the TP exchange kernel does), l2_tiles 0..4, waits
-0 / 2 / 4 / 7 us: saved = (wait + GEMV, l2_tiles 0) - (the same, l2_tiles N). Writes l2-prefetch-inkernel-<card>.json.
-Usage: python -m benchmarks.l2_prefetch [--out DIR] [--wait-us 6.5] [--in-kernel]
+Usage: python -m benchmarks.l2_prefetch [--out DIR] [--wait-us 6.5]
 """
 
 from __future__ import annotations
@@ -66,17 +62,6 @@ def _asm_prefetch_kernel(W, n, per_prog, STEP: tl.constexpr, BLOCK: tl.constexpr
         else:
             tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
                                       [W + tl.minimum(offs, end - 1)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _spin_release_kernel(FLAG, ns):
-    """Let the next (PDL-launched) kernel start at once, then spin for ns nanoseconds: the TP exchange kernel's
-    shape, without its exchange."""
-    tl.extra.cuda.gdc_launch_dependents()
-    t0 = tl.extra.cuda.globaltimer()
-    while tl.extra.cuda.globaltimer() - t0 < ns:
-        pass
-    tl.store(FLAG, 1)
 
 
 def prefetch(w: torch.Tensor, nbytes: int, programs: int, out: torch.Tensor, how: str = "loads") -> None:
@@ -164,73 +149,11 @@ def bench(name: str, spec: dict, cycles: int, sizes_mb: list[int]) -> dict:
     return res
 
 
-IN_KERNEL_SHAPES = SHAPES | {
-    "o_proj tp2": dict(rows=HID, k=NQ * D // 2, copies=32),
-    "down tp2": dict(rows=HID, k=INTER // 2, copies=16),
-}
-"""--in-kernel: the projections after an exchange point (gate/up, qkv) and those after attention / gate-up."""
-
-
-def bench_in_kernel(name: str, spec: dict, waits_us: list[float], tiles: list[int]) -> dict:
-    """Per wait and l2_tiles: us per (spin kernel + GEMV launched with PDL), over `copies` weight copies."""
-    from dataclasses import replace
-
-    from runtime.triton_gemv import config_for
-
-    dev, dt = "cuda", torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(0)
-    copies = spec["copies"]
-    ws = [(torch.randn(spec["rows"], spec["k"], device=dev, generator=gen) * 0.02).to(dt) for _ in range(copies)]
-    x = torch.randn(1, spec["k"], device=dev, generator=gen).to(dt)
-    norm = torch.ones(spec["k"], device=dev, dtype=dt)
-    swiglu = spec.get("swiglu", False)
-    n_out = spec["rows"] // 2 if swiglu else spec["rows"]
-    out, flag = torch.empty(1, n_out, device=dev, dtype=dt), torch.zeros(1, device=dev, dtype=torch.int32)
-    base = config_for(n_out, spec["k"], swiglu)
-    rows = []
-    for wait in waits_us:
-        for t in tiles:
-            cfg = replace(base, l2_tiles=t)
-
-            def fn(cfg=cfg, ns=int(wait * 1e3)):
-                for w in ws:
-                    _spin_release_kernel[(1,)](flag, ns, num_warps=1)
-                    gemv(x, w, norm=norm if spec.get("norm") else None, swiglu=swiglu, out=out, config=cfg, pdl=True)
-            rows.append(dict(wait_us=wait, l2_tiles=t, config=cfg.key(), us=1e3 * time_graph(fn) / copies))
-    for r in rows:
-        zero = next(z for z in rows if z["wait_us"] == r["wait_us"] and z["l2_tiles"] == 0)
-        r["saved_us"] = zero["us"] - r["us"]
-    ws.clear()
-    torch.cuda.empty_cache()
-    return dict(name=name, weight_mb=spec["rows"] * spec["k"] * 2 / 1e6, base_config=base.key(), rows=rows)
-
-
-def main_in_kernel(out_arg: str) -> None:
-    t0 = time.perf_counter()
-    res = [bench_in_kernel(n, spec, [0.0, 2.0, 4.0, 7.0], [0, 1, 2, 4]) for n, spec in IN_KERNEL_SHAPES.items()]
-    print(f"{'projection':<13}{'MB':>6}{'wait':>6}  " + "".join(f"{'l2t' + str(t):>9}" for t in (0, 1, 2, 4))
-          + "  (us per wait + GEMV)")
-    for r in res:
-        for wait in sorted({x["wait_us"] for x in r["rows"]}):
-            us = [x["us"] for x in r["rows"] if x["wait_us"] == wait]
-            print(f"{r['name']:<13}{r['weight_mb']:>6.0f}{wait:>6.1f}  " + "".join(f"{u:>9.2f}" for u in us))
-    card = torch.cuda.get_device_name()
-    out = Path(out_arg)
-    out = out / f"l2-prefetch-inkernel-{card_slug(card)}.json" if out.is_dir() or not out.suffix else out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(card=card, torch=torch.__version__, seconds=time.perf_counter() - t0,
-                                   shapes=res), indent=2) + "\n")
-    print(f"written {out}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--wait-us", type=float, default=6.5, help="the all-reduce's length (one-shot, 8 KB, tp=2)")
-    ap.add_argument("--in-kernel", action="store_true", help="the GEMV's own L2 prefetch before its PDL wait")
     a = ap.parse_args()
-    if a.in_kernel:
-        return main_in_kernel(a.out)
     t0 = time.perf_counter()
     cycles = spin_cycles(a.wait_us)
     rows = [bench(name, spec, cycles, [8, 16, 24, 32]) for name, spec in SHAPES.items()]

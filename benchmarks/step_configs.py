@@ -8,9 +8,7 @@ variant (each variant overrides entries of runtime/triton_gemv.TUNED while its g
 launches in that graph keep them), and times them in alternating rounds with the next token fed on the
 device (no host sync per token): median ms per step per variant.
 VARIANT: NAME (the table as it is) or NAME:KEY=CONFIG[,KEY=CONFIG...], KEY a TUNED key ("4096x2048",
-"rope-3072x4096", ...), CONFIG as GemvConfig.key() writes it without the stage count ("pf-n4-k2048-w4",
-"pf-n16-k512-w4-l2t2"); "*=l2tN" gives every TUNED entry not named before it N tiles of L2 prefetch
-(GemvConfig.l2_tiles).
+"rope-3072x4096", ...), CONFIG as GemvConfig.key() writes it without the stage count ("pf-n4-k2048-w4").
 Usage: python -m benchmarks.step_configs [--tp N] [--layers L] [--rounds R] [--steps S] [--out DIR] VARIANT...
 Writes step-configs-<card>[-tpN].json.
 """
@@ -21,7 +19,6 @@ import argparse
 import json
 import re
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,8 +30,7 @@ from runtime.triton_gemv import GemvConfig
 from runtime.random_model import LLAMA_3_8B, checkpoint_config, random_rank_model
 
 PROMPT_LEN = 512
-_CONFIG = re.compile(r"^(pf-)?n(\d+)-k(\d+)-w(\d+)(?:-s1)?(?:-l2t(\d+))?$")
-_EVERY = re.compile(r"^l2t(\d+)$")
+_CONFIG = re.compile(r"^(pf-)?n(\d+)-k(\d+)-w(\d+)$")
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, GemvConfig]]:
@@ -45,16 +41,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, GemvConfig]]:
     overrides = {}
     for part in filter(None, rest.split(",")):
         key, eq, cfg = part.partition("=")
-        if key.strip() == "*" and (every := _EVERY.match(cfg.strip())):  # every TUNED entry, N tiles into L2
-            overrides |= {k: replace(c, l2_tiles=int(every[1])) for k, c in triton_gemv.TUNED.items()
-                          if k not in overrides}
-            continue
         m = _CONFIG.match(cfg.strip())
         if not eq or not key.strip() or m is None:
-            raise ValueError(f"variant {name!r}: {part!r} is not KEY=CONFIG with CONFIG like pf-n4-k2048-w4 "
-                             "(optionally -l2tN: N tiles into L2 before the PDL wait)")
-        overrides[key.strip()] = GemvConfig(int(m[2]), int(m[3]), int(m[4]), 1, prefetch=bool(m[1]),
-                                            l2_tiles=int(m[5] or 0))
+            raise ValueError(f"variant {name!r}: {part!r} is not KEY=CONFIG with CONFIG like pf-n4-k2048-w4")
+        overrides[key.strip()] = GemvConfig(int(m[2]), int(m[3]), int(m[4]), 1, prefetch=bool(m[1]))
     return name, overrides
 
 

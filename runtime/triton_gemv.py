@@ -92,24 +92,6 @@ def _row_dots(X, NW, rows, rows2, mask_n, K, NORM: tl.constexpr, TWO: tl.constex
     return tl.sum(acc, 1), y2, sq
 
 
-L2_LINE = tl.constexpr(64)
-"""Elements between two of l2_ahead's prefetches: one 128-byte line of bf16 / fp16 weights (every other line of
-float32 ones)."""
-
-
-@triton.jit
-def l2_ahead(W, offs_n, N, K, first, TILES: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Ask L2 for columns [first, first + TILES * BLOCK_K) of rows offs_n of W (N, K), one PTX
-    prefetch.global.L2 per 128-byte line, without waiting for any of it: issued before a PDL wait, the weights
-    stream in while the kernel before (or a TP exchange) finishes, and the K loop then finds them in L2.
-    Addresses are clamped into W (rows past N, columns past K): a hint, never a fault."""
-    if TILES > 0:
-        cols = tl.minimum(first + tl.arange(0, TILES * BLOCK_K // L2_LINE) * L2_LINE, K - 1)
-        rows = W + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [rows + cols[None, :]],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _silu_mul(act, lin, act_ty: tl.constexpr):
     """silu(act) * lin with runtime/layers.py swiglu's roundings (act and lin already rounded)."""
@@ -143,8 +125,7 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
                  OUT_F32: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                  ROPE: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HEAD_D: tl.constexpr,
                  PDL: tl.constexpr, XSUM: tl.constexpr, SCATTER: tl.constexpr, TP: tl.constexpr,
-                 XCHUNKS: tl.constexpr, XHANDOFF: tl.constexpr, L2_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 XCHUNKS: tl.constexpr, XHANDOFF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     if ROPE:  # rows j and j + HEAD_D / 2 of one head: BLOCK_N / 2 rotary pairs per program
         t = tl.arange(0, BLOCK_N)
@@ -166,10 +147,6 @@ def _gemv_kernel(X, W, NW, B, RES, OUT, N, K, HALF, eps, COS, SIN, SLOT, KC, VC,
         if SWIGLU:
             w2_next = tl.load(rows + HALF * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
                               other=0.0)
-    # the tiles after those into L2 while the kernel before finishes (GemvConfig.l2_tiles)
-    l2_ahead(W, offs_n, N, K, BLOCK_K if PREFETCH else 0, L2_TILES, BLOCK_K)
-    if SWIGLU:
-        l2_ahead(W + HALF * K, offs_n, N, K, BLOCK_K if PREFETCH else 0, L2_TILES, BLOCK_K)
     if XSUM:  # no griddepcontrol.wait: all it reads of the kernel before (its own rank's partial too) lands in
         # the slots, which it polls, so it starts summing while that kernel's tail and stores are in flight
         # (1.3% off the tp=2 batch-1 step on 2 x H100, logits bit for bit the same)
@@ -279,13 +256,9 @@ class GemvConfig:
     num_stages: int = 1
     prefetch: bool = False
     """Load the next K tile before multiplying the current one (two tiles in flight per program)."""
-    l2_tiles: int = 0
-    """K tiles after the first that each program asks L2 for before it waits for the kernel before (PDL):
-    HBM streams them while that kernel, or a TP exchange, finishes (l2_ahead)."""
 
     def key(self) -> str:
-        tile = f"n{self.block_n}-k{self.block_k}-w{self.num_warps}-s{self.num_stages}"
-        return f"{'pf-' if self.prefetch else ''}{tile}{f'-l2t{self.l2_tiles}' if self.l2_tiles else ''}"
+        return f"{'pf-' if self.prefetch else ''}n{self.block_n}-k{self.block_k}-w{self.num_warps}-s{self.num_stages}"
 
 
 DEFAULT = GemvConfig(4, 1024, 4, 1, prefetch=True)
@@ -377,17 +350,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
         NORM=norm is not None, SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
         OUT_F32=out_f32, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch,
         ROPE=False, NQ=1, NKV=1, HEAD_D=1, PDL=pdl, XSUM=recv is not None, SCATTER=send is not None,
-        TP=link.tp if link else 1, **x_poll(recv, k, cfg.block_k), L2_TILES=l2_tiles(cfg), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
+        TP=link.tp if link else 1, **x_poll(recv, k, cfg.block_k), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, launch_pdl=pdl)
     return None if send is not None else out
-
-
-def l2_tiles(cfg: GemvConfig) -> int:
-    """The kernel's L2_TILES: cfg.l2_tiles, 0 under Triton's interpreter (it runs no inline PTX; a prefetch
-    changes no result)."""
-    return 0 if os.environ.get("TRITON_INTERPRET", "0") == "1" else cfg.l2_tiles
 
 
 def x_poll(recv, k: int, block_k: int) -> dict[str, int]:
@@ -442,7 +408,7 @@ def qkv_rope_gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, eps: flo
         NORM=True, SWIGLU=False, BIAS=bias is not None, RESIDUAL=False, OUT_F32=False, EVEN_N=True,
         EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch, ROPE=True, NQ=nq, NKV=nkv, HEAD_D=d,
         PDL=pdl, XSUM=recv is not None, SCATTER=False, TP=recv.link.tp if recv else 1,
-        **x_poll(recv, k, cfg.block_k), L2_TILES=l2_tiles(cfg), BLOCK_N=block_n,
+        **x_poll(recv, k, cfg.block_k), BLOCK_N=block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, launch_pdl=pdl)
     return q

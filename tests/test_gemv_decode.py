@@ -275,39 +275,3 @@ def test_step_launched_with_pdl_matches_the_step_without_it():
         assert dec.status()["pdl"] is pdl and dec.step.gemv is not None, dec.status()
         outs.append((torch.cat([dec.decode(seqs, [t], [9 + i]) for i, t in enumerate([4, 8, 15])]), c.k.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the L2 prefetch is inline PTX: CUDA only")
-@pytest.mark.parametrize("pdl", [False, True])
-def test_l2_prefetch_changes_no_bit(pdl):
-    """GemvConfig.l2_tiles only asks L2 for weights early (clamped addresses, nothing waits for them): the same
-    outputs bit for bit, with N not a multiple of BLOCK_N (rows past N), K not a multiple of the tiles, SwiGLU,
-    and the qkv kernel with rotary and the cache write."""
-    from runtime.layers import rope_cos_sin
-    from runtime.triton_gemv import GemvConfig, gemv, l2_tiles, qkv_rope_gemv
-
-    if pdl and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
-    gen = torch.Generator().manual_seed(3)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to("cuda", torch.bfloat16)
-
-    assert l2_tiles(GemvConfig(8, 64, 4, l2_tiles=3)) == 3
-    for n, k, swiglu in [(100, 320, False), (37, 200, True), (256, 512, True)]:
-        x, w, g = rnd(1, k), rnd(2 * n if swiglu else n, k, scale=0.1), 1 + 0.1 * rnd(k)
-        outs = [gemv(x, w, norm=g, swiglu=swiglu, pdl=pdl, config=GemvConfig(8, 64, 4, 1, prefetch=pf, l2_tiles=t))
-                for pf in (False, True) for t in (0, 1, 3)]
-        assert all(torch.equal(outs[0], o) for o in outs[1:3]) and all(torch.equal(outs[3], o) for o in outs[4:])
-    nq, nkv, d, hid = 4, 2, 16, 96
-    x, w, g = rnd(1, hid), rnd((nq + 2 * nkv) * d, hid, scale=0.2), 1 + 0.1 * rnd(hid)
-    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
-    cos, sin = rope_cos_sin(torch.tensor([11]).cuda(), inv.cuda(), torch.bfloat16)
-    slots = torch.tensor([6]).cuda()
-    results = []
-    for t in (0, 2):
-        caches = [torch.zeros(3, 4, nkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-        q = qkv_rope_gemv(x, w, g, 1e-5, None, cos, sin, slots, *caches, nq, nkv, d,
-                          config=GemvConfig(8, 32, 4, 1, prefetch=True, l2_tiles=t), pdl=pdl)
-        results.append((q, *caches))
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

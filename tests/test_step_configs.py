@@ -22,21 +22,3 @@ def test_plain_variant_keeps_the_table():
 def test_bad_variant_names_the_part(bad):
     with pytest.raises(ValueError, match="variant"):
         parse_variant(bad)
-
-
-def test_variant_with_l2_tiles_round_trips_the_key():
-    _, o = parse_variant("l2:swiglu-7168x4096=pf-n16-k512-w4-l2t2")
-    cfg = o["swiglu-7168x4096"]
-    assert cfg == GemvConfig(16, 512, 4, 1, prefetch=True, l2_tiles=2) and cfg.key() == "pf-n16-k512-w4-s1-l2t2"
-    assert parse_variant(f"again:swiglu-7168x4096={cfg.key()}")[1] == o
-
-
-def test_star_gives_every_tuned_entry_l2_tiles_but_the_named_ones():
-    from runtime import triton_gemv
-
-    _, o = parse_variant("all:4096x2048=n8-k1024-w4,*=l2t1")
-    assert set(o) == set(triton_gemv.TUNED)
-    assert o["4096x2048"] == GemvConfig(8, 1024, 4, 1)  # named before the star: kept as given
-    for key, cfg in triton_gemv.TUNED.items():
-        if key != "4096x2048":
-            assert o[key].l2_tiles == 1 and o[key].block_n == cfg.block_n and o[key].prefetch == cfg.prefetch
