@@ -175,10 +175,12 @@ def _step_bounds(iv: list[tuple[float, float]], steps: int) -> tuple[list[tuple[
 
 def _layer_report(kernels, steps: int, layers: int) -> dict:
     """{"layer_slots": _layer_slots(...)}, plus the kernel names of one step when no layer pattern was found."""
-    slots = _layer_slots(kernels, steps, layers)
-    if slots or len(kernels) < steps:
-        return dict(layer_slots=slots)
+    if len(kernels) < steps:
+        return dict(layer_slots=[])
     ev, bounds = _steps_of(kernels, steps)
+    slots = _slots_of(ev, bounds, layers)
+    if slots:
+        return dict(layer_slots=slots)
     a, b = _common_step(bounds)
     return dict(layer_slots=[], step_kernels=[n[:60] for _, _, n in ev[a:b]])
 
@@ -202,9 +204,15 @@ def _layer_slots(kernels, steps: int, layers: int) -> list[dict]:
     rank that starts early waiting at the step's first all-reduce, lifts the mean of its slot, not the median),
     and the mean time from the previous kernel's end to its start (negative: it started before that end, as
     PDL launches do). [] when no pattern repeats `layers` times."""
-    if len(kernels) < steps or layers < 2:
+    if len(kernels) < steps:
         return []
-    ev, bounds = _steps_of(kernels, steps)
+    return _slots_of(*_steps_of(kernels, steps), layers)
+
+
+def _slots_of(ev: list[tuple[float, float, str]], bounds: list[tuple[int, int]], layers: int) -> list[dict]:
+    """_layer_slots on kernels already sorted and cut into steps (_steps_of)."""
+    if layers < 2:
+        return []
     a, b = _common_step(bounds)
     names = [n for _, _, n in ev[a:b]]
     for period in range(1, 17):

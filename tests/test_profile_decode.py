@@ -70,7 +70,7 @@ def test_layer_slots_median_ignores_a_wait_once_a_step():
     events, layers, wait = _steps(4, 3, pattern), 4, 40.0
     stretched = []
     for i, e in enumerate(events):
-        first_reduce_of_step = e.name == "reduce" and events[i - 2].name == "embed"
+        first_reduce_of_step = e.name == "reduce" and i >= 2 and events[i - 2].name == "embed"
         shift = sum(wait for x in stretched if x)  # later events move by the waits before them
         stretched.append(first_reduce_of_step)
         end = e.time_range.end + shift + (wait if first_reduce_of_step else 0.0)
