@@ -105,7 +105,9 @@ class _Runner:
             return max(0, int(np.asarray(outputs["num_output_tokens"]).reshape(-1)[0]) - rec.output_tokens)
         return 1  # else: a streaming text model sends one response per generated token
 
-    async def send(self, prompt: Prompt, issue_ns: int) -> RequestRecord:
+    async def send(self, prompt: Prompt, issue_ns: int, sent_ns: int | None = None) -> RequestRecord:
+        """One streamed request. sent_ns: when it left the load generator, if that is known already (a closed
+        loop sends at issue); else now."""
         rid = uuid.uuid4().hex[:16]
         rec = RequestRecord(rid, prompt.prompt_len, prompt.output_len, issue_ns=issue_ns)
         inputs = self._tensors(prompt, rid)
@@ -113,7 +115,7 @@ class _Runner:
         async def one_request():
             yield {"model_name": self.cfg.model, "inputs": inputs, "request_id": rid, "outputs": self.outputs}
 
-        rec.start_ns = time.monotonic_ns()
+        rec.start_ns = sent_ns or time.monotonic_ns()
         try:
             stream = self.client.stream_infer(one_request(), stream_timeout=self.cfg.request_timeout_s)
             async for result, error in stream:
@@ -140,20 +142,24 @@ class _Runner:
             self.on_done()
         return rec
 
-    async def drive(self, prompts: list[Prompt], point: LoadPoint, duration_s: float | None) -> list[RequestRecord]:
+    async def drive(self, prompts: list[Prompt], point: LoadPoint, duration_s: float | None,
+                    origin: float | None = None) -> list[RequestRecord]:
+        """Issue the prompts as the point says; with duration_s, none after origin + duration_s (origin: the
+        time.monotonic() the point's times count from, default now). A closed loop sends each request when it
+        admits it, so its start times stay inside the duration too."""
         closed = point.mode == "concurrency"
         limit = int(point.value) if closed else point.max_concurrency
         sem = asyncio.Semaphore(limit) if limit else None
         rng = np.random.default_rng(self.cfg.seed)
-        start = time.monotonic()
+        start = time.monotonic() if origin is None else origin
         next_at = 0.0
         tasks: list[asyncio.Task] = []
 
         async def run(prompt: Prompt, issue_ns: int, acquired: bool) -> RequestRecord:
             if sem is not None and not acquired:
                 await sem.acquire()
-            try:
-                return await self.send(prompt, issue_ns)
+            try:  # acquired: admitted with its slot, so sent at issue
+                return await self.send(prompt, issue_ns, issue_ns if acquired else None)
             finally:
                 if sem is not None:
                     sem.release()
@@ -164,11 +170,12 @@ class _Runner:
                 await asyncio.sleep(max(0.0, start + next_at - time.monotonic()))
             if closed and sem is not None:
                 await sem.acquire()
-            if duration_s is not None and time.monotonic() - start >= duration_s:
+            now_ns = time.monotonic_ns()
+            if duration_s is not None and now_ns / 1e9 - start >= duration_s:
                 if closed and sem is not None:
                     sem.release()
                 break
-            tasks.append(asyncio.create_task(run(prompt, time.monotonic_ns(), closed)))
+            tasks.append(asyncio.create_task(run(prompt, now_ns, closed)))
         return list(await asyncio.gather(*tasks))
 
 
@@ -187,7 +194,7 @@ async def _run_point(runner: _Runner, prompts: list[Prompt], point: LoadPoint) -
     t0, t0_ns, cpu0 = time.monotonic(), time.monotonic_ns(), time.process_time()
     if poller is not None:
         poller.start(t0)
-    records = await runner.drive(prompts, point, cfg.duration_s)
+    records = await runner.drive(prompts, point, cfg.duration_s, origin=t0)
     duration, cpu = time.monotonic() - t0, time.process_time() - cpu0
     series = await poller.stop() if poller is not None else []
     after = stats_snapshot(await runner.client.get_inference_statistics(as_json=True))
