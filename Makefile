@@ -7,6 +7,9 @@ ES := $(VENV)/bin/enginesmith
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 EXTRAS ?= torch,serve,dev
+# numpy 2, as the GPU machines' images and most environments have it (nvidia-pytriton declares numpy<2 for its
+# Python-backend stub only; enginesmith gives the stubs a private numpy 1.x, see triton_repo/discovery.py).
+NUMPY_SPEC ?= numpy>=2,<3
 # Rich tables (plans, bench results) fall back to 80 columns when not on a terminal; give them room.
 export COLUMNS ?= 150
 
@@ -17,6 +20,7 @@ $(VENV)/.stamp: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-warn-conflicts "$(NUMPY_SPEC)"
 	touch $@
 
 venv: $(VENV)/.stamp

@@ -10,11 +10,19 @@ pyenv build's stdlib extensions fail against a distribution libpython), while ou
 virtualenv. So when the two installations differ we write a small venv-like "stub environment" whose
 `home` is the libpython's installation and whose site-packages add this environment's site-packages
 (a `.pth` file), and put its bin first on PATH. PYTHONPATH is set too, for stubs that honour it.
+
+The bundled stub (Python backend 2.51) was built against numpy 1's C ABI: under numpy >= 2 it misreads every
+tensor a request carries (a BYTES tensor's length prefixes come out as garbage and the stub dies). So when this
+environment's numpy is 2 or newer, the stubs get a private numpy < 2 first on their path, and only they: it is
+installed once by pip into the cache folder, from `ENGINESMITH_STUB_WHEELS` (a folder of wheels, for machines
+without a package index) or else the configured index. Where that cannot be had, `bundled_server` refuses with
+the cause and the fix instead of starting a server whose every request fails.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import re
 import shutil
@@ -27,6 +35,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
+STUB_NUMPY = "numpy>=1.21,<2"
+WHEELS_ENV = "ENGINESMITH_STUB_WHEELS"
+NUMPY_GUARD_ENV = "ENGINESMITH_STUB_NUMPY_BELOW"
+"""Set for the bundled stubs: the numpy major version they must stay below (models check it at initialize)."""
 
 
 class ServerNotFound(RuntimeError):
@@ -85,8 +97,50 @@ def installation_prefix(libpython: Path) -> Path:
                          f"lib/python{PY}/os.py above it); install the full python{PY} package")
 
 
-def stub_environment(prefix: Path, root: Path) -> Path:
-    """A venv-like directory: stdlib from `prefix`, plus this interpreter's site-packages. Returns its bin."""
+def numpy_major() -> int | None:
+    """The major version of the numpy this environment (and so the stubs) would import; None without numpy."""
+    try:
+        return int(importlib.metadata.version("numpy").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def stub_numpy(root: Path) -> Path:
+    """A folder holding numpy < 2 for this Python, installed once under `root` (see the module docstring)."""
+    dest = root / f"stub-numpy-py{PY}"
+    if (dest / ".complete").is_file():
+        return dest
+    tmp = root / f".stub-numpy-py{PY}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--no-compile", "--only-binary=:all:", "--target", str(tmp)]
+    wheels = os.environ.get(WHEELS_ENV, "")
+    if wheels:
+        cmd += ["--no-index", "--find-links", wheels]
+    try:
+        done = subprocess.run([*cmd, STUB_NUMPY], capture_output=True, text=True, timeout=600)
+        failure = done.stderr.strip().splitlines()[-1:] if done.returncode else None
+    except (OSError, subprocess.SubprocessError) as e:
+        failure = [str(e)]
+    if failure is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f"from {WHEELS_ENV}={wheels}" if wheels else "from the package index"
+        raise ServerNotFound(
+            f"the bundled Triton Python backend misreads tensors under numpy {numpy_major()}.x, and a private "
+            f"{STUB_NUMPY} for its stubs could not be installed {where} ({' '.join(failure) or 'pip failed'}); "
+            f"fix: let pip reach the index once, or set {WHEELS_ENV} to a folder holding a numpy 1.26 wheel for "
+            f"Python {PY} (pip download 'numpy<2' --only-binary=:all: -d DIR)")
+    (tmp / ".complete").write_text(STUB_NUMPY + "\n")
+    try:
+        tmp.replace(dest)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def stub_environment(prefix: Path, root: Path, first: Path | None = None) -> Path:
+    """A venv-like directory: stdlib from `prefix`, plus this interpreter's site-packages and PYTHONPATH
+    (`first`, when given, ahead of everything). Returns its bin."""
     env = root / f"stub-env-py{PY}"
     bin_dir, sp = env / "bin", env / "lib" / f"python{PY}" / "site-packages"
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +148,9 @@ def stub_environment(prefix: Path, root: Path) -> Path:
     _atomic_text(env / "pyvenv.cfg", f"home = {prefix / 'bin'}\ninclude-system-site-packages = false\n")
     target = prefix / "bin" / f"python{PY}"
     _link(target if target.exists() else Path(sys.executable), bin_dir / "python3")
-    lines = [f"import site; site.addsitedir({d!r})" for d in site.getsitepackages()]
+    lines = [f"import sys; sys.path.insert(0, {str(first)!r})"] if first is not None else []
+    lines += [f"import site; site.addsitedir({d!r})" for d in site.getsitepackages()]
+    lines += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     _atomic_text(sp / "_enginesmith_site.pth", "\n".join([*lines, str(REPO_ROOT)]) + "\n")
     return bin_dir
 
@@ -130,9 +186,10 @@ def bundled_server(cache_dir: str | Path | None = None) -> ServerBinary:
                            if p)
     prefix = installation_prefix(linked_libpython(stub, libs))
     same = prefix.resolve() == Path(sys.base_prefix).resolve()
-    python_bin = Path(sys.executable).parent if same else stub_environment(prefix, root)
+    numpy = stub_numpy(root) if (numpy_major() or 0) >= 2 else None
+    python_bin = Path(sys.executable).parent if same and numpy is None else stub_environment(prefix, root, numpy)
     return ServerBinary(dist / "bin" / "tritonserver", backends.parent,
-                        {**python_path_env(python_bin), "LD_LIBRARY_PATH": libs}, bundled=True)
+                        {**python_path_env(python_bin), "LD_LIBRARY_PATH": libs, NUMPY_GUARD_ENV: "2"}, bundled=True)
 
 
 def find_server(cache_dir: str | Path | None = None) -> ServerBinary:

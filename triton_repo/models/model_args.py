@@ -7,12 +7,27 @@ A malformed value is an error naming the key, never a silent default.
 from __future__ import annotations
 
 import json
+import os
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 class ModelArgsError(ValueError):
     """A model parameter or tokenizer the model cannot use."""
+
+
+def check_stub_numpy() -> None:
+    """Refuse to load where this stub cannot read tensors: the bundled Python backend stub needs numpy below the
+    major version `ENGINESMITH_STUB_NUMPY_BELOW` names (set by triton_repo/discovery.py, which also provides one)."""
+    below = os.environ.get("ENGINESMITH_STUB_NUMPY_BELOW", "")
+    if not below:
+        return
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= int(below):
+        raise ModelArgsError(f"numpy {numpy.__version__} ({numpy.__file__}) is first on this stub's path, but the "
+                             f"bundled Triton Python backend stub reads tensors wrongly under numpy >= {below}; "
+                             "start the server through `enginesmith serve` (it gives the stubs a private numpy 1.x)")
 
 
 def read_parameters(args: dict) -> dict[str, str]:

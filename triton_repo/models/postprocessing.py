@@ -13,13 +13,21 @@ from __future__ import annotations
 import triton_python_backend_utils as pb_utils
 
 from triton_repo.detokenize import StreamDetokenizers
-from triton_repo.models.model_args import ModelArgsError, load_tokenizer, param_bool, param_str, read_parameters
+from triton_repo.models.model_args import (
+    ModelArgsError,
+    check_stub_numpy,
+    load_tokenizer,
+    param_bool,
+    param_str,
+    read_parameters,
+)
 from triton_repo.text_tensors import text_array, token_rows
 
 
 class TritonPythonModel:
     def initialize(self, args):
         try:
+            check_stub_numpy()
             params = read_parameters(args)
             skip = param_bool(params, "skip_special_tokens", True)
             tokenizer = load_tokenizer(param_str(params, "tokenizer_dir"))

@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from triton_repo.models.model_args import (
     ModelArgsError,
+    check_stub_numpy,
     load_tokenizer,
     param_bool,
     param_str,
@@ -41,6 +42,7 @@ def _get(request, name: str):
 class TritonPythonModel:
     def initialize(self, args):
         try:
+            check_stub_numpy()
             params = read_parameters(args)
             self.add_special_tokens = param_bool(params, "add_special_tokens", True)
             if param_str(params, "multimodal_model_path"):

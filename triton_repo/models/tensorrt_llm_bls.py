@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from triton_repo.detokenize import IncrementalDetokenizer
 from triton_repo.model_config import PREPROCESSING_IN, PREPROCESSING_OUT, TENSORRT_LLM_IN
-from triton_repo.models.model_args import ModelArgsError, param_bool, param_str, read_parameters
+from triton_repo.models.model_args import ModelArgsError, check_stub_numpy, param_bool, param_str, read_parameters
 from triton_repo.tensor_specs import PASSTHROUGH_OUTPUTS
 from triton_repo.text_tensors import text_array, token_rows
 
@@ -47,6 +47,7 @@ class TritonPythonModel:
 
         config = json.loads(args["model_config"])
         try:
+            check_stub_numpy()
             params = read_parameters(args)
             self.accumulate = param_bool(params, "accumulate_tokens", False)
             self.llm = param_str(params, "tensorrt_llm_model_name", "tensorrt_llm")

@@ -23,6 +23,7 @@ from runtime.engine import Engine
 from runtime.engine_config import EngineConfigError
 from runtime.request import Request, RequestError, TokenUpdate
 from runtime.tensor_contract import RowSpec, parse_rows, response_arrays
+from triton_repo.models.model_args import check_stub_numpy
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 IN_FLIGHT_TYPES = ("inflight_fused_batching", "inflight_batching")
@@ -83,6 +84,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         try:
+            check_stub_numpy()
             self._configure(config)
             self.engine = Engine.from_engine_dir(self.engine_dir, device=self._device(config),
                                                  on_rank_failure=self._on_rank_failure, **self.overrides)
