@@ -1,14 +1,15 @@
 """Offline throughput on mixed-length requests: our in-flight batching engine vs transformers.
 
 All requests arrive at once; throughput is the requested output tokens over the wall time until the
-last one finishes. The engine runs decode tokens through FastDecoder (the hook the engine gets in
-runtime/engine.py; until then this subclass adds it) and prefill chunks through its plain path.
+last one finishes. The engine is the served one (runtime/engine.py): decode tokens through its FastDecoder,
+prefill chunks through its prefill layers (on CPU the fast path is switched on for the run: eager, no graphs).
 transformers' static batches use the engine's max_batch_size, in arrival order.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import random
 import time
 from collections.abc import Callable
@@ -18,29 +19,11 @@ import torch
 from benchmarks import runtime_hf
 from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
-from runtime.fast_decode import FastDecoder
+from runtime.fast_decode import FAST_DECODE_ENV
 from runtime.model import RankModel
 from runtime.request import FinishReason, Request
 
 Progress = Callable[[str], None]
-
-
-class FastEngine(Engine):
-    """Engine whose steps with decode tokens run through FastDecoder (decode and prefill graphs captured at
-    start-up)."""
-
-    def __init__(self, model: RankModel, config: EngineConfig, decoder_options: dict | None = None, **kwargs):
-        super().__init__(model, config, **kwargs)
-        self.fast_decoder = FastDecoder.started(model, self.cache, config, **(decoder_options or {}))
-        self.fast_steps = self.plain_steps = 0
-
-    def _forward(self, sched):
-        logits = self.fast_decoder.forward_schedule(sched)
-        if logits is None:
-            self.plain_steps += 1
-            return super()._forward(sched)
-        self.fast_steps += 1
-        return logits
 
 
 def workload(n: int, isl: tuple[int, int], osl: tuple[int, int], vocab: int, seed: int):
@@ -91,7 +74,15 @@ def run(model: RankModel, *, n_requests: int, isl: tuple[int, int], osl: tuple[i
                           max_num_tokens=max_num_tokens, tokens_per_block=tokens_per_block,
                           dtype=str(model.dtype).removeprefix("torch."))
     t0 = time.perf_counter()
-    engine = FastEngine(model, config, decoder_options)
+    previous = os.environ.get(FAST_DECODE_ENV)
+    os.environ[FAST_DECODE_ENV] = "on"  # CPU runs too (on CUDA it is the default)
+    try:
+        engine = Engine(model, config, decoder_options=decoder_options)
+    finally:
+        if previous is None:
+            os.environ.pop(FAST_DECODE_ENV)
+        else:
+            os.environ[FAST_DECODE_ENV] = previous
     progress(f"engine ready in {time.perf_counter() - t0:.1f} s ({engine.cache.num_blocks} KV blocks)")
     out["engine"] = run_engine(engine, prompts, osls, progress) | dict(
         setup_s=time.perf_counter() - t0, fast_steps=engine.fast_steps, plain_steps=engine.plain_steps,

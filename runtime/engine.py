@@ -32,17 +32,22 @@ log = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, model: Any, config: EngineConfig, *, metrics: Any = None, workers: Any = None,
-                 num_blocks: int | None = None):
+                 num_blocks: int | None = None, decoder_options: dict | None = None):
         """`model` follows runtime/model.py's RankModel contract: every layer on one rank, or rank 0 of a
-        multi-rank checkpoint whose other ranks `workers` (runtime.workers.RankWorkers) drives."""
+        multi-rank checkpoint whose other ranks `workers` (runtime.workers.RankWorkers) drives.
+        `decoder_options`: FastDecoder keywords (benchmarks compare kernel paths through them)."""
         self.model, self.config, self.metrics, self.workers = model, config, metrics, workers
         self.vocab_size = model.cfg.vocab_size
         dims = dict(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads, head_size=model.head_size)
         num_blocks = num_blocks or kv_cache_blocks(model, config)
         self.cache = PagedKVCache(**dims, num_blocks=num_blocks, tokens_per_block=config.tokens_per_block,
                                   dtype=model.dtype, device=model.device)
-        # CUDA: decode tokens through captured graphs (None on CPU, several ranks, ENGINESMITH_FAST_DECODE=0)
-        self.fast_decoder = None if workers is not None else FastDecoder.for_engine(model, self.cache, config)
+        # CUDA: decode tokens through captured graphs on every rank of a single-stage layout (None on CPU, with
+        # pipeline stages, or ENGINESMITH_FAST_DECODE=0); the worker ranks build theirs at the same point.
+        self.fast_decoder = FastDecoder.for_engine(model, self.cache, config,
+                                                   workers.groups if workers is not None else None,
+                                                   **(decoder_options or {}))
+        self.fast_steps = self.plain_steps = 0
         self.scheduler = Scheduler(self.cache, max_batch_size=config.max_batch_size,
                                    max_num_tokens=config.max_num_tokens, policy=config.batch_scheduler_policy,
                                    enable_chunked_context=config.enable_chunked_context)
@@ -73,7 +78,7 @@ class Engine:
         model = RankModel.load(ckpt_dir, 0, device=device, dtype=config.dtype)
         num_blocks = kv_cache_blocks(model, config)
         workers = RankWorkers(ckpt_dir, mapping, config.dtype, num_blocks, config.tokens_per_block,
-                              init_method or free_init_method(), on_failure=on_rank_failure)
+                              init_method or free_init_method(), on_failure=on_rank_failure, engine_config=config)
         return cls(model, config, metrics=metrics, workers=workers, num_blocks=num_blocks)
 
     # ---- client side (any thread) ----
@@ -200,8 +205,12 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, sched: Schedule) -> torch.Tensor:
         """Run the packed step; (num sampling chunks, vocab) float32 logits."""
-        if self.fast_decoder is not None and (logits := self.fast_decoder.forward_schedule(sched)) is not None:
-            return logits
+        if self.fast_decoder is not None and (step := self.fast_decoder.plan(sched)) is not None:
+            self.fast_steps += 1
+            if self.workers is not None:
+                return self.workers.forward_fast(self.fast_decoder, self.cache, step)
+            return self.fast_decoder.run(step)
+        self.plain_steps += 1
         ids, positions, spans, last_rows, row = [], [], [], [], 0
         for c in sched.chunks:
             ids.extend(c.request.tokens[c.start: c.start + c.num_tokens])

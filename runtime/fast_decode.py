@@ -7,8 +7,11 @@ tables padded to the max), copies it in one transfer, and replays the CUDA graph
 step's batch bucket (1, 2, 4, ... max_batch_size; with gather attention also a block-count bucket).
 Padding rows repeat row 0, so they write row 0's K/V to row 0's slot and are dropped from the output.
 
-Engine hook: `FastDecoder.for_engine(model, cache, config)` at start-up, then
-`decoder.forward_schedule(sched)` in `_forward` returns the step's logits (None: no decode token in it).
+Engine hook: `FastDecoder.for_engine(model, cache, config, groups)` at start-up on every rank (rank 0 in the
+engine, the others in runtime/workers.py), then per step `decoder.plan(sched)` on rank 0 (None: no decode token in
+it, the engine's own path runs) and `decoder.run(step)` on every rank of a single-stage layout: the `FastStep` is
+plain data, broadcast to the other ranks with the step's block tables, so all ranks replay the same graphs and meet
+in the same collectives (TP all-reduces through the symmetric-memory one-shot kernel or the TP exchange).
 """
 
 from __future__ import annotations
@@ -38,6 +41,25 @@ def buckets(limit: int) -> list[int]:
     while out[-1] * 2 < limit:
         out.append(out[-1] * 2)
     return out if out[-1] == limit else [*out, limit]
+
+
+@dataclass
+class FastStep:
+    """One engine step as the fast path runs it, as plain lists (cheap to pickle to the other ranks): the decode
+    tokens (through the graphs) and the prefill chunks (through the prefill layers), then the sampling rows."""
+
+    seq_ids: list[int]
+    input_ids: list[int]
+    positions: list[int]
+    rest_spans: list[tuple[int, int, int]]
+    """(seq_id, start, num_tokens) of the non-decode chunks."""
+    rest_ids: list[int]
+    rows: list[int]
+    """Row of each sampling chunk in [decode logits; rest logits]."""
+
+    @property
+    def seq_ids_all(self) -> list[int]:
+        return [*self.seq_ids, *(s[0] for s in self.rest_spans)]
 
 
 @dataclass
@@ -90,14 +112,21 @@ class FastDecoder:
         self.fallbacks: list[str] = []
 
     @classmethod
-    def for_engine(cls, model: RankModel, cache: PagedKVCache, config) -> FastDecoder | None:
-        """The engine's decoder (decode and prefill graphs captured now, while the cache is empty), or None where
-        the plain path runs: CPU, several ranks, or ENGINESMITH_FAST_DECODE=0."""
-        if cache.k.device.type != "cuda" or os.environ.get("ENGINESMITH_FAST_DECODE", "1") == "0":
+    def for_engine(cls, model: RankModel, cache: PagedKVCache, config, groups=None,
+                   **options) -> FastDecoder | None:
+        """The engine's decoder on this rank (decode and prefill graphs captured now, while the cache is empty), or
+        None where the plain path runs: CPU (unless ENGINESMITH_FAST_DECODE=on), pipeline stages (pp_size > 1:
+        their steps run through the graphed prefill layers of runtime/pipeline.py), or ENGINESMITH_FAST_DECODE=0.
+        Several TP ranks: every rank calls this at the same point (`groups`: its runtime.parallel.ParallelGroups),
+        since setting up the one-shot all-reduce, the TP exchange and the graphs are collective."""
+        if not fast_path_enabled(cache.k.device):
             return None
-        if model.cfg.mapping.world_size != 1:
+        mapping = model.cfg.mapping
+        if mapping.pp_size != 1 or (mapping.world_size != 1 and groups is None):
             return None
-        return cls.started(model, cache, config)
+        if mapping.world_size != 1:
+            options = tp_options(model, groups, config.max_batch_size, cache.k.device) | options
+        return cls.started(model, cache, config, **options)
 
     @classmethod
     def started(cls, model: RankModel, cache: PagedKVCache, config, **options) -> FastDecoder:
@@ -125,29 +154,39 @@ class FastDecoder:
     # ---- the step ----
     def forward_schedule(self, sched) -> torch.Tensor | None:
         """Logits (sampling chunks, vocab) of an engine Schedule, as Engine._forward returns them; None when no
-        chunk is a decode token (the engine's own path runs). Decode tokens go through the graphs; prefill
-        chunks of the same step through the plain path (they touch other sequences' blocks only)."""
+        chunk is a decode token (the engine's own path runs). Single rank: plan + run."""
+        step = self.plan(sched)
+        return None if step is None else self.run(step)
+
+    def plan(self, sched) -> FastStep | None:
+        """The step's split into decode tokens and prefill chunks; None when no chunk is a decode token the graphs
+        can take (the engine's own path runs)."""
         chunks = sched.chunks
         fast = [c.num_tokens == 1 and c.samples and c.start < self.max_blocks * self.tpb for c in chunks]
         n_fast = sum(fast)
         if not n_fast or n_fast > self.max_batch_size:
             return None
         dec = [c for c, f in zip(chunks, fast, strict=True) if f]
-        logits = self.decode([c.request.seq_id for c in dec], [c.request.tokens[c.start] for c in dec],
-                             [c.start for c in dec])
-        if n_fast == len(chunks):
-            return logits
         rest = [c for c, f in zip(chunks, fast, strict=True) if not f]
-        spans = [SeqSpan(c.request.seq_id, c.start, c.num_tokens) for c in rest]
-        ids = [t for c in rest for t in c.request.tokens[c.start: c.start + c.num_tokens]]
-        rest_logits = plain_forward(self.model, self.cache, spans, ids, self.prefill_reduce, self.step.gather,
-                                    self.prefill)
         rows, fast_row, rest_row = [], iter(range(n_fast)), iter(range(n_fast, n_fast + len(rest)))
         for c, f in zip(chunks, fast, strict=True):
             row = next(fast_row) if f else next(rest_row)
             if c.samples:
                 rows.append(row)
-        return torch.cat([logits, rest_logits])[torch.tensor(rows, device=logits.device)]
+        return FastStep([c.request.seq_id for c in dec], [c.request.tokens[c.start] for c in dec],
+                        [c.start for c in dec], [(c.request.seq_id, c.start, c.num_tokens) for c in rest],
+                        [t for c in rest for t in c.request.tokens[c.start: c.start + c.num_tokens]], rows)
+
+    def run(self, step: FastStep) -> torch.Tensor:
+        """Decode tokens through the graphs, prefill chunks of the same step through the prefill layers (they touch
+        other sequences' blocks only); logits of the sampling rows."""
+        logits = self.decode(step.seq_ids, step.input_ids, step.positions)
+        if not step.rest_spans:
+            return logits if len(step.rows) == len(step.seq_ids) else logits[step.rows]
+        spans = [SeqSpan(*s) for s in step.rest_spans]
+        rest_logits = plain_forward(self.model, self.cache, spans, step.rest_ids, self.prefill_reduce,
+                                    self.step.gather, self.prefill)
+        return torch.cat([logits, rest_logits])[torch.tensor(step.rows, device=logits.device)]
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], input_ids: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -266,3 +305,31 @@ class FastDecoder:
     def _fall_back(self, reason: str) -> None:
         log.warning("fast decode: %s", reason)
         self.fallbacks.append(reason[:500])
+
+
+FAST_DECODE_ENV = "ENGINESMITH_FAST_DECODE"
+
+
+def fast_path_enabled(device: torch.device) -> bool:
+    """ENGINESMITH_FAST_DECODE: unset or 1: on CUDA; 0: never; on: also on CPU (eager, no graphs: for tests)."""
+    mode = os.environ.get(FAST_DECODE_ENV, "1").strip().lower()
+    if mode not in ("0", "1", "on"):
+        raise ValueError(f"{FAST_DECODE_ENV}={mode!r}: use 1 (CUDA only, the default), on (also CPU) or 0 (off)")
+    return mode == "on" or (mode == "1" and device.type == "cuda")
+
+
+def tp_options(model: RankModel, groups, max_batch_size: int, device: torch.device) -> dict:
+    """FastDecoder keywords of one TP rank: the group's all-reduce (decode-sized tensors through the one-shot
+    symmetric-memory kernel where it checks out) and vocab gather, and on CUDA the TP exchange for batch-1 steps.
+    Collective: every rank of the TP group calls it at the same point."""
+    max_bytes = max_batch_size * model.cfg.hidden_size * torch.empty((), dtype=model.dtype).element_size()
+    status = groups.enable_fast_all_reduce(max_bytes, model.dtype, device)
+    log.info("rank %d all-reduce: %s", groups.rank, status)
+    exchange = None
+    if device.type == "cuda":
+        from runtime.tp_exchange import for_model
+
+        exchange = for_model(groups, model, device)
+        exchange = exchange if exchange.serves(model.cfg.is_moe) else None
+    return dict(reduce=groups.all_reduce_tp, gather=groups.gather_tp_last_dim, exchange=exchange)
+

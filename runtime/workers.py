@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from builders.mapping import Mapping
+from runtime.engine_config import EngineConfig
+from runtime.fast_decode import FastDecoder, FastStep
 from runtime.kv_cache import PagedKVCache
 from runtime.model import RankModel
 from runtime.paged_attention import PagedAttention, SeqSpan
@@ -52,6 +54,8 @@ class MicroBatchSpec:
 class StepMessage:
     micro_batches: list[MicroBatchSpec]
     tables: dict[int, list[int]]
+    fast: FastStep | None = None
+    """A single-stage step through every rank's FastDecoder (then micro_batches is empty)."""
 
 
 def split_micro_batches(spec: MicroBatchSpec, count: int) -> list[MicroBatchSpec]:
@@ -103,7 +107,8 @@ def rank_device(mapping: Mapping, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _serve_rank(groups: ParallelGroups, model: RankModel, cache: PagedKVCache) -> None:
+def _serve_rank(groups: ParallelGroups, model: RankModel, cache: PagedKVCache,
+                decoder: FastDecoder | None = None) -> None:
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0, group=groups.control)
@@ -111,12 +116,17 @@ def _serve_rank(groups: ParallelGroups, model: RankModel, cache: PagedKVCache) -
         if msg is None:
             return
         cache.adopt_tables(msg.tables)
+        if msg.fast is not None:
+            if decoder is None:
+                raise RuntimeError(f"rank {groups.rank} got a fast step but has no FastDecoder")
+            decoder.run(msg.fast)
+            continue
         rank_forward(model, groups, [mb.build(cache, model.device) for mb in msg.micro_batches],
                      layer_runner(model.device))
 
 
 def worker_main(rank: int, ckpt_dir: str, mapping: Mapping, init_method: str, dtype: str, num_blocks: int,
-                tokens_per_block: int, timeout_s: float = 30.0) -> None:
+                tokens_per_block: int, timeout_s: float = 30.0, engine_config: EngineConfig | None = None) -> None:
     """Body of one non-driver rank: join, load only this rank's file, serve steps until told to stop."""
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, mapping.world_size)))
     device = rank_device(mapping, rank)
@@ -127,8 +137,10 @@ def worker_main(rank: int, ckpt_dir: str, mapping: Mapping, init_method: str, dt
     cache = PagedKVCache(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads,
                          head_size=model.head_size, num_blocks=num_blocks, tokens_per_block=tokens_per_block,
                          dtype=model.dtype, device=device)
+    # the same fast path as rank 0's engine, set up at the same point (collective): see FastDecoder.for_engine
+    decoder = FastDecoder.for_engine(model, cache, engine_config, groups) if engine_config is not None else None
     try:
-        _serve_rank(groups, model, cache)
+        _serve_rank(groups, model, cache, decoder)
     finally:
         dist.destroy_process_group()
 
@@ -138,7 +150,9 @@ class RankWorkers:
 
     def __init__(self, ckpt_dir: str | Path, mapping: Mapping, dtype: str, num_blocks: int, tokens_per_block: int,
                  init_method: str, on_failure: Callable[[int, int | None], None] | None = None,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, engine_config: EngineConfig | None = None):
+        """`engine_config`: the ranks build the engine's fast path (FastDecoder.for_engine) with its limits;
+        rank 0's Engine must then build its own right after this returns."""
         import torch.multiprocessing as mp
 
         self.mapping, self.on_failure = mapping, on_failure
@@ -147,7 +161,7 @@ class RankWorkers:
         local = [r for r in range(1, mapping.world_size) if mapping.rank_coords(r).node == 0]
         self.procs = {r: ctx.Process(target=worker_main, name=f"enginesmith-rank{r}", daemon=True,
                                      args=(r, str(ckpt_dir), mapping, init_method, dtype, num_blocks,
-                                           tokens_per_block, timeout_s)) for r in local}
+                                           tokens_per_block, timeout_s, engine_config)) for r in local}
         for p in self.procs.values():
             p.start()
         device = rank_device(mapping, 0)
@@ -181,6 +195,14 @@ class RankWorkers:
         logits = rank_forward(model, self.groups, [mb.build(cache, model.device) for mb in mbs],
                               layer_runner(model.device))
         return torch.cat(logits) if logits else torch.empty(0, model.cfg.vocab_size)
+
+    def forward_fast(self, decoder: FastDecoder, cache: PagedKVCache, step: FastStep) -> torch.Tensor:
+        """Run one single-stage step through every rank's FastDecoder; (rows, V) float32 logits on rank 0."""
+        if not self.alive:
+            raise RuntimeError("a rank of the runtime has died; the server must restart")
+        tables = {s: cache.block_table(s) for s in step.seq_ids_all}
+        dist.broadcast_object_list([StepMessage([], tables, step)], src=0, group=self.groups.control)
+        return decoder.run(step)
 
     def close(self, timeout: float = 10.0) -> None:
         if not self._closed and self.alive:

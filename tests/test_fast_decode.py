@@ -16,7 +16,7 @@ from runtime.decode_attention import DecodeBatch, check_against_gather, gather_a
 from runtime.decode_layers import moe_mlp
 from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
-from runtime.fast_decode import FastDecoder, buckets
+from runtime.fast_decode import FAST_DECODE_ENV, FastDecoder, buckets
 from runtime.kv_cache import PagedKVCache
 from runtime.layers import rms_norm
 from runtime.paged_attention import SeqSpan
@@ -165,7 +165,7 @@ def test_kernel_check_accepts_gather_and_rejects_a_wrong_kernel():
 
 
 @pytest.mark.parametrize("shape", [TINY_LLAMA, TINY_MIXTRAL], ids=["llama", "mixtral"])
-def test_engine_with_decode_hook_generates_the_plain_engines_tokens(shape):
+def test_engine_with_decode_hook_generates_the_plain_engines_tokens(shape, monkeypatch):
     model = tiny(shape, seed=2)
     config = EngineConfig(max_batch_size=4, max_input_len=24, max_seq_len=48, max_num_tokens=40, tokens_per_block=TPB)
     gen = torch.Generator().manual_seed(5)
@@ -178,23 +178,16 @@ def test_engine_with_decode_hook_generates_the_plain_engines_tokens(shape):
         engine.run_until_idle()
         return [r.output for r in reqs]
 
-    class Hooked(Engine):  # the 3-line change proposed for runtime/engine.py
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.fast_decoder = FastDecoder(model, self.cache, max_batch_size=4, max_seq_len=48, compile=False)
-            self.fast_steps = self.mixed_steps = 0
-
-        def _forward(self, sched):
-            logits = self.fast_decoder.forward_schedule(sched)
-            self.fast_steps += logits is not None
-            self.mixed_steps += logits is not None and any(c.num_tokens > 1 for c in sched.chunks)
-            return super()._forward(sched) if logits is None else logits
-
-    hooked = Hooked(model, config)
     expected = run(Engine(model, config))
+    monkeypatch.setenv(FAST_DECODE_ENV, "on")  # the engine's own hook, eager on CPU
+    hooked = Engine(model, config, decoder_options=dict(compile=False))
+    assert hooked.fast_decoder is not None
     assert run(hooked) == expected
     assert [len(o) for o in expected] == [6, 7, 8, 9, 10, 11]
-    assert hooked.fast_steps >= 10 and hooked.mixed_steps >= 1  # decode-only and mixed steps took the hook
+    log = list(hooked.iteration_log)
+    mixed = [s for s in log if s.num_context and s.num_generation]
+    assert hooked.fast_steps >= sum(1 for s in log if s.num_generation) and hooked.fast_steps >= 10
+    assert mixed and hooked.plain_steps == len(log) - hooked.fast_steps  # mixed steps took the hook too
     assert hooked.cache.num_free_blocks == hooked.cache.num_blocks
 
 
