@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from builders.cli import app
 from builders.convert import CheckpointManifest
-from tests.support import tiny_hf_model
+from tests.support import REPO_ROOT, tiny_hf_model
 
 runner = CliRunner()
 
@@ -80,3 +80,23 @@ def test_convert_command_pickle_policy_and_quantization(tmp_path):
     assert rank1["transformer.layers.0.attention.qkv.weight"].dtype == torch.int8
     assert "transformer.layers.0.attention.qkv.per_channel_scale" in rank1
     assert json.loads((ckpt / "config.json").read_text())["quantization"]["quant_algo"] == "W8A16"
+
+
+def test_convert_from_another_directory_names_the_missing_model_folder(tmp_path, monkeypatch):
+    """The README's example recipe (model.source: out/tiny-llama-hf) run where that folder does not exist."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from tests.test_download import fake_hub, hub_error
+
+    recipe = REPO_ROOT / "recipes" / "tiny-llama.yaml"
+    monkeypatch.chdir(tmp_path)
+    calls = fake_hub(monkeypatch, error=hub_error(RepositoryNotFoundError, "404 Client Error.\n\nRepository Not Found"))
+    fresh = runner.invoke(app, ["convert", str(recipe), "--out", "out"])  # no out/ yet: it could be a Hub id
+    assert fresh.exit_code == 1 and len(calls) == 1
+    assert f"no local folder {tmp_path / 'out' / 'tiny-llama-hf'} either (resolved relative to the current directory " \
+           f"{tmp_path}" in fresh.output.replace("\n", "")
+    (tmp_path / "out").mkdir()
+    res = runner.invoke(app, ["convert", str(recipe), "--out", "out"])  # out/ exists: a path, the Hub is not asked
+    assert res.exit_code == 1 and len(calls) == 1 and "Traceback" not in res.output
+    assert f"model.source='out/tiny-llama-hf': no folder {tmp_path / 'out' / 'tiny-llama-hf'} (a path: out/ is a " \
+           "folder here; resolved relative to the current directory" in res.output.replace("\n", "")
