@@ -123,6 +123,10 @@ def build(
         _fail(EXIT_BAD_INPUT, str(e))
     except subprocess.CalledProcessError as e:
         _fail(EXIT_TOOL_FAILED, f"{e.cmd[0]} failed with exit code {e.returncode}")
+    except OSError as e:
+        from builders.cli_errors import fs_error
+
+        _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
     if result.skipped:
         console.print(f"{target}: up to date in {result.engine_dir} (cache key unchanged); nothing to do")
     else:

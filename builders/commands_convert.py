@@ -80,6 +80,11 @@ def register(app: typer.Typer) -> None:
         except _bad_input_errors() as e:
             err_console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
+        except OSError as e:
+            from builders.cli_errors import fs_error
+
+            err_console.print(f"[red]error:[/red] {fs_error(e, '--out', out)}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         size = sum((ckpt / f).stat().st_size for f in manifest.rank_files)
         secs = time.perf_counter() - start
         console.print(f"wrote {len(manifest.rank_files)} rank file(s), {size / 1e9:.3f} GB in {secs:.1f} s "
@@ -97,6 +102,12 @@ def register(app: typer.Typer) -> None:
         if arch not in ARCH_DEFAULTS:
             err_console.print(f"[red]error:[/red] --arch {arch!r}: choose one of {', '.join(sorted(ARCH_DEFAULTS))}")
             raise typer.Exit(EXIT_BAD_INPUT)
-        path = make_tiny_model(out_dir, arch, seed=seed)
+        try:
+            path = make_tiny_model(out_dir, arch, seed=seed)
+        except OSError as e:
+            from builders.cli_errors import write_error
+
+            err_console.print(f"[red]error:[/red] {write_error(e, 'OUT_DIR', out_dir)}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         console.print(f"wrote tiny {arch} model (seed {seed}) to {path}")
 

@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from builders.cli_errors import fs_error
+
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 OUT = Path("out")
@@ -48,6 +50,8 @@ def repo(recipe_path: RecipeArg, out: OutOpt = OUT, llmapi_model_py: LlmapiOpt =
         _, repo_dir, manifest = _write(recipe_path, out, llmapi_model_py)
     except (RepoError, ValueError) as e:
         _fail(EXIT_BAD_INPUT, str(e))
+    except OSError as e:
+        _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
     console.print(f"repo: {repo_dir} ({manifest.target}; models {', '.join(manifest.models)}; "
                   f"tensorrt_llm backend {manifest.tensorrt_llm_backend}; world_size {manifest.world_size})")
     for warning in manifest.warnings:
@@ -123,6 +127,8 @@ def serve(
         server = _server(recipe, repo_dir, manifest.launch_ranks, **server_args)
     except (RepoError, ValueError, ServerNotFound, ServerError) as e:
         _fail(EXIT_BAD_INPUT, str(e))
+    except OSError as e:
+        _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         server.start()
