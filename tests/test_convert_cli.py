@@ -56,10 +56,19 @@ def test_convert_command_writes_checkpoint_and_reruns_as_noop(tmp_path):
     assert set(manifest.versions) >= {"safetensors", "torch", "transformers"}
     assert (tmp_path / "out" / "tiny-llama" / "hf").is_symlink()
     assert json.loads((ckpt / "config.json").read_text())["mapping"]["world_size"] == 4
-    inodes = [(ckpt / f).stat().st_ino for f in manifest.rank_files]
+    assert "wrote 4 rank file(s)" in res.output
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
     again = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out")])
     assert again.exit_code == 0, again.output
-    assert [(ckpt / f).stat().st_ino for f in manifest.rank_files] == inodes
+    assert f"checkpoint: up to date in {ckpt} (manifest key {manifest.key[:12]} unchanged); nothing written" \
+        in again.output and "wrote" not in again.output
+    assert sorted(p for p in ckpt.rglob("*") if p.is_file()) == files  # nothing rewritten, not even the manifest
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files] == stamps
+    (ckpt / "rank2.safetensors").unlink()
+    third = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out")])
+    assert third.exit_code == 0 and "wrote 1 rank file(s)" in third.output and "(3 reused)" in third.output
+    assert CheckpointManifest.read(ckpt).is_complete(ckpt, manifest.key)
 
 
 def test_convert_command_pickle_policy_and_quantization(tmp_path):
