@@ -23,6 +23,7 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
     """Recipe -> Plan -> fetch -> convert; returns (ConvertResult, checkpoint folder)."""
     from builders.convert import convert
     from builders.download import fetch_model
+    from builders.layout_search import layout_sizes
     from builders.model_spec import ModelSpec
     from builders.plan import make_plan
     from builders.recipe import load_recipe
@@ -34,8 +35,7 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
     fetched = fetch_model(recipe.model.source, recipe.model.revision, root / "hf", allow_pickle=allow_pickle)
     spec = ModelSpec.from_pretrained_dir(fetched.path)
     console.print(f"# {recipe.name}: {spec.architecture} from {fetched.repo_id or fetched.path} "
-                  f"@ {fetched.revision}; tp_size={mapping.tp_size} pp_size={mapping.pp_size} "
-                  f"moe_ep_size={mapping.moe_ep_size} moe_tp_size={mapping.moe_tp_size} "
+                  f"@ {fetched.revision}; {layout_sizes(mapping, spec.is_moe)} "
                   f"dtype={recipe.model.dtype} weights={recipe.quantization.weights}")
     result = convert(
         fetched.path, root / "checkpoint", mapping, spec, recipe.model.dtype, recipe.quantization.weights,

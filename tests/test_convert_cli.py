@@ -57,6 +57,7 @@ def test_convert_command_writes_checkpoint_and_reruns_as_noop(tmp_path):
     assert (tmp_path / "out" / "tiny-llama" / "hf").is_symlink()
     assert json.loads((ckpt / "config.json").read_text())["mapping"]["world_size"] == 4
     assert "wrote 4 rank file(s)" in res.output
+    assert "tp_size=2 pp_size=2 dtype=float32" in res.output and "moe_" not in res.output  # dense: no expert split
     files = sorted(p for p in ckpt.rglob("*") if p.is_file())
     stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
     again = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out")])

@@ -188,8 +188,8 @@ def test_download_checks_free_disk_space_first(tmp_path, monkeypatch, llama):
     assert "file(s) not in the cache yet" in msg and "HF_HUB_CACHE" in msg
     assert [c.get("dry_run") for c in calls] == [True]  # nothing was downloaded
     # the same listing with the big file already cached fits: the download runs, pinned to the listed commit
-    calls = fake_hub(monkeypatch, listing=listing_of(llama, {"model.safetensors": 2 * free}, cached=("model.safetensors",)),
-                     snapshot=llama)
+    cached = listing_of(llama, {"model.safetensors": 2 * free}, cached=("model.safetensors",))
+    calls = fake_hub(monkeypatch, listing=cached, snapshot=llama)
     res = fetch_model("tiny-org/tiny-llama", dest=tmp_path / "hf", cache_dir=tmp_path / "cache")
     assert res.revision == COMMIT and res.repo_id == "tiny-org/tiny-llama" and res.path.resolve() == llama.resolve()
     assert calls[1]["revision"] == COMMIT and "*.safetensors" in calls[1]["allow_patterns"]
