@@ -35,7 +35,7 @@ class SourceRef:
         return not Path(self.text).expanduser().is_absolute()
 
     def resolution(self) -> str:
-        """How the text became `path`, e.g. 'relative to the current directory /home/me'."""
+        """How the text became `path`: 'an absolute path', or resolved against the working directory."""
         if not self.relative:
             return "an absolute path"
         return f"resolved relative to the current directory {Path.cwd()}, not the recipe's folder"
