@@ -6,8 +6,8 @@ batch-1 decode step (the runtime's fast path and its labelled baselines, e.g. cu
 batch-32 and TP=2 decode steps, the 8 KB all-reduce inside a CUDA graph and the PP bubble, each predicted
 vs measured with the error. The rows measured by CALIBRATION and MULTI_TOKEN_CALIBRATION are the ones
 builders.perf_constants was fitted on (role "calibration"); every other row is an independent check.
-Writes <results>/planner-vs-measured.json.
-Usage: python -m benchmarks.planner_check [--results DIR]
+Prints the table; `--write` also writes <results>/planner-vs-measured.json (the tracked copy).
+Usage: python -m benchmarks.planner_check [--results DIR] [--write]
 """
 
 from __future__ import annotations
@@ -209,14 +209,18 @@ def _pp_rows(gpu: str, pp: dict, src: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=RESULTS)
-    results = ap.parse_args().results
+    ap.add_argument("--write", action="store_true", help="Also write <results>/planner-vs-measured.json.")
+    args = ap.parse_args()
+    results = args.results
     rows = compare(results)
     print(f"{'quantity':<64} {'predicted':>10} {'measured':>10} {'unit':>8} {'error':>8}  ok   {'role':<11} source")
     for r in rows:
         print(f"{r['what']:<64} {r['predicted']:>10.3f} {r['measured']:>10.3f} {r['unit']:>8} "
               f"{100 * r['error']:>+7.1f}%  {'yes' if r['within_target'] else 'NO ':<4} {r['role']:<11} "
               f"{r['source'].split(' ')[0]}")
-    atomic_write_text(results / "planner-vs-measured.json", json.dumps(rows, indent=2) + "\n")
+    if args.write:
+        atomic_write_text(results / "planner-vs-measured.json", json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {results / 'planner-vs-measured.json'}")
 
 
 if __name__ == "__main__":

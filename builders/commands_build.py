@@ -40,12 +40,12 @@ def _show_engine_plan(recipe, plan, recipe_path: Path, dirs: StageDirs, ranks, w
     from builders.build.engine_target import plan_engine_build
     from builders.build.flags import shell_line
     from builders.build.trtllm_engine import runner_argv
+    from builders.layout_search import layout_sizes
 
     bp = plan_engine_build(recipe, plan, dirs.checkpoint, dirs.engine, ranks, workers)
     m = plan.mapping
     console.print(f"# {recipe.name}: target trtllm-engine (TensorRT-LLM 1.2.x) for {bp.gpu.label}; "
-                  f"tp_size={m.tp_size} pp_size={m.pp_size} moe_ep_size={m.moe_ep_size} "
-                  f"moe_tp_size={m.moe_tp_size} over {len({c.node for c in m.ranks()})} node(s)")
+                  f"{layout_sizes(m, plan.spec.is_moe)} over {len({c.node for c in m.ranks()})} node(s)")
     state = "present" if (dirs.checkpoint / "manifest.json").is_file() else \
         f"not converted yet: `enginesmith convert {recipe_path}` writes it"
     console.print(f"# checkpoint: {dirs.checkpoint} ({state})")
@@ -123,6 +123,10 @@ def build(
         _fail(EXIT_BAD_INPUT, str(e))
     except subprocess.CalledProcessError as e:
         _fail(EXIT_TOOL_FAILED, f"{e.cmd[0]} failed with exit code {e.returncode}")
+    except OSError as e:
+        from builders.cli_errors import fs_error
+
+        _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
     if result.skipped:
         console.print(f"{target}: up to date in {result.engine_dir} (cache key unchanged); nothing to do")
     else:

@@ -20,9 +20,10 @@ def default_workers() -> int:
 
 
 def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
-    """Recipe -> Plan -> fetch -> convert; returns (CheckpointManifest, checkpoint folder)."""
-    from builders.convert import convert_checkpoint
+    """Recipe -> Plan -> fetch -> convert; returns (ConvertResult, checkpoint folder)."""
+    from builders.convert import convert
     from builders.download import fetch_model
+    from builders.layout_search import layout_sizes
     from builders.model_spec import ModelSpec
     from builders.plan import make_plan
     from builders.recipe import load_recipe
@@ -34,16 +35,15 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
     fetched = fetch_model(recipe.model.source, recipe.model.revision, root / "hf", allow_pickle=allow_pickle)
     spec = ModelSpec.from_pretrained_dir(fetched.path)
     console.print(f"# {recipe.name}: {spec.architecture} from {fetched.repo_id or fetched.path} "
-                  f"@ {fetched.revision}; tp_size={mapping.tp_size} pp_size={mapping.pp_size} "
-                  f"moe_ep_size={mapping.moe_ep_size} moe_tp_size={mapping.moe_tp_size} "
+                  f"@ {fetched.revision}; {layout_sizes(mapping, spec.is_moe)} "
                   f"dtype={recipe.model.dtype} weights={recipe.quantization.weights}")
-    manifest = convert_checkpoint(
+    result = convert(
         fetched.path, root / "checkpoint", mapping, spec, recipe.model.dtype, recipe.quantization.weights,
         workers=workers, progress=True, source_id=fetched.repo_id, source_revision=fetched.revision,
         # trtllm-build quantizes float weights itself (with its GPU-specific weight preprocessing).
         prequantize=recipe.build.target != "trtllm-engine", plan=plan.to_dict(),
     )
-    return manifest, root / "checkpoint"
+    return result, root / "checkpoint"
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
@@ -76,14 +76,24 @@ def register(app: typer.Typer) -> None:
         """Download the recipe's model and write `<out>/<name>/checkpoint/` (config.json, rank{N}.safetensors)."""
         start = time.perf_counter()
         try:
-            manifest, ckpt = run_convert(recipe, out, workers or default_workers(), allow_pickle)
+            result, ckpt = run_convert(recipe, out, workers or default_workers(), allow_pickle)
         except _bad_input_errors() as e:
             err_console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        size = sum((ckpt / f).stat().st_size for f in manifest.rank_files)
+        except OSError as e:
+            from builders.cli_errors import fs_error
+
+            err_console.print(f"[red]error:[/red] {fs_error(e, '--out', out)}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        key = result.manifest.key[:12]
+        if result.up_to_date:
+            console.print(f"checkpoint: up to date in {ckpt} (manifest key {key} unchanged); nothing written")
+            return
+        size = sum((ckpt / f).stat().st_size for f in result.written)
+        reused = len(result.manifest.rank_files) - len(result.written)
         secs = time.perf_counter() - start
-        console.print(f"wrote {len(manifest.rank_files)} rank file(s), {size / 1e9:.3f} GB in {secs:.1f} s "
-                      f"-> {ckpt} (manifest key {manifest.key[:12]})")
+        console.print(f"wrote {len(result.written)} rank file(s), {size / 1e9:.3f} GB"
+                      f"{f' ({reused} reused)' if reused else ''} in {secs:.1f} s -> {ckpt} (manifest key {key})")
 
     @app.command("tiny-model")
     def tiny_model(
@@ -97,6 +107,12 @@ def register(app: typer.Typer) -> None:
         if arch not in ARCH_DEFAULTS:
             err_console.print(f"[red]error:[/red] --arch {arch!r}: choose one of {', '.join(sorted(ARCH_DEFAULTS))}")
             raise typer.Exit(EXIT_BAD_INPUT)
-        path = make_tiny_model(out_dir, arch, seed=seed)
+        try:
+            path = make_tiny_model(out_dir, arch, seed=seed)
+        except OSError as e:
+            from builders.cli_errors import write_error
+
+            err_console.print(f"[red]error:[/red] {write_error(e, 'OUT_DIR', out_dir)}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         console.print(f"wrote tiny {arch} model (seed {seed}) to {path}")
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from builders.cli_errors import write_error
 from builders.manifest import atomic_write_text
 from builders.model_spec import ModelSpecError
 from builders.recipe import Recipe, RecipeError, load_recipe
@@ -35,7 +36,11 @@ def plan_command(
         render(plan)
     if out is not None:
         path = out / plan.recipe.name / "plan.json"
-        atomic_write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+        try:
+            atomic_write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+        except OSError as e:
+            typer.echo(f"error: {write_error(e, '--out', out)}", err=True)
+            raise typer.Exit(2) from None
         typer.echo(f"wrote {path}", err=True)
     if check and not plan.sla.meets:
         raise typer.Exit(1)
@@ -49,7 +54,11 @@ def schema_command(
     if output is None:
         typer.echo(text, nl=False)
     else:
-        atomic_write_text(output, text)
+        try:
+            atomic_write_text(output, text)
+        except OSError as e:
+            typer.echo(f"error: {write_error(e, '--output', output)}", err=True)
+            raise typer.Exit(2) from None
         typer.echo(f"wrote {output}", err=True)
 
 

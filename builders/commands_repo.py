@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
 import shlex
 import signal
 from pathlib import Path
@@ -9,6 +11,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from builders.cli_errors import fs_error
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -48,10 +52,23 @@ def repo(recipe_path: RecipeArg, out: OutOpt = OUT, llmapi_model_py: LlmapiOpt =
         _, repo_dir, manifest = _write(recipe_path, out, llmapi_model_py)
     except (RepoError, ValueError) as e:
         _fail(EXIT_BAD_INPUT, str(e))
+    except OSError as e:
+        _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
     console.print(f"repo: {repo_dir} ({manifest.target}; models {', '.join(manifest.models)}; "
                   f"tensorrt_llm backend {manifest.tensorrt_llm_backend}; world_size {manifest.world_size})")
     for warning in manifest.warnings:
         err_console.print(f"warning: {warning}")
+
+
+SHM_HEADER = "enginesmith-shm-key"
+"""Header that unlocks Triton's shared-memory API when the server listens beyond loopback."""
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 class _Stop(Exception):
@@ -69,8 +86,11 @@ def _server(recipe, repo_dir: Path, ranks: int, public: bool, http_address, grpc
 
     s = recipe.serve
     default = "0.0.0.0" if public else s.bind_address
-    endpoints = Endpoints(s.http_port, s.grpc_port, s.metrics_port, http_address or default,
-                          grpc_address or default, default)
+    http, grpc = http_address or default, grpc_address or default
+    # Reachable from outside: shared-memory registration only with a secret header, so no remote client can
+    # map the Python backend's IPC regions (Triton's restricted protocols).
+    shm_header = None if all(_loopback(a) for a in (http, grpc)) else (SHM_HEADER, secrets.token_hex(16))
+    endpoints = Endpoints(s.http_port, s.grpc_port, s.metrics_port, http, grpc, default, shm_header=shm_header)
     nodes = -(-ranks // recipe.hardware.gpus_per_node)  # leader mode: ranks fill the nodes in order
     if nodes > 1 and not (hosts or hostfile):
         raise ValueError(f"the layout spans {nodes} nodes: give --hosts node0,node1,... or --hostfile FILE")
@@ -123,6 +143,8 @@ def serve(
         server = _server(recipe, repo_dir, manifest.launch_ranks, **server_args)
     except (RepoError, ValueError, ServerNotFound, ServerError) as e:
         _fail(EXIT_BAD_INPUT, str(e))
+    except OSError as e:
+        _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         server.start()

@@ -1,11 +1,13 @@
-"""Communication per engine step: TP all-reduce, EP all-to-all, PP send/recv and the lm_head gather.
+"""Communication per engine step, as each build target runs it: TP all-reduces, PP sends, the lm_head gather.
 
 The alpha-beta model of builders.hardware.Link prices each operation on the slowest link of its group.
-Per decoder layer TensorRT-LLM all-reduces twice over the TP group (after attention, after the MLP),
-messages of tokens * H * act_bytes. With expert parallelism (moe_ep_size > 1) the MoE block's reduction
-is modelled as an all-to-all instead: each GPU dispatches its 1/ep share of the tokens' top-k copies to
-the experts' owners and gets them back ((ep-1)/ep of them leave the GPU), plus an all-reduce over the
-moe_tp group when experts are also split by width. The last stage all-gathers float32 logits.
+Every target all-reduces twice per decoder layer over the TP group, messages of tokens * H * act_bytes:
+after attention, and after the MLP or the MoE block. The MoE block is one all-reduce over the whole TP group
+whatever the EP/TP split (each rank runs its experts, or its slice of each expert, on every token and the
+partial sums are reduced together): no all-to-all, so the split changes no communication. The last stage
+all-gathers the vocab-parallel float32 logits over its TP group, and consecutive PP stages send the hidden
+states. The reference runtime (runtime/pipeline.py) does exactly that and, with PP, also sends the last
+stage's full float32 logits to rank 0, which samples; TensorRT-LLM samples on the last stage.
 """
 
 from __future__ import annotations
@@ -16,20 +18,29 @@ from builders.hardware import HardwareSpec
 from builders.mapping import Mapping, pad_vocab_size
 from builders.model_spec import ModelSpec
 
+_EVERY_TARGET = ("per layer two all-reduces over the TP group (after attention; after the MLP or MoE block: one "
+                 "whatever the EP/TP split), the lm_head all-gather, PP sends of the hidden states")
+TARGET_COMMS = {
+    "trtllm-engine": f"TensorRT-LLM engine: {_EVERY_TARGET}",
+    "trtllm-llmapi": f"TensorRT-LLM LLM API: {_EVERY_TARGET}",
+    "reference": f"reference runtime: {_EVERY_TARGET}, and with PP the last stage's float32 logits to rank 0",
+}
+"""What each build target's communication figures are, for the rendered plan."""
+
 
 @dataclass(frozen=True, slots=True)
 class CommFigure:
     """One kind of collective over a whole step (all stages traversed once)."""
 
     kind: str
-    """tp_allreduce | ep_alltoall | moe_tp_allreduce | lm_head_allgather | pp_p2p"""
+    """tp_allreduce | lm_head_allgather | pp_p2p | logits_to_rank0 (reference target with PP)"""
     link: str
     """Slowest link the group uses: nvlink | pcie | infiniband | ethernet."""
     group_size: int
     count: int
     """Operations per step."""
     bytes_per_op: float
-    """Message (all-reduce, p2p) or per-GPU send volume (all-to-all, gather) of one operation."""
+    """Message (all-reduce, p2p) or per-GPU send volume (gather) of one operation."""
     bytes_per_gpu: float
     """Bytes each GPU puts on the link per step."""
     time_s: float
@@ -39,37 +50,18 @@ class CommFigure:
 _SLOWNESS = ["nvlink", "pcie", "infiniband", "ethernet"]
 
 
-def _ep_group(m: Mapping, pp_rank: int, moe_tp_rank: int) -> list[int]:
-    return [pp_rank * m.tp_size + moe_tp_rank * m.moe_ep_size + e for e in range(m.moe_ep_size)]
-
-
-def _moe_tp_group(m: Mapping, pp_rank: int) -> list[int]:
-    return [pp_rank * m.tp_size + t * m.moe_ep_size for t in range(m.moe_tp_size)]
-
-
 def stage_comm(spec: ModelSpec, m: Mapping, hw: HardwareSpec, pp_rank: int, layers: list[int], tokens: int,
                seqs: int, act_bytes: int) -> list[CommFigure]:
-    """Collectives one PP stage runs for a step of `tokens` new tokens from `seqs` sequences."""
+    """Collectives one PP stage runs for a step of `tokens` new tokens from `seqs` sequences (every target)."""
     out: list[CommFigure] = []
     msg = tokens * spec.hidden_size * act_bytes
-    n_moe = sum(1 for i in layers if spec.is_moe_layer(i))
-    tp, ep = m.tp_size, m.moe_ep_size
+    tp = m.tp_size
     if tp > 1:
         link = hw.link_for(m.tp_group(pp_rank))
-        count = len(layers) + (len(layers) - n_moe) + (n_moe if ep == 1 else 0)
+        count = 2 * len(layers)
         moved = 2 * (tp - 1) / tp * msg
         out.append(CommFigure("tp_allreduce", link.kind, tp, count, msg, moved * count,
                               count * link.ring_allreduce_s(msg, tp)))
-    if ep > 1 and n_moe:
-        link = hw.link_for(_ep_group(m, pp_rank, 0))
-        send = -(-tokens // ep) * spec.num_experts_per_tok * spec.hidden_size * act_bytes * (ep - 1) / ep
-        per_layer = 2 * link.transfer_s(send, steps=ep - 1)  # dispatch + combine
-        out.append(CommFigure("ep_alltoall", link.kind, ep, 2 * n_moe, send, 2 * send * n_moe, per_layer * n_moe))
-        if m.moe_tp_size > 1:
-            link = hw.link_for(_moe_tp_group(m, pp_rank))
-            mt = m.moe_tp_size
-            out.append(CommFigure("moe_tp_allreduce", link.kind, mt, n_moe, msg, 2 * (mt - 1) / mt * msg * n_moe,
-                                  n_moe * link.ring_allreduce_s(msg, mt)))
     if pp_rank == m.pp_size - 1 and tp > 1:
         link = hw.link_for(m.tp_group(pp_rank))
         send = seqs * pad_vocab_size(spec.vocab_size, tp) * 4 * (tp - 1) / tp
@@ -78,15 +70,22 @@ def stage_comm(spec: ModelSpec, m: Mapping, hw: HardwareSpec, pp_rank: int, laye
     return out
 
 
-def p2p_comm(spec: ModelSpec, m: Mapping, hw: HardwareSpec, tokens: int, act_bytes: int) -> CommFigure | None:
-    """Hidden states sent between consecutive PP stages (p-1 hops per step)."""
+def p2p_comm(spec: ModelSpec, m: Mapping, hw: HardwareSpec, tokens: int, seqs: int, act_bytes: int,
+             target: str) -> list[CommFigure]:
+    """Point-to-point sends of one micro-batch: hidden states between consecutive PP stages (p-1 hops), and
+    for the reference target the last stage's float32 logits of its `seqs` sequences to rank 0."""
     if m.pp_size == 1:
-        return None
+        return []
     msg = tokens * spec.hidden_size * act_bytes
     links = [hw.link_for([s * m.tp_size, (s + 1) * m.tp_size]) for s in range(m.pp_size - 1)]
     slowest = min(links, key=lambda link: link.gbps)
-    return CommFigure("pp_p2p", slowest.kind, 2, m.pp_size - 1, msg, msg,
-                      sum(link.transfer_s(msg) for link in links))
+    out = [CommFigure("pp_p2p", slowest.kind, 2, m.pp_size - 1, msg, msg,
+                      sum(link.transfer_s(msg) for link in links))]
+    if target == "reference":
+        link = hw.link_for([0, (m.pp_size - 1) * m.tp_size])
+        logits = seqs * spec.vocab_size * 4
+        out.append(CommFigure("logits_to_rank0", link.kind, 2, 1, logits, logits, link.transfer_s(logits)))
+    return out
 
 
 def merge(figures: list[CommFigure]) -> list[CommFigure]:

@@ -1,21 +1,25 @@
 """Fetch a Hugging Face checkpoint: safetensors, config and tokenizer files only, revision pinned.
 
-`fetch_model` accepts a Hub repo id or a local folder. Hub downloads go through `snapshot_download`
-into the HF cache (its progress bars show), pinned to the commit the revision resolves to; with
-HF_HUB_OFFLINE=1 the cached snapshot is used. `<dest>` (the recipe's `hf/` folder) becomes a link to the
-snapshot or local folder. Pickle `.bin` weights are refused unless `allow_pickle`: then they are loaded
-with `torch.load(weights_only=True)` and rewritten as safetensors next to the link, so the converter only
-ever reads safetensors.
+`fetch_model` accepts a Hub repo id or a local folder (builders.model_source decides which). Hub downloads
+go through `snapshot_download` into the HF cache (its progress bars show), pinned to the commit the revision
+resolves to, after checking that the files not cached yet fit the cache disk's free space; a gated
+repository gets a message saying how to get access. With HF_HUB_OFFLINE=1 the cached snapshot is used.
+`<dest>` (the recipe's `hf/` folder) becomes a link to the snapshot or local folder. Pickle `.bin` weights
+are refused unless `allow_pickle`: then they are loaded with `torch.load(weights_only=True)` and rewritten
+as safetensors next to the link, so the converter only ever reads safetensors.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from builders.convert.tokenizer import TOKENIZER_FILES
+from builders.model_source import SourceRef, classify_source
 
 WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
 PICKLE_PATTERNS = ["*.bin", "pytorch_model.bin.index.json"]
@@ -84,45 +88,109 @@ def _link(dest: Path | None, target: Path) -> Path:
     return dest
 
 
-def _hub_snapshot(repo_id: str, revision: str, allow_pickle: bool, cache_dir) -> tuple[Path, str]:
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _gated(repo_id: str) -> DownloadError:
+    from huggingface_hub import get_token
+
+    token = "HF_TOKEN is not set" if get_token() is None else "the token in use has no access to it yet"
+    return DownloadError(f"{repo_id} is a gated repository ({token}): request access on "
+                         f"https://huggingface.co/{repo_id} (accept its terms while logged in), then set HF_TOKEN to "
+                         "a token of that account")
+
+
+def _hub_failure(ref: SourceRef, revision: str, e: BaseException) -> DownloadError:
+    """A listing or download that failed for another reason than a gated repository."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(e, RevisionNotFoundError):
+        return DownloadError(f"model.revision={revision!r}: {ref.text} has no such branch, tag or commit on the Hub")
+    if isinstance(e, RepositoryNotFoundError):
+        return DownloadError(f"model.source={ref.text!r}: no Hub repo {ref.text} (a private one needs HF_TOKEN), "
+                             f"and {ref.not_local_either()}; fix the repo id or the path")
+    return DownloadError(f"model.source={ref.text!r}: cannot list {ref.text}@{revision} on the Hub "
+                         f"({type(e).__name__}: {_first_line(e)}), and {ref.not_local_either()}; check the network "
+                         "and HF_TOKEN, set HF_HUB_OFFLINE=1 to use the cache, or fix the path")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(listing: list, patterns: list[str], where: Path, what: str) -> None:
+    """Refuse a download whose files (those not cached yet) need more bytes than `where`'s disk has free."""
+    todo = [f for f in listing if f.will_download and any(fnmatch.fnmatch(f.filename, p) for p in patterns)]
+    need = sum(f.file_size or 0 for f in todo)
+    disk = _existing_parent(where)
+    free = shutil.disk_usage(disk).free
+    if need > free:
+        raise DownloadError(f"{what} needs {_gb(need)} for {len(todo)} file(s) not in the cache yet, and {disk} has "
+                            f"{_gb(free)} free; free {_gb(need - free)} or more there, or point HF_HUB_CACHE (or "
+                            "HF_HOME) at a disk with room")
+
+
+def _hub_snapshot(ref: SourceRef, revision: str, allow_pickle: bool, cache_dir) -> tuple[Path, str]:
     """Download (or, offline, locate) the snapshot; returns (folder, commit hash)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 
+    repo_id = ref.text
     kw = dict(repo_id=repo_id, cache_dir=cache_dir)
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     everything = WEIGHT_PATTERNS + PICKLE_PATTERNS + META_PATTERNS
     if is_offline():
         try:
             path = Path(snapshot_download(revision=revision, local_files_only=True, allow_patterns=everything, **kw))
         except LocalEntryNotFoundError:
-            raise DownloadError(f"{repo_id}@{revision} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                                "download it once online or set model.source to a local folder") from None
+            raise DownloadError(f"{repo_id}@{revision} is not in the Hugging Face cache and HF_HUB_OFFLINE is set "
+                                f"({ref.not_local_either()}); download it once online or set model.source to a "
+                                "local folder") from None
         return path, path.name
     try:
         listing = snapshot_download(revision=revision, dry_run=True, allow_patterns=everything, **kw)
+    except GatedRepoError:
+        raise _gated(repo_id) from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise DownloadError(f"cannot list {repo_id}@{revision} on the Hub ({type(e).__name__}: {e}); check the "
-                            "repo id, revision, HF_TOKEN and network, or set HF_HUB_OFFLINE=1 to use the cache") from e
+        raise _hub_failure(ref, revision, e) from None
     names = [f.filename for f in listing]
     kind = weight_kind(names)
     refuse_pickle(f"{repo_id}@{revision}", kind, allow_pickle)
     commit = listing[0].commit_hash
     patterns = META_PATTERNS + (WEIGHT_PATTERNS if kind == "safetensors" else PICKLE_PATTERNS)
-    return Path(snapshot_download(revision=commit, allow_patterns=patterns, **kw)), commit
+    check_free_space(listing, patterns, Path(cache_dir or constants.HF_HUB_CACHE), f"{repo_id}@{commit[:12]}")
+    try:
+        return Path(snapshot_download(revision=commit, allow_patterns=patterns, **kw)), commit
+    except GatedRepoError:
+        raise _gated(repo_id) from None
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+        raise _hub_failure(ref, revision, e) from None
+    except OSError as e:
+        raise DownloadError(f"downloading {repo_id}@{commit[:12]} failed: {e.strerror or _first_line(e)}"
+                            f"{f' ({e.filename})' if e.filename else ''}; fix that and run again (finished files "
+                            "stay in the cache)") from None
 
 
 def fetch_model(source: str, revision: str = "main", dest: str | Path | None = None, allow_pickle: bool = False,
                 cache_dir: str | Path | None = None) -> FetchResult:
     """Make `source` (Hub id or local folder) available as safetensors under `dest` (a link) or in place."""
     dest = Path(dest) if dest is not None else None
-    local = Path(source).expanduser()
-    if local.is_dir():
-        folder, repo_id, rev = local.resolve(), None, local_revision(local)
-    elif local.exists() or source.startswith(("/", ".", "~")):
-        raise DownloadError(f"model.source={source!r} is not a folder")
+    ref = classify_source(source)
+    if ref.local:
+        if not ref.path.exists():
+            raise DownloadError(ref.missing())
+        if not ref.path.is_dir():
+            raise DownloadError(f"model.source={source!r}: {ref.path} is not a folder; point it at the folder "
+                                "holding config.json")
+        folder, repo_id, rev = ref.path.resolve(), None, local_revision(ref.path)
     else:
-        folder, rev = _hub_snapshot(source, revision, allow_pickle, cache_dir)
+        folder, rev = _hub_snapshot(ref, revision, allow_pickle, cache_dir)
         repo_id = source
     names = sorted(p.name for p in folder.iterdir())
     if not (folder / "config.json").is_file():

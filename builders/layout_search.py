@@ -21,8 +21,16 @@ def layout_name(m: Mapping, moe: bool) -> str:
     return name + f" ep{m.moe_ep_size} mtp{m.moe_tp_size}" if moe else name
 
 
+def layout_sizes(m: Mapping, moe: bool) -> str:
+    """'tp_size=2 pp_size=1', plus the expert split for a MoE model (a dense one has none)."""
+    sizes = f"tp_size={m.tp_size} pp_size={m.pp_size}"
+    return sizes + f" moe_ep_size={m.moe_ep_size} moe_tp_size={m.moe_tp_size}" if moe else sizes
+
+
 def _cost_key(p: Plan) -> tuple:
-    """Cost first (GPUs), then latency (TPOT, TTFT), then the simpler layout (less PP, less EP)."""
+    """Cost first (GPUs), then latency (TPOT, TTFT), then the simpler layout: less PP, then less EP (the
+    planner prices EP/TP splits of the MoE block alike, but whole experts per rank load the ranks as unevenly
+    as the routing does)."""
     return (p.world_size, round(p.decode.estimate_ms, 4), round(p.prefill.estimate_ms, 4),
             p.mapping.pp_size, p.mapping.moe_ep_size)
 
@@ -41,16 +49,21 @@ def _reason(p: Plan, best: Plan) -> str:
     if p.world_size > best.world_size:
         return (f"meets the SLA but needs {p.world_size} GPUs (chosen: {best.world_size}); TPOT "
                 f"{p.decode.estimate_ms:,.1f} ms vs {best.decode.estimate_ms:,.1f} ms")
+    if _cost_key(p)[:3] == _cost_key(best)[:3]:
+        if p.mapping.pp_size != best.mapping.pp_size:
+            return "ties with the chosen layout (same TPOT and TTFT); ties go to fewer pipeline stages"
+        return ("ties with the chosen layout (the MoE block is one TP all-reduce whatever the EP/TP split); "
+                "ties go to less EP")
     return (f"meets the SLA on {p.world_size} GPUs but TPOT {p.decode.estimate_ms:,.2f} ms / TTFT "
             f"{p.prefill.estimate_ms:,.1f} ms vs {best.decode.estimate_ms:,.2f} / {best.prefill.estimate_ms:,.1f}")
 
 
 def candidate(p: Plan, reason: str) -> Candidate:
-    m = p.mapping
-    return Candidate(layout=layout_name(m, p.spec.is_moe), gpus=m.world_size, tp_size=m.tp_size,
-                     pp_size=m.pp_size, moe_ep_size=m.moe_ep_size, moe_tp_size=m.moe_tp_size, meets=p.sla.meets,
-                     fits=p.memory.fits, tpot_ms=p.decode.estimate_ms, ttft_ms=p.prefill.estimate_ms,
-                     binding=p.sla.binding, reason=reason)
+    m, moe = p.mapping, p.spec.is_moe
+    return Candidate(layout=layout_name(m, moe), gpus=m.world_size, tp_size=m.tp_size, pp_size=m.pp_size,
+                     moe_ep_size=m.moe_ep_size if moe else None, moe_tp_size=m.moe_tp_size if moe else None,
+                     meets=p.sla.meets, fits=p.memory.fits, tpot_ms=p.decode.estimate_ms,
+                     ttft_ms=p.prefill.estimate_ms, binding=p.sla.binding, reason=reason)
 
 
 def _runners_up(plans: list[Plan], best: Plan) -> list[Plan]:

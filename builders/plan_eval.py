@@ -109,7 +109,7 @@ def evaluate(recipe: Recipe, spec: ModelSpec, hw: HardwareSpec, m: Mapping) -> P
     stages = [StageShape(s, layers[s], stage_totals(spec, m, s, layers[s], lambda sh: sh.numel),
                          mem[s].weights_by_component, mem[s].kv_bytes_per_token) for s in range(m.pp_size)]
     compute_dtype = "fp8" if recipe.quantization.weights == "fp8" else recipe.model.dtype
-    perf = PerfModel(spec, m, hw, stages, x.act_bytes, compute_dtype)
+    perf = PerfModel(spec, m, hw, stages, x.act_bytes, compute_dtype, recipe.build.target)
     s = recipe.sla
     concurrency = _concurrency(recipe, perf)
     batch = min(concurrency, recipe.build.max_batch_size)

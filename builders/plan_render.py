@@ -6,6 +6,7 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 
+from builders.comms import TARGET_COMMS
 from builders.hardware import GIB
 from builders.plan_types import Plan
 from builders.roofline import PhaseEstimate
@@ -55,21 +56,23 @@ def _header(plan: Plan) -> Panel:
         f"hardware: {hw.nodes} x {hw.gpus_per_node} {hw.gpu} ({hw.memory_bytes / GIB:,.1f} GiB, {hw.hbm_gbps:,.0f} GB/s"
         f" HBM); intra-node {hw.intra_node.kind} {hw.intra_node.gbps:,.0f} GB/s, inter-node {hw.inter_node.kind} "
         f"{hw.inter_node.gbps:,.0f} GB/s",
-        f"layout: world_size {m.world_size} = tp_size {m.tp_size} x pp_size {m.pp_size}; moe_ep_size "
-        f"{m.moe_ep_size} x moe_tp_size {m.moe_tp_size}",
+        f"layout: world_size {m.world_size} = tp_size {m.tp_size} x pp_size {m.pp_size}"
+        + (f"; moe_ep_size {m.moe_ep_size} x moe_tp_size {m.moe_tp_size}" if s.is_moe else ""),
     ]
     return Panel("\n".join(lines), title="plan")
 
 
 def _ranks(plan: Plan) -> Table:
     t = Table(title="ranks (TP innermost)")
-    for col in ("rank", "node:gpu", "tp", "pp", "ep", "mtp", "layers", "experts", "weights", "workspace",
-                "KV/token", "KV tokens"):
+    moe = plan.spec.is_moe  # a dense model has no expert split to show
+    for col in ("rank", "node:gpu", "tp", "pp", *(("ep", "mtp") if moe else ()), "layers",
+                *(("experts",) if moe else ()), "weights", "workspace", "KV/token", "KV tokens"):
         t.add_column(col, justify="right")
     for r in plan.ranks[:MAX_RANK_ROWS]:
         mem = r.memory
-        t.add_row(str(r.rank), f"{r.node}:{r.local_gpu}", str(r.tp_rank), str(r.pp_rank), str(r.moe_ep_rank),
-                  str(r.moe_tp_rank), spans(r.layers), spans(r.experts), size(mem.weight_bytes),
+        t.add_row(str(r.rank), f"{r.node}:{r.local_gpu}", str(r.tp_rank), str(r.pp_rank),
+                  *((str(r.moe_ep_rank), str(r.moe_tp_rank)) if moe else ()), spans(r.layers),
+                  *((spans(r.experts),) if moe else ()), size(mem.weight_bytes),
                   size(mem.workspace_bytes), size(mem.kv_bytes_per_token), f"{mem.kv_tokens:,}")
     if len(plan.ranks) > MAX_RANK_ROWS:
         t.caption = f"{len(plan.ranks) - MAX_RANK_ROWS} more ranks: same as their stage's rows (--json has all)"
@@ -110,7 +113,9 @@ def _phases(plan: Plan) -> Table:
 
 
 def _comms(phases: list[PhaseEstimate]) -> Table:
-    t = Table(title="communication per step")
+    target = phases[0].target
+    t = Table(title=f"communication per step, as build target {target} runs it",
+              caption=TARGET_COMMS.get(target, ""))
     for col in ("phase", "kind", "link", "group", "ops", "bytes/op", "bytes/GPU", "time"):
         t.add_column(col, justify="right")
     for ph in phases:

@@ -75,8 +75,9 @@ class Candidate:
     gpus: int
     tp_size: int
     pp_size: int
-    moe_ep_size: int
-    moe_tp_size: int
+    moe_ep_size: int | None
+    """None for a dense model (no experts to split), as moe_tp_size."""
+    moe_tp_size: int | None
     meets: bool
     fits: bool
     tpot_ms: float

@@ -28,8 +28,10 @@ class ModelSection(Section):
     """Which checkpoint to deploy."""
 
     source: str = Field(min_length=1)
-    """Hugging Face repo id (org/name) or a local folder holding config.json; relative paths resolve
-    against the current working directory."""
+    """Hugging Face repo id (name or org/name) or a local folder holding config.json. A local path: it
+    exists, starts with '/', '.' or '~', has more than one '/', is no valid repo id, or its first part is an
+    existing folder (out/model while out/ exists); anything else is a repo id. Relative paths resolve against
+    the current working directory, not the recipe's folder (`./out/model` is always a path)."""
     revision: str = "main"
     """Hub revision (branch, tag or commit) to download; ignored for a local folder."""
     dtype: Dtype = "bfloat16"
@@ -49,11 +51,11 @@ class ModelSection(Section):
         return self
 
     def local_path(self) -> Path | None:
-        """Absolute path when `source` is a local folder (it exists, or starts with '/', '.' or '~'), else None."""
-        p = Path(self.source).expanduser()
-        if p.exists() or self.source.startswith(("/", ".", "~")):
-            return p.resolve()
-        return None
+        """Absolute path when `source` is a local path (builders.model_source's rule), else None."""
+        from builders.model_source import classify_source
+
+        ref = classify_source(self.source)
+        return ref.path.resolve() if ref.local else None
 
 
 class HardwareSection(Section):

@@ -6,7 +6,8 @@ lm_head for one token per sequence; HBM bytes = weights read once per micro-batc
 the fraction 1-(1-k/E)^tokens that any token touches) + KV read and written. The floor is
 max(FLOPs / peak, bytes / HBM bandwidth); the estimate divides by the achievable fractions and adds a
 fixed time per layer per micro-batch (the small kernels' minimum times) and the stage's communication
-(builders.comms, latency per operation included). Constants: builders.perf_constants.
+(builders.comms, as the recipe's build target runs it, latency per operation included). Constants:
+builders.perf_constants.
 
 Pipelines: prefill of one request walks the stages in turn. Decode keeps pp_size micro-batches in flight
 (TensorRT-LLM's in-flight batching with PP), so TPOT = max(sum of stage times + sends,
@@ -85,6 +86,8 @@ class PhaseEstimate:
     comm: list[CommFigure]
     fixed_ms: float = 0.0
     """Fixed layer time in the step (all stages, every micro-batch)."""
+    target: str = "trtllm-engine"
+    """Build target whose communication `comm` lists (builders.comms.TARGET_COMMS)."""
 
 
 def layer_fixed_us(tokens: int) -> float:
@@ -106,6 +109,8 @@ class PerfModel:
     stages: list[StageShape]
     act_bytes: int
     compute_dtype: str
+    target: str = "trtllm-engine"
+    """Build target whose communication is priced (builders.comms)."""
 
     def stage_cost(self, st: StageShape, tokens: int, seqs: int, attended: float, kv_read: float) -> StageCost:
         """Cost of one micro-batch on stage `st`."""
@@ -135,8 +140,9 @@ class PerfModel:
               inflight: bool) -> PhaseEstimate:
         """A step of `tokens` from `seqs` sequences, split into `m` micro-batches."""
         costs = self.stage_costs(tokens, seqs, attended, kv_read, m)
-        p2p = p2p_comm(self.spec, self.mapping, self.hw, -(-tokens // m), self.act_bytes)
-        p2p_s = p2p.time_s if p2p else 0.0
+        p2p = p2p_comm(self.spec, self.mapping, self.hw, -(-tokens // m), -(-seqs // m), self.act_bytes,
+                       self.target)
+        p2p_s = sum(f.time_s for f in p2p)
         floor = _pipeline([c.floor_s for c in costs], m, 0.0, inflight)
         estimate = _pipeline([c.estimate_s for c in costs], m, p2p_s, inflight)
         shares = {"compute": 0.0, "memory bandwidth": 0.0, "communication": p2p_s}
@@ -144,7 +150,7 @@ class PerfModel:
             c_s, h_s = c.compute_s / COMPUTE_EFFICIENCY, c.hbm_s / HBM_EFFICIENCY
             shares["compute" if c_s >= h_s else "memory bandwidth"] += max(c_s, h_s)
             shares["communication"] += c.comm_s
-        comm = merge([f for c in costs for f in c.comm] + ([p2p] if p2p else []))
+        comm = merge([f for c in costs for f in c.comm] + p2p)
         return PhaseEstimate(
             phase=name, tokens=tokens, sequences=seqs, micro_batches=m,
             flops_per_gpu=max(c.flops for c in costs) * m, hbm_bytes_per_gpu=max(c.hbm_bytes for c in costs) * m,
@@ -152,7 +158,7 @@ class PerfModel:
             hbm_ms=1e3 * _pipeline([c.hbm_s for c in costs], m, 0.0, inflight),
             floor_ms=1e3 * floor, comm_ms=1e3 * (sum(c.comm_s for c in costs) + p2p_s),
             estimate_ms=1e3 * estimate, bound_by=max(shares, key=shares.__getitem__), comm=comm,
-            fixed_ms=1e3 * m * sum(c.fixed_s for c in costs))
+            fixed_ms=1e3 * m * sum(c.fixed_s for c in costs), target=self.target)
 
     def prefill(self, isl: int) -> PhaseEstimate:
         """One request's prompt (TTFT)."""

@@ -176,7 +176,9 @@ def bench(
 def analyze(
     bench_json: Annotated[Path, typer.Argument(help="bench.json (all points) or one point's JSON.")],
     plan: Annotated[Optional[Path], Opt(help="Recipe whose plan gives the roofline floors.")] = None,
-    markdown: Annotated[Optional[Path], Opt(help="Also write markdown here (default: analysis.md beside it).")] = None,
+    markdown: Annotated[Optional[Path], Opt(
+        help="Also write the report as markdown to this file (`bench` already wrote analysis.md beside its "
+             "results, with the recipe's plan).")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print the analysis as JSON.")] = False,
 ) -> None:
     """Split time into queueing / prefill / decode, compare with the plan's roofline, name what binds."""
@@ -191,11 +193,17 @@ def analyze(
     except ValueError as e:
         raise _fail(str(e)) from None
     analyses = analyze_runs(runs, ref)
-    md_path = markdown or bench_json.parent / "analysis.md"
-    atomic_write_text(md_path, render_markdown(analyses, ref))
+    if markdown is not None:
+        try:
+            atomic_write_text(markdown, render_markdown(analyses, ref))
+        except OSError as e:
+            from builders.cli_errors import write_error
+
+            raise _fail(write_error(e, "--markdown", markdown)) from None
     if as_json:
         console.print_json(json.dumps({"plan": ref.to_dict() if ref else None,
                                        "analyses": [a.to_dict() for a in analyses]}))
     else:
         console.print(render_text(analyses, ref))
-        console.print(f"[dim]markdown: {md_path}[/dim]")
+        if markdown is not None:
+            console.print(f"[dim]markdown: {markdown}[/dim]")

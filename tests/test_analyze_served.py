@@ -50,7 +50,8 @@ def test_analyze_command_with_the_plan(served, runs, tmp_path):
     written = write_results(runs, tmp_path, plots=False)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(served.recipe.model_dump(mode="json")))
-    r = CliRunner().invoke(app, ["analyze", str(written["bench"]), "--plan", str(recipe)])
+    r = CliRunner().invoke(app, ["analyze", str(written["bench"]), "--plan", str(recipe),
+                                 "--markdown", str(tmp_path / "analysis.md")])
     assert r.exit_code == 0, r.output
     assert "== c8: bottleneck = queueing (batch slots)" in r.output and "plan: 1 GPU(s)" in r.output
     md = (tmp_path / "analysis.md").read_text()

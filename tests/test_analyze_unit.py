@@ -148,3 +148,26 @@ def test_reports_render_every_run():
     md, text = render_markdown(analyses, REF), render_text(analyses, REF)
     assert "| c8 | queueing | KV capacity |" in md and "## c1: decode (HBM bandwidth)" in md
     assert "== c8: bottleneck = queueing (KV capacity)" in text and "countermeasures" in text
+
+
+def test_analyze_command_leaves_the_bench_report_alone(tmp_path):
+    """`bench` writes analysis.md with the recipe's plan; `analyze` prints, and writes markdown only when asked."""
+    from typer.testing import CliRunner
+
+    from builders.cli import app
+    from client.bench_report import write_results
+
+    written = write_results([crafted_run(label="c1"), crafted_run(label="c8", queue_ms=300, series=series())],
+                            tmp_path, plots=False)
+    (tmp_path / "analysis.md").write_text("the bench's report\n")
+    r = CliRunner().invoke(app, ["analyze", str(written["bench"])])
+    assert r.exit_code == 0, r.output
+    assert "== c8: bottleneck = queueing" in r.output
+    assert (tmp_path / "analysis.md").read_text() == "the bench's report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis.md", "bench.json", "c1.json", "c8.json"]
+    r = CliRunner().invoke(app, ["analyze", str(written["bench"]), "--markdown", str(tmp_path / "again.md")])
+    assert r.exit_code == 0, r.output
+    assert "| c8 | queueing |" in (tmp_path / "again.md").read_text()
+    r = CliRunner().invoke(app, ["analyze", str(written["bench"]), "--markdown", "/sys/enginesmith/x.md"])
+    assert r.exit_code == 1 and "Traceback" not in r.output  # /sys takes no new folders, not even from root
+    assert "error: --markdown /sys/enginesmith/x.md: cannot write /sys/enginesmith (" in r.output

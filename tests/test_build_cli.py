@@ -24,6 +24,7 @@ def test_dry_run_prints_the_exact_command_and_where_the_checkpoint_would_be():
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert GOLDEN["llama3-70b-tp2-pp2.yaml"] in lines
+    assert "; tp_size=2 pp_size=2 over 2 node(s)" in lines[0]  # a dense model has no moe_ep/moe_tp split
     assert "# checkpoint: out/llama3-70b-tp2-pp2/checkpoint (not converted yet: `enginesmith convert" \
            in r.stdout
     assert f"#   node 1: enginesmith build {RECIPE_70B} --ranks 2,3   # runs:" in lines

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from builders.cli import app
 from builders.convert import CheckpointManifest
-from tests.support import tiny_hf_model
+from tests.support import REPO_ROOT, tiny_hf_model
 
 runner = CliRunner()
 
@@ -56,10 +56,20 @@ def test_convert_command_writes_checkpoint_and_reruns_as_noop(tmp_path):
     assert set(manifest.versions) >= {"safetensors", "torch", "transformers"}
     assert (tmp_path / "out" / "tiny-llama" / "hf").is_symlink()
     assert json.loads((ckpt / "config.json").read_text())["mapping"]["world_size"] == 4
-    inodes = [(ckpt / f).stat().st_ino for f in manifest.rank_files]
+    assert "wrote 4 rank file(s)" in res.output
+    assert "tp_size=2 pp_size=2 dtype=float32" in res.output and "moe_" not in res.output  # dense: no expert split
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
     again = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out")])
     assert again.exit_code == 0, again.output
-    assert [(ckpt / f).stat().st_ino for f in manifest.rank_files] == inodes
+    assert f"checkpoint: up to date in {ckpt} (manifest key {manifest.key[:12]} unchanged); nothing written" \
+        in again.output and "wrote" not in again.output
+    assert sorted(p for p in ckpt.rglob("*") if p.is_file()) == files  # nothing rewritten, not even the manifest
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files] == stamps
+    (ckpt / "rank2.safetensors").unlink()
+    third = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out")])
+    assert third.exit_code == 0 and "wrote 1 rank file(s)" in third.output and "(3 reused)" in third.output
+    assert CheckpointManifest.read(ckpt).is_complete(ckpt, manifest.key)
 
 
 def test_convert_command_pickle_policy_and_quantization(tmp_path):
@@ -80,3 +90,23 @@ def test_convert_command_pickle_policy_and_quantization(tmp_path):
     assert rank1["transformer.layers.0.attention.qkv.weight"].dtype == torch.int8
     assert "transformer.layers.0.attention.qkv.per_channel_scale" in rank1
     assert json.loads((ckpt / "config.json").read_text())["quantization"]["quant_algo"] == "W8A16"
+
+
+def test_convert_from_another_directory_names_the_missing_model_folder(tmp_path, monkeypatch):
+    """The README's example recipe (model.source: out/tiny-llama-hf) run where that folder does not exist."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from tests.test_download import fake_hub, hub_error
+
+    recipe = REPO_ROOT / "recipes" / "tiny-llama.yaml"
+    monkeypatch.chdir(tmp_path)
+    calls = fake_hub(monkeypatch, error=hub_error(RepositoryNotFoundError, "404 Client Error.\n\nRepository Not Found"))
+    fresh = runner.invoke(app, ["convert", str(recipe), "--out", "out"])  # no out/ yet: it could be a Hub id
+    assert fresh.exit_code == 1 and len(calls) == 1
+    assert f"no local folder {tmp_path / 'out' / 'tiny-llama-hf'} either (resolved relative to the current directory " \
+           f"{tmp_path}" in fresh.output.replace("\n", "")
+    (tmp_path / "out").mkdir()
+    res = runner.invoke(app, ["convert", str(recipe), "--out", "out"])  # out/ exists: a path, the Hub is not asked
+    assert res.exit_code == 1 and len(calls) == 1 and "Traceback" not in res.output
+    assert f"model.source='out/tiny-llama-hf': no folder {tmp_path / 'out' / 'tiny-llama-hf'} (a path: out/ is a " \
+           "folder here; resolved relative to the current directory" in res.output.replace("\n", "")

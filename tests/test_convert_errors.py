@@ -127,3 +127,48 @@ def test_float16_overflow_is_an_error_and_leaves_no_rank_file(tmp_path, llama):
     with pytest.raises(ConvertError, match="down_proj.weight has values outside the float16 range"):
         convert(hf, tmp_path / "out", Mapping.create(tp_size=1), dtype="float16")
     assert not list((tmp_path / "out").glob("rank*")) and not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def _corrupt_length(data: bytes) -> bytes:
+    return b"\xff" * 8 + data[8:]
+
+
+def _corrupt_utf8(data: bytes) -> bytes:
+    return data[:9] + b"\xff\xfe" + data[11:]
+
+
+def _not_json(data: bytes) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    return data[:8] + b"[" * n + data[8 + n:]
+
+
+def _bad_entry(data: bytes) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    header = b'{"x": {"dtype": "F32"}}'.ljust(n)
+    return data[:8] + header + data[8 + n:]
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (_corrupt_length, r"header length 18446744073709551615 exceeds the file \(\d+ bytes\)"),
+    (_corrupt_utf8, r"header is not UTF-8 \(byte 1\)"),
+    (_not_json, r"header is not JSON \(RecursionError\)"),
+    (_bad_entry, r"entry 'x' lacks a dtype, shape or data_offsets"),
+    (lambda data: data[:5], r"5 bytes, shorter than the 8-byte header length"),
+])
+def test_corrupted_safetensors_header_is_named(tmp_path, llama, corrupt, message):
+    hf = tmp_path / "hf"
+    shutil.copytree(llama, hf)
+    (hf / "model.safetensors").write_bytes(corrupt((hf / "model.safetensors").read_bytes()))
+    with pytest.raises(ConvertError, match=f"{hf / 'model.safetensors'} is not a valid safetensors file: {message}; "
+                                           "the file is corrupted or not safetensors, download it again"):
+        convert(hf, tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_corrupted_index_is_named(tmp_path, llama):
+    hf = tmp_path / "hf"
+    shutil.copytree(llama, hf)
+    (hf / "model.safetensors.index.json").write_bytes(b'{"weight_map": \xff')
+    with pytest.raises(ConvertError, match=r"model\.safetensors\.index\.json is not a safetensors index"):
+        convert(hf, tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")

@@ -227,3 +227,29 @@ def test_weight_only_for_trtllm_build_keeps_float_weights(tmp_path, llama):
                            "float16", "int4_weight_only", progress=False)
     assert q.key != m.key and q.prequantized  # a different output, not a cache hit
     assert load_file(tmp_path / "rank0.safetensors")["transformer.layers.0.mlp.fc.weight"].dtype == torch.int8
+
+
+def test_rerun_writes_nothing_only_when_the_whole_folder_is_this_conversion(tmp_path, llama):
+    """Same key and intact files: a no-op. A new plan, a changed tokenizer or a touched config.json (same key)
+    still get their files and manifest rewritten, with every rank file reused."""
+    import shutil
+
+    from builders.convert import convert
+
+    hf, out = tmp_path / "hf", tmp_path / "ckpt"
+    shutil.copytree(llama, hf)
+    args = (hf, out, Mapping.create(tp_size=2), ModelSpec.from_pretrained_dir(hf), "float32")
+    first = convert(*args, progress=False, plan={"sla": 1})
+    assert first.written == ["rank0.safetensors", "rank1.safetensors"] and not first.up_to_date
+    again = convert(*args, progress=False, plan={"sla": 1})
+    assert again.up_to_date and again.written == [] and again.manifest == first.manifest
+    replanned = convert(*args, progress=False, plan={"sla": 2})
+    assert not replanned.up_to_date and replanned.written == [] and replanned.manifest.plan == {"sla": 2}
+    (hf / "tokenizer_config.json").write_text((hf / "tokenizer_config.json").read_text() + "\n")
+    retokenized = convert(*args, progress=False, plan={"sla": 2})
+    assert not retokenized.up_to_date and retokenized.written == []
+    assert (out / "tokenizer" / "tokenizer_config.json").read_text() == (hf / "tokenizer_config.json").read_text()
+    (out / "config.json").write_text("{}")
+    repaired = convert(*args, progress=False, plan={"sla": 2})
+    assert not repaired.up_to_date and json.loads((out / "config.json").read_text())["mapping"]["tp_size"] == 2
+    assert repaired.manifest.key == first.manifest.key and not repaired.manifest.mismatched_outputs(out)

@@ -68,3 +68,36 @@ def test_bad_launch_options(kwargs, match):
 def test_endpoints_must_be_distinct():
     with pytest.raises(ValueError, match="three distinct ports"):
         Endpoints(8000, 8000, 8002)
+
+
+def test_shared_memory_restricted_behind_a_header():
+    restricted = Endpoints(9000, 9001, 9002, "0.0.0.0", "0.0.0.0", "0.0.0.0", shm_header=("k", "v"))
+    flags = ["--grpc-restricted-protocol=shared-memory:k=v", "--http-restricted-api=shared-memory:k=v"]
+    assert restricted.args()[-2:] == flags
+    assert all(f in build_server_argv("ts", "/repo", restricted) for f in flags)
+    assert build_mpirun_argv(2, "ts", "/repo", restricted).count(flags[0]) == 2  # every rank
+    assert not any("restricted" in a for a in build_server_argv("ts", "/repo", EP))
+
+
+def test_serve_restricts_shared_memory_whenever_it_listens_beyond_loopback():
+    import re
+
+    from typer.testing import CliRunner
+
+    from builders.cli import app
+    from tests.support import REPO_ROOT
+
+    def command(*flags: str) -> str:
+        r = CliRunner().invoke(app, ["serve", str(REPO_ROOT / "recipes" / "tiny-llama.yaml"), "--print-command",
+                                     *flags])
+        assert r.exit_code == 0, r.output
+        return r.stdout
+
+    secret = r"enginesmith-shm-key=([0-9a-f]{32})\b"
+    public = command("--public")
+    grpc = re.search(rf"--grpc-restricted-protocol=shared-memory:{secret}", public)
+    http = re.search(rf"--http-restricted-api=shared-memory:{secret}", public)
+    assert grpc and http and grpc.group(1) == http.group(1)
+    assert grpc.group(1) != re.search(secret, command("--public")).group(1)  # a fresh secret per launch
+    assert "--http-restricted-api=shared-memory:" in command("--http-address", "10.0.0.5")
+    assert "restricted" not in command() and "restricted" not in command("--grpc-address", "::1")

@@ -147,8 +147,12 @@ def test_spec_resolution_without_network(tmp_path, monkeypatch):
         raise ConnectionError("no network here")
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
-    with pytest.raises(ModelSpecError, match="model.source: cannot fetch config.json of someone/unknown-model@main"):
+    with pytest.raises(ModelSpecError, match="model.source: cannot fetch config.json of someone/unknown-model@main "
+                                             r"\(ConnectionError: no network here\), and no local folder "):
         resolve_spec(ModelSection(source="someone/unknown-model"))
+    with pytest.raises(ModelSpecError, match=f"model.source='./gone': no folder {tmp_path / 'gone'} .*relative to "
+                                             f"the current directory {tmp_path}"):
+        resolve_spec(ModelSection(source="./gone"))
 
 
 def test_rope_parameters_written_by_transformers_5():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -81,17 +82,58 @@ def test_cross_node_tp_uses_the_inter_node_link():
     assert spread.decode.comm_ms > local.decode.comm_ms
 
 
-def test_expert_parallel_all_to_all_volume():
+def test_moe_block_is_one_tp_all_reduce_whatever_the_expert_split():
+    """TensorRT-LLM and the reference runtime reduce the MoE block's partial sums over the whole TP group (each
+    rank runs its experts, or its slice of each, on every token): no all-to-all, so every EP/TP split
+    communicates the same."""
     tiny = recipe_of("tiny-mixtral")
-    plan = make_plan(variant(tiny, parallel={"tp_size": 4, "moe_ep_size": 2}), with_options=False)
-    assert (plan.mapping.moe_ep_size, plan.mapping.moe_tp_size) == (2, 2)
-    a2a = next(c for c in plan.decode.comm if c.kind == "ep_alltoall")
-    tokens, k, h, act = plan.batch, 2, 64, 4  # float32 tiny model
-    per_gpu = math.ceil(tokens / 2) * k * h * act * (2 - 1) / 2
-    assert a2a.group_size == 2 and a2a.bytes_per_op == pytest.approx(per_gpu)
-    assert a2a.count == 2 * 3 and a2a.bytes_per_gpu == pytest.approx(2 * 3 * per_gpu)  # dispatch + combine
-    assert {c.kind for c in plan.decode.comm} >= {"tp_allreduce", "moe_tp_allreduce", "lm_head_allgather"}
-    assert [r.experts for r in plan.ranks] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+    for target in ("trtllm-engine", "reference"):
+        plans = {ep: make_plan(variant(tiny, parallel={"tp_size": 4, "moe_ep_size": ep}, build={"target": target}),
+                               with_options=False) for ep in (1, 2, 4)}
+        assert [(p.mapping.moe_ep_size, p.mapping.moe_tp_size) for p in plans.values()] == [(1, 4), (2, 2), (4, 1)]
+        tokens, layers, h, act = plans[1].batch, 3, 64, 4  # float32 tiny model
+        for p in plans.values():
+            comm = {c.kind: c for c in p.decode.comm}
+            assert set(comm) == {"tp_allreduce", "lm_head_allgather"} and p.decode.target == target
+            ar = comm["tp_allreduce"]
+            assert (ar.group_size, ar.count, ar.bytes_per_op) == (4, 2 * layers, tokens * h * act)
+            assert p.decode.comm == plans[1].decode.comm and p.decode.comm_ms == plans[1].decode.comm_ms
+        assert [r.experts for r in plans[2].ranks] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+
+
+def test_reference_runtime_sends_the_logits_to_rank0_with_pp():
+    """runtime/pipeline.py: the last stage's TP rank 0 sends the float32 logits of each micro-batch to rank 0,
+    which samples; TensorRT-LLM samples on the last stage."""
+    tiny = variant(recipe_of("tiny-llama"), parallel={"tp_size": 2, "pp_size": 2})
+    ref = make_plan(tiny, with_options=False)
+    engine = make_plan(variant(tiny, build={"target": "trtllm-engine"}), with_options=False)
+    logits = {c.kind: c for c in ref.decode.comm}["logits_to_rank0"]
+    assert logits.bytes_per_op == -(-ref.batch // ref.decode.micro_batches) * 315 * 4  # vocab 315, float32
+    assert "logits_to_rank0" not in {c.kind for c in engine.decode.comm}
+    assert ref.decode.comm_ms == pytest.approx(engine.decode.comm_ms + 1e3 * logits.time_s)
+    single = make_plan(variant(tiny, parallel={"tp_size": 2, "pp_size": 1}), with_options=False)
+    assert "logits_to_rank0" not in {c.kind for c in single.decode.comm}
+
+
+def test_rendered_plan_names_the_target_of_its_communication_and_no_expert_split_for_dense_models():
+    from rich.console import Console
+
+    from builders.plan_render import render
+
+    def text(plan) -> str:
+        console = Console(width=400, record=True, file=io.StringIO())
+        render(plan, console)
+        return console.export_text()
+
+    dense = text(make_plan(variant(recipe_of("llama2-13b-tp2-24gb"), build={"target": "reference"})))
+    assert "communication per step, as build target reference runs it" in dense
+    assert "reference runtime: per layer two all-reduces over the TP group" in dense
+    assert "moe_tp" not in dense and "moe_ep" not in dense and " mtp" not in dense.replace("┃", " ")
+    moe = text(make_plan(recipe_of("mixtral-8x22b-16xa100")))
+    assert "communication per step, as build target trtllm-engine runs it" in moe
+    assert "moe_ep_size 1 x moe_tp_size 4" in moe and "parallel: auto chose tp4 pp1 ep1 mtp4" in moe
+    tie = next(line for line in moe.splitlines() if "tp4 pp1 ep2 mtp2" in line)
+    assert "ties with the chosen layout (the MoE block is one TP all-reduce whatever the EP/TP split)" in tie
 
 
 def test_pipeline_bubble_and_micro_batches():

@@ -46,14 +46,18 @@ def test_allreduce_row_prices_one_ring_all_reduce_of_8kb(rows):
     assert ar["predicted"] == pytest.approx(latency + 8192 / 450e9 * 1e6)
 
 
-def test_main_writes_the_table_to_the_results_dir(tmp_path, monkeypatch, capsys):
+def test_main_prints_and_writes_the_table_only_when_asked(tmp_path, monkeypatch, capsys):
     for name in ("runtime-h200-decode-gemv.json", "runtime-h200-x2-tp-gemv.json"):
         (tmp_path / name).write_text((RESULTS / name).read_text())
     monkeypatch.setattr("sys.argv", ["planner_check", "--results", str(tmp_path)])
     main()
+    assert "calibration" in capsys.readouterr().out
+    assert not (tmp_path / "planner-vs-measured.json").exists()  # a plain run leaves the tracked file alone
+    monkeypatch.setattr("sys.argv", ["planner_check", "--results", str(tmp_path), "--write"])
+    main()
     written = json.loads((tmp_path / "planner-vs-measured.json").read_text())
     assert written == compare(tmp_path) and len(written) > 5
-    assert "calibration" in capsys.readouterr().out
+    assert "wrote" in capsys.readouterr().out
 
 
 def test_device_fed_rows_are_labelled_and_superseded_baselines_skipped(rows):

@@ -222,3 +222,30 @@ def test_taken_port_is_retried_on_fresh_ports(tmp_path):
         with server:
             assert server.endpoints.http_port != taken.getsockname()[1] and server.is_ready()
         assert "already in use" in server.log_tail(400)
+
+
+def test_shared_memory_registration_needs_the_secret_header(tmp_path):
+    """What `serve --public` passes: Triton's restricted protocols refuse shared-memory calls without the header,
+    over HTTP and gRPC, while the other APIs stay open."""
+    import dataclasses
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    ep = dataclasses.replace(free_endpoints(), shm_header=("enginesmith-shm-key", "s3cret"))
+    with TritonServer(tmp_path, ep, log_path=tmp_path / "server.log") as server:  # an empty repository
+        http = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        # gRPC clients send the key as metadata with Triton's prefix
+        for client, key in ((http, "enginesmith-shm-key"), (grpc, "triton-grpc-protocol-enginesmith-shm-key")):
+            assert client.is_server_ready()
+            with pytest.raises(InferenceServerException, match=f"restricted, expecting header '{key}'"):
+                client.register_system_shared_memory("stolen", "/prefix0_region", 64)
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_system_shared_memory_status()
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_system_shared_memory_status(headers={key: "guess"})
+            client.get_system_shared_memory_status(headers={key: "s3cret"})  # the holder of the secret may
+        http.close()
+        grpc.close()

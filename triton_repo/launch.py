@@ -24,6 +24,10 @@ class Endpoints:
     http_address: str = "127.0.0.1"
     grpc_address: str = "127.0.0.1"
     metrics_address: str = "127.0.0.1"
+    shm_header: tuple[str, str] | None = None
+    """(header, secret): Triton's shared-memory registration API only for requests carrying `header: secret`
+    (`--grpc-restricted-protocol` / `--http-restricted-api`), so remote clients cannot register the
+    Python backend's own IPC regions; set when an endpoint listens beyond loopback."""
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -31,9 +35,14 @@ class Endpoints:
             raise ValueError(f"http/grpc/metrics ports {ports} must be three distinct ports in 1..65535")
 
     def args(self) -> list[str]:
-        return [f"--http-address={self.http_address}", f"--http-port={self.http_port}",
+        args = [f"--http-address={self.http_address}", f"--http-port={self.http_port}",
                 f"--grpc-address={self.grpc_address}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={self.metrics_address}", f"--metrics-port={self.metrics_port}"]
+        if self.shm_header is not None:
+            key, value = self.shm_header
+            args += [f"--grpc-restricted-protocol=shared-memory:{key}={value}",
+                     f"--http-restricted-api=shared-memory:{key}={value}"]  # tritonserver 2.51's HTTP spelling
+        return args
 
 
 def server_args(model_repository: str | Path, endpoints: Endpoints, *, backend_dir: str | Path | None = None,

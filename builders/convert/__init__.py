@@ -2,11 +2,11 @@
 
 Modules: weight_map (declarative tables), split (index maths), rank_plan (per-rank read plans),
 source (lazy HF reader), safetensors_stream + rank_writer (streaming output), quantize (weight-only),
-config (config.json), validate (checks before writing), manifest, pipeline (`convert_checkpoint`).
+config (config.json), validate (checks before writing), manifest, pipeline (`convert` / `convert_checkpoint`).
 """
 
 from builders.convert.errors import ConvertError
 from builders.convert.manifest import CheckpointManifest
-from builders.convert.pipeline import convert_checkpoint
+from builders.convert.pipeline import ConvertResult, convert, convert_checkpoint
 
-__all__ = ["CheckpointManifest", "ConvertError", "convert_checkpoint"]
+__all__ = ["CheckpointManifest", "ConvertError", "ConvertResult", "convert", "convert_checkpoint"]

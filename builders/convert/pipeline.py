@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from builders.convert import validate
@@ -25,8 +26,8 @@ from builders.convert.rank_plan import plan_rank
 from builders.convert.memory_gate import MemoryGate
 from builders.convert.rank_writer import max_cost, write_rank
 from builders.convert.source import HFSource, weight_files
-from builders.convert.tokenizer import copy_tokenizer
-from builders.manifest import atomic_write_text, sha256_file, sha256_json, tool_versions
+from builders.convert.tokenizer import copy_tokenizer, tokenizer_digests
+from builders.manifest import atomic_write_text, sha256_bytes, sha256_file, sha256_json, tool_versions
 from builders.mapping import Mapping
 from builders.model_spec import ModelSpec
 
@@ -126,16 +127,33 @@ def _plan_bytes(plans) -> int:
     return sum(entry_nbytes(e) for p in plans for e in p.entries())
 
 
-def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping, spec: ModelSpec,
-                       dtype: str = "bfloat16", quantization: str | None = None, *, workers: int = 1,
-                       progress: bool = True, source_id: str | None = None, source_revision: str | None = None,
-                       prequantize: bool = True, plan: dict | None = None) -> CheckpointManifest:
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    """What one `convert` call did."""
+
+    manifest: CheckpointManifest
+    written: list[str]
+    """Rank files this call wrote; the others were reused from an earlier run with the same key."""
+    up_to_date: bool
+    """Nothing was written: the folder already held this very conversion (manifest, config, tokenizer)."""
+
+
+def convert_checkpoint(*args, **kwargs) -> CheckpointManifest:
+    """`convert`'s manifest (same arguments)."""
+    return convert(*args, **kwargs).manifest
+
+
+def convert(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping, spec: ModelSpec,
+            dtype: str = "bfloat16", quantization: str | None = None, *, workers: int = 1,
+            progress: bool = True, source_id: str | None = None, source_revision: str | None = None,
+            prequantize: bool = True, plan: dict | None = None) -> ConvertResult:
     """Convert `hf_dir` into `out_dir` (config.json, rank{N}.safetensors, tokenizer/, manifest.json).
 
     With weight-only `quantization`, `prequantize=True` stores int8 weights + per_channel_scale (the
     reference runtime's input); False keeps float weights and only sets `quant_algo`, so `trtllm-build`
     quantizes them itself with the GPU-specific preprocessing (see quantize.py). `plan` (Plan.to_dict()) is
-    recorded in the manifest; only the mapping, dtype, quantization and source decide the cache key.
+    recorded in the manifest; only the mapping, dtype, quantization and source decide the cache key. A folder
+    that already holds this conversion, intact, is left untouched.
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
     quant_algo = resolve_quant_algo(quantization)
@@ -149,6 +167,25 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping
     stored_algo = quant_algo if prequantize else None
     key = convert_key(source_fingerprint(hf_dir, list(files.values())), mapping_dict, dtype,
                       f"{quant_algo}:{'int' if stored_algo else 'float'}", source_revision)
+    config_text = json.dumps(trtllm_config(spec, mapping, dtype, quant_algo, hf_config), indent=2) + "\n"
+    ranks = [rank_name(r) for r in range(mapping.world_size)]
+
+    def manifest_with(outputs: dict[str, str]) -> CheckpointManifest:
+        return CheckpointManifest(
+            key=key, inputs={"source": key_source(source_id, source_revision, hf_dir),
+                             **({"plan": sha256_json(plan)} if plan else {})}, plan=plan or {},
+            versions=tool_versions("safetensors", "torch", "transformers", "huggingface-hub"),
+            outputs=outputs, source={"path": str(hf_dir.resolve()), "repo_id": source_id,
+                                     "revision": source_revision},
+            mapping=mapping_dict, dtype=dtype, quant_algo=quant_algo, prequantized=stored_algo is not None,
+            rank_files=ranks)
+
+    if (previous := _previous(out, key)) is not None:
+        expected = manifest_with({"config.json": sha256_bytes(config_text.encode()),
+                                  **{r: previous.outputs.get(r, "") for r in ranks}, **tokenizer_digests(hf_dir)})
+        same = expected.model_dump(exclude={"created"}) == previous.model_dump(exclude={"created"})
+        if same and not previous.mismatched_outputs(out):
+            return ConvertResult(previous, written=[], up_to_date=True)
 
     out.mkdir(parents=True, exist_ok=True)
     _clean(out, mapping.world_size, key)
@@ -157,22 +194,25 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping
     _write_ranks(hf_dir, out, files, todo, lambda r: plan_rank(spec, mapping, r, dtype, stored_algo), key,
                  done, workers, progress)
 
-    config = trtllm_config(spec, mapping, dtype, quant_algo, hf_config)
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / "config.json", config_text)
     outputs = {"config.json": sha256_file(out / "config.json")}
-    outputs |= {rank_name(r): done[rank_name(r)] for r in range(mapping.world_size)}
+    outputs |= {r: done[r] for r in ranks}
     outputs |= copy_tokenizer(hf_dir, out)
-    manifest = CheckpointManifest(
-        key=key, inputs={"source": key_source(source_id, source_revision, hf_dir),
-                         **({"plan": sha256_json(plan)} if plan else {})}, plan=plan or {},
-        versions=tool_versions("safetensors", "torch", "transformers", "huggingface-hub"),
-        outputs=outputs, source={"path": str(hf_dir.resolve()), "repo_id": source_id, "revision": source_revision},
-        mapping=mapping_dict, dtype=dtype, quant_algo=quant_algo, prequantized=stored_algo is not None,
-        rank_files=[rank_name(r) for r in range(mapping.world_size)],
-    )
+    manifest = manifest_with(outputs)
     manifest.write(out)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
-    return manifest
+    return ConvertResult(manifest, written=[rank_name(r) for r in todo], up_to_date=False)
+
+
+def _previous(out: Path, key: str) -> CheckpointManifest | None:
+    """The folder's manifest when it records the same conversion key."""
+    old = read_json(out / "manifest.json")
+    if old is None or old.get("key") != key:
+        return None
+    try:
+        return CheckpointManifest.model_validate(old)
+    except ValueError:
+        return None
 
 
 def key_source(source_id: str | None, revision: str | None, hf_dir: Path) -> str:

@@ -36,27 +36,63 @@ MAP_BYTES = 32 << 20
 TensorInfo = tuple[str, tuple[int, ...]]  # (safetensors dtype tag, shape)
 
 
+MAX_HEADER_BYTES = 100 << 20
+"""Largest header safetensors itself accepts; a bigger length prefix is a corrupted file."""
+
+
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
     """Tensor name -> (dtype tag, shape) of one safetensors file, without mapping it."""
     return {k: (tag, shape) for k, (tag, shape, _) in read_layout(path).items()}
 
 
+def _header(path: str | Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]]:
+    """(header length, tensor name -> (dtype tag, shape, data_offsets)); ConvertError naming the file when the
+    header is not a safetensors header (a corrupted or partial download)."""
+    def bad(what: str) -> ConvertError:
+        return ConvertError(f"{path} is not a valid safetensors file: {what}; the file is corrupted or not "
+                            "safetensors, download it again")
+
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise bad(f"{len(prefix)} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", prefix)
+        size = os.fstat(f.fileno()).st_size
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise bad(f"header length {n} exceeds the file ({size} bytes)" if n > size - 8 else
+                      f"header length {n} exceeds safetensors' {MAX_HEADER_BYTES} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise bad(f"header is not UTF-8 (byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise bad(f"header is not JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    out = {}
+    for name, v in header.items():
+        try:
+            tag, shape, (start, stop) = v["dtype"], tuple(int(d) for d in v["shape"]), v["data_offsets"]
+            if not (isinstance(tag, str) and isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"entry {name!r} lacks a dtype, shape or data_offsets") from None
+        out[name] = (tag, shape, (start, stop))
+    return n, out
+
+
 def read_layout(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
     """Tensor name -> (dtype tag, shape, absolute file offset of its first byte)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: (v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0]) for k, v in header.items()}
+    n, header = _header(path)
+    return {k: (tag, shape, 8 + n + offsets[0]) for k, (tag, shape, offsets) in header.items()}
 
 
 def expected_size(path: str | Path) -> int:
     """File size a safetensors file's header promises (a shorter file is a truncated download)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
+    n, header = _header(path)
+    return 8 + n + max((offsets[1] for _, _, offsets in header.values()), default=0)
 
 
 def weight_files(hf_dir: str | Path) -> dict[str, Path]:
@@ -64,8 +100,12 @@ def weight_files(hf_dir: str | Path) -> dict[str, Path]:
     root = Path(hf_dir)
     index = root / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: root / fname for name, fname in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            return {str(name): root / str(fname) for name, fname in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConvertError(f"{index} is not a safetensors index (a JSON object with a weight_map of tensor "
+                               "name -> shard file); the file is corrupted, download it again") from None
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise ConvertError(f"no *.safetensors weights in {root} (pickle .bin weights need `--allow-pickle` "

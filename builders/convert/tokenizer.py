@@ -35,3 +35,9 @@ def copy_tokenizer(hf_dir: str | Path, out_dir: str | Path, sub: str = "tokenize
             raise
         out[f"{sub}/{name}"] = sha256_file(dst / name)
     return out
+
+
+def tokenizer_digests(hf_dir: str | Path, sub: str = "tokenizer") -> dict[str, str]:
+    """{relative path: sha256} that `copy_tokenizer` would record, without copying."""
+    src = Path(hf_dir)
+    return {f"{sub}/{name}": sha256_file(src / name) for name in TOKENIZER_FILES if (src / name).is_file()}

@@ -51,12 +51,17 @@ def resolve_spec(model: ModelSection) -> ModelSpec:
     """Spec for a recipe's model: shipped by name or repo id, else local config.json, else the Hub."""
     if model.spec:
         return load_shipped(model.spec)
-    local = model.local_path()
-    if local is not None:
-        return ModelSpec.from_pretrained_dir(local, planning=True)
+    from builders.model_source import classify_source
+
+    ref = classify_source(model.source)
+    if ref.local:
+        if not ref.path.is_dir():
+            raise ModelSpecError(ref.missing() if not ref.path.exists() else
+                                 f"model.source={model.source!r}: {ref.path} is not a folder")
+        return ModelSpec.from_pretrained_dir(ref.path.resolve(), planning=True)
     if name := name_for_repo(model.source):
         return load_shipped(name)
-    return _from_hub(model.source, model.revision)
+    return _from_hub(model.source, model.revision, ref.not_local_either())
 
 
 def resolve_spec_offline(model: ModelSection) -> ModelSpec | None:
@@ -70,14 +75,16 @@ def resolve_spec_offline(model: ModelSection) -> ModelSpec | None:
     return load_shipped(name) if name else None
 
 
-def _from_hub(repo_id: str, revision: str) -> ModelSpec:
+def _from_hub(repo_id: str, revision: str, not_local: str) -> ModelSpec:
     from huggingface_hub import hf_hub_download
 
     try:
         path = hf_hub_download(repo_id, "config.json", revision=revision)
     except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise ModelSpecError(
-            f"model.source: cannot fetch config.json of {repo_id}@{revision} ({type(e).__name__}: {e}); "
-            f"set model.spec to one of {', '.join(shipped_names())} or point model.source at a local folder"
+            f"model.source: cannot fetch config.json of {repo_id}@{revision} ({type(e).__name__}: {first}), and "
+            f"{not_local}; set model.spec to one of {', '.join(shipped_names())} or point model.source at a local "
+            "folder"
         ) from None
     return ModelSpec.from_hf_config(json.loads(Path(path).read_text()), name=repo_id, planning=True)
