@@ -7,6 +7,7 @@ the tests here also force each branch (numpy 2 seen, no wheel to be had, the stu
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -40,7 +41,7 @@ ECHO_MODEL = textwrap.dedent('''
             for r in requests:
                 t = pb_utils.get_input_tensor_by_name(r, "T").as_numpy()
                 i = pb_utils.get_input_tensor_by_name(r, "I").as_numpy()
-                where = np.array([f"{np.__version__} {np.__file__}".encode()], dtype=np.object_)
+                where = np.array([f"{np.__version__} {np.long is np.int_} {np.__file__}".encode()], dtype=np.object_)
                 out.append(pb_utils.InferenceResponse([pb_utils.Tensor("TO", t), pb_utils.Tensor("IO", i * 2),
                                                        pb_utils.Tensor("NP", where)]))
             return out
@@ -67,7 +68,8 @@ def test_request_tensors_round_trip_through_the_stub(tmp_path):
         res = client.infer("echo", [text, ints])
     assert res.as_numpy("TO").tolist() == [b"abc", b"", "\u00e9t\u00e9".encode()]
     assert res.as_numpy("IO").tolist() == [14, -16, 1 << 30]
-    version, path = res.as_numpy("NP")[0].decode().split(" ", 1)
+    version, has_long, path = res.as_numpy("NP")[0].decode().split(" ", 2)
+    assert has_long == "True"  # numpy-2-era code (transformers' generation utilities) finds np.long
     assert int(version.split(".")[0]) < 2, f"the stub imported numpy {version} from {path}"
     if int(np.__version__.split(".")[0]) >= 2:  # this environment has numpy 2: the stub's is the private one
         assert "stub-numpy-py" in path
@@ -79,8 +81,10 @@ def test_numpy2_environment_gets_a_private_numpy1_first_on_the_stub_path(tmp_pat
     first = Path(b.env["PATH"].split(":")[0])
     pth = first.parent / "lib" / f"python{PY}" / "site-packages" / "_enginesmith_site.pth"
     line = pth.read_text().splitlines()[0]
-    assert line.startswith("import sys; sys.path.insert(0, ")
-    private = Path(line.split("insert(0, ")[1].rstrip(")").strip("'\""))
+    m = re.fullmatch(r"import sys; sys\.path\.insert\(0, '([^']+)'\); import (\w+)", line)
+    assert m, line
+    private = Path(m.group(1))
+    assert (private / f"{m.group(2)}.py").is_file()  # numpy 2's new names as aliases, e.g. np.long
     assert private.name == f"stub-numpy-py{PY}" and (private / ".complete").is_file()
     version = (private / "numpy" / "version.py").read_text()
     assert "version = '1." in version or 'version = "1.' in version

@@ -97,6 +97,25 @@ def installation_prefix(libpython: Path) -> Path:
                          f"lib/python{PY}/os.py above it); install the full python{PY} package")
 
 
+NUMPY_COMPAT = "_enginesmith_numpy2_names"
+NUMPY_COMPAT_SOURCE = '''"""numpy 2's new top-level names, as aliases on the stubs' private numpy 1.x.
+
+Code written for numpy 2 (transformers' generation utilities use np.long) runs in the stubs unchanged; only names
+numpy 1.x lacks are added, each bound to what numpy 2 defines it as. Written by enginesmith (triton_repo/discovery.py).
+"""
+import numpy as _np
+
+for _name, _value in {
+    "long": _np.int_, "ulong": _np.uint, "bool": _np.bool_, "concat": _np.concatenate, "pow": _np.power,
+    "permute_dims": _np.transpose, "acos": _np.arccos, "asin": _np.arcsin, "atan": _np.arctan,
+    "atan2": _np.arctan2, "acosh": _np.arccosh, "asinh": _np.arcsinh, "atanh": _np.arctanh,
+    "bitwise_left_shift": _np.left_shift, "bitwise_right_shift": _np.right_shift, "bitwise_invert": _np.invert,
+}.items():
+    if _name not in _np.__dict__:
+        setattr(_np, _name, _value)
+'''
+
+
 def numpy_major() -> int | None:
     """The major version of the numpy this environment (and so the stubs) would import; None without numpy."""
     try:
@@ -130,6 +149,7 @@ def stub_numpy(root: Path) -> Path:
             f"{STUB_NUMPY} for its stubs could not be installed {where} ({' '.join(failure) or 'pip failed'}); "
             f"fix: let pip reach the index once, or set {WHEELS_ENV} to a folder holding a numpy 1.26 wheel for "
             f"Python {PY} (pip download 'numpy<2' --only-binary=:all: -d DIR)")
+    (tmp / f"{NUMPY_COMPAT}.py").write_text(NUMPY_COMPAT_SOURCE)
     (tmp / ".complete").write_text(STUB_NUMPY + "\n")
     try:
         tmp.replace(dest)
@@ -148,7 +168,7 @@ def stub_environment(prefix: Path, root: Path, first: Path | None = None) -> Pat
     _atomic_text(env / "pyvenv.cfg", f"home = {prefix / 'bin'}\ninclude-system-site-packages = false\n")
     target = prefix / "bin" / f"python{PY}"
     _link(target if target.exists() else Path(sys.executable), bin_dir / "python3")
-    lines = [f"import sys; sys.path.insert(0, {str(first)!r})"] if first is not None else []
+    lines = [f"import sys; sys.path.insert(0, {str(first)!r}); import {NUMPY_COMPAT}"] if first is not None else []
     lines += [f"import site; site.addsitedir({d!r})" for d in site.getsitepackages()]
     lines += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     _atomic_text(sp / "_enginesmith_site.pth", "\n".join([*lines, str(REPO_ROOT)]) + "\n")
@@ -163,12 +183,14 @@ def python_path_env(python_bin: Path) -> dict[str, str]:
 
 def bundled_server(cache_dir: str | Path | None = None) -> ServerBinary:
     """The tritonserver of the nvidia-pytriton wheel, set up for this interpreter."""
-    try:
-        import pytriton
-    except ImportError:
+    import importlib.util
+
+    # Located, not imported: only the wheel's server files are used, and its Python API needs gevent
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
         raise ServerNotFound("no tritonserver on PATH and nvidia-pytriton is not installed: install the serve "
-                             "extra (pip install -e '.[serve]') or put a tritonserver on PATH") from None
-    site_dir = Path(pytriton.__file__).resolve().parent.parent
+                             "extra (pip install -e '.[serve]') or put a tritonserver on PATH")
+    site_dir = Path(list(spec.submodule_search_locations)[0]).resolve().parent
     dist = site_dir / "pytriton" / "tritonserver"
     stub = dist / "python_backend_stubs" / PY / "triton_python_backend_stub"
     if not stub.is_file():
