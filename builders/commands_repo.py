@@ -10,8 +10,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup: paths, server logs and gloo messages carry `[...]` of their own.
+console = Console(highlight=False, soft_wrap=True, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 OUT = Path("out")
 EXIT_BAD_INPUT, EXIT_SERVER_FAILED = 1, 2
 

@@ -12,14 +12,16 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-console = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup: server errors, labels and paths are printed as they are.
+console = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 Opt = typer.Option
 
 
 def _fail(msg: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {msg}")
+    err.print(Text.assemble(("error:", "red"), " ", msg))
     return typer.Exit(code)
 
 
@@ -99,7 +101,7 @@ def _served(tgt, serve: bool, out: Path):
     except ServerError as e:
         raise _fail(str(e)) from None
     try:
-        err.print(f"[dim]serving {repo_dir} at {server.grpc_url} (gRPC) for the bench[/dim]")
+        err.print(f"serving {repo_dir} at {server.grpc_url} (gRPC) for the bench", style="dim")
         yield replace(tgt, grpc_url=server.grpc_url, http_url=server.http_url, metrics_url=server.metrics_url)
     finally:
         server.stop()
@@ -170,7 +172,7 @@ def bench(
             console.print(a.summary)
         written["analysis"] = dest / "analysis.md"
     for name, p in written.items():
-        console.print(f"[dim]{name}: {p}[/dim]")
+        console.print(f"{name}: {p}", style="dim")
 
 
 def analyze(
@@ -198,4 +200,4 @@ def analyze(
                                        "analyses": [a.to_dict() for a in analyses]}))
     else:
         console.print(render_text(analyses, ref))
-        console.print(f"[dim]markdown: {md_path}[/dim]")
+        console.print(f"markdown: {md_path}", style="dim")
