@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 import signal
 import time
@@ -176,3 +177,5 @@ def test_served_ranks_equal_single_rank_idle_and_rank_death_stops_server(server)
     while server.proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert server.proc.poll() is not None, "server still running 30 s after a rank died"
+    assert re.fullmatch(r"tensorrt_llm \(reference\): rank [123] exited with code -9; stopping the server",
+                        server.failure_reason())

@@ -1,4 +1,5 @@
-"""CLI behaviour around serving that needs no running server: untrusted text printed as it is."""
+"""CLI behaviour around serving that needs no running server: untrusted text printed as it is, and the
+multi-node command with host placeholders."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from builders.cli import app
+from tests.support import REPO_ROOT
 
 GLOO = "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:47495"
 
@@ -32,3 +34,17 @@ def test_serve_reports_a_bracketed_path_as_it_is(tmp_path):
     recipe = tmp_path / "[/x]" / "r.yaml"
     r = CliRunner().invoke(app, ["serve", str(recipe)])
     assert r.exit_code == 1 and f"error: {recipe}: no such recipe file" in r.stderr
+
+
+def test_print_command_of_a_multi_node_layout_uses_host_placeholders():
+    """It used to exit 1 demanding --hosts, though printing needs no hosts."""
+    r = CliRunner().invoke(app, ["serve", str(REPO_ROOT / "recipes" / "llama3-70b-tp2-pp2.yaml"),
+                                 "--print-command"])
+    assert r.exit_code == 0, r.output
+    assert "mpirun --allow-run-as-root -H '<host0>:2,<host1>:2' " in r.stdout
+    assert r.stdout.count("tritonserver --model-repository=") == 4
+    assert r.stderr == ("note: the layout spans 2 nodes; <host0>,<host1> stand for their hosts: give --hosts "
+                        "node0,node1,... or --hostfile FILE to fill them in\n")
+    given = CliRunner().invoke(app, ["serve", str(REPO_ROOT / "recipes" / "llama3-70b-tp2-pp2.yaml"),
+                                     "--print-command", "--hosts", "a,b"])
+    assert given.exit_code == 0 and "-H a:2,b:2 " in given.stdout and given.stderr == ""
