@@ -95,7 +95,7 @@ def _client_command(protocol: str):
         as_json: Annotated[bool, Opt("--json", help="Print the whole result as JSON.")] = False,
         timeout: Annotated[float, Opt(help="Seconds to wait for the last token.")] = 300.0,
     ) -> None:
-        from client.params import ClientError
+        from client.params import ClientError, ServerUnreachable
         from client.target import resolve_target
         from client.tokenizer import load_tokenizer
 
@@ -115,6 +115,8 @@ def _client_command(protocol: str):
             raise _fail(EXIT_CANCELLED, "cancelled (the request was cancelled on the server)") from None
         except (ClientError, ValueError) as e:
             raise _fail(EXIT_BAD_INPUT, str(e)) from None
+        except ServerUnreachable as e:
+            raise _fail(EXIT_UNREACHABLE, f"{e} (is it up? `enginesmith serve RECIPE`)") from None
         except Exception as e:  # noqa: BLE001 - connection failures come from grpc/httpx/tritonclient
             raise _fail(EXIT_UNREACHABLE,
                         f"{type(e).__name__}: {e} (is the server up? `enginesmith serve RECIPE`)") from None

@@ -135,7 +135,7 @@ def bench(
     from client.bench import BenchConfig, run_bench
     from client.bench_report import summary_table, write_results
     from client.dataset import DatasetError
-    from client.params import ClientError
+    from client.params import ClientError, ServerUnreachable
     from client.target import resolve_target
     from client.tokenizer import load_tokenizer
 
@@ -155,11 +155,13 @@ def bench(
             runs = asyncio.run(run_bench(cfg, prompts, tok, show_progress=progress))
     except (ClientError, DatasetError, ValueError) as e:
         raise _fail(str(e)) from None
+    except ServerUnreachable as e:
+        raise _fail(f"{e} (is it up? `enginesmith serve RECIPE`, or pass --serve)", 2) from None
     dest = output_dir or tgt.bench_dir
     config = {"target": target, "model": model, "dataset": dataset, "isl": n_isl, "osl": n_osl,
               "num_prompts": num_prompts, "points": [p.label for p in points], "slo_ms": cfg.slo_ms}
     written = write_results(runs, dest, config, plots=plots)
-    (console if console.is_terminal else Console(highlight=False, width=160)).print(summary_table(runs))
+    (console if console.is_terminal else Console(highlight=False, width=160, markup=False)).print(summary_table(runs))
     if analyze_after:
         from client.analysis_report import render_markdown
         from client.analyze import analyze_runs

@@ -1,7 +1,9 @@
-"""CLI behaviour around serving that needs no running server: untrusted text printed as it is, and the
-multi-node command with host placeholders."""
+"""CLI behaviour around serving that needs no running server: untrusted text printed as it is, the
+multi-node command with host placeholders, and clients that find no server exiting 2."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 from typer.testing import CliRunner
@@ -48,3 +50,19 @@ def test_print_command_of_a_multi_node_layout_uses_host_placeholders():
     given = CliRunner().invoke(app, ["serve", str(REPO_ROOT / "recipes" / "llama3-70b-tp2-pp2.yaml"),
                                      "--print-command", "--hosts", "a,b"])
     assert given.exit_code == 0 and "-H a:2,b:2 " in given.stdout and given.stderr == ""
+
+
+@pytest.fixture
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+@pytest.mark.parametrize("protocol", ["stream", "grpc", "http"])
+def test_clients_exit_2_when_the_server_is_unreachable(protocol, dead_port):
+    """`client stream` and `client grpc` said 'is it loaded?' and exited 1, as if the model were missing."""
+    r = CliRunner().invoke(app, ["client", protocol, "hi", "--url", f"127.0.0.1:{dead_port}"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: the server") and "is unreachable" in r.stderr
+    assert "is it loaded" not in r.stderr and r.stderr.count("\n") == 1
