@@ -9,16 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-console = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup: generated text, server errors and URLs are printed as they are.
+console = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_CANCELLED = 1, 2, 130
 
 Opt = typer.Option
 
 
 def _fail(code: int, msg: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {msg}")
+    err.print(Text.assemble(("error:", "red"), " ", msg))
     return typer.Exit(code)
 
 
@@ -58,8 +60,8 @@ def _run_client(protocol: str, url: str, model: str, params, tokenizer, as_json:
         return
     sys.stdout.write(res.text[printed[0]:] + "\n")
     ttft = "-" if res.ttft_s is None else f"{1e3 * res.ttft_s:.1f} ms"
-    err.print(f"[dim]{res.protocol} {model} request {res.request_id}: {res.num_output_tokens} tokens, "
-              f"TTFT {ttft}, E2E {1e3 * res.e2e_s:.1f} ms[/dim]")
+    err.print(f"{res.protocol} {model} request {res.request_id}: {res.num_output_tokens} tokens, "
+              f"TTFT {ttft}, E2E {1e3 * res.e2e_s:.1f} ms", style="dim")
 
 
 def _client_command(protocol: str):
@@ -93,7 +95,7 @@ def _client_command(protocol: str):
         as_json: Annotated[bool, Opt("--json", help="Print the whole result as JSON.")] = False,
         timeout: Annotated[float, Opt(help="Seconds to wait for the last token.")] = 300.0,
     ) -> None:
-        from client.params import ClientError
+        from client.params import ClientError, ServerUnreachable
         from client.target import resolve_target
         from client.tokenizer import load_tokenizer
 
@@ -113,6 +115,8 @@ def _client_command(protocol: str):
             raise _fail(EXIT_CANCELLED, "cancelled (the request was cancelled on the server)") from None
         except (ClientError, ValueError) as e:
             raise _fail(EXIT_BAD_INPUT, str(e)) from None
+        except ServerUnreachable as e:
+            raise _fail(EXIT_UNREACHABLE, f"{e} (is it up? `enginesmith serve RECIPE`)") from None
         except Exception as e:  # noqa: BLE001 - connection failures come from grpc/httpx/tritonclient
             raise _fail(EXIT_UNREACHABLE,
                         f"{type(e).__name__}: {e} (is the server up? `enginesmith serve RECIPE`)") from None

@@ -9,9 +9,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup: paths and the errors of downloads and model files are printed as they are.
+console = Console(highlight=False, soft_wrap=True, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 EXIT_BAD_INPUT = 1
 
 
@@ -78,7 +80,7 @@ def register(app: typer.Typer) -> None:
         try:
             result, ckpt = run_convert(recipe, out, workers or default_workers(), allow_pickle)
         except _bad_input_errors() as e:
-            err_console.print(f"[red]error:[/red] {e}")
+            err_console.print(Text.assemble(("error:", "red"), " ", str(e)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except OSError as e:
             from builders.cli_errors import fs_error
@@ -105,7 +107,8 @@ def register(app: typer.Typer) -> None:
         from builders.tiny_model import ARCH_DEFAULTS, make_tiny_model
 
         if arch not in ARCH_DEFAULTS:
-            err_console.print(f"[red]error:[/red] --arch {arch!r}: choose one of {', '.join(sorted(ARCH_DEFAULTS))}")
+            err_console.print(Text.assemble(("error:", "red"), f" --arch {arch!r}: choose one of "
+                                                              f"{', '.join(sorted(ARCH_DEFAULTS))}"))
             raise typer.Exit(EXIT_BAD_INPUT)
         try:
             path = make_tiny_model(out_dir, arch, seed=seed)

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console()
+console = Console(markup=False)  # the prompt, generated text and paths are printed as they are
 
 
 def demo(
@@ -33,13 +33,13 @@ def demo(
     recipe = load_recipe(recipe_path)
     repo_dir = out / recipe.name / "repo"
     if not (repo_dir / "manifest.json").is_file():
-        console.print(f"[red]{repo_dir} has no manifest.json: run `enginesmith repo {recipe_path}` first[/red]")
+        console.print(f"{repo_dir} has no manifest.json: run `enginesmith repo {recipe_path}` first", style="red")
         raise typer.Exit(2)
     t0 = time.monotonic()
     with TritonServer(repo_dir, log_path=out / recipe.name / "demo-server.log") as server:
-        console.print(f"[dim]tritonserver ready in {time.monotonic() - t0:.1f} s: gRPC {server.grpc_url}, "
-                      f"HTTP {server.http_url}[/dim]")
-        console.print(f"[bold]{prompt}[/bold]", end="")
+        console.print(f"tritonserver ready in {time.monotonic() - t0:.1f} s: gRPC {server.grpc_url}, "
+                      f"HTTP {server.http_url}", style="dim")
+        console.print(prompt, style="bold", end="")
         with GrpcStreamClient(server.grpc_url, model=model) as client:
             result = client.generate(GenerateParams(text=prompt, max_tokens=max_tokens, stream=True,
                                                     request_id="demo-1"),
@@ -47,12 +47,12 @@ def demo(
         console.print()
     chunks = [c for c in result.chunks if c.text]
     if not chunks:
-        console.print("[red]the stream carried no text[/red]")
+        console.print("the stream carried no text", style="red")
         raise typer.Exit(1)
     ttft_ms = (chunks[0].t_ns - result.send_ns) / 1e6
     e2e_ms = (result.done_ns - result.send_ns) / 1e6
-    console.print(f"[green]streamed {len(chunks)} chunks through `{model}`: TTFT {ttft_ms:.1f} ms, "
-                  f"end to end {e2e_ms:.1f} ms; server stopped[/green]")
+    console.print(f"streamed {len(chunks)} chunks through `{model}`: TTFT {ttft_ms:.1f} ms, "
+                  f"end to end {e2e_ms:.1f} ms; server stopped", style="green")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,8 +14,9 @@ from rich.console import Console
 
 from builders.cli_errors import fs_error
 
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup: paths, server logs and gloo messages carry `[...]` of their own.
+console = Console(highlight=False, soft_wrap=True, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 OUT = Path("out")
 EXIT_BAD_INPUT, EXIT_SERVER_FAILED = 1, 2
 
@@ -79,8 +80,17 @@ def _on_sigterm(signum, frame):
     raise _Stop()
 
 
+def _nodes(recipe, ranks: int) -> int:
+    return -(-ranks // recipe.hardware.gpus_per_node)  # leader mode: ranks fill the nodes in order
+
+
+def _placeholder_hosts(nodes: int) -> str:
+    return ",".join(f"<host{i}>" for i in range(nodes))
+
+
 def _server(recipe, repo_dir: Path, ranks: int, public: bool, http_address, grpc_address, hosts, hostfile,
-            ready_timeout: float):
+            ready_timeout: float, dry: bool = False):
+    """`dry` (printing the command): a multi-node layout without hosts gets placeholders instead."""
     from triton_repo.launch import Endpoints
     from triton_repo.server import TritonServer
 
@@ -91,9 +101,11 @@ def _server(recipe, repo_dir: Path, ranks: int, public: bool, http_address, grpc
     # map the Python backend's IPC regions (Triton's restricted protocols).
     shm_header = None if all(_loopback(a) for a in (http, grpc)) else (SHM_HEADER, secrets.token_hex(16))
     endpoints = Endpoints(s.http_port, s.grpc_port, s.metrics_port, http, grpc, default, shm_header=shm_header)
-    nodes = -(-ranks // recipe.hardware.gpus_per_node)  # leader mode: ranks fill the nodes in order
+    nodes = _nodes(recipe, ranks)
     if nodes > 1 and not (hosts or hostfile):
-        raise ValueError(f"the layout spans {nodes} nodes: give --hosts node0,node1,... or --hostfile FILE")
+        if not dry:
+            raise ValueError(f"the layout spans {nodes} nodes: give --hosts node0,node1,... or --hostfile FILE")
+        hosts = _placeholder_hosts(nodes)
     return TritonServer(repo_dir, endpoints, world_size=ranks, ready_timeout_s=ready_timeout,
                         log_path=repo_dir.parent / "tritonserver.log", hosts=tuple(hosts.split(",")) if hosts else (),
                         slots_per_host=recipe.hardware.gpus_per_node if hosts else None, hostfile=hostfile)
@@ -108,9 +120,13 @@ def _print_command(recipe_path: Path, out: Path, server_args: dict) -> None:
 
     recipe = load_recipe(recipe_path)
     ranks = launch_ranks(recipe.build.target, make_plan(recipe, with_options=False).mapping)
-    server = _server(recipe, out / recipe.name / "repo", ranks, **server_args)
+    server = _server(recipe, out / recipe.name / "repo", ranks, **server_args, dry=True)
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in server.binary_env().items())
     console.print(f"{env} {shlex.join(server.argv(dry=True))}")
+    nodes = _nodes(recipe, ranks)
+    if nodes > 1 and not (server_args["hosts"] or server_args["hostfile"]):
+        err_console.print(f"note: the layout spans {nodes} nodes; {_placeholder_hosts(nodes)} stand for their "
+                          "hosts: give --hosts node0,node1,... or --hostfile FILE to fill them in")
 
 
 def serve(
@@ -132,7 +148,7 @@ def serve(
 ) -> None:
     """Serve a recipe's repository with tritonserver until Ctrl-C / SIGTERM (then stop it gracefully)."""
     from triton_repo.repo_checks import RepoError
-    from triton_repo.server import ServerError, ServerNotFound
+    from triton_repo.server import PortInUse, ServerError, ServerNotFound
 
     server_args = dict(public=public, http_address=http_address, grpc_address=grpc_address, hosts=hosts,
                        hostfile=hostfile, ready_timeout=ready_timeout)
@@ -152,7 +168,10 @@ def serve(
                       f"gRPC {server.grpc_url}, metrics {server.metrics_url}; log {server.log_path}")
         console.print("Ctrl-C or SIGTERM stops the server")
         code = server.wait()
-        _fail(EXIT_SERVER_FAILED, f"tritonserver exited with code {code}; last log lines:\n{server.log_tail()}")
+        _fail(EXIT_SERVER_FAILED, f"tritonserver exited with code {code}: {server.failure_reason()} "
+                                  f"(log {server.log_path})")
+    except PortInUse as e:
+        _fail(EXIT_SERVER_FAILED, f"{e} (serve.{e.kind.lower()}_port in the recipe)")
     except ServerError as e:
         _fail(EXIT_SERVER_FAILED, str(e))
     except (KeyboardInterrupt, _Stop):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -49,7 +50,7 @@ def _header(plan: Plan) -> Panel:
     r, s, hw, m = plan.recipe, plan.spec, plan.hardware, plan.mapping
     moe = f", {s.num_experts} experts top-{s.num_experts_per_tok}" if s.is_moe else ""
     lines = [
-        f"[b]{r.name}[/b]: {s.name or r.model.source} ({s.architecture}, {count(s.num_params())} params, "
+        f"[b]{r.name}[/b]: {escape(s.name or r.model.source)} ({s.architecture}, {count(s.num_params())} params, "
         f"{count(s.num_active_params())} active{moe})",
         f"dtype {r.model.dtype}, weights {r.quantization.weights}, KV cache {r.quantization.kv_cache}; "
         f"build target {r.build.target}",
@@ -175,4 +176,4 @@ def render(plan: Plan, console: Console | None = None) -> None:
              _sla(plan), _search(plan), _quant(plan)]
     console.print(Group(*(p for p in parts if p is not None)))
     for note in plan.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)

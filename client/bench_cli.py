@@ -12,14 +12,16 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-console = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup: server errors, labels and paths are printed as they are.
+console = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 Opt = typer.Option
 
 
 def _fail(msg: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {msg}")
+    err.print(Text.assemble(("error:", "red"), " ", msg))
     return typer.Exit(code)
 
 
@@ -99,7 +101,7 @@ def _served(tgt, serve: bool, out: Path):
     except ServerError as e:
         raise _fail(str(e)) from None
     try:
-        err.print(f"[dim]serving {repo_dir} at {server.grpc_url} (gRPC) for the bench[/dim]")
+        err.print(f"serving {repo_dir} at {server.grpc_url} (gRPC) for the bench", style="dim")
         yield replace(tgt, grpc_url=server.grpc_url, http_url=server.http_url, metrics_url=server.metrics_url)
     finally:
         server.stop()
@@ -133,7 +135,7 @@ def bench(
     from client.bench import BenchConfig, run_bench
     from client.bench_report import summary_table, write_results
     from client.dataset import DatasetError
-    from client.params import ClientError
+    from client.params import ClientError, ServerUnreachable
     from client.target import resolve_target
     from client.tokenizer import load_tokenizer
 
@@ -153,11 +155,13 @@ def bench(
             runs = asyncio.run(run_bench(cfg, prompts, tok, show_progress=progress))
     except (ClientError, DatasetError, ValueError) as e:
         raise _fail(str(e)) from None
+    except ServerUnreachable as e:
+        raise _fail(f"{e} (is it up? `enginesmith serve RECIPE`, or pass --serve)", 2) from None
     dest = output_dir or tgt.bench_dir
     config = {"target": target, "model": model, "dataset": dataset, "isl": n_isl, "osl": n_osl,
               "num_prompts": num_prompts, "points": [p.label for p in points], "slo_ms": cfg.slo_ms}
     written = write_results(runs, dest, config, plots=plots)
-    (console if console.is_terminal else Console(highlight=False, width=160)).print(summary_table(runs))
+    (console if console.is_terminal else Console(highlight=False, width=160, markup=False)).print(summary_table(runs))
     if analyze_after:
         from client.analysis_report import render_markdown
         from client.analyze import analyze_runs
@@ -170,7 +174,7 @@ def bench(
             console.print(a.summary)
         written["analysis"] = dest / "analysis.md"
     for name, p in written.items():
-        console.print(f"[dim]{name}: {p}[/dim]")
+        console.print(f"{name}: {p}", style="dim")
 
 
 def analyze(
@@ -206,4 +210,4 @@ def analyze(
     else:
         console.print(render_text(analyses, ref))
         if markdown is not None:
-            console.print(f"[dim]markdown: {markdown}[/dim]")
+            console.print(f"markdown: {markdown}", style="dim")

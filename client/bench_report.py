@@ -47,6 +47,7 @@ def load_runs(path: str | Path) -> list[dict[str, Any]]:
 def summary_table(runs: list[dict[str, Any]]):
     """One row per load point: counts, throughput, goodput, latency percentiles, client CPU."""
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title="benchmark", show_lines=False)
     for col in ("load", "ok/fail", "in tok", "out tok", "req/s", "out tok/s", "goodput", "TTFT p50/p99 ms",
@@ -54,7 +55,7 @@ def summary_table(runs: list[dict[str, Any]]):
         t.add_column(col, justify="right")
     for r in runs:
         good = "-" if r.get("request_goodput") is None else f"{r['request_goodput']:.2f}/s"
-        t.add_row(r["label"], f"{r['completed']}/{r['failed']}", str(r["total_input_tokens"]),
+        t.add_row(Text(str(r["label"])), f"{r['completed']}/{r['failed']}", str(r["total_input_tokens"]),
                   str(r["total_output_tokens"]), f"{r['request_throughput']:.2f}", f"{r['output_throughput']:.1f}",
                   good, *(f"{r[f'median_{m}_ms']:.1f}/{r[f'p99_{m}_ms']:.1f}" for m in ("ttft", "tpot", "itl", "e2el")),
                   f"{1e3 * r['client_cpu_s_per_request']:.2f}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from client.grpc_stream import with_count_request
 from client.model_info import ModelInfo
-from client.params import ClientError, GenerateParams, build_inputs
+from client.params import ClientError, GenerateParams, ServerUnreachable, build_inputs
 from client.result import Chunk, GenerateResult, chunk_from_outputs
 from client.tokenizer import decoder, with_token_ids
 
@@ -65,7 +65,11 @@ class HttpClient:
             self.base = "http://" + self.base
         self.model, self.tokenizer = model, tokenizer
         self._http = httpx.Client(timeout=timeout_s)
-        r = self._http.get(f"{self.base}/v2/models/{model}/config")
+        try:
+            r = self._http.get(f"{self.base}/v2/models/{model}/config")
+        except httpx.TransportError as e:
+            self._http.close()
+            raise ServerUnreachable(f"the server at {self.base} is unreachable: {e}") from e
         if r.status_code != 200:
             raise ClientError(f"model {model!r} at {self.base}: HTTP {r.status_code} {_error_of(r.text)}")
         self.info = ModelInfo.from_config(r.json())

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from client.params import ClientError, contract_of
+from client.params import ClientError, ServerUnreachable, contract_of
+
+UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,21 @@ class ModelInfo:
         )
 
 
+def _config_error(e: Any, model: str) -> Exception:
+    if e.status() in UNREACHABLE:
+        return ServerUnreachable(f"the server is unreachable: {e.message()}")
+    return ClientError(f"model {model!r}: {e.message()} (is it loaded? list: /v2/repository/index)")
+
+
 def grpc_model_info(client: Any, model: str) -> ModelInfo:
-    """Read a model's config with a tritonclient.grpc client; a clear error if the server lacks it."""
+    """Read a model's config with a tritonclient.grpc client; ServerUnreachable when no server answers,
+    a ClientError when the server lacks the model."""
     from tritonclient.utils import InferenceServerException
 
     try:
         cfg = client.get_model_config(model, as_json=True)
     except InferenceServerException as e:
-        raise ClientError(f"model {model!r}: {e.message()} (is it loaded? list: /v2/repository/index)") from e
+        raise _config_error(e, model) from e
     return ModelInfo.from_config(cfg["config"])
 
 
@@ -55,5 +64,5 @@ async def grpc_aio_model_info(client: Any, model: str) -> ModelInfo:
     try:
         cfg = await client.get_model_config(model, as_json=True)
     except InferenceServerException as e:
-        raise ClientError(f"model {model!r}: {e.message()} (is it loaded? list: /v2/repository/index)") from e
+        raise _config_error(e, model) from e
     return ModelInfo.from_config(cfg["config"])

@@ -46,6 +46,10 @@ class ClientError(ValueError):
     """A request the model cannot take, or a response that is not what the contract says."""
 
 
+class ServerUnreachable(ConnectionError):
+    """No server answers at the address (not up, or another address)."""
+
+
 @dataclass
 class GenerateParams:
     """What to generate; None leaves a sampling input unsent so the model's default applies."""

@@ -62,9 +62,11 @@ class Engine:
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, *, device: str | None = None, metrics: Any = None,
-                        init_method: str | None = None, on_rank_failure: Any = None, **overrides: Any) -> Engine:
+                        init_method: str | None = None, on_rank_failure: Any = None, liveness: Any = None,
+                        **overrides: Any) -> Engine:
         """Load the model named by `engine_dir/engine_config.json`; a multi-rank checkpoint spawns its
-        other ranks (`on_rank_failure(rank, exitcode)` is called if one dies)."""
+        other ranks (`on_rank_failure(rank, reason)` is called if one dies or hangs; `liveness`: a
+        runtime.liveness.Liveness, default from the environment)."""
         from runtime.checkpoint import CheckpointConfig
         from runtime.model import RankModel
 
@@ -78,7 +80,8 @@ class Engine:
         model = RankModel.load(ckpt_dir, 0, device=device, dtype=config.dtype)
         num_blocks = kv_cache_blocks(model, config)
         workers = RankWorkers(ckpt_dir, mapping, config.dtype, num_blocks, config.tokens_per_block,
-                              init_method or free_init_method(), on_failure=on_rank_failure, engine_config=config)
+                              init_method or free_init_method(), on_failure=on_rank_failure, liveness=liveness,
+                              engine_config=config)
         return cls(model, config, metrics=metrics, workers=workers, num_blocks=num_blocks)
 
     # ---- client side (any thread) ----

@@ -75,8 +75,10 @@ class ParallelGroups:
 
 
 def init_parallel(mapping: Mapping, rank: int, init_method: str, backend: str,
-                  timeout_s: float = 30.0) -> ParallelGroups:
-    """Join the job; every rank creates every TP group in the same order, as torch.distributed requires."""
+                  timeout_s: float = 30.0, control_timeout_s: float | None = None) -> ParallelGroups:
+    """Join the job; every rank creates every TP group in the same order, as torch.distributed requires.
+    `timeout_s` bounds each collective of a step; `control_timeout_s` (default: the same) how long a rank
+    waits on the control group for rank 0's next message (runtime/liveness.py keeps that wait short)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "nccl":
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -88,5 +90,6 @@ def init_parallel(mapping: Mapping, rank: int, init_method: str, backend: str,
         g = dist.new_group(mapping.tp_group(pp_rank), backend=backend, timeout=timeout)
         if rank in mapping.tp_group(pp_rank):
             tp_group = g
-    control = dist.new_group(list(range(mapping.world_size)), backend="gloo", timeout=timeout)
+    control = dist.new_group(list(range(mapping.world_size)), backend="gloo",
+                             timeout=datetime.timedelta(seconds=control_timeout_s or timeout_s))
     return ParallelGroups(mapping, mapping.rank_coords(rank), tp_group, control)

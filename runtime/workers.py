@@ -3,7 +3,9 @@
 Rank 0 lives in the serving process and drives: each engine step it broadcasts a `StepMessage`
 (the packed tokens of every micro-batch and the block tables they use) over a gloo control group;
 every rank then runs its share through `runtime.pipeline.rank_forward` over its own KV cache, and
-full logits come back to rank 0. Ranks of the first node are spawned here; ranks on other nodes
+full logits come back to rank 0. While idle, rank 0 broadcasts heartbeats instead, and every rank
+reports its own heartbeat to rank 0's store (`runtime.liveness`): idling never times out, and a dead or hung
+rank is named within the liveness timeout. Ranks of the first node are spawned here; ranks on other nodes
 join the same rendezvous with `python -m runtime.workers --rank R --init-method tcp://HOST:PORT ...`.
 """
 
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +27,7 @@ from builders.mapping import Mapping
 from runtime.engine_config import EngineConfig
 from runtime.fast_decode import FastDecoder, FastStep
 from runtime.kv_cache import PagedKVCache
+from runtime.liveness import HEARTBEAT, Liveness, RankMonitor, start_heartbeat
 from runtime.model import RankModel
 from runtime.paged_attention import PagedAttention, SeqSpan
 from runtime.parallel import ParallelGroups, init_parallel
@@ -107,14 +112,27 @@ def rank_device(mapping: Mapping, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+class ControlLost(RuntimeError):
+    """The control channel from rank 0 failed: rank 0 (or a peer) is gone, or fell silent past the timeout."""
+
+
+def _next_message(groups: ParallelGroups) -> object:
+    box = [None]
+    try:
+        dist.broadcast_object_list(box, src=0, group=groups.control)
+    except RuntimeError as e:
+        raise ControlLost(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    return box[0]
+
+
 def _serve_rank(groups: ParallelGroups, model: RankModel, cache: PagedKVCache,
                 decoder: FastDecoder | None = None) -> None:
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=groups.control)
-        msg: StepMessage | None = box[0]
+        msg = _next_message(groups)
         if msg is None:
             return
+        if msg == HEARTBEAT:
+            continue
         cache.adopt_tables(msg.tables)
         if msg.fast is not None:
             if decoder is None:
@@ -126,13 +144,20 @@ def _serve_rank(groups: ParallelGroups, model: RankModel, cache: PagedKVCache,
 
 
 def worker_main(rank: int, ckpt_dir: str, mapping: Mapping, init_method: str, dtype: str, num_blocks: int,
-                tokens_per_block: int, timeout_s: float = 30.0, engine_config: EngineConfig | None = None) -> None:
-    """Body of one non-driver rank: join, load only this rank's file, serve steps until told to stop."""
+                tokens_per_block: int, liveness: Liveness | None = None, parent_pid: int | None = None,
+                engine_config: EngineConfig | None = None) -> None:
+    """Body of one non-driver rank: join, load only this rank's file, serve steps until told to stop.
+    Exits (code 1, one log line) when rank 0 is gone, or when `parent_pid` is no longer its parent.
+    `engine_config`: build the engine's fast path (FastDecoder.for_engine) as rank 0 does."""
+    liveness = liveness or Liveness()
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, mapping.world_size)))
     device = rank_device(mapping, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    groups = init_parallel(mapping, rank, init_method, "nccl" if device.type == "cuda" else "gloo", timeout_s)
+    groups = init_parallel(mapping, rank, init_method, "nccl" if device.type == "cuda" else "gloo",
+                           control_timeout_s=liveness.timeout_s)
+    stopping = threading.Event()
+    start_heartbeat(rank, init_method, liveness, parent_pid, stopping)
     model = RankModel.load(ckpt_dir, rank, device=device, dtype=dtype)
     cache = PagedKVCache(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads,
                          head_size=model.head_size, num_blocks=num_blocks, tokens_per_block=tokens_per_block,
@@ -141,45 +166,87 @@ def worker_main(rank: int, ckpt_dir: str, mapping: Mapping, init_method: str, dt
     decoder = FastDecoder.for_engine(model, cache, engine_config, groups) if engine_config is not None else None
     try:
         _serve_rank(groups, model, cache, decoder)
+    except ControlLost as e:
+        log.error("rank %d: the control channel from rank 0 failed (%s); exiting", rank, e)
+        raise SystemExit(1) from None
     finally:
+        stopping.set()
         dist.destroy_process_group()
 
 
 class RankWorkers:
-    """Spawns ranks 1..N-1 of this node and drives them from rank 0 (the calling process)."""
+    """Spawns ranks 1..N-1 of this node and drives them from rank 0 (the calling process).
+
+    `on_failure(rank, reason)` is called once, from a watch thread, when a rank dies or falls silent."""
 
     def __init__(self, ckpt_dir: str | Path, mapping: Mapping, dtype: str, num_blocks: int, tokens_per_block: int,
-                 init_method: str, on_failure: Callable[[int, int | None], None] | None = None,
-                 timeout_s: float = 30.0, engine_config: EngineConfig | None = None):
+                 init_method: str, on_failure: Callable[[int, str], None] | None = None,
+                 liveness: Liveness | None = None, engine_config: EngineConfig | None = None):
         """`engine_config`: the ranks build the engine's fast path (FastDecoder.for_engine) with its limits;
         rank 0's Engine must then build its own right after this returns."""
         import torch.multiprocessing as mp
 
         self.mapping, self.on_failure = mapping, on_failure
+        self.liveness = liveness or Liveness.from_env()
         ctx = mp.get_context("spawn")
         ctx.set_executable(_python_executable())
         local = [r for r in range(1, mapping.world_size) if mapping.rank_coords(r).node == 0]
         self.procs = {r: ctx.Process(target=worker_main, name=f"enginesmith-rank{r}", daemon=True,
                                      args=(r, str(ckpt_dir), mapping, init_method, dtype, num_blocks,
-                                           tokens_per_block, timeout_s, engine_config)) for r in local}
+                                           tokens_per_block, self.liveness, os.getpid(), engine_config))
+                      for r in local}
         for p in self.procs.values():
             p.start()
         device = rank_device(mapping, 0)
-        self.groups = init_parallel(mapping, 0, init_method, "nccl" if device.type == "cuda" else "gloo", timeout_s)
+        self.groups = init_parallel(mapping, 0, init_method, "nccl" if device.type == "cuda" else "gloo",
+                                    control_timeout_s=self.liveness.timeout_s)
+        self.monitor = RankMonitor(list(range(1, mapping.world_size)), init_method, self.liveness, self.procs)
         self._closed = False
-        self._watch = threading.Thread(target=self._watchdog, name="rank-watchdog", daemon=True)
-        self._watch.start()
+        self._stop = threading.Event()
+        self._send_lock = threading.Lock()
+        self._last_sent = time.monotonic()
+        self._threads = [threading.Thread(target=self._watch, name="rank-watchdog", daemon=True),
+                         threading.Thread(target=self._heartbeats, name="rank-heartbeats", daemon=True)]
+        for t in self._threads:
+            t.start()
 
-    def _watchdog(self) -> None:
-        while not self._closed:
-            for r, p in self.procs.items():
-                if not p.is_alive() and not self._closed:
-                    log.error("rank %d exited with code %s", r, p.exitcode)
-                    self._closed = True
-                    if self.on_failure is not None:
-                        self.on_failure(r, p.exitcode)
-                    return
-            threading.Event().wait(0.5)
+    def _watch(self) -> None:
+        while not self._stop.wait(min(0.5, self.liveness.heartbeat_s / 2)):
+            try:
+                found = self.monitor.dead_rank()
+            except Exception:  # noqa: BLE001 - the store lives in this process; keep watching
+                log.exception("rank watchdog: reading the ranks' heartbeats failed")
+                continue
+            if found is None or self._closed or self._stop.is_set():  # set first by close(): no failure
+                continue
+            rank, reason = found
+            log.error(reason)
+            self._closed = True
+            self._stop.set()
+            if self.on_failure is not None:
+                self.on_failure(rank, reason)
+            return
+
+    def _heartbeats(self) -> None:
+        """Rank 0 speaks at least every heartbeat_s, so an idle rank's wait never times out."""
+        period = self.liveness.heartbeat_s
+        while not self._stop.wait(period / 4):
+            if self._closed or time.monotonic() - self._last_sent < period:
+                continue
+            try:
+                self._broadcast(HEARTBEAT)
+            except Exception as e:  # noqa: BLE001 - a gloo error: the watchdog names the rank
+                log.error("rank heartbeats stopped: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                return
+
+    def _broadcast(self, message: object) -> None:
+        with self._send_lock:
+            if message == HEARTBEAT and self._stop.is_set():
+                return
+            if self._closed and message is not None:
+                raise RuntimeError("a rank of the runtime has died; the server must restart")
+            dist.broadcast_object_list([message], src=0, group=self.groups.control)
+            self._last_sent = time.monotonic()
 
     @property
     def alive(self) -> bool:
@@ -191,7 +258,7 @@ class RankWorkers:
             raise RuntimeError("a rank of the runtime has died; the server must restart")
         mbs = split_micro_batches(step, micro_batches)
         tables = {s[0]: cache.block_table(s[0]) for s in step.spans}
-        dist.broadcast_object_list([StepMessage(mbs, tables)], src=0, group=self.groups.control)
+        self._broadcast(StepMessage(mbs, tables))
         logits = rank_forward(model, self.groups, [mb.build(cache, model.device) for mb in mbs],
                               layer_runner(model.device))
         return torch.cat(logits) if logits else torch.empty(0, model.cfg.vocab_size)
@@ -201,20 +268,25 @@ class RankWorkers:
         if not self.alive:
             raise RuntimeError("a rank of the runtime has died; the server must restart")
         tables = {s: cache.block_table(s) for s in step.seq_ids_all}
-        dist.broadcast_object_list([StepMessage([], tables, step)], src=0, group=self.groups.control)
+        self._broadcast(StepMessage([], tables, step))
         return decoder.run(step)
 
     def close(self, timeout: float = 10.0) -> None:
-        if not self._closed and self.alive:
+        """Tell the ranks to stop and wait for them; after a failure, terminate the rest at once."""
+        told, alive = False, self.alive
+        self._stop.set()  # before the ranks exit: the watchdog must not take that for a failure
+        if alive:
             try:
-                dist.broadcast_object_list([None], src=0, group=self.groups.control)
+                self._broadcast(None)
+                told = True
             except Exception:  # a dead rank: the processes are terminated below
                 log.exception("could not tell the ranks to stop")
         self._closed = True
         for p in self.procs.values():
-            p.join(timeout)
+            p.join(timeout if told else 0)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -231,7 +303,11 @@ def main() -> None:
     from runtime.checkpoint import CheckpointConfig
 
     mapping = CheckpointConfig.from_dir(a.checkpoint).mapping
-    worker_main(a.rank, a.checkpoint, mapping, a.init_method, a.dtype, a.num_blocks, a.tokens_per_block)
+    try:
+        liveness = Liveness.from_env()  # must match rank 0's: ENGINESMITH_RANK_HEARTBEAT_S / _TIMEOUT_S
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    worker_main(a.rank, a.checkpoint, mapping, a.init_method, a.dtype, a.num_blocks, a.tokens_per_block, liveness)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """The reference runtime across ranks (gloo on CPU): in-process engines and a real tritonserver.
 
 Greedy outputs of tp=2, pp=2, tp=2 x pp=2 and the tiny MoE with moe_ep=2 must equal tp=1 outputs
-token for token; each rank process loads only its own rank file. A rank that dies stops the server.
+token for token; each rank process loads only its own rank file. Idling for longer than the liveness
+timeout (a short one in-process, the default one served) changes nothing; a rank that dies or hangs is
+named within the timeout, and stops the server.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import re
 import shutil
 import signal
 import time
@@ -18,6 +22,7 @@ import pytest
 
 from builders.mapping import Mapping
 from runtime.engine import Engine
+from runtime.liveness import Liveness
 from runtime.request import Request
 from runtime.sampler import SamplingParams
 from tests.support import REPO_ROOT, convert_tiny
@@ -72,6 +77,59 @@ def test_engine_across_ranks_equals_single_rank(engine_dirs, name):
     assert all(not p.is_alive() for p in engine.workers.procs.values())
 
 
+SHORT = Liveness(heartbeat_s=0.5, timeout_s=3.0)  # rank 0's idle heartbeat, and how long silence may last
+
+
+def _await_failure(failures: queue.Queue, within_s: float) -> tuple[int, str]:
+    try:
+        return failures.get(timeout=within_s)
+    except queue.Empty:
+        raise AssertionError(f"no rank failure reported within {within_s} s") from None
+
+
+def test_idle_ranks_keep_serving(engine_dirs):
+    """Idle for 3x the timeout: before heartbeats, each rank's wait for the next step timed out and it exited."""
+    base = Engine.from_engine_dir(engine_dirs["llama_tp1"], device="cpu")
+    expected = _generate_batched(base)
+    base.shutdown()
+    failures: queue.Queue = queue.Queue()
+    engine = Engine.from_engine_dir(engine_dirs["llama_tp2_pp2"], device="cpu", liveness=SHORT,
+                                    on_rank_failure=lambda rank, reason: failures.put((rank, reason)))
+    try:
+        assert _generate_batched(engine) == expected
+        time.sleep(3 * SHORT.timeout_s)
+        assert failures.empty(), failures.get()
+        assert engine.workers.alive
+        assert _generate_batched(engine) == expected
+    finally:
+        engine.shutdown()
+    assert all(p.exitcode == 0 for p in engine.workers.procs.values())
+
+
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_dead_or_hung_rank_is_named_within_the_timeout(engine_dirs, how):
+    """A killed rank is seen at once (its process exited); a stopped one by its missing heartbeats."""
+    failures: queue.Queue = queue.Queue()
+    engine = Engine.from_engine_dir(engine_dirs["llama_tp2"], device="cpu", liveness=SHORT,
+                                    on_rank_failure=lambda rank, reason: failures.put((rank, reason)))
+    victim = engine.workers.procs[1]
+    try:
+        assert len(_generate_batched(engine)[0]) == MAX_TOKENS
+        os.kill(victim.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        rank, reason = _await_failure(failures, SHORT.timeout_s + SHORT.heartbeat_s + 1)
+        assert rank == 1
+        assert reason == ("rank 1 exited with code -9" if how == "killed" else
+                          "rank 1 sent no heartbeat in 3 s (hung, or its node is gone)")
+        assert not engine.workers.alive
+        with pytest.raises(RuntimeError, match="a rank of the runtime has died"):
+            engine.workers.forward(engine.model, engine.cache, None, 1)
+    finally:
+        if how == "hung":
+            os.kill(victim.pid, signal.SIGCONT)
+        engine.shutdown()
+    assert not victim.is_alive()
+
+
 @pytest.fixture(scope="module")
 def server(engine_dirs, tmp_path_factory):
     from tests.test_serve_reference import tensorrt_llm_config
@@ -100,10 +158,15 @@ def _served_greedy(url: str, model: str) -> list[list[int]]:
 
 @pytest.mark.server
 @pytest.mark.timeout(600)
-def test_served_ranks_equal_single_rank_and_rank_death_stops_server(server):
+def test_served_ranks_equal_single_rank_idle_and_rank_death_stops_server(server):
     results = {name: _served_greedy(server.http_url, name) for name in LAYOUTS}
     for name, (arch, *_rest) in LAYOUTS.items():
         assert results[name] == results[BASELINE[arch]], name
+    # Idle past the default liveness timeout, and past the 30 s control-group timeout that used to make
+    # every rank > 0 give up waiting for its next step (and the server exit) after 30 s without requests.
+    time.sleep(max(Liveness().timeout_s, 30) + 5)
+    assert server.proc.poll() is None and server.is_ready()
+    assert _served_greedy(server.http_url, "llama_tp2_pp2") == results["llama_tp1"]
     # Kill one rank of the tp=2 x pp=2 model: the server must go unready and exit within 30 s.
     server_proc = psutil.Process(server.proc.pid)
     ranks = [p for p in server_proc.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
@@ -114,3 +177,5 @@ def test_served_ranks_equal_single_rank_and_rank_death_stops_server(server):
     while server.proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert server.proc.poll() is not None, "server still running 30 s after a rank died"
+    assert re.fullmatch(r"tensorrt_llm \(reference\): rank [123] exited with code -9; stopping the server",
+                        server.failure_reason())

@@ -1,8 +1,8 @@
 """The whole repository of the tiny llama served by a real tritonserver: ensemble, BLS, reference runtime.
 
 Streamed text (ensemble with a request id, BLS, HTTP generate_stream) against the non-streamed text, bad
-requests through the ensemble and the BLS, cancellation of a BLS stream, and `enginesmith serve` stopping
-on SIGTERM with no process left behind.
+requests through the ensemble and the BLS, cancellation of a BLS stream, and `enginesmith serve`: stopping
+on SIGTERM with no process left behind, taking its server along when killed, refusing a taken port.
 """
 
 from __future__ import annotations
@@ -133,27 +133,42 @@ def test_ensemble_errors_keep_the_server_serving(llm_server):
     assert ok.status_code == 200 and "text_output" in ok.json()
 
 
-def test_serve_command_stops_on_sigterm(llm_server, tmp_path):
-    _, recipe_path = llm_server
+def recipe_on_ports(recipe_path: Path, tmp_path: Path, ep) -> Path:
+    """The served recipe again, on other ports."""
     data = yaml.safe_load(recipe_path.read_text())
-    ep = free_endpoints()
     data["serve"].update(http_port=ep.http_port, grpc_port=ep.grpc_port, metrics_port=ep.metrics_port)
     recipe = tmp_path / "tiny-serve.yaml"
     recipe.write_text(yaml.safe_dump(data))
-    out = recipe_path.parent / "out"
+    return recipe
+
+
+def start_serve(recipe: Path, out: Path, ep) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """`enginesmith serve` in a subprocess, once its server is ready; the processes it runs."""
     cmd = [sys.executable, "-m", "builders.cli", "serve", str(recipe), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{ep.http_port}/v2/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert any("tritonserver" in " ".join(p.cmdline()) for p in family)
+    assert any("triton_python_backend_stub" in " ".join(p.cmdline()) for p in family)
+    return proc, family
+
+
+def running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_serve_command_stops_on_sigterm(llm_server, tmp_path):
+    _, recipe_path = llm_server
+    ep = free_endpoints()
+    proc, family = start_serve(recipe_on_ports(recipe_path, tmp_path, ep), recipe_path.parent / "out", ep)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{ep.http_port}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        assert proc.poll() is None, proc.stdout.read()
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        assert any("tritonserver" in " ".join(p.cmdline()) for p in family)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
     finally:
@@ -162,7 +177,54 @@ def test_serve_command_stops_on_sigterm(llm_server, tmp_path):
             proc.wait()
     assert proc.returncode == 0, output
     assert "tritonserver stopped" in output
-    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not running(family)
+
+
+def test_serve_killed_takes_its_server_along(llm_server, tmp_path):
+    """SIGKILL gives `serve` no chance to stop anything: tritonserver and its stubs used to stay on the ports."""
+    from triton_repo.ports import port_taken
+
+    _, recipe_path = llm_server
+    ep = free_endpoints()
+    proc, family = start_serve(recipe_on_ports(recipe_path, tmp_path, ep), recipe_path.parent / "out", ep)
+    server = family[1:]
+    try:
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20  # tritonserver stops gracefully: --exit-timeout-secs=5, then it exits
+        while running(server) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not running(server), [p.cmdline() for p in running(server)]
+        assert not any(port_taken("127.0.0.1", port) for port in (ep.http_port, ep.grpc_port, ep.metrics_port))
+    finally:
+        for p in running(server):
+            p.kill()
+
+
+def test_serve_refuses_a_taken_port_naming_its_holder(llm_server, tmp_path):
+    """It used to print "serving ..." (the old server answered the health check) and fail 15 s later."""
+    from typer.testing import CliRunner
+
+    from builders.cli import app
+
+    _, recipe_path = llm_server
+    script = tmp_path / "holder.py"
+    script.write_text("import socket, sys, time\ns = socket.socket()\ns.bind(('127.0.0.1', int(sys.argv[1])))\n"
+                      "s.listen()\nprint('listening', flush=True)\ntime.sleep(120)\n")
+    ep = free_endpoints()
+    holder = subprocess.Popen([sys.executable, str(script), str(ep.metrics_port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "listening\n"
+        r = CliRunner().invoke(app, ["serve", str(recipe_on_ports(recipe_path, tmp_path, ep)),
+                                     "--out", str(recipe_path.parent / "out")])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.exit_code == 2, r.output
+    assert r.stdout == ""  # no "serving ..."
+    assert r.stderr == (f"error: metrics port {ep.metrics_port} on 127.0.0.1 is in use by pid {holder.pid} "
+                        f"({sys.executable} {script} {ep.metrics_port}): stop that process or choose another port "
+                        "(serve.metrics_port in the recipe)\n")
 
 
 def metric_values(metrics_url: str, family: str, label: str | None = None) -> dict[str, float]:

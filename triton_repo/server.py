@@ -1,13 +1,16 @@
 """Run tritonserver: start, wait for readiness, stop gracefully, leave no process behind.
 
 The binary and its environment come from `triton_repo.discovery` (on PATH, else nvidia-pytriton's).
-`TritonServer` is a context manager for tests and the `serve` command. The server runs in its own
-process group, so the Python-backend stubs (and mpirun's ranks) are stopped with it: SIGTERM first, then
-SIGKILL to the group after a timeout, then the process is reaped.
+`TritonServer` is a context manager for tests and the `serve` command. Fixed ports are checked before the
+start, naming the process that holds one. The server runs in its own process group, so the Python-backend
+stubs (and mpirun's ranks) are stopped with it: SIGTERM first, then SIGKILL to the group after a timeout,
+then the process is reaped. On Linux it also gets SIGTERM when the process that started it dies, even by
+SIGKILL (PR_SET_PDEATHSIG), so no server outlives its `serve`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import shutil
@@ -15,20 +18,34 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from triton_repo.discovery import ServerBinary, ServerNotFound, find_server
 from triton_repo.launch import Endpoints, build_mpirun_argv, build_server_argv
+from triton_repo.ports import port_holder, port_taken
+from triton_repo.server_log import error_lines, failure_report
 
-__all__ = ["TritonServer", "ServerError", "ServerNotFound", "free_endpoints", "find_server"]
+__all__ = ["TritonServer", "ServerError", "PortInUse", "ServerNotFound", "free_endpoints", "find_server"]
 ADDRESS_IN_USE = ("already in use",)  # "failed to start HTTP service: ... Socket '...' already in use"
+PR_SET_PDEATHSIG = 1
 
 
 class ServerError(RuntimeError):
     """tritonserver did not become ready, or failed."""
+
+
+class PortInUse(ServerError):
+    """A fixed port of the server is taken (found before starting it)."""
+
+    def __init__(self, kind: str, address: str, port: int, holder: str):
+        self.kind, self.address, self.port, self.holder = kind, address, port, holder
+        super().__init__(f"{kind} port {port} on {address} is in use by {holder}: stop that process or choose "
+                         "another port")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,6 +80,8 @@ class TritonServer:
         self.extra_env = env or {}
         self.mpi_placement = dict(hosts=hosts, slots_per_host=slots_per_host, hostfile=hostfile)
         self.proc: subprocess.Popen | None = None
+        self._log_start = self._ready_at = 0
+        """Offsets into the log (it is appended to): where this start's lines begin, and the ready point."""
 
     # ---- addresses --------------------------------------------------------------------------------------
     def _host(self, address: str) -> str:
@@ -108,13 +127,15 @@ class TritonServer:
         if not (self.repo.is_dir()):
             raise ServerError(f"model repository {self.repo} does not exist: run `enginesmith repo RECIPE`")
         self._binary()
+        if not self.auto_ports:
+            self.check_ports()
         for attempt in range(3 if self.auto_ports else 1):
             self._spawn()
             try:
                 self.wait_ready()
                 return self
             except ServerError:
-                tail = self.log_tail()
+                tail = self._log_text(self._log_start)
                 self.stop()
                 if attempt < 2 and self.auto_ports and any(s in tail for s in ADDRESS_IN_USE):
                     self.endpoints = free_endpoints(self.endpoints.http_address)
@@ -122,12 +143,22 @@ class TritonServer:
                 raise
         raise AssertionError("unreachable")
 
+    def check_ports(self) -> None:
+        """Raise PortInUse naming the first taken port and the process that listens on it."""
+        e = self.endpoints
+        for kind, address, port in (("HTTP", e.http_address, e.http_port), ("gRPC", e.grpc_address, e.grpc_port),
+                                    ("metrics", e.metrics_address, e.metrics_port)):
+            if port_taken(address, port):
+                raise PortInUse(kind, address, port, port_holder(port))
+
     def _spawn(self) -> None:
         # Rank processes of a multi-rank reference runtime are spawned with this interpreter (the stub is no python).
         env = {**os.environ, "ENGINESMITH_PYTHON": sys.executable, **self.binary.env, **self.extra_env}
         with open(self.log_path, "ab") as log:
+            self._log_start = self._ready_at = log.tell()
             self.proc = subprocess.Popen(self.argv(), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_terminate_with_this_process())
 
     def is_ready(self) -> bool:
         try:
@@ -141,20 +172,42 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
-                raise ServerError(f"tritonserver exited with code {code} before it was ready; log "
-                                  f"{self.log_path}, last lines:\n{self.log_tail()}")
+                raise ServerError(f"tritonserver exited with code {code} before it was ready: "
+                                  f"{self.failure_reason()}\n{self.failure_report()}")
             if self.is_ready():
+                self._ready_at = self._log_size()
                 return
             time.sleep(0.25)
-        raise ServerError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s; log {self.log_path}, "
-                          f"last lines:\n{self.log_tail()}")
+        raise ServerError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s: {self.failure_reason()}\n"
+                          f"{self.failure_report()}")
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def _log_text(self, start: int) -> str:
+        """The log from byte `start` on (the file may hold earlier runs)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def failure_reason(self) -> str:
+        """One line: the first error this run logged after it was ready, else the first since its start."""
+        errors = error_lines(self._log_text(self._ready_at)) or error_lines(self._log_text(self._log_start))
+        return errors[0] if errors else "no error in its log"
+
+    def failure_report(self) -> str:
+        """This run's errors (else its last lines), and where the whole log is."""
+        return failure_report(self._log_text(self._log_start), self.log_path)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        text = self._log_text(0)
+        return "\n".join(text.splitlines()[-lines:]) if text else "(no log)"
 
     def wait(self) -> int:
         """Block until the server exits; its exit code."""
@@ -182,6 +235,21 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _terminate_with_this_process() -> Callable[[], None] | None:
+    """A preexec_fn: the child gets SIGTERM (a graceful stop) when the thread starting it ends, i.e. this
+    process when that is the main thread. Linux only; None elsewhere and from other threads."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def _temp_log() -> Path:

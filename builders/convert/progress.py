@@ -16,7 +16,7 @@ class ByteProgress:
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                        TransferSpeedColumn)
 
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+            self._progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                                       TransferSpeedColumn(), TimeRemainingColumn())
             self._progress.start()
             self._task = self._progress.add_task(self.description, total=self.total)

@@ -173,13 +173,12 @@ class TritonPythonModel:
         for r in reqs:
             self.engine.submit(r)
 
-    def _on_rank_failure(self, rank: int, exitcode) -> None:
-        """A rank died: fail what is in flight, then stop the whole server (unready at once, exits within
-        --exit-timeout-secs) rather than hang on a collective; the launcher restarts or reports it."""
+    def _on_rank_failure(self, rank: int, reason: str) -> None:
+        """A rank died or hung: fail what is in flight, then stop the whole server (unready at once, exits
+        within --exit-timeout-secs) rather than hang on a collective; the launcher restarts or reports it."""
         import signal
 
-        pb_utils.Logger.log_error(f"tensorrt_llm (reference): rank {rank} exited with code {exitcode}; "
-                                  "stopping the server")
+        pb_utils.Logger.log_error(f"tensorrt_llm (reference): {reason}; stopping the server")
         threading.Thread(target=self.engine.shutdown, daemon=True).start()
         os.kill(os.getppid(), signal.SIGTERM)
 

@@ -1,0 +1,77 @@
+"""Why a tritonserver failed, read from its log (errors first, no NVML/DCGM noise), and who holds a port."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO_ROOT
+from triton_repo.ports import port_holder, port_taken
+from triton_repo.server import PortInUse, TritonServer, free_endpoints
+from triton_repo.server_log import error_lines, failure_report
+
+LOG = (REPO_ROOT / "tests" / "data" / "tritonserver-failure.log").read_text()
+"""Lines of real logs of the bundled server on a host without GPUs: a rank that died, a model that failed."""
+
+
+def test_error_lines_come_first_without_noise_each_once():
+    assert error_lines(LOG) == [
+        "RuntimeError: [/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:47495",
+        "tensorrt_llm (reference): rank 1 exited with code -9; stopping the server",
+        "failed to load 'postprocessing' version 1: Internal: RuntimeError: boom",
+        "error: creating server: Internal - failed to load all models",
+    ]
+
+
+def test_failure_report_lists_the_errors_else_the_last_meaningful_lines():
+    report = failure_report(LOG, "/logs/server.log", max_errors=2)
+    assert report.splitlines() == [
+        "errors in the log (+2 more):",
+        "  RuntimeError: [/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by "
+        "peer [127.0.0.1]:47495",
+        "  tensorrt_llm (reference): rank 1 exited with code -9; stopping the server",
+        "log: /logs/server.log"]
+    quiet = "\n".join(line for line in LOG.splitlines() if not line.startswith(("E", "RuntimeError", "error")))
+    lines = failure_report(quiet, "x.log").splitlines()
+    assert lines[0] == "no error in the log; its last lines:" and lines[-1] == "log: x.log"
+    assert lines[-2] == '  I1207 15:46:40.803787 10599 server.cc:345] "Timeout 5: Found 1 live models and 0 ' \
+                        'in-flight non-inference requests"'
+    assert not [line for line in lines if "NVML" in line or "DCGM" in line or line.startswith("  +")]
+
+
+@pytest.fixture
+def listener(tmp_path):
+    """A listening socket held by another process, as a stale server would hold it."""
+    script = tmp_path / "listen.py"
+    script.write_text("import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\n"
+                      "print(s.getsockname()[1], flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        yield f"pid {proc.pid} ({sys.executable} {script})", int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_taken_port_is_refused_before_starting_naming_its_holder(listener, tmp_path):
+    holder, port = listener
+    assert port_taken("127.0.0.1", port) and port_taken("0.0.0.0", port)
+    assert port_holder(port) == holder
+    ep = free_endpoints()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = TritonServer(repo, type(ep)(ep.http_port, port, ep.metrics_port), log_path=tmp_path / "server.log")
+    with pytest.raises(PortInUse) as e:
+        server.start()
+    assert str(e.value) == f"gRPC port {port} on 127.0.0.1 is in use by {holder}: stop that process or choose " \
+                           "another port"
+    assert server.proc is None and not (tmp_path / "server.log").exists()  # nothing was started
+
+
+def test_a_free_port_is_not_taken():
+    ep = free_endpoints()
+    assert not port_taken("127.0.0.1", ep.http_port)
+    assert port_holder(ep.http_port) == "no process this user can see"
