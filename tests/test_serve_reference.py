@@ -234,7 +234,8 @@ def test_cancelled_stream_frees_its_kv_blocks(server, how):
 
 BAD = [
     ("empty prompt", "tensorrt_llm", dict(prompt=[], max_tokens=4), "input_ids is empty"),
-    ("max_tokens 0", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=0), "request_output_len=0 must be >= 1"),
+    ("max_tokens 0", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=0),
+     "request_output_len=0 is outside [1, 2147483647]"),
     ("beyond max_seq_len", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=500), "exceed max_seq_len=128"),
     ("prompt too long", "tensorrt_llm", dict(prompt=[5] * 65, max_tokens=4), "more than max_input_len=64"),
     ("wrong dtype", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=4, dtype=np.int64),
