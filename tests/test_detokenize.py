@@ -3,6 +3,8 @@ pre/postprocessing models."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -135,6 +137,21 @@ def ledger(tmp_path):
     yield writer, reader, clock
     reader.close()
     writer.close()
+
+
+def test_a_new_ledger_removes_those_of_servers_that_are_gone(tmp_path, monkeypatch):
+    import os
+
+    from triton_repo import detokenize
+
+    monkeypatch.setattr(detokenize, "_ledger_dir", lambda: tmp_path)
+    mine = detokenize.server_ledger_path(os.getpid())  # a live "server": this process
+    dead = tmp_path / f"enginesmith-streams-{os.getuid()}-{2**22 + 17}-123.sqlite"  # above any pid_max
+    recycled = mine.with_name(mine.name.replace(f"-{mine.stem.rsplit('-', 1)[1]}.", "-1."))  # same pid, other start
+    for path in (dead, Path(f"{dead}-wal"), recycled):
+        path.write_text("")
+    LedgerWriter(mine).close(remove=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name]
 
 
 def test_ledger_keeps_streams_of_the_same_request_id_apart(tok, ledger):

@@ -111,18 +111,38 @@ def stream_key(request_id: str, correlation_id: object) -> str:
 def server_ledger_path(server_pid: int | None = None) -> Path:
     """The ledger of tritonserver `server_pid`; by default the one that started this Python-backend stub (the
     stubs' parent process)."""
-    ppid = os.getppid() if server_pid is None else server_pid
-    try:  # the parent's start time keeps a later server with a recycled pid off a stale file
-        start = Path(f"/proc/{ppid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    pid = os.getppid() if server_pid is None else server_pid
+    return _ledger_dir() / f"{_PREFIX}{os.getuid()}-{pid}-{_start_time(pid)}.sqlite"
+
+
+_PREFIX = "enginesmith-streams-"
+
+
+def _ledger_dir() -> Path:
+    return Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+
+
+def _start_time(pid: int) -> str:
+    """A process's start time (clock ticks after boot): with the pid, it names one server's lifetime."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
-        start = "0"
-    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
-    return base / f"enginesmith-streams-{os.getuid()}-{ppid}-{start}.sqlite"
+        return "0"
+
+
+def _remove_stale_ledgers() -> None:
+    """Ledgers of servers that are gone without removing theirs (killed): their pid runs no longer, or again."""
+    for path in _ledger_dir().glob(f"{_PREFIX}{os.getuid()}-*.sqlite"):
+        pid, start = path.stem.removeprefix(f"{_PREFIX}{os.getuid()}-").partition("-")[::2]
+        if pid.isdigit() and (not Path(f"/proc/{pid}").exists() or _start_time(int(pid)) != start):
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("PRAGMA journal_size_limit=262144")  # in RAM: the write-ahead log shrinks after checkpoints
     return conn
 
 
@@ -143,6 +163,7 @@ class LedgerWriter:
 
     def __init__(self, path: str | Path, clock: Callable[[], int] = time.monotonic_ns):
         self.path, self.clock = Path(path), clock
+        _remove_stale_ledgers()
         if not self.path.exists():  # built aside, then renamed: a reader never opens a half-made file
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             conn = _connect(tmp)
