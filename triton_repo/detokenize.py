@@ -79,14 +79,14 @@ class IncrementalDetokenizer:
 
 
 # ---- the ensemble's stream ledger ---------------------------------------------------------------------
+WHOLE = "detokenize_whole"
+"""Request parameter of postprocessing (the BLS sets it): decode the tokens on their own, never as a chunk."""
 GRACE_S = 0.25
 """A chunk postprocessing has not taken this long after it was sent, although postprocessing took a later
 chunk or sat idle, belongs to an ensemble request that is gone. A chunk reaches an idle postprocessing in
 about a millisecond (11 ms at most measured on 2 CPU cores running 10 busy processes)."""
 UNCLAIMED_S = 5.0
 """A stream none of whose chunks postprocessing took within this long is no ensemble's: it is not recorded."""
-WHOLE = "detokenize_whole"
-"""Request parameter of postprocessing (the BLS sets it): decode the tokens on their own, never as a chunk."""
 KEEP_S = 60.0
 """Chunks nobody took (a finished or cancelled stream's) are dropped this long after the stream's end."""
 
@@ -108,14 +108,14 @@ def stream_key(request_id: str, correlation_id: object) -> str:
     return f"{request_id}\x00{correlation_id}"
 
 
+_PREFIX = "enginesmith-streams-"
+
+
 def server_ledger_path(server_pid: int | None = None) -> Path:
     """The ledger of tritonserver `server_pid`; by default the one that started this Python-backend stub (the
     stubs' parent process)."""
     pid = os.getppid() if server_pid is None else server_pid
     return _ledger_dir() / f"{_PREFIX}{os.getuid()}-{pid}-{_start_time(pid)}.sqlite"
-
-
-_PREFIX = "enginesmith-streams-"
 
 
 def _ledger_dir() -> Path:
