@@ -14,6 +14,7 @@ from builders.tiny_model import make_tokenizer
 from tests.sp_tokenizer import UNSEEN, make_sp_tokenizer
 from triton_repo.detokenize import (
     GRACE_S,
+    SEVERAL_GRACE_S,
     UNCLAIMED_S,
     IncrementalDetokenizer,
     LedgerReader,
@@ -215,6 +216,54 @@ def test_ledger_tells_a_stream_whose_ensemble_request_is_gone(ledger):
     clock.advance(UNCLAIMED_S)
     writer.sent("direct", "direct", [5], False)
     assert reader.conn.execute("SELECT COUNT(*) FROM chunk WHERE stream = 'direct'").fetchone() == (0,)
+
+
+def test_several_postprocessing_instances_get_longer_before_a_stream_counts_as_gone(tmp_path):
+    """Instances take chunks out of order for a while: a later chunk taken first proves less."""
+    clock = Clock()
+    writer = LedgerWriter(tmp_path / "l.sqlite", clock=clock)
+    reader = LedgerReader(tmp_path / "l.sqlite", ordered=True, clock=clock)
+    decode = lambda seqs: ["x" * len(s) for s in seqs]  # noqa: E731
+    with reader.executing():  # (another instance is busy with "a"'s chunk all along)
+        for s in ("a", "b"):
+            writer.sent(s, s, [1], False)
+            reader.take(s, [1], decode)
+        writer.sent("a", "a", [2], False)
+        clock.advance(0.001)
+        writer.sent("b", "b", [2], False)
+        reader.take("b", [2], decode)
+        clock.advance(GRACE_S * 2)
+        assert not writer.gone("a")
+        clock.advance(SEVERAL_GRACE_S)
+        assert writer.gone("a")
+    reader.close()
+    writer.close()
+
+
+def test_an_instance_given_a_streams_later_chunk_waits_for_its_earlier_one(tok, tmp_path):
+    import threading
+    import time
+
+    path = tmp_path / "l.sqlite"
+    writer = LedgerWriter(path)
+    first, second = (LedgerReader(path, ordered=True) for _ in range(2))
+    ids = tok.encode("Paris café", add_special_tokens=False)[:2]
+    for t in ids:
+        writer.sent("s", "k", [t], False)
+    got = {}
+
+    def slow_instance():
+        time.sleep(0.1)  # the earlier chunk's instance is late
+        got["first"] = (first.take("k", ids[:1], decoder(tok)), time.monotonic())
+
+    t = threading.Thread(target=slow_instance)
+    t.start()
+    got["second"] = (second.take("k", ids[1:], decoder(tok)), time.monotonic())
+    t.join()
+    assert got["first"][1] <= got["second"][1]  # it waited
+    assert got["first"][0] + got["second"][0] == tok.decode(ids)
+    for c in (first, second, writer):
+        c.close()
 
 
 def test_ledger_skips_a_gone_streams_chunk_with_the_same_id_and_tokens(ledger):

@@ -85,6 +85,8 @@ GRACE_S = 0.25
 """A chunk postprocessing has not taken this long after it was sent, although postprocessing took a later
 chunk or sat idle, belongs to an ensemble request that is gone. A chunk reaches an idle postprocessing in
 about a millisecond (11 ms at most measured on 2 CPU cores running 10 busy processes)."""
+SEVERAL_GRACE_S = 2.0
+"""GRACE_S when several postprocessing instances take chunks (a later one may be taken first meanwhile)."""
 UNCLAIMED_S = 5.0
 """A stream none of whose chunks postprocessing took within this long is no ensemble's: it is not recorded."""
 KEEP_S = 60.0
@@ -98,8 +100,8 @@ CREATE TABLE IF NOT EXISTS chunk(stream TEXT NOT NULL, seq INTEGER NOT NULL, key
     tokens TEXT NOT NULL, final INTEGER NOT NULL, sent_ns INTEGER NOT NULL, PRIMARY KEY(stream, seq));
 CREATE INDEX IF NOT EXISTS chunk_by_key ON chunk(key, tokens);
 CREATE TABLE IF NOT EXISTS reader(id INTEGER PRIMARY KEY CHECK (id = 0), frontier_ns INTEGER NOT NULL,
-    busy INTEGER NOT NULL, idle_ns INTEGER NOT NULL);
-INSERT OR IGNORE INTO reader VALUES (0, 0, 0, 0);
+    busy INTEGER NOT NULL, idle_ns INTEGER NOT NULL, ordered INTEGER NOT NULL);
+INSERT OR IGNORE INTO reader VALUES (0, 0, 0, 0, 0);
 """
 
 
@@ -218,13 +220,16 @@ class LedgerWriter:
                 return False
         with self.lock:
             (oldest,) = self.conn.execute("SELECT MIN(sent_ns) FROM chunk WHERE stream = ?", (stream,)).fetchone()
-            frontier, busy, idle = self.conn.execute("SELECT frontier_ns, busy, idle_ns FROM reader").fetchone()
+            frontier, busy, idle, ordered = self.conn.execute(
+                "SELECT frontier_ns, busy, idle_ns, ordered FROM reader").fetchone()
         grace = GRACE_S * 1e9
         if oldest is None or now - oldest < grace:
             return False
-        # The ensemble hands postprocessing its chunks in the order they were sent: a later chunk taken, or an
-        # idle postprocessing, means this one never reached it.
-        return frontier > oldest or (busy <= 0 and now - max(idle, oldest) >= grace)
+        # The ensemble hands postprocessing its chunks in the order they were sent: a later chunk taken (by the
+        # one instance; several may take them out of order for a while), or an idle postprocessing, means this
+        # one never reached it.
+        passed = frontier > oldest and now - oldest >= (SEVERAL_GRACE_S * 1e9 if ordered else grace)
+        return passed or (busy <= 0 and now - max(idle, oldest) >= grace)
 
     def _check_claimed(self, stream: str, w: _Written) -> None:
         with self.lock:
@@ -261,6 +266,8 @@ class LedgerReader:
         self.conn = _connect(Path(path))
         self.ordered, self.clock = ordered, clock
         """ordered: several postprocessing instances; a stream's later chunk waits for its earlier one."""
+        if ordered:
+            self.conn.execute("UPDATE reader SET ordered = 1")
 
     @contextmanager
     def executing(self) -> Iterator[None]:
