@@ -4,8 +4,8 @@ Upstream's contract: TOKENS_BATCH [batch, beam, len] and SEQUENCE_LENGTH [batch,
 [batch * beam] out (one string per row and beam, flattened as upstream's model returns it), over a local
 Hugging Face tokenizer. A chunk that the reference tensorrt_llm model streamed to an ensemble request is
 found in the server's stream ledger (triton_repo/detokenize.py) and detokenized incrementally with its
-stream's state, so no SentencePiece space is lost and no UTF-8 character is split, whatever ids clients
-send and however many postprocessing instances run. Everything else (a whole, non-streamed sequence, the
+stream's state (kept in the ledger, so every instance sees it), so no SentencePiece space is lost and no
+UTF-8 character is split, whatever ids clients send. Everything else (a whole, non-streamed sequence, the
 BLS's calls, any chunk of the C++ backend, which keeps no ledger) is decoded on its own, as upstream does.
 """
 
