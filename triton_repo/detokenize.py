@@ -11,12 +11,13 @@ is any batch decoder, so the BLS can use the postprocessing model through BLS ca
 In the ensemble, every streamed tensorrt_llm response reaches postprocessing as a request of its own that
 carries only the client's request id (which clients may share: upstream's send "" or a constant) and the
 new tokens; Triton 2.51 passes nothing else between the steps. So the reference tensorrt_llm model writes
-each streamed chunk into a `StreamLedger` (SQLite in /dev/shm, one per server process) under a stream id of
-its own; postprocessing finds the chunk it was given there (same request id, same tokens, oldest first: the
-order the ensemble delivers them), keeps the stream's detokenizer state in it, and flushes and drops it at
-the stream's final chunk. Triton does not cancel an ensemble's in-flight tensorrt_llm request when the
-client goes away (it only cancels later steps, which never reach postprocessing); the ledger lets
-tensorrt_llm see that postprocessing stopped taking a stream's chunks (`LedgerWriter.gone`) and stop it.
+each streamed chunk into the stream ledger (`LedgerWriter`: SQLite in /dev/shm, one per server process) under
+a stream id of its own; postprocessing (`LedgerReader`) finds the chunk it was given there (same request id,
+same tokens, the oldest not sent before a chunk already taken: the ensemble delivers them in sending order),
+keeps the stream's detokenizer state in it, and flushes and drops it at the stream's final chunk. Triton
+does not cancel an ensemble's in-flight tensorrt_llm request when the client goes away (it only cancels
+later steps, which never reach postprocessing); the ledger lets tensorrt_llm see that postprocessing stopped
+taking a stream's chunks (`LedgerWriter.gone`) and stop it.
 """
 
 from __future__ import annotations
