@@ -114,8 +114,7 @@ class GrpcStreamClient:
                 raise ClientError(f"request {res.request_id} to {self.model!r}: {error}")
             res.server_request_id = result.get_response().id or res.server_request_id
             outputs = result_outputs(result)
-            if outputs:
-                chunk = chunk_from_outputs(outputs, res, t_ns, self.info.contract)
+            if outputs and (chunk := chunk_from_outputs(outputs, res, t_ns, self.info.contract)) is not None:
                 res.chunks.append(chunk)
                 if on_chunk is not None:
                     on_chunk(chunk, res)

@@ -34,5 +34,6 @@ def grpc_generate(url: str, model: str, params: GenerateParams, tokenizer: Any =
             raise ClientError(f"request {rid} to {model!r}: {e.message()}") from e
         res.done_ns = time.monotonic_ns()
         res.server_request_id = result.get_response().id
-        res.chunks.append(chunk_from_outputs(result_outputs(result), res, res.done_ns, info.contract))
+        if (chunk := chunk_from_outputs(result_outputs(result), res, res.done_ns, info.contract)) is not None:
+            res.chunks.append(chunk)
         return res

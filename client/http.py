@@ -97,7 +97,8 @@ class HttpClient:
         res.done_ns = time.monotonic_ns()
         if r.status_code != 200:
             raise ClientError(f"request {res.request_id} to {self.model!r}: HTTP {r.status_code} {_error_of(r.text)}")
-        res.chunks.append(self._chunk(r.json(), res, res.done_ns))
+        if (chunk := self._chunk(r.json(), res, res.done_ns)) is not None:
+            res.chunks.append(chunk)
         return res
 
     def generate_stream(self, params: GenerateParams,
@@ -115,6 +116,8 @@ class HttpClient:
                                       f"{_error_of(r.read().decode())}")
                 for event in sse_events(r.iter_lines()):
                     chunk = self._chunk(event, res, time.monotonic_ns())
+                    if chunk is None:
+                        continue
                     res.chunks.append(chunk)
                     if on_chunk is not None:
                         on_chunk(chunk, res)
@@ -124,7 +127,7 @@ class HttpClient:
         res.done_ns = time.monotonic_ns()
         return res
 
-    def _chunk(self, event: dict[str, Any], res: GenerateResult, t_ns: int) -> Chunk:
+    def _chunk(self, event: dict[str, Any], res: GenerateResult, t_ns: int) -> Chunk | None:
         if "error" in event:
             raise ClientError(f"request {res.request_id} to {self.model!r}: {event['error']}")
         res.server_request_id = str(event.get("id", res.server_request_id))

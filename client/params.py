@@ -39,6 +39,7 @@ _SAMPLING: dict[str, tuple[str | None, str | None, str | None, Any]] = {
     "return_num_output_tokens": ("return_num_output_tokens", "return_num_output_tokens", None, np.bool_),
 }
 _COLUMN = {"text": 0, "tokens": 1, "llmapi": 2}
+INT32_MAX = 2**31 - 1
 TIME_OUTPUTS = ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")
 
 
@@ -85,14 +86,21 @@ class GenerateParams:
     request_id: str = ""
 
     def validate(self) -> None:
-        if self.max_tokens <= 0:
-            raise ClientError(f"max_tokens={self.max_tokens}: must be >= 1")
+        """Refuse what the model's tensors cannot carry (Triton's HTTP endpoint would wrap an INT32 silently)."""
+        if not 1 <= self.max_tokens <= INT32_MAX:
+            raise ClientError(f"max_tokens={self.max_tokens}: must be within [1, {INT32_MAX}]")
         if not self.text and not self.input_ids:
             raise ClientError("empty prompt: give text (or input_ids for the tensorrt_llm model)")
-        for name in ("top_k", "min_tokens", "beam_width", "num_return_sequences", "seed"):
+        for name in ("top_k", "min_tokens", "beam_width", "num_return_sequences"):
             v = getattr(self, name)
-            if v is not None and v < 0:
-                raise ClientError(f"{name}={v}: must be >= 0")
+            if v is not None and not 0 <= v <= INT32_MAX:
+                raise ClientError(f"{name}={v}: must be within [0, {INT32_MAX}]")
+        for name in ("end_id", "pad_id"):
+            v = getattr(self, name)
+            if v is not None and not -INT32_MAX - 1 <= v <= INT32_MAX:
+                raise ClientError(f"{name}={v}: must fit INT32 [{-INT32_MAX - 1}, {INT32_MAX}]")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ClientError(f"seed={self.seed}: must be within [0, 2^64 - 1]")
         if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
             raise ClientError(f"top_p={self.top_p}: must be within [0, 1]")
         if self.temperature is not None and self.temperature < 0:

@@ -90,8 +90,9 @@ def _decode_text(value: Any) -> str:
     return "".join(x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x) for x in arr)
 
 
-def chunk_from_outputs(outputs: dict[str, Any], result: GenerateResult, t_ns: int, contract: str) -> Chunk:
-    """Fold one response's outputs (name -> array or JSON value) into `result`; returns the new chunk."""
+def chunk_from_outputs(outputs: dict[str, Any], result: GenerateResult, t_ns: int, contract: str) -> Chunk | None:
+    """Fold one response's outputs (name -> array or JSON value) into `result`; returns the new chunk (None for
+    a tensorrt_llm response without tokens: the final one of a stream that ended at end_id or was cancelled)."""
     for name in TIME_OUTPUTS:
         if name in outputs:
             result.server_times_ns[name] = int(np.asarray(outputs[name]).reshape(-1)[0])
@@ -104,7 +105,7 @@ def chunk_from_outputs(outputs: dict[str, Any], result: GenerateResult, t_ns: in
         ids = np.atleast_1d(np.asarray(outputs["output_ids"], dtype=np.int64))  # HTTP JSON: one id is a scalar
         ids = ids.reshape(-1, ids.shape[-1])[0] if ids.ndim > 1 else ids  # beam 0
         ids = [int(x) for x in ids if x >= 0]
-        return Chunk(t_ns, "", ids)
+        return Chunk(t_ns, "", ids) if ids else None
     if "text_output" not in outputs:
         raise ClientError(f"response of {result.model!r} has no text_output (outputs: {sorted(outputs)})")
     return Chunk(t_ns, _decode_text(outputs["text_output"]))

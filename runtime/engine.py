@@ -28,6 +28,7 @@ from runtime.sampler import NO_TOKEN, NOTHING_TO_SAMPLE, SamplingError, Sequence
 from runtime.scheduler import Schedule, Scheduler
 
 log = logging.getLogger(__name__)
+INT32_MAX = 2**31 - 1
 
 
 class Engine:
@@ -109,8 +110,9 @@ class Engine:
         bad = next((t for t in r.prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise RequestError(f"input_ids has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
-        if r.max_new_tokens < 1:
-            raise RequestError(f"request_output_len={r.max_new_tokens} must be >= 1")
+        if not 1 <= r.max_new_tokens <= INT32_MAX:
+            raise RequestError(f"request_output_len={r.max_new_tokens} is outside [1, {INT32_MAX}]: "
+                               "ask for at least 1 token")
         if n > c.max_input_len:
             raise RequestError(f"input_ids has {n} tokens, more than max_input_len={c.max_input_len}: "
                                "shorten the prompt or rebuild with a larger max_input_len")
@@ -151,8 +153,10 @@ class Engine:
     def _loop(self) -> None:
         period_s = self.config.cancellation_check_period_ms / 1000
         while True:
-            if not self._has_input() and self.metrics is not None and hasattr(self.metrics, "flush"):
-                _call(self.metrics.flush)  # going idle: publish the final state now
+            if not self._has_input() and self.metrics is not None:
+                idle = getattr(self.metrics, "on_idle", None) or getattr(self.metrics, "flush", None)
+                if idle is not None:
+                    _call(idle)  # going idle: nothing is scheduled any more; publish the final state now
             with self._wake:
                 while not self._has_input():
                     self._wake.wait()
@@ -241,6 +245,7 @@ class Engine:
         """Record a sampled token, stream it, finish the request if it is done; returns 1 if finished."""
         now = time.monotonic_ns()
         req.context_done = True
+        req.kv_blocks = max(req.kv_blocks, len(self.cache.block_table(req.seq_id)))
         if self.metrics is not None:
             _call(self.metrics.on_token if req.first_token_ns else self.metrics.on_first_token,
                   (now - (req.last_token_ns or req.arrival_ns)) / 1e9)
@@ -280,6 +285,7 @@ class Engine:
         if req.finished:
             return
         req.status, req.finish_reason, req.error = Status.FINISHED, reason, error
+        req.kv_blocks = max(req.kv_blocks, len(self.cache.block_table(req.seq_id)))
         self.scheduler.release(req)
         if self.metrics is not None:
             _call(self.metrics.on_request_done, len(req.prompt), len(req.output))

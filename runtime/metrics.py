@@ -33,6 +33,10 @@ _GAUGES = {
     "nv_trt_llm_general_metrics": ("General TRT-LLM metrics", "general_type", ["timestamp", "iteration_counter"]),
     "nv_trt_llm_output_tokens_per_second": ("Output tokens per second over the last metrics period", None, [""]),
 }
+_PER_ITERATION = [("nv_trt_llm_request_metrics", c) for c in ("active", "scheduled", "context", "waiting")] + [
+    ("nv_trt_llm_inflight_batcher_metrics", c) for c in ("total_context_tokens", "generation_requests",
+                                                         "paused_requests")]
+"""Gauges of what one iteration ran or left waiting: all 0 once the engine is idle."""
 _HISTOGRAMS = {
     "nv_llm_input_token_len": ("TRT-LLM input token length per request", "total_input_tokens", TOKEN_LEN_BUCKETS),
     "nv_llm_output_token_len": ("TRT-LLM output token length per request", "total_output_tokens",
@@ -125,6 +129,12 @@ class TritonMetrics:
             self.flush()  # idle -> busy: publish at once, not a period later (short requests would never show)
         else:
             self._maybe_flush()
+
+    def on_idle(self) -> None:
+        """The engine has nothing left to run: what the last iteration scheduled is over. Publishes now."""
+        with self._lock:
+            self._state.update({(family, category): 0 for family, category in _PER_ITERATION})
+        self.flush()
 
     def on_first_token(self, ttft_s: float) -> None:
         """A request's first output token, `ttft_s` after its arrival."""

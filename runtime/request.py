@@ -71,6 +71,8 @@ class Request:
     first_scheduled_ns: int = field(default=0, init=False)
     first_token_ns: int = field(default=0, init=False)
     last_token_ns: int = field(default=0, init=False)
+    kv_blocks: int = field(default=0, init=False)
+    """KV-cache blocks allocated for the request (the most it held; kept after they are released)."""
     sampler: object = field(default=None, init=False, repr=False)
     """The engine's SequenceSampler for this request."""
 

@@ -43,7 +43,8 @@ class SamplingParams:
     min_tokens: int = 0
     """end_id cannot be generated before this many output tokens."""
     end_id: int | None = None
-    """Generating this token ends the request (it is not part of the output)."""
+    """Generating this token ends the request (it is not part of the output). An id outside the vocabulary is
+    never generated, so the request never ends at an end token (TensorRT-LLM accepts one, load tools send it)."""
     stop_words: tuple[tuple[int, ...], ...] = ()
     """Token sequences that end the request once generated (they stay in the output)."""
     bad_words: tuple[tuple[int, ...], ...] = ()
@@ -66,8 +67,7 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0"),
             (self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0"),
             (self.seed >= 0, "seed", self.seed, "must be >= 0"),
-            (self.end_id is None or self.end_id < vocab_size, "end_id", self.end_id,
-             f"must be < vocab_size={vocab_size}"),
+            (self.end_id is None or self.end_id >= 0, "end_id", self.end_id, "must be >= 0"),
         ]
         for ok, name, value, rule in checks:
             if not ok:
@@ -118,7 +118,7 @@ class SequenceSampler:
             if p.repetition_penalty != 1.0:
                 x = torch.where(seen, torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty), x)
             x = x - p.presence_penalty * seen - p.frequency_penalty * counts
-        if p.end_id is not None and self.num_generated < p.min_tokens:
+        if p.end_id is not None and p.end_id < self.vocab_size and self.num_generated < p.min_tokens:
             x[p.end_id] = float("-inf")
         for word in p.bad_words:
             head = word[:-1]
@@ -149,7 +149,8 @@ def sample(logits: torch.Tensor, rows: list[SequenceSampler]) -> tuple[list[int]
     A row whose every token is banned (bad words, min_tokens) gets NO_TOKEN.
     """
     plain = all(r.params.is_greedy and not r.params.has_penalties and not r.params.bad_words
-                and not (r.params.end_id is not None and r.num_generated < r.params.min_tokens) for r in rows)
+                and not (r.params.end_id is not None and r.params.end_id < r.vocab_size
+                         and r.num_generated < r.params.min_tokens) for r in rows)
     if plain:  # one batched argmax
         temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
         logp = torch.log_softmax(logits.float() / temps[:, None], dim=-1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.request import RequestError
+from runtime.request import Request, RequestError
 from runtime.sampler import SamplingParams
 
 # Inputs that would change the result if ignored, and which the reference runtime does not implement.
@@ -34,6 +34,7 @@ class RowSpec:
     return_log_probs: bool
     return_num_tokens: tuple[bool, bool]
     """(return_num_input_tokens, return_num_output_tokens)."""
+    return_perf_metrics: bool = False
 
 
 class _Inputs:
@@ -135,24 +136,45 @@ def _row(inputs: _Inputs, ids: np.ndarray, b: int, decoupled: bool, exclude_defa
         streaming=streaming, exclude_input_in_output=bool(s("exclude_input_in_output", b, exclude_default)),
         return_log_probs=bool(s("return_log_probs", b, False)),
         return_num_tokens=(bool(s("return_num_input_tokens", b, False)),
-                           bool(s("return_num_output_tokens", b, False))))
+                           bool(s("return_num_output_tokens", b, False))),
+        return_perf_metrics=bool(s("return_perf_metrics", b, False)))
 
 
-def response_arrays(spec: RowSpec, tokens: list[int], log_probs: list[float], cum_log_prob: float,
-                    times: dict[str, int], num_input: int, num_output: int) -> dict[str, np.ndarray]:
-    """Output tensors of one response (batch 1, beam 1): `tokens` are what this response carries."""
+PERF_OUTPUTS: dict[str, type] = {
+    "kv_cache_alloc_new_blocks": np.int32, "kv_cache_reused_blocks": np.int32, "kv_cache_alloc_total_blocks": np.int32,
+    "arrival_time_ns": np.int64, "first_scheduled_time_ns": np.int64, "first_token_time_ns": np.int64,
+    "last_token_time_ns": np.int64,
+    "acceptance_rate": np.float32, "total_accepted_draft_tokens": np.int32, "total_draft_tokens": np.int32,
+}
+"""What `return_perf_metrics` returns, as upstream's backend does (each [1, 1])."""
+
+
+def perf_metrics(req: Request) -> dict[str, int | float]:
+    """A request's perf outputs: its KV blocks (the reference runtime reuses none), its steady-clock times,
+    and zeros for speculative decoding, which the reference runtime does not do."""
+    return {"kv_cache_alloc_new_blocks": req.kv_blocks, "kv_cache_reused_blocks": 0,
+            "kv_cache_alloc_total_blocks": req.kv_blocks,
+            "arrival_time_ns": req.arrival_ns, "first_scheduled_time_ns": req.first_scheduled_ns,
+            "first_token_time_ns": req.first_token_ns, "last_token_time_ns": req.last_token_ns,
+            "acceptance_rate": 0.0, "total_accepted_draft_tokens": 0, "total_draft_tokens": 0}
+
+
+def response_arrays(spec: RowSpec, req: Request, tokens: list[int], log_probs: list[float]) -> dict[str, np.ndarray]:
+    """Output tensors of one response (batch 1, beam 1) of row `spec`: `tokens` are what this response carries.
+    Shapes are upstream's: output_ids [1, 1, n], output_log_probs [1, 1, n], every other output [1, 1]."""
     out = {
         "output_ids": np.asarray(tokens, dtype=np.int32).reshape(1, 1, -1),
         "sequence_length": np.array([[len(tokens)]], dtype=np.int32),
         "batch_index": np.array([[spec.batch_index]], dtype=np.int32),
         "sequence_index": np.zeros((1, 1), dtype=np.int32),
-        **{name: np.array([[value]], dtype=np.int64) for name, value in times.items()},
     }
     if spec.return_log_probs:
-        out["cum_log_probs"] = np.array([[cum_log_prob]], dtype=np.float32)
+        out["cum_log_probs"] = np.array([[sum(req.log_probs)]], dtype=np.float32)
         out["output_log_probs"] = np.asarray(log_probs, dtype=np.float32).reshape(1, 1, -1)
+    if spec.return_perf_metrics:
+        out.update({name: np.array([[value]], dtype=PERF_OUTPUTS[name]) for name, value in perf_metrics(req).items()})
     if spec.return_num_tokens[0]:
-        out["num_input_tokens"] = np.array([[num_input]], dtype=np.int32)
+        out["num_input_tokens"] = np.array([[len(req.prompt)]], dtype=np.int32)
     if spec.return_num_tokens[1]:
-        out["num_output_tokens"] = np.array([[num_output]], dtype=np.int32)
+        out["num_output_tokens"] = np.array([[len(req.output)]], dtype=np.int32)
     return out

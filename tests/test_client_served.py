@@ -34,11 +34,11 @@ def test_every_protocol_returns_the_same_greedy_text(served, tok):
         sse, whole = h.generate_stream(p), h.generate(p)
     assert streamed.num_output_tokens == sse.num_output_tokens == n == len(streamed.chunks)
     assert streamed.text == sse.text == whole.text
-    # the postprocessing model never emits a split UTF-8 character: its text is a prefix of decoding every id
-    assert streamed.text and tok.decode(ids, skip_special_tokens=True).startswith(streamed.text)
+    # no split UTF-8 character, no lost space, and the final chunk flushes what was held back: every character
+    assert streamed.text and streamed.text == tok.decode(ids, skip_special_tokens=True)
     with GrpcStreamClient(served.grpc_url, "tensorrt_llm_bls") as c:
         bls = c.generate(p)
-    assert bls.text.startswith(streamed.text) and bls.num_output_tokens == n
+    assert bls.text == streamed.text and bls.num_output_tokens == n
     assert streamed.ttft_s > 0 and len(streamed.itls_s) == n - 1 and streamed.e2e_s >= streamed.ttft_s
 
 
@@ -127,3 +127,143 @@ def test_ctrl_c_cancels_the_request_on_the_server(served, protocol):
         last = generated
     assert s.get("active") == 0 and s.get("kv_used") == 0
     assert 3 <= generated < 400
+
+
+def _wait_until_idle(served, tokens_before: float) -> float:
+    """Tokens the runtime generated since `tokens_before`, once it is idle and the counter stopped moving."""
+    deadline, last, s, generated = time.monotonic() + 60, None, {}, 0.0
+    while time.monotonic() < deadline:
+        time.sleep(0.4)
+        text = httpx.get(served.metrics_url).text
+        s = metrics_sample(text, "tensorrt_llm")
+        generated = metric_total(text, "nv_trt_llm_output_tokens_total", "tensorrt_llm") - tokens_before
+        if s.get("active") == 0 and s.get("kv_used") == 0 and generated == last:
+            break
+        last = generated
+    assert s.get("active") == 0 and s.get("kv_used") == 0, s
+    return generated
+
+
+@pytest.mark.parametrize("protocol", ["grpc-stream", "http-generate-stream"])
+def test_cancelling_a_streamed_ensemble_request_stops_its_generation(served, protocol):
+    """Triton 2.51 does not cancel an ensemble's in-flight tensorrt_llm request when the client cancels
+    (gRPC cancel, HTTP disconnect, Ctrl-C): the runtime learns it from the stream ledger and stops."""
+    tokens_before = metric_total(httpx.get(served.metrics_url).text, "nv_trt_llm_output_tokens_total", "tensorrt_llm")
+    seen = {}
+
+    def interrupt(chunk, res):
+        if len(res.chunks) == 3:
+            seen["at"] = time.monotonic()
+            raise KeyboardInterrupt
+
+    n = 400  # with the prompt's 34 tokens, within max_seq_len 512
+    p = GenerateParams(text=PROMPT, max_tokens=n, min_tokens=n, request_id="cancel-me")
+    with pytest.raises(KeyboardInterrupt):
+        if protocol == "grpc-stream":
+            with GrpcStreamClient(served.grpc_url, "ensemble") as c:
+                c.generate(p, on_chunk=interrupt)
+        else:
+            with HttpClient(served.http_url, "ensemble") as h:
+                h.generate_stream(p, on_chunk=interrupt)
+    generated = _wait_until_idle(served, tokens_before)
+    assert 3 <= generated < n - 100, generated  # stopped a fraction of a second after the client left
+
+
+def _stream_texts(served, prompts: list[str], request_id: str, n: int) -> list[str]:
+    """Stream every prompt to the ensemble at once, all with the same request id."""
+    import threading
+
+    texts: list[str | BaseException] = [""] * len(prompts)
+
+    def run(i: int) -> None:
+        try:
+            with GrpcStreamClient(served.grpc_url, "ensemble") as c:
+                texts[i] = c.generate(GenerateParams(text=prompts[i], max_tokens=n, min_tokens=n,
+                                                     request_id=request_id)).text
+        except BaseException as e:  # noqa: BLE001 - reported below
+            texts[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not [t for t in texts if isinstance(t, BaseException)], texts
+    return texts
+
+
+@pytest.mark.parametrize("request_id", ["", "1"])
+def test_concurrent_streams_with_one_request_id_keep_their_own_text(served, tok, request_id):
+    """Upstream's clients send "" or a constant id: each stream's text is still the decoding of its own
+    tokens, every character included (the final chunk flushes what was held back)."""
+    n = 24
+    prompts = [PROMPT, "Paris is the capital of France.", "One two three four five six"]
+    want = []
+    with GrpcStreamClient(served.grpc_url, "tensorrt_llm", tok) as c:
+        for text in prompts:
+            ids = c.generate(GenerateParams(text=text, max_tokens=n, min_tokens=n)).token_ids
+            want.append(tok.decode(ids, skip_special_tokens=True))
+    assert _stream_texts(served, prompts, request_id, n) == want
+
+
+def test_an_end_id_outside_the_vocabulary_means_no_end(served, tok):
+    n = 12
+    p = GenerateParams(text=PROMPT, max_tokens=n, end_id=len(tok) + 1000, return_num_output_tokens=True)
+    with HttpClient(served.http_url, "ensemble") as h:
+        assert h.generate(p).num_output_tokens == n
+    with GrpcStreamClient(served.grpc_url, "tensorrt_llm", tok) as c:
+        assert len(c.generate(p).token_ids) == n
+
+
+@pytest.mark.parametrize("max_tokens", [2**40, 2**31])
+def test_max_tokens_beyond_int32_is_refused_by_name(served, max_tokens):
+    """Triton's HTTP generate endpoint stores a JSON number into the INT32 input modulo 2^32 (2^40 arrives as 0,
+    2^31 as -2^31): what arrives out of range is refused with the tensor's name and the valid range."""
+    body = {"text_input": PROMPT, "max_tokens": max_tokens}
+    for model in ("ensemble", "tensorrt_llm_bls"):
+        r = httpx.post(f"{served.http_url}/v2/models/{model}/generate", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]
+        assert "max_tokens" in message and "outside [1, 2147483647]" in message and "\n" not in message, message
+    with pytest.raises(ClientError, match=r"max_tokens=1099511627776: must be within \[1, 2147483647\]"):
+        GenerateParams(text=PROMPT, max_tokens=2**40).validate()
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_outputs_have_upstreams_shapes(served, model, stream):
+    """text_output is [batch * beam] (upstream's postprocessing and BLS return 1-D), the outputs passed through
+    from tensorrt_llm keep its shapes: [1, 1] scalars, output_log_probs [1, 1, n]."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from client.grpc_stream import infer_inputs, is_final, result_outputs
+
+    tensors = {"text_input": np.array([[PROMPT.encode()]], dtype=object), "max_tokens": np.array([[5]], np.int32),
+               "min_tokens": np.array([[5]], np.int32), "stream": np.array([[stream]]),
+               "return_log_probs": np.array([[True]]), "return_perf_metrics": np.array([[True]])}
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    events: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    try:
+        client.async_stream_infer(model, infer_inputs(tensors), request_id="shapes", enable_empty_final_response=True)
+        responses = []
+        while True:
+            result, error = events.get(timeout=60)
+            assert error is None, error
+            if outputs := result_outputs(result):
+                responses.append(outputs)
+            if is_final(result):
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    assert len(responses) in ((5, 6) if stream else (1,))  # (the BLS may send a held-back character after)
+    for out in responses:
+        assert out["text_output"].shape == (1,) and out["text_output"].dtype == object, out["text_output"]
+        for name in ("batch_index", "sequence_index", "cum_log_probs", "kv_cache_alloc_total_blocks",
+                     "arrival_time_ns", "last_token_time_ns", "acceptance_rate", "total_draft_tokens"):
+            assert out[name].shape == (1, 1), (name, out[name].shape)
+        assert out["output_log_probs"].shape[:2] == (1, 1)

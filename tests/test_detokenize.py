@@ -1,6 +1,9 @@
-"""Incremental detokenization and the text <-> tensor helpers of the pre/postprocessing models."""
+"""Incremental detokenization, the ensemble's stream ledger, and the text <-> tensor helpers of the
+pre/postprocessing models."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +12,15 @@ from hypothesis import strategies as st
 
 from builders.tiny_model import make_tokenizer
 from tests.sp_tokenizer import UNSEEN, make_sp_tokenizer
-from triton_repo.detokenize import IncrementalDetokenizer, StreamDetokenizers
+from triton_repo.detokenize import (
+    GRACE_S,
+    SEVERAL_GRACE_S,
+    UNCLAIMED_S,
+    IncrementalDetokenizer,
+    LedgerReader,
+    LedgerWriter,
+    stream_key,
+)
 from triton_repo.text_tensors import (
     RequestInputError,
     embedding_bias,
@@ -97,27 +108,181 @@ def test_incomplete_character_is_held_then_flushed(tok):
     assert shown + tail == tok.decode(ids[:k])
 
 
-def test_stream_detokenizers_keep_streams_apart(tok):
-    streams = StreamDetokenizers(decoder(tok))
-    a, b = (tok.encode(t, add_special_tokens=False) for t in TEXTS[:2])
+def test_bytes_that_can_never_complete_a_character_are_not_held_back(bytelevel):
+    """Lone UTF-8 continuation bytes decode to U+FFFD whatever follows: at most 3 tokens wait for more."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    garbage = bytelevel.convert_tokens_to_ids(bytes_to_unicode()[0x80])
+    det = IncrementalDetokenizer(decoder(bytelevel))
+    shown = [det.push([garbage]) for _ in range(6)]
+    assert "".join(shown) == "\ufffd" * 3 and shown[:3] == ["", "", ""]  # the last 3 may still be held
+    assert "".join(shown) + det.flush() == decoder(bytelevel)([[garbage] * 6])[0]
+
+
+class Clock:
+    def __init__(self):
+        self.ns = 1_000_000_000
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def advance(self, s: float) -> None:
+        self.ns += int(s * 1e9)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    clock = Clock()
+    writer = LedgerWriter(tmp_path / "streams.sqlite", clock=clock)
+    reader = LedgerReader(tmp_path / "streams.sqlite", clock=clock)
+    yield writer, reader, clock
+    reader.close()
+    writer.close()
+
+
+def test_a_new_ledger_removes_those_of_servers_that_are_gone(tmp_path, monkeypatch):
+    import os
+
+    from triton_repo import detokenize
+
+    monkeypatch.setattr(detokenize, "_ledger_dir", lambda: tmp_path)
+    mine = detokenize.server_ledger_path(os.getpid())  # a live "server": this process
+    dead = tmp_path / f"enginesmith-streams-{os.getuid()}-{2**22 + 17}-123.sqlite"  # above any pid_max
+    recycled = mine.with_name(mine.name.replace(f"-{mine.stem.rsplit('-', 1)[1]}.", "-1."))  # same pid, other start
+    for path in (dead, Path(f"{dead}-wal"), recycled):
+        path.write_text("")
+    LedgerWriter(mine).close(remove=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name]
+
+
+def test_ledger_keeps_streams_of_the_same_request_id_apart(tok, ledger):
+    """Two streams of one client request id (upstream's clients send "" or a constant), chunks interleaved:
+    each stream's text is its own, as if decoded whole."""
+    writer, reader, clock = ledger
+    key = stream_key("", 0)
+    ids = {s: tok.encode(t, add_special_tokens=False) for s, t in zip("ab", TEXTS[:2], strict=True)}
     out = {"a": "", "b": ""}
-    for i in range(max(len(a), len(b))):
-        out["a"] += streams.text("a", a[i:i + 1]) if i < len(a) else ""
-        out["b"] += streams.text("b", b[i:i + 1]) if i < len(b) else ""
-    assert out == {"a": tok.decode(a), "b": tok.decode(b)}
-    assert streams.text("", a) == tok.decode(a) and len(streams) == 2  # no key: decoded whole, no state
+    for i in range(max(map(len, ids.values())) + 1):
+        for s, seq in ids.items():
+            if i > len(seq):
+                continue
+            chunk, final = seq[i:i + 1], i == len(seq)  # the last chunk is empty: a final without a token
+            writer.sent(s, key, chunk, final)
+            clock.advance(0.001)
+            out[s] += reader.take(key, chunk, decoder(tok))
+    assert out == {s: tok.decode(seq) for s, seq in ids.items()}
+    assert reader.take(key, ids["a"][:1], decoder(tok)) is None  # finished streams leave nothing behind
+    assert reader.conn.execute("SELECT COUNT(*) FROM stream").fetchone() == (0,)
 
 
-def test_stream_detokenizers_expire(tok):
-    streams = StreamDetokenizers(decoder(tok), ttl_s=0.0)
-    ids = tok.encode("€", add_special_tokens=False)
-    assert streams.text("x", ids[:1]) == ""
-    streams.text("y", ids)  # "x" has been idle longer than ttl_s: dropped
-    assert len(streams) == 1
-    capped = StreamDetokenizers(decoder(tok), max_streams=2)
-    for key in "pqr":
-        capped.text(key, ids)
-    assert len(capped) == 2
+def test_ledger_final_chunk_flushes_the_held_back_tail(tok, ledger):
+    writer, reader, _ = ledger
+    ids = tok.encode("x€", add_special_tokens=False)
+    k = max(i for i in range(1, len(ids)) if tok.decode(ids[:i]).endswith("\ufffd"))  # € cut before its end
+    writer.sent("s", "id-1", ids[:k], False)
+    assert reader.take("id-1", ids[:k], decoder(tok)) == "x"
+    writer.sent("s", "id-1", [], True)
+    assert reader.take("id-1", [], decoder(tok)) == tok.decode(ids[:k])[1:]  # the incomplete € as U+FFFD
+    writer.sent("t", "id-1", ids, True)  # the same id again, one whole chunk: decoded on its own
+    assert reader.take("id-1", ids, decoder(tok)) == "x€"
+    assert reader.take("other", ids, decoder(tok)) is None
+
+
+def test_ledger_tells_a_stream_whose_ensemble_request_is_gone(ledger):
+    writer, reader, clock = ledger
+    decode = lambda seqs: ["".join(chr(97 + t % 26) for t in s) for s in seqs]  # noqa: E731
+    for s in ("alive", "gone", "direct"):
+        writer.sent(s, s, [1], False)
+    with reader.executing():
+        reader.take("alive", [1], decode)
+        reader.take("gone", [1], decode)
+    writer.sent("gone", "gone", [2], False)  # never reaches postprocessing: its client left
+    clock.advance(GRACE_S / 2)
+    writer.sent("alive", "alive", [3], False)
+    with reader.executing():
+        reader.take("alive", [3], decode)
+    assert not any(writer.gone(s) for s in ("alive", "gone", "direct"))  # within the grace period
+    clock.advance(GRACE_S * 0.6)
+    assert writer.gone("gone")  # postprocessing took a later chunk but not this one
+    assert not writer.gone("alive") and not writer.gone("direct")  # nothing of "direct" was ever taken
+    writer.sent("alive", "alive", [4], False)
+    with reader.executing():
+        clock.advance(GRACE_S * 4)
+        assert not writer.gone("alive")  # postprocessing is busy: it may still come
+    clock.advance(GRACE_S / 2)
+    assert not writer.gone("alive")
+    clock.advance(GRACE_S * 0.6)
+    assert writer.gone("alive")  # postprocessing sat idle for the grace period: it never came
+    clock.advance(UNCLAIMED_S)
+    writer.sent("direct", "direct", [5], False)
+    assert reader.conn.execute("SELECT COUNT(*) FROM chunk WHERE stream = 'direct'").fetchone() == (0,)
+
+
+def test_several_postprocessing_instances_get_longer_before_a_stream_counts_as_gone(tmp_path):
+    """Instances take chunks out of order for a while: a later chunk taken first proves less."""
+    clock = Clock()
+    writer = LedgerWriter(tmp_path / "l.sqlite", clock=clock)
+    reader = LedgerReader(tmp_path / "l.sqlite", ordered=True, clock=clock)
+    decode = lambda seqs: ["x" * len(s) for s in seqs]  # noqa: E731
+    with reader.executing():  # (another instance is busy with "a"'s chunk all along)
+        for s in ("a", "b"):
+            writer.sent(s, s, [1], False)
+            reader.take(s, [1], decode)
+        writer.sent("a", "a", [2], False)
+        clock.advance(0.001)
+        writer.sent("b", "b", [2], False)
+        reader.take("b", [2], decode)
+        clock.advance(GRACE_S * 2)
+        assert not writer.gone("a")
+        clock.advance(SEVERAL_GRACE_S)
+        assert writer.gone("a")
+    reader.close()
+    writer.close()
+
+
+def test_an_instance_given_a_streams_later_chunk_waits_for_its_earlier_one(tok, tmp_path):
+    import threading
+    import time
+
+    path = tmp_path / "l.sqlite"
+    writer = LedgerWriter(path)
+    first, second = (LedgerReader(path, ordered=True) for _ in range(2))
+    ids = tok.encode("Paris café", add_special_tokens=False)[:2]
+    for t in ids:
+        writer.sent("s", "k", [t], False)
+    got = {}
+
+    def slow_instance():
+        time.sleep(0.1)  # the earlier chunk's instance is late
+        got["first"] = (first.take("k", ids[:1], decoder(tok)), time.monotonic())
+
+    t = threading.Thread(target=slow_instance)
+    t.start()
+    got["second"] = (second.take("k", ids[1:], decoder(tok)), time.monotonic())
+    t.join()
+    assert got["first"][1] <= got["second"][1]  # it waited
+    assert got["first"][0] + got["second"][0] == tok.decode(ids)
+    for c in (first, second, writer):
+        c.close()
+
+
+def test_ledger_skips_a_gone_streams_chunk_with_the_same_id_and_tokens(ledger):
+    writer, reader, clock = ledger
+    decode = lambda seqs: [",".join(map(str, s)) + ";" for s in seqs]  # noqa: E731
+    def send(stream, tokens):
+        clock.advance(0.001)
+        writer.sent(stream, "", tokens, False)
+
+    for s in ("old", "new"):
+        send(s, [1])
+        reader.take("", [1], decode)
+    send("old", [7])  # its client left: never taken
+    send("new", [8])
+    reader.take("", [8], decode)
+    send("new", [7])
+    reader.take("", [7], decode)  # sent after a chunk already taken: "new"'s, not the older one of "old"
+    taken = dict(reader.conn.execute("SELECT id, taken FROM stream").fetchall())
+    assert taken == {"old": 0, "new": 2}
 
 
 def test_word_lists_are_packed_like_upstream(tok):
@@ -151,5 +316,5 @@ def test_token_rows_and_text_array():
     tokens = np.array([[[5, 6, 7], [8, 9, -1]]], dtype=np.int32)
     assert token_rows(tokens, np.array([[3, 2]])) == [[[5, 6, 7], [8, 9]]]
     assert token_rows(tokens[:, 0], np.array([[1]])) == [[[5]]]
-    arr = text_array([["é", "b"]])
-    assert arr.shape == (1, 2) and arr[0, 0] == "é".encode()
+    arr = text_array(["é", "b"])  # [batch * beam], as upstream's postprocessing returns OUTPUT
+    assert arr.shape == (2,) and arr[0] == "é".encode() and arr.dtype == np.object_

@@ -148,6 +148,8 @@ def test_end_id_and_stop_words_end_a_request(tmp_path, ckpt):
     assert ended.output == ref[:i] and ended.finish_reason is FinishReason.END_ID
     stopped = run_alone(engine, Request([10, 20, 30], 10, SamplingParams(stop_words=(tuple(ref[i - 1: i + 1]),))))
     assert stopped.output == ref[: i + 1] and stopped.finish_reason is FinishReason.STOP_WORDS
+    never = run_alone(engine, Request([10, 20, 30], 10, SamplingParams(end_id=engine.vocab_size + 100)))
+    assert never.output == ref and never.finish_reason is FinishReason.LENGTH  # out of vocabulary: no end
 
 
 @pytest.mark.parametrize("how", ["stop_request", "is_cancelled"])
@@ -209,7 +211,7 @@ def test_a_request_with_nothing_left_to_sample_fails_alone(tmp_path, ckpt):
 
 @pytest.mark.parametrize("req,message", [
     (Request([], 4), "input_ids is empty"),
-    (Request([1, 2], 0), "request_output_len=0 must be >= 1"),
+    (Request([1, 2], 0), r"request_output_len=0 is outside \[1, 2147483647\]"),
     (Request([1] * 65, 4), "65 tokens, more than max_input_len=64"),
     (Request([1] * 60, 69), "exceed max_seq_len=128: ask for at most 68"),
     (Request([1, 999], 4), "token id 999, outside the vocabulary"),

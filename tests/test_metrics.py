@@ -106,6 +106,21 @@ def test_updates_are_batched_per_period_and_flushed_with_the_latest_values(hook)
     assert active.sets == [3.0, 2.0, 0.0, 1.0]  # busy again right after an idle flush: published at once
 
 
+def test_going_idle_zeroes_what_the_last_iteration_scheduled(hook):
+    """The last iteration ran one request; once the engine is idle nothing is scheduled any more."""
+    m, now = hook
+    m.on_iteration(1, 0, 1, kv_used_blocks=0, kv_free_blocks=16, active=0, queued=0, num_context_tokens=0)
+    m.on_idle()
+    for family, label, values in [
+            ("nv_trt_llm_request_metrics", "request_type", ("scheduled", "context", "active", "waiting")),
+            ("nv_trt_llm_inflight_batcher_metrics", "inflight_batcher_specific_metric",
+             ("generation_requests", "paused_requests", "total_context_tokens"))]:
+        for v in values:
+            assert metric(family, **{label: v}).sets[-1] == 0.0, v
+    assert metric("nv_trt_llm_request_metrics", request_type="max").sets[-1] == 8.0
+    assert metric("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="free").sets[-1] == 16.0
+
+
 def test_request_done_feeds_token_histograms_and_counters(hook):
     m, now = hook
     m.on_request_done(num_input_tokens=12, num_output_tokens=7)
@@ -179,3 +194,4 @@ def test_metrics_of_the_served_model_during_and_after_a_bench_run():
     assert delta == expected, (delta, expected)
     idle = metrics_sample(httpx.get(served.metrics_url).text, "tensorrt_llm")
     assert idle["active"] == 0 and idle["kv_used"] == 0 and idle["kv_free"] == idle["kv_max"]
+    assert idle["scheduled"] == 0 and idle["context"] == 0 and idle["waiting"] == 0, idle

@@ -87,6 +87,14 @@ def test_min_tokens_bans_end_id_until_enough_tokens_were_generated():
     assert sample(logits[None], [r])[0] == [2]
 
 
+def test_an_end_id_outside_the_vocabulary_is_accepted_and_never_banned():
+    """TensorRT-LLM takes an end_id >= vocab_size (load tools send one to mean "never stop at EOS")."""
+    p = SamplingParams(end_id=V + 7, min_tokens=3)
+    p.validate(V)
+    logits = torch.arange(V, dtype=torch.float32)
+    assert sample(logits[None], [_row(p, tokens=[1], prompt_len=1)])[0] == [V - 1]
+
+
 def test_bad_words_ban_the_token_that_would_complete_them():
     logits = torch.arange(V, dtype=torch.float32)  # 9 is the argmax, then 8, ...
     p = SamplingParams(bad_words=((9,), (5, 8)))
@@ -110,7 +118,7 @@ def test_stop_words_match_the_end_of_the_sequence():
 @pytest.mark.parametrize("params,field", [
     (SamplingParams(temperature=-1), "temperature=-1"), (SamplingParams(top_k=-2), "runtime_top_k=-2"),
     (SamplingParams(top_p=1.5), "runtime_top_p=1.5"), (SamplingParams(repetition_penalty=0), "repetition_penalty=0"),
-    (SamplingParams(min_tokens=-1), "min_tokens=-1"), (SamplingParams(end_id=V), f"end_id={V}"),
+    (SamplingParams(min_tokens=-1), "min_tokens=-1"), (SamplingParams(end_id=-2), "end_id=-2"),
     (SamplingParams(stop_words=((1, V + 3),)), "stop_words_list"), (SamplingParams(bad_words=((),)), "bad_words_list"),
 ])
 def test_validation_names_the_field(params, field):

@@ -81,7 +81,8 @@ class Stream:
         self.client.async_stream_infer(model, infer_inputs(inputs), request_id=rid, enable_empty_final_response=True)
 
     def collect(self, n: int, timeout: float = 120) -> dict[str, dict]:
-        """Wait for `n` requests to end: id -> {"tokens": [...], "error": str | None, "responses": k}."""
+        """Wait for `n` requests to end: id -> {"tokens": [...], "error": str | None, "responses": k (with tokens),
+        "empty": k (responses whose output_ids hold no token)}."""
         from client.grpc_stream import is_final
 
         out: dict[str, dict] = {}
@@ -94,11 +95,13 @@ class Stream:
                 done += 1
                 continue
             rid = result.get_response().id
-            entry = out.setdefault(rid, {"tokens": [], "error": None, "responses": 0})
+            entry = out.setdefault(rid, {"tokens": [], "error": None, "responses": 0, "empty": 0})
             names = {o.name for o in result.get_response().outputs}
             if "output_ids" in names:
-                entry["tokens"] += result.as_numpy("output_ids").reshape(-1).tolist()
-                entry["responses"] += 1
+                ids = result.as_numpy("output_ids")
+                assert ids.shape[:2] == (1, 1) and result.as_numpy("sequence_length").shape == (1, 1)
+                entry["tokens"] += ids.reshape(-1).tolist()
+                entry["responses" if ids.size else "empty"] += 1
             done += is_final(result)
         return out
 
@@ -136,6 +139,8 @@ def test_grpc_greedy_matches_transformers(server, expected, streaming):
     for i, (ids, want, _) in enumerate(expected):
         assert got[f"p{i}"]["error"] is None and got[f"p{i}"]["tokens"] == want, ids
         assert got[f"p{i}"]["responses"] == (len(want) if streaming else 1)
+        # a stream that ends at end_id ends with a response of no token (sequence_length 0), as upstream's does
+        assert got[f"p{i}"]["empty"] == (streaming and len(want) < 12)
 
 
 def test_http_generate_and_generate_stream_match_transformers(server, expected):
@@ -234,7 +239,8 @@ def test_cancelled_stream_frees_its_kv_blocks(server, how):
 
 BAD = [
     ("empty prompt", "tensorrt_llm", dict(prompt=[], max_tokens=4), "input_ids is empty"),
-    ("max_tokens 0", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=0), "request_output_len=0 must be >= 1"),
+    ("max_tokens 0", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=0),
+     "request_output_len=0 is outside [1, 2147483647]"),
     ("beyond max_seq_len", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=500), "exceed max_seq_len=128"),
     ("prompt too long", "tensorrt_llm", dict(prompt=[5] * 65, max_tokens=4), "more than max_input_len=64"),
     ("wrong dtype", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=4, dtype=np.int64),
@@ -287,28 +293,51 @@ def test_batch_of_two_rows_streams_each_row_with_its_batch_index(server):
     assert [per_row[0], per_row[1]] == alone
 
 
-def test_log_probs_and_timings_are_returned(server):
-    import tritonclient.grpc as grpcclient
+PERF = {"kv_cache_alloc_new_blocks": np.int32, "kv_cache_reused_blocks": np.int32,
+        "kv_cache_alloc_total_blocks": np.int32, "arrival_time_ns": np.int64, "first_scheduled_time_ns": np.int64,
+        "first_token_time_ns": np.int64, "last_token_time_ns": np.int64, "acceptance_rate": np.float32,
+        "total_accepted_draft_tokens": np.int32, "total_draft_tokens": np.int32}
 
-    from client.grpc_stream import infer_inputs
 
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    results: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
+@pytest.mark.parametrize("streaming", [False, True])
+def test_log_probs_and_perf_metrics_are_returned_as_upstream(server, streaming):
+    """return_perf_metrics gives every output upstream's clients read, each [1, 1]: real KV blocks and
+    timings, zeros for speculative decoding (which the reference runtime does not do)."""
+    s = Stream(server.grpc_url)
     try:
-        client.async_stream_infer(MODEL, infer_inputs(tensors([7, 8, 9], 5, return_log_probs=np.bool_(True))),
-                                  request_id="lp")
-        result, error = results.get(timeout=60)
+        s.send("lp", tensors([7, 8, 9], 20, return_log_probs=np.bool_(True), return_perf_metrics=np.bool_(True),
+                             streaming=np.bool_(streaming)))
+        s.send("plain", tensors([7, 8, 9], 2, streaming=np.bool_(streaming)))
+        results = {}
+        while len(results) < 2 or not all(any(map(is_final_of, r)) for r in results.values()):
+            result, error = s.events.get(timeout=60)
+            assert error is None
+            results.setdefault(result.get_response().id, []).append(result)
     finally:
-        client.stop_stream()
-        client.close()
-    assert error is None
-    logp = result.as_numpy("output_log_probs").reshape(-1)
-    assert logp.shape == (5,) and np.all(logp <= 0)
-    assert result.as_numpy("cum_log_probs").reshape(-1)[0] == pytest.approx(logp.sum(), rel=1e-5)
-    t = [int(result.as_numpy(n).reshape(-1)[0]) for n in ("arrival_time_ns", "first_scheduled_time_ns",
-                                                           "first_token_time_ns", "last_token_time_ns")]
+        s.close()
+    last = [r for r in results["lp"] if r.get_response().outputs][-1]
+    logp = np.concatenate([r.as_numpy("output_log_probs").reshape(-1) for r in results["lp"]
+                           if r.get_response().outputs])
+    assert logp.shape == (20,) and np.all(logp <= 0)
+    assert last.as_numpy("cum_log_probs").shape == (1, 1)
+    assert last.as_numpy("cum_log_probs")[0, 0] == pytest.approx(logp.sum(), rel=1e-5)
+    perf = {name: last.as_numpy(name) for name in PERF}
+    assert all(a.shape == (1, 1) and a.dtype == PERF[n] for n, a in perf.items()), perf
+    t = [int(perf[n][0, 0]) for n in ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns",
+                                      "last_token_time_ns")]
     assert 0 < t[0] <= t[1] <= t[2] <= t[3]
+    blocks = -(-(3 + 20) // 8)  # prompt + output in blocks of tokens_per_block (8)
+    assert perf["kv_cache_alloc_total_blocks"][0, 0] == perf["kv_cache_alloc_new_blocks"][0, 0] == blocks
+    assert perf["kv_cache_reused_blocks"][0, 0] == 0 and perf["acceptance_rate"][0, 0] == 0.0
+    assert perf["total_draft_tokens"][0, 0] == perf["total_accepted_draft_tokens"][0, 0] == 0
+    plain = {o.name for r in results["plain"] for o in r.get_response().outputs}
+    assert "output_ids" in plain and not plain & set(PERF)  # only when asked for, as upstream
+
+
+def is_final_of(result) -> bool:
+    from client.grpc_stream import is_final
+
+    return is_final(result)
 
 
 def _gauges(text: str) -> dict[str, float]:

@@ -68,7 +68,9 @@ def postprocess(client, mod, tokens: list[int], request_id: str = "") -> str:
     inputs = [array_input(mod, "TOKENS_BATCH", ids, "INT32"),
               array_input(mod, "SEQUENCE_LENGTH", np.array([[len(tokens)]], dtype=np.int32), "INT32")]
     result = client.infer("postprocessing", inputs, request_id=request_id)
-    return result.as_numpy("OUTPUT")[0, 0].decode()
+    out = result.as_numpy("OUTPUT")
+    assert out.shape == (1,)  # [batch * beam], as upstream's postprocessing returns it
+    return out[0].decode()
 
 
 def test_preprocessing_round_trip_over_http(text_server, sp_tok):
@@ -101,26 +103,34 @@ def test_postprocessing_round_trip_over_grpc(text_server, sp_tok):
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_streaming_detokenization_keeps_spaces_and_characters(text_server, sp_tok, protocol):
-    """One token per request, as the ensemble sends streamed responses: joined text == the text."""
+def test_streamed_chunks_are_detokenized_per_stream_from_the_ledger(text_server, sp_tok, protocol):
+    """One token per request, as the ensemble sends streamed responses. Chunks the ledger records (as the
+    reference tensorrt_llm model does) join to the exact text, for two interleaved streams of one request id;
+    chunks it does not know are decoded alone, as upstream does."""
     import tritonclient.grpc as grpc
     import tritonclient.http as http
+
+    from triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
 
     mod = http if protocol == "http" else grpc
     url = text_server.http_url.removeprefix("http://") if protocol == "http" else text_server.grpc_url
     client = mod.InferenceServerClient(url)
     ids = sp_tok[1].encode(UNSEEN, add_special_tokens=False)
-    naive = "".join(postprocess(client, mod, [t]) for t in ids)  # no request id: each chunk alone
-    assert naive != UNSEEN and "\ufffd" in naive  # upstream's bug, reproduced without an id
+    naive = "".join(postprocess(client, mod, [t], "no-stream") for t in ids)  # unknown chunks: each alone
+    assert naive != UNSEEN and "\ufffd" in naive  # upstream's bug
     other = sp_tok[1].encode("Hello world! Paris is café", add_special_tokens=False)
-    a, b = f"{protocol}-a", f"{protocol}-b"
-    got = {a: "", b: ""}
-    for i in range(max(len(ids), len(other))):  # two interleaved streams keep their own state
-        if i < len(ids):
-            got[a] += postprocess(client, mod, [ids[i]], a)
-        if i < len(other):
-            got[b] += postprocess(client, mod, [other[i]], b)
-    assert got == {a: UNSEEN, b: "Hello world! Paris is café"}
+    ledger = LedgerWriter(server_ledger_path(text_server.proc.pid))
+    try:
+        got = {"a": "", "b": ""}
+        for i in range(max(len(ids), len(other)) + 1):
+            for s, seq in (("a", ids), ("b", other)):
+                if i <= len(seq):  # the final chunk holds no token
+                    chunk = seq[i:i + 1]
+                    ledger.sent(f"{protocol}-{s}", stream_key("same-id", 0), chunk, i == len(seq))
+                    got[s] += postprocess(client, mod, chunk, "same-id")
+    finally:
+        ledger.close()
+    assert got == {"a": UNSEEN, "b": "Hello world! Paris is café"}
 
 
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(text_server, sp_tok):

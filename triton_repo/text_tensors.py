@@ -91,12 +91,19 @@ def ids_per_row(value: np.ndarray | None, default: int, batch: int) -> np.ndarra
     return value.reshape(batch, -1)[:, :1].astype(np.int32)
 
 
+INT32_MAX = 2**31 - 1
+
+
 def output_lengths(value: np.ndarray) -> np.ndarray:
-    """REQUEST_OUTPUT_LEN as [batch, 1] int32, each >= 1."""
+    """REQUEST_OUTPUT_LEN as [batch, 1] int32, each in [1, INT32_MAX].
+
+    Triton's HTTP generate endpoint stores a JSON number into this INT32 input modulo 2^32 before any model
+    sees it (2^40 arrives as 0): what arrives out of range is refused, naming the range."""
     lens = value.reshape(value.shape[0], -1)[:, :1].astype(np.int64)
     for b, n in enumerate(lens[:, 0]):
-        if n < 1:
-            raise RequestInputError(f"REQUEST_OUTPUT_LEN (max_tokens) row {b} is {n}: ask for at least 1 token")
+        if not 1 <= n <= INT32_MAX:
+            raise RequestInputError(f"REQUEST_OUTPUT_LEN (max_tokens) row {b} is {n}, outside [1, {INT32_MAX}]: "
+                                    "ask for at least 1 token (a JSON number past INT32 arrives wrapped mod 2^32)")
     return lens.astype(np.int32)
 
 
@@ -109,6 +116,8 @@ def token_rows(tokens: np.ndarray, lengths: np.ndarray) -> list[list[list[int]]]
             for b in range(tokens.shape[0])]
 
 
-def text_array(rows: list[list[str]]) -> np.ndarray:
-    """Text per (row, beam) -> BYTES tensor [batch, beam]."""
-    return np.array([[s.encode("utf-8") for s in row] for row in rows], dtype=np.object_)
+def text_array(texts: list[str]) -> np.ndarray:
+    """Text per (row, beam), row-major -> BYTES tensor [batch * beam], the shape upstream's models return."""
+    out = np.empty(len(texts), dtype=np.object_)
+    out[:] = [s.encode("utf-8") for s in texts]
+    return out

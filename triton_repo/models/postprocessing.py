@@ -1,18 +1,24 @@
 """Triton Python model `postprocessing` (copied to postprocessing/1/model.py): token ids -> text.
 
-Upstream's contract (TOKENS_BATCH [batch, beam, len], SEQUENCE_LENGTH [batch, beam] -> OUTPUT [batch, beam])
-over a local Hugging Face tokenizer. A request that carries a request id is detokenized incrementally
-per (request id, row, beam): in the ensemble every streamed tensorrt_llm response reaches us as its own
-request with the client's id, and decoding each one alone would drop SentencePiece spaces and split
-multi-byte UTF-8 characters (upstream's streaming bug). Requests without an id (e.g. the BLS's own
-calls) are decoded as a whole. Requests are handled in arrival order, so a stream's chunks stay ordered.
+Upstream's contract: TOKENS_BATCH [batch, beam, len] and SEQUENCE_LENGTH [batch, beam] in, OUTPUT
+[batch * beam] out (one string per row and beam, flattened as upstream's model returns it), over a local
+Hugging Face tokenizer. A chunk that the reference tensorrt_llm model streamed to an ensemble request is
+found in the server's stream ledger (triton_repo/detokenize.py) and detokenized incrementally with its
+stream's state (kept in the ledger, so every instance sees it), so no SentencePiece space is lost and no
+UTF-8 character is split, whatever ids clients send. Everything else (a whole, non-streamed sequence, the
+BLS's calls, any chunk of the C++ backend, which keeps no ledger) is decoded on its own, as upstream does.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sqlite3
+from contextlib import nullcontext
+
 import triton_python_backend_utils as pb_utils
 
-from triton_repo.detokenize import StreamDetokenizers
+from triton_repo.detokenize import WHOLE, LedgerReader, server_ledger_path, stream_key
 from triton_repo.models.model_args import (
     ModelArgsError,
     check_stub_numpy,
@@ -23,9 +29,9 @@ from triton_repo.models.model_args import (
 )
 from triton_repo.text_tensors import text_array, token_rows
 
-
 class TritonPythonModel:
     def initialize(self, args):
+        config = json.loads(args["model_config"])
         try:
             check_stub_numpy()
             params = read_parameters(args)
@@ -37,20 +43,61 @@ class TritonPythonModel:
         def decode(seqs: list[list[int]]) -> list[str]:
             return tokenizer.batch_decode(seqs, skip_special_tokens=skip)
 
-        self.streams = StreamDetokenizers(decode)
+        self.decode = decode
+        self.ledger_path = server_ledger_path()
+        self.ledger: LedgerReader | None = None
+        self.ledger_inode: int | None = None
+        self.ordered = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) > 1
+
+    def _ledger(self) -> LedgerReader | None:
+        """The reference tensorrt_llm model's ledger, once it exists (the C++ backend keeps none); a new one
+        when tensorrt_llm was loaded again (a new file)."""
+        try:
+            inode = os.stat(self.ledger_path).st_ino
+        except OSError:
+            inode = None
+        if self.ledger is not None and inode == self.ledger_inode:
+            return self.ledger
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        if inode is not None:
+            try:
+                self.ledger, self.ledger_inode = LedgerReader(self.ledger_path, ordered=self.ordered), inode
+            except sqlite3.Error as e:
+                pb_utils.Logger.log_warn(f"postprocessing: cannot open the stream ledger {self.ledger_path}: {e}")
+        return self.ledger
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
-                lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
-                rows = token_rows(tokens, lengths)
-                rid = request.request_id()
-                text = [[self.streams.text(f"{rid}\x00{b}\x00{k}" if rid else "", beam)
-                         for k, beam in enumerate(row)] for b, row in enumerate(rows)]
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", text_array(text))]))
-            except (ValueError, IndexError) as e:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    f"postprocessing: cannot detokenize: {e}", pb_utils.TritonError.INVALID_ARG)))
-        return responses
+        ledger = self._ledger()
+        with ledger.executing() if ledger is not None else nullcontext():
+            return [self._respond(request, ledger) for request in requests]
+
+    def _respond(self, request, ledger: LedgerReader | None):
+        try:
+            tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
+            lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
+            rows = token_rows(tokens, lengths)
+            text = None
+            if ledger is not None and len(rows) == 1 and len(rows[0]) == 1 and not _whole(request):
+                key = stream_key(request.request_id(), request.correlation_id())
+                try:
+                    text = ledger.take(key, rows[0][0], self.decode)
+                except sqlite3.Error as e:  # the text of this chunk alone, rather than no answer
+                    pb_utils.Logger.log_warn(f"postprocessing: stream ledger unavailable: {e}")
+            texts = [text] if text is not None else self.decode([beam for row in rows for beam in row])
+            return pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", text_array(texts))])
+        except (ValueError, IndexError) as e:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"postprocessing: cannot detokenize: {e}", pb_utils.TritonError.INVALID_ARG))
+
+    def finalize(self):
+        if self.ledger is not None:
+            self.ledger.close()
+
+
+def _whole(request) -> bool:
+    try:
+        return bool(json.loads(request.parameters() or "{}").get(WHOLE))
+    except (ValueError, AttributeError):
+        return False

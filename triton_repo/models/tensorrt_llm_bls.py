@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triton_repo.detokenize import IncrementalDetokenizer
+from triton_repo.detokenize import WHOLE, IncrementalDetokenizer
 from triton_repo.model_config import PREPROCESSING_IN, PREPROCESSING_OUT, TENSORRT_LLM_IN
 from triton_repo.models.model_args import ModelArgsError, check_stub_numpy, param_bool, param_str, read_parameters
 from triton_repo.tensor_specs import PASSTHROUGH_OUTPUTS
@@ -120,6 +120,8 @@ class TritonPythonModel:
     def _texts(self, request, responses, stream: bool, llm_id: str):
         detoks: dict[tuple[int, int], IncrementalDetokenizer] = {}
         sent: dict[tuple[int, int], str] = {}
+        last: dict[tuple[int, int], object] = {}
+        """(row, beam) -> its last tensorrt_llm response, whose other outputs go with the held-back tail."""
         stopped = False
         for resp in responses:
             if resp.has_error():
@@ -133,19 +135,17 @@ class TritonPythonModel:
             rows = token_rows(ids.as_numpy(), pb_utils.get_output_tensor_by_name(resp, "sequence_length").as_numpy())
             index = pb_utils.get_output_tensor_by_name(resp, "batch_index")
             first = int(index.as_numpy().reshape(-1)[0]) if index is not None and len(rows) == 1 else 0
-            if stream:
-                text = [[self._delta(detoks, sent, (first + b, k), beam) for k, beam in enumerate(row)]
-                        for b, row in enumerate(rows)]
-            else:
-                flat = self._decode([beam for row in rows for beam in row])
-                width = len(rows[0]) if rows else 0
-                text = [flat[b * width:(b + 1) * width] for b in range(len(rows))]
-            yield self._response(text, resp)
-        tails = {key: det.flush() for key, det in detoks.items()}
-        if any(tails.values()) and not stopped:
-            keys = sorted(tails)
-            text = [[sent[k] + tails[k] if self.accumulate else tails[k]] for k in keys]
-            yield pb_utils.InferenceResponse([pb_utils.Tensor("text_output", text_array(text))])
+            beams = [(first + b, k, beam) for b, row in enumerate(rows) for k, beam in enumerate(row)]
+            if not stream:
+                yield self._response(self._decode([beam for _, _, beam in beams]), resp)
+                continue
+            texts = [self._delta(detoks, sent, (b, k), beam) for b, k, beam in beams]
+            last.update({(b, k): resp for b, k, _ in beams})
+            if any(beam for _, _, beam in beams) or any(texts):
+                yield self._response(texts, resp)  # (a final response without tokens: its tail follows)
+        for key in [] if stopped else sorted(detoks):
+            if tail := detoks[key].flush():
+                yield self._response([sent[key] + tail if self.accumulate else tail], last[key])
 
     def _delta(self, detoks, sent, key, tokens) -> str:
         det = detoks.setdefault(key, IncrementalDetokenizer(self._decode))
@@ -153,8 +153,9 @@ class TritonPythonModel:
         sent[key] = sent.get(key, "") + delta
         return sent[key] if self.accumulate else delta
 
-    def _response(self, text, llm_response):
-        tensors = [pb_utils.Tensor("text_output", text_array(text))]
+    def _response(self, texts: list[str], llm_response):
+        """text_output [batch * beam] as upstream's BLS returns it, with tensorrt_llm's other outputs."""
+        tensors = [pb_utils.Tensor("text_output", text_array(texts))]
         for spec in PASSTHROUGH_OUTPUTS:
             tensor = pb_utils.get_output_tensor_by_name(llm_response, spec.name)
             if tensor is not None and spec.name in self.output_names:
@@ -162,9 +163,11 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     # ---- BLS calls ------------------------------------------------------------------------------------
-    def _call(self, model: str, inputs: dict, outputs: list[str], decoupled: bool = False, request_id: str = ""):
+    def _call(self, model: str, inputs: dict, outputs: list[str], decoupled: bool = False, request_id: str = "",
+              parameters: dict | None = None):
         req = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, request_id=request_id,
-                                        inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
+                                        inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
+                                        parameters=parameters or {})
         if decoupled:
             return req.exec(decoupled=True)
         resp = req.exec()
@@ -173,7 +176,7 @@ class TritonPythonModel:
         return resp
 
     def _decode(self, seqs: list[list[int]]) -> list[str]:
-        """Stateless detokenization through the postprocessing model (no request id: decoded as a whole)."""
+        """Stateless detokenization through the postprocessing model (each sequence decoded as a whole)."""
         out: list[str] = []
         for i in range(0, len(seqs), self.max_batch):
             chunk = seqs[i:i + self.max_batch]
@@ -185,9 +188,10 @@ class TritonPythonModel:
             for b, s in enumerate(chunk):
                 tokens[b, 0, :len(s)] = s
             lengths = np.array([[len(s)] for s in chunk], dtype=np.int32)
-            resp = self._call("postprocessing", {"TOKENS_BATCH": tokens, "SEQUENCE_LENGTH": lengths}, ["OUTPUT"])
+            resp = self._call("postprocessing", {"TOKENS_BATCH": tokens, "SEQUENCE_LENGTH": lengths}, ["OUTPUT"],
+                              parameters={WHOLE: True})
             text = pb_utils.get_output_tensor_by_name(resp, "OUTPUT").as_numpy()
-            out += [row.reshape(-1)[0].decode("utf-8") for row in text]
+            out += [t.decode("utf-8") for t in text.reshape(-1)]
         return out
 
     def _stop(self, llm_id: str) -> None:

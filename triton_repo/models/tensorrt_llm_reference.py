@@ -3,17 +3,20 @@
 It keeps upstream's tensor contract (runtime/tensor_contract.py) and `parameters` keys, and runs the
 reference engine (runtime/engine.py) in a background thread. Decoupled: every request gets a response
 sender; when streaming, each new token is sent as soon as it is sampled; the last response carries
-TRITONSERVER_RESPONSE_COMPLETE_FINAL (a flag-only final when there is nothing left to send).
-Cancellation: Triton's request cancellation (polled every cancellation_check_period_ms) and a second
-request with the same request id and `stop=true`. A bad request gets an error response; the model
-keeps serving. The stub must import this project's packages: triton_repo/discovery.py gives it an
-environment with the virtualenv's site-packages and the repository root.
+TRITONSERVER_RESPONSE_COMPLETE_FINAL (and no token when the row ended without one, as upstream's does).
+Cancellation: Triton's request cancellation (polled every cancellation_check_period_ms), a second
+request with the same request id and `stop=true`, and, for a streamed ensemble request whose client left
+(which Triton does not cancel here), the stream ledger showing that postprocessing stopped taking its
+chunks (triton_repo/detokenize.py). A bad request gets an error response; the model keeps serving.
+The stub must import this project's packages: triton_repo/discovery.py gives it an environment with the
+virtualenv's site-packages and the repository root.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 import time
 
@@ -23,6 +26,7 @@ from runtime.engine import Engine
 from runtime.engine_config import EngineConfigError
 from runtime.request import Request, RequestError, TokenUpdate
 from runtime.tensor_contract import RowSpec, parse_rows, response_arrays
+from triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
 from triton_repo.models.model_args import check_stub_numpy
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -49,10 +53,17 @@ def read_parameter(config: dict, name: str, kind=str):
 
 
 class _Responder:
-    """Sends the responses of one Triton request (one or more batch rows) through its sender."""
+    """Sends the responses of one Triton request (one or more batch rows) through its sender.
 
-    def __init__(self, sender, num_rows: int, output_names: set[str]):
+    A streamed row sends each new token as it comes, and ends with a response of its last tokens, or of none
+    (sequence_length 0, as upstream's backend does) when it ended without one (end_id, cancellation).
+    Streamed chunks are recorded in the ledger first, under the row's own stream id, for the ensemble's
+    postprocessing (triton_repo/detokenize.py)."""
+
+    def __init__(self, sender, num_rows: int, output_names: set[str], ledger: LedgerWriter | None = None,
+                 key: str = ""):
         self.sender, self.remaining, self.output_names = sender, num_rows, output_names
+        self.ledger, self.key = ledger, key
         self.lock = threading.Lock()
 
     def on_update(self, spec: RowSpec, update: TokenUpdate) -> None:
@@ -61,23 +72,48 @@ class _Responder:
             flags = FINAL if update.finished and self.remaining == 0 else 0
         req = update.request
         if update.error is not None:
+            self._record(spec, req, None)
             self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 f"request {req.request_id or '<no id>'} row {spec.batch_index} failed: {update.error}")), flags=flags)
-        elif spec.streaming and update.new_tokens:
-            self._send(spec, req, update.new_tokens, req.log_probs[-len(update.new_tokens):], flags)
+        elif spec.streaming and (update.new_tokens or update.finished):
+            self._record(spec, req, update)
+            self._send(spec, req, update.new_tokens, req.log_probs[len(req.log_probs) - len(update.new_tokens):],
+                       flags)
         elif not spec.streaming and update.finished:
             tokens = req.output if spec.exclude_input_in_output else req.tokens
             self._send(spec, req, tokens, req.log_probs, flags)
         elif flags:
             self.sender.send(flags=flags)
 
+    def stream_gone(self, spec: RowSpec, req: Request) -> bool:
+        """The ensemble request this streamed row answers is gone (postprocessing stopped taking its chunks)."""
+        if self.ledger is None or not spec.streaming:
+            return False
+        try:
+            return self.ledger.gone(stream_id(req))
+        except sqlite3.Error as e:
+            pb_utils.Logger.log_warn(f"tensorrt_llm (reference): stream ledger unavailable: {e}")
+            return False
+
+    def _record(self, spec: RowSpec, req: Request, update: TokenUpdate | None) -> None:
+        if self.ledger is None or not spec.streaming:
+            return
+        try:
+            if update is None:
+                self.ledger.ended(stream_id(req))
+            else:
+                self.ledger.sent(stream_id(req), self.key, update.new_tokens, update.finished)
+        except sqlite3.Error as e:  # the ensemble's text falls back to decoding this chunk alone
+            pb_utils.Logger.log_warn(f"tensorrt_llm (reference): stream ledger unavailable: {e}")
+
     def _send(self, spec: RowSpec, req: Request, tokens: list[int], log_probs: list[float], flags: int) -> None:
-        times = {"arrival_time_ns": req.arrival_ns, "first_scheduled_time_ns": req.first_scheduled_ns,
-                 "first_token_time_ns": req.first_token_ns, "last_token_time_ns": req.last_token_ns}
-        arrays = response_arrays(spec, tokens, log_probs, float(sum(req.log_probs)), times,
-                                 len(req.prompt), len(req.output))
+        arrays = response_arrays(spec, req, tokens, log_probs)
         tensors = [pb_utils.Tensor(name, arr) for name, arr in arrays.items() if name in self.output_names]
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+
+
+def stream_id(req: Request) -> str:
+    return f"{os.getpid()}-{req.seq_id}"
 
 
 class TritonPythonModel:
@@ -91,7 +127,19 @@ class TritonPythonModel:
         except (ValueError, EngineConfigError) as e:
             raise pb_utils.TritonModelException(f"tensorrt_llm (reference): {e}") from None
         self.engine.metrics = self._metrics(args, config)
+        self.ledger = self._ledger()
         self.engine.start()
+
+    @staticmethod
+    def _ledger() -> LedgerWriter | None:
+        """The stream ledger the ensemble's postprocessing reads (None, with a warning, if it cannot be made:
+        the ensemble then decodes each streamed chunk alone and cannot stop a request whose client left)."""
+        path = server_ledger_path()
+        try:
+            return LedgerWriter(path)
+        except (sqlite3.Error, OSError) as e:
+            pb_utils.Logger.log_warn(f"tensorrt_llm (reference): no stream ledger at {path}: {e}")
+            return None
 
     def _configure(self, config: dict) -> None:
         p = lambda name, kind=str: read_parameter(config, name, kind)  # noqa: E731
@@ -164,10 +212,14 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
             return
         specs = parse_rows(tensors, decoupled=self.decoupled, exclude_input_default=self.exclude_input)
-        responder = _Responder(sender, len(specs), self.output_names)
-        reqs = [Request(s.prompt, s.max_new_tokens, s.sampling, request_id=rid, arrival_ns=arrival_ns,
-                        on_update=lambda u, s=s: responder.on_update(s, u), is_cancelled=sender.is_cancelled)
-                for s in specs]
+        responder = _Responder(sender, len(specs), self.output_names, self.ledger,
+                               stream_key(rid, request.correlation_id()))
+        reqs = []
+        for s in specs:
+            r = Request(s.prompt, s.max_new_tokens, s.sampling, request_id=rid, arrival_ns=arrival_ns,
+                        on_update=lambda u, s=s: responder.on_update(s, u))
+            r.is_cancelled = lambda s=s, r=r: sender.is_cancelled() or responder.stream_gone(s, r)
+            reqs.append(r)
         for r in reqs:  # all rows valid before any is queued
             self.engine.validate(r)
         for r in reqs:
@@ -186,3 +238,5 @@ class TritonPythonModel:
         self.engine.shutdown()
         if self.engine.metrics is not None:
             self.engine.metrics.flush()
+        if self.ledger is not None:
+            self.ledger.close()
