@@ -19,8 +19,11 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
-    """Recipe -> Plan -> fetch -> convert; returns (CheckpointManifest, checkpoint folder)."""
+def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool, ranks: str | None = None):
+    """Recipe -> Plan -> fetch -> convert; returns (CheckpointManifest, checkpoint folder).
+
+    `ranks` ("2,3" or "4-7"): write only those rank files (one node of a multi-node layout)."""
+    from builders.build.flags import parse_ranks
     from builders.convert import convert_checkpoint
     from builders.download import fetch_model
     from builders.model_spec import ModelSpec
@@ -30,6 +33,7 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
     recipe = load_recipe(recipe_path)
     plan = make_plan(recipe)
     mapping = plan.mapping
+    rank_sel = parse_ranks(ranks, mapping.world_size)
     root = Path(out) / recipe.name
     fetched = fetch_model(recipe.model.source, recipe.model.revision, root / "hf", allow_pickle=allow_pickle)
     spec = ModelSpec.from_pretrained_dir(fetched.path)
@@ -41,7 +45,7 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
         fetched.path, root / "checkpoint", mapping, spec, recipe.model.dtype, recipe.quantization.weights,
         workers=workers, progress=True, source_id=fetched.repo_id, source_revision=fetched.revision,
         # trtllm-build quantizes float weights itself (with its GPU-specific weight preprocessing).
-        prequantize=recipe.build.target != "trtllm-engine", plan=plan.to_dict(),
+        prequantize=recipe.build.target != "trtllm-engine", plan=plan.to_dict(), ranks=rank_sel,
     )
     return manifest, root / "checkpoint"
 
@@ -52,7 +56,9 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from builders.mapping import MappingError
     from builders.model_spec import ModelSpecError
 
-    errors: list[type[Exception]] = [ConvertError, DownloadError, MappingError, ModelSpecError]
+    from builders.build.flags import BuildFlagError
+
+    errors: list[type[Exception]] = [ConvertError, DownloadError, MappingError, ModelSpecError, BuildFlagError]
     try:
         from builders.recipe import RecipeError
 
@@ -72,11 +78,13 @@ def register(app: typer.Typer) -> None:
         allow_pickle: Annotated[bool, typer.Option("--allow-pickle",
                                                    help="Accept pickle *.bin weights (rewritten as safetensors).")]
         = False,
+        ranks: Annotated[str | None, typer.Option(
+            "--ranks", help="Rank files to write on this node, e.g. 2,3 or 4-7 (default: all).")] = None,
     ) -> None:
         """Download the recipe's model and write `<out>/<name>/checkpoint/` (config.json, rank{N}.safetensors)."""
         start = time.perf_counter()
         try:
-            manifest, ckpt = run_convert(recipe, out, workers or default_workers(), allow_pickle)
+            manifest, ckpt = run_convert(recipe, out, workers or default_workers(), allow_pickle, ranks)
         except _bad_input_errors() as e:
             err_console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(EXIT_BAD_INPUT) from None

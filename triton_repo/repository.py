@@ -50,6 +50,8 @@ class RepoManifest(StageManifest):
     launch_ranks: int = 1
     """tritonserver processes under mpirun: world_size for trtllm-engine (leader mode), else 1 (the reference
     runtime and the LLM API start their own ranks)."""
+    ranks: list[int] = Field(default_factory=list)
+    """Engine ranks this node holds when each node has its own directory (`--ranks`); empty: all of them."""
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -95,7 +97,7 @@ def repo_options(recipe) -> mc.RepoOptions:
         tensorrt_llm_backend="python" if recipe.build.target == "reference" else "tensorrtllm",
         max_queue_delay_us=s.max_queue_delay_us, max_queue_size=s.max_queue_size,
         preprocessing_instances=s.preprocessing_instances, postprocessing_instances=s.postprocessing_instances,
-        bls_instances=s.bls_instances)
+        bls_instances=s.bls_instances or s.triton_max_batch_size)
 
 
 def _inflight_files(recipe, mapping, engine_dir: Path, tokenizer_dir: Path) -> dict[str, str | Path]:
@@ -162,15 +164,19 @@ def _tree_hash(directory: Path) -> dict[str, str]:
 
 
 def check_inputs(recipe, plan, engine_dir: Path, tokenizer_dir: Path, streaming: bool | None = None,
-                 gpu_compute_capability: str | None = None, trtllm_version: str | None = None):
+                 gpu_compute_capability: str | None = None, trtllm_version: str | None = None,
+                 ranks: tuple[int, ...] | None = None):
     """Every cross-check of `write_repo`; returns the engine facts (raises RepoError)."""
     from builders.build.gpu import gpu_arch_of
 
     target = recipe.build.target
+    if ranks is not None and target != "trtllm-engine":
+        raise RepoError(f"--ranks applies to build.target trtllm-engine only, not {target}: its ranks start "
+                        "from one server")
     facts = checks.read_engine_facts(engine_dir, target)
     checks.check_tokenizer(tokenizer_dir)
     checks.check_serve_options(recipe.serve, facts, _streaming_because(recipe, streaming))
-    checks.check_layout(plan.mapping, facts)
+    checks.check_layout(plan.mapping, facts, ranks)
     if target == "trtllm-engine":
         checks.check_engine_target(engine_dir, target, gpu_compute_capability or
                                    gpu_arch_of(recipe.hardware).compute_capability,
@@ -180,9 +186,10 @@ def check_inputs(recipe, plan, engine_dir: Path, tokenizer_dir: Path, streaming:
     return facts
 
 
-def _manifest(recipe, plan, files, engine_dir: Path, tokenizer_dir: Path, engine_file: Path) -> RepoManifest:
+def _manifest(recipe, plan, files, engine_dir: Path, tokenizer_dir: Path, engine_file: Path,
+              ranks: tuple[int, ...] | None = None) -> RepoManifest:
     target = recipe.build.target
-    m = RepoManifest(
+    m = RepoManifest(ranks=list(ranks or ()),
         target=target, models=sorted({rel.split("/")[0] for rel in files}),
         tensorrt_llm_backend="python" if target == "trtllm-llmapi" else repo_options(recipe).tensorrt_llm_backend,
         engine_dir=str(engine_dir), tokenizer_dir=str(tokenizer_dir),
@@ -190,27 +197,30 @@ def _manifest(recipe, plan, files, engine_dir: Path, tokenizer_dir: Path, engine
         world_size=plan.mapping.world_size, launch_ranks=launch_ranks(target, plan.mapping),
         warnings=_warnings(recipe, files), versions=tool_versions(),
         inputs={"engine": sha256_file(engine_file), "tokenizer": sha256_json(_tree_hash(tokenizer_dir))})
-    m.key = sha256_json({"inputs": m.inputs, "files": {
+    m.key = sha256_json({"inputs": m.inputs, "ranks": m.ranks, "files": {
         rel: src if isinstance(src, str) else sha256_file(src) for rel, src in sorted(files.items())}})
     return m
 
 
 def write_repo(recipe, plan, engine_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,
                streaming: bool | None = None, llmapi_model_py: str | Path | None = None,
-               gpu_compute_capability: str | None = None, trtllm_version: str | None = None) -> RepoManifest:
+               gpu_compute_capability: str | None = None, trtllm_version: str | None = None,
+               ranks: tuple[int, ...] | None = None) -> RepoManifest:
     """Check, then write the repository of `recipe` into `out_dir` (replaced atomically; skipped if unchanged).
 
     `streaming`: None derives it from the SLA (TTFT / TPOT targets are measured on a token stream).
     `gpu_compute_capability` / `trtllm_version` (trtllm-engine): the serving side; default the recipe's
-    GPU and the installed (else pinned) TensorRT-LLM.
+    GPU and the installed TensorRT-LLM. `ranks` (trtllm-engine): the engine ranks this node holds when each
+    node has its own directory; only those engines must be here.
     """
     engine_dir, tokenizer_dir, out_dir = Path(engine_dir).resolve(), Path(tokenizer_dir).resolve(), Path(out_dir)
-    facts = check_inputs(recipe, plan, engine_dir, tokenizer_dir, streaming, gpu_compute_capability, trtllm_version)
+    facts = check_inputs(recipe, plan, engine_dir, tokenizer_dir, streaming, gpu_compute_capability, trtllm_version,
+                         ranks)
     if recipe.build.target == "trtllm-llmapi":
         files = _llmapi_files(recipe, engine_dir, Path(llmapi_model_py) if llmapi_model_py else None)
     else:
         files = _inflight_files(recipe, plan.mapping, engine_dir, tokenizer_dir)
-    manifest = _manifest(recipe, plan, files, engine_dir, tokenizer_dir, facts.source)
+    manifest = _manifest(recipe, plan, files, engine_dir, tokenizer_dir, facts.source, ranks)
     old = RepoManifest.read(out_dir) if (out_dir / "manifest.json").is_file() else None
     if old is not None and old.is_complete(out_dir, manifest.key):
         return old

@@ -129,8 +129,12 @@ def _plan_bytes(plans) -> int:
 def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping, spec: ModelSpec,
                        dtype: str = "bfloat16", quantization: str | None = None, *, workers: int = 1,
                        progress: bool = True, source_id: str | None = None, source_revision: str | None = None,
-                       prequantize: bool = True, plan: dict | None = None) -> CheckpointManifest:
+                       prequantize: bool = True, plan: dict | None = None,
+                       ranks: tuple[int, ...] | None = None) -> CheckpointManifest:
     """Convert `hf_dir` into `out_dir` (config.json, rank{N}.safetensors, tokenizer/, manifest.json).
+
+    `ranks` (default all): the rank files to write, e.g. one node's of a multi-node layout without a shared
+    filesystem; the manifest then lists only those.
 
     With weight-only `quantization`, `prequantize=True` stores int8 weights + per_channel_scale (the
     reference runtime's input); False keeps float weights and only sets `quant_algo`, so `trtllm-build`
@@ -153,14 +157,15 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping
     out.mkdir(parents=True, exist_ok=True)
     _clean(out, mapping.world_size, key)
     done = _reusable(out, key, mapping.world_size)
-    todo = [r for r in range(mapping.world_size) if rank_name(r) not in done]
+    wanted = list(range(mapping.world_size)) if ranks is None else sorted(ranks)
+    todo = [r for r in wanted if rank_name(r) not in done]
     _write_ranks(hf_dir, out, files, todo, lambda r: plan_rank(spec, mapping, r, dtype, stored_algo), key,
                  done, workers, progress)
 
     config = trtllm_config(spec, mapping, dtype, quant_algo, hf_config)
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     outputs = {"config.json": sha256_file(out / "config.json")}
-    outputs |= {rank_name(r): done[rank_name(r)] for r in range(mapping.world_size)}
+    outputs |= {rank_name(r): done[rank_name(r)] for r in wanted}
     outputs |= copy_tokenizer(hf_dir, out)
     manifest = CheckpointManifest(
         key=key, inputs={"source": key_source(source_id, source_revision, hf_dir),
@@ -168,7 +173,7 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping
         versions=tool_versions("safetensors", "torch", "transformers", "huggingface-hub"),
         outputs=outputs, source={"path": str(hf_dir.resolve()), "repo_id": source_id, "revision": source_revision},
         mapping=mapping_dict, dtype=dtype, quant_algo=quant_algo, prequantized=stored_algo is not None,
-        rank_files=[rank_name(r) for r in range(mapping.world_size)],
+        rank_files=[rank_name(r) for r in wanted],
     )
     manifest.write(out)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
