@@ -6,10 +6,17 @@ over the engine directory, or `python` running our reference runtime (triton_rep
 tensorrt_llm_reference.py as tensorrt_llm/1/model.py). Target trtllm-llmapi gets upstream's single `llmapi`
 model. Everything is checked first (triton_repo/repo_checks.py), written into a temporary directory, and
 renamed into place, so a reader never sees a half-written repository.
+
+The repository is self-contained: the `triton_repo` modules preprocessing, postprocessing and the BLS import
+are copied next to each `model.py` (`<model>/1/triton_repo/...`, found by reading their imports), and the
+models put their own folder first on `sys.path`, so a plain `tritonserver --model-repository` (or upstream's
+launch_triton_server.py) serves them without enginesmith installed. The reference target's `tensorrt_llm`
+model runs the reference runtime, so it needs enginesmith (and torch) installed where it is served.
 """
 
 from __future__ import annotations
 
+import ast
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +29,10 @@ from triton_repo import repo_checks as checks
 from triton_repo.repo_checks import RepoError
 from triton_repo.tensor_specs import TENSORRT_LLM_PARAMETERS
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODELS_DIR = PACKAGE_DIR / "models"
+SELF_CONTAINED = ("preprocessing", "postprocessing", "tensorrt_llm_bls")
+"""Python models that must run with nothing of enginesmith installed (their helpers are copied beside them)."""
 INFLIGHT_MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
 # Unset upstream parameters are written as "" (the C++ backend then logs and uses its default), except
@@ -100,6 +110,49 @@ def repo_options(recipe) -> mc.RepoOptions:
         bls_instances=s.bls_instances or s.triton_max_batch_size)
 
 
+def _module_file(name: str) -> Path | None:
+    """Source file of `triton_repo[.x.y]`, or None when `name` is not one of this package's modules."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE_DIR.name:
+        return None
+    base = PACKAGE_DIR.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported(path: Path) -> set[str]:
+    """Modules `path` imports (absolute imports; `from pkg import mod` also names `pkg.mod`)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def helper_files(model_file: Path) -> dict[str, Path]:
+    """`triton_repo/...` path -> source of every module of this package `model_file` needs, transitively
+    (with the `__init__.py` of each package on the way)."""
+    found: dict[str, Path] = {}
+    todo = [model_file]
+    while todo:
+        for name in sorted(_imported(todo.pop())):
+            if name.split(".")[0] in ("builders", "runtime", "client"):
+                raise RepoError(f"{model_file.name} needs {name}, which a self-contained repository cannot hold")
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):
+                path = _module_file(".".join(parts[:depth]))
+                rel = path and path.relative_to(PACKAGE_DIR.parent).as_posix()
+                if path is not None and rel not in found:
+                    found[rel] = path
+                    todo.append(path)
+    return found
+
+
 def _inflight_files(recipe, mapping, engine_dir: Path, tokenizer_dir: Path) -> dict[str, str | Path]:
     """Relative path -> config text, or the source file to copy."""
     o = repo_options(recipe)
@@ -113,8 +166,9 @@ def _inflight_files(recipe, mapping, engine_dir: Path, tokenizer_dir: Path) -> d
         "tensorrt_llm_bls": mc.bls_config(o, params["tensorrt_llm_bls"]),
     }
     files: dict[str, str | Path] = {f"{name}/config.pbtxt": mc.to_pbtxt(cfg) for name, cfg in configs.items()}
-    for name in ("preprocessing", "postprocessing", "tensorrt_llm_bls"):
+    for name in SELF_CONTAINED:
         files[f"{name}/1/model.py"] = MODELS_DIR / f"{name}.py"
+        files.update({f"{name}/1/{rel}": src for rel, src in helper_files(MODELS_DIR / f"{name}.py").items()})
     if o.tensorrt_llm_backend == "python":
         files["tensorrt_llm/1/model.py"] = MODELS_DIR / "tensorrt_llm_reference.py"
     return files
