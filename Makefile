@@ -105,3 +105,12 @@ bench: convert-tiny-llama
 	$(ES) build recipes/tiny-llama.yaml --out $(OUT)
 	$(ES) repo recipes/tiny-llama.yaml --out $(OUT)
 	$(ES) bench recipes/tiny-llama.yaml --out $(OUT) --serve $(BENCH_ARGS)
+
+# Rehearse on this machine what a user of NVIDIA's Triton TensorRT-LLM container does, up to where TensorRT-LLM
+# itself runs (tests/container_rehearsal.py): make venv over a Python that already has torch (offline, nothing
+# reinstalled), plan / convert / build dry runs, repositories over stand-in engine directories (one directory and
+# per node), pre/post/BLS on a plain tritonserver whose Python has no enginesmith, and upstream's
+# launch_triton_server.py command lines beside ours (UPSTREAM_LAUNCH_SCRIPT=path runs the script itself).
+# It builds no engine. About a minute on 2 cores.
+check-container: venv
+	$(PY) -m tests.container_rehearsal --out $(OUT)/container-check $(if $(UPSTREAM_LAUNCH_SCRIPT),--upstream-script $(UPSTREAM_LAUNCH_SCRIPT))

@@ -50,6 +50,32 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool, 
     return manifest, root / "checkpoint"
 
 
+def show_convert(recipe_path: Path, out: Path, ranks: str | None) -> None:
+    """What `convert` would fetch and write, from the recipe and plan alone (no network, no weights)."""
+    from builders.build.flags import parse_ranks
+    from builders.plan import make_plan
+    from builders.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    plan = make_plan(recipe, with_options=False)
+    root = Path(out) / recipe.name
+    m = recipe.model
+    console.print(f"# {recipe.name}: fetch {m.source} @ {m.revision} (safetensors, config, tokenizer) -> {root / 'hf'}",
+                  markup=False)
+    if recipe.build.target == "trtllm-llmapi":
+        console.print("# build.target trtllm-llmapi: the LLM API loads that Hugging Face checkpoint itself; "
+                      "nothing is converted", markup=False)
+        return
+    if not plan.spec.convertible:
+        console.print(f"# {plan.spec.architecture} can be planned but not converted yet", markup=False)
+    selected = parse_ranks(ranks, plan.mapping.world_size)
+    wanted = [r for r in plan.ranks if selected is None or r.rank in selected]
+    console.print(f"# would write {root / 'checkpoint'}: config.json, tokenizer/, manifest.json and", markup=False)
+    for r in wanted:
+        console.print(f"#   rank{r.rank}.safetensors  {r.memory.weight_bytes / 2**30:,.2f} GiB  (node {r.node}, "
+                      f"layers {r.layers[0]}-{r.layers[-1]})", markup=False)
+
+
 def _bad_input_errors() -> tuple[type[Exception], ...]:
     from builders.convert import ConvertError
     from builders.download import DownloadError
@@ -80,10 +106,13 @@ def register(app: typer.Typer) -> None:
         = False,
         ranks: Annotated[str | None, typer.Option(
             "--ranks", help="Rank files to write on this node, e.g. 2,3 or 4-7 (default: all).")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be fetched and written.")] = False,
     ) -> None:
         """Download the recipe's model and write `<out>/<name>/checkpoint/` (config.json, rank{N}.safetensors)."""
         start = time.perf_counter()
         try:
+            if dry_run:
+                return show_convert(recipe, out, ranks)
             manifest, ckpt = run_convert(recipe, out, workers or default_workers(), allow_pickle, ranks)
         except _bad_input_errors() as e:
             err_console.print(f"[red]error:[/red] {e}")

@@ -108,3 +108,11 @@ def test_serve_print_command_says_the_paths_must_match_on_every_node(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].startswith(f"# 2 nodes: every rank opens {(tmp_path / 'llama3-70b-tp2-pp2' / 'repo').resolve()}")
     assert "-H a:2,b:2" in lines[-1] and lines[-1].count("-n 1") == 4
+
+
+def test_convert_dry_run_lists_the_nodes_rank_files(tmp_path):
+    r = runner.invoke(app, ["convert", str(RECIPE_70B), "--out", str(tmp_path), "--dry-run", "--ranks", "2,3"])
+    assert r.exit_code == 0, r.output
+    files = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("#   rank")]
+    assert files == ["rank2.safetensors", "rank3.safetensors"]
+    assert "(node 1, layers 40-79)" in r.stdout and not (tmp_path / "llama3-70b-tp2-pp2").exists()
