@@ -10,7 +10,14 @@ calls) are decoded as a whole. Requests are handled in arrival order, so a strea
 
 from __future__ import annotations
 
+import os
+import sys
+
 import triton_python_backend_utils as pb_utils
+
+# The repository holds its own copy of these modules beside this file (triton_repo/repository.py):
+# put it first, so the models run without enginesmith installed and never mix with another version.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from triton_repo.detokenize import StreamDetokenizers
 from triton_repo.models.model_args import (
