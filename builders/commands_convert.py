@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
         except OSError as e:
             from builders.cli_errors import fs_error
 
-            err_console.print(f"[red]error:[/red] {fs_error(e, '--out', out)}")
+            err_console.print(Text.assemble(("error:", "red"), " ", fs_error(e, "--out", out)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         key = result.manifest.key[:12]
         if result.up_to_date:
@@ -152,7 +152,7 @@ def register(app: typer.Typer) -> None:
         except OSError as e:
             from builders.cli_errors import write_error
 
-            err_console.print(f"[red]error:[/red] {write_error(e, 'OUT_DIR', out_dir)}")
+            err_console.print(Text.assemble(("error:", "red"), " ", write_error(e, "OUT_DIR", out_dir)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         console.print(f"wrote tiny {arch} model (seed {seed}) to {path}")
 
