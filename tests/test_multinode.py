@@ -49,6 +49,26 @@ def test_convert_writes_only_the_nodes_ranks(tmp_path):
     assert full.outputs["rank2.safetensors"] == node1.outputs["rank2.safetensors"] and len(full.rank_files) == 4
 
 
+def test_convert_of_a_nodes_ranks_says_what_it_wrote(tmp_path):
+    from builders.convert import convert
+    from builders.model_spec import ModelSpec
+
+    hf, mapping = tiny_hf_model("llama"), Mapping.create(2, 2)
+    spec = ModelSpec.from_pretrained_dir(hf)
+
+    def run(ranks):
+        return convert(hf, tmp_path / "ckpt", mapping, spec, "float32", "none", workers=1, progress=False,
+                       ranks=ranks)
+
+    first = run((3, 2))
+    assert first.written == ["rank2.safetensors", "rank3.safetensors"] and not first.up_to_date
+    again = run((2, 3))
+    assert again.written == [] and again.up_to_date and again.manifest.rank_files == first.manifest.rank_files
+    rest = run(None)  # the whole layout: only the two missing rank files are written
+    assert rest.written == ["rank0.safetensors", "rank1.safetensors"] and not rest.up_to_date
+    assert rest.manifest.rank_files == [f"rank{r}.safetensors" for r in range(4)]
+
+
 def test_convert_cli_refuses_ranks_outside_the_layout(tmp_path):
     r = runner.invoke(app, ["convert", str(RECIPE_70B), "--out", str(tmp_path), "--ranks", "4"])
     assert r.exit_code == 1
