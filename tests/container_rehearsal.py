@@ -183,10 +183,11 @@ def repositories(py: Path, out: Path, report: Report) -> Path:
 
 
 # ---- 4. a plain tritonserver, no enginesmith on its Python -------------------------------------------------
-def clean_stub_env(root: Path, stub: Path, libs: str) -> Path:
+def clean_stub_env(root: Path, stub: Path, libs: str, first: Path | None = None) -> Path:
     """A venv-like folder for the Python-backend stub: the stub's own standard library, and this
-    environment's site-packages as plain paths (numpy, transformers: yes; enginesmith's import hook: no)."""
-    from triton_repo.discovery import PY, installation_prefix, linked_libpython
+    environment's site-packages as plain paths (numpy, transformers: yes; enginesmith's import hook: no).
+    `first`: the private numpy < 2 the bundled stub needs under numpy 2 (triton_repo/discovery.py), ahead of them."""
+    from triton_repo.discovery import NUMPY_COMPAT, PY, installation_prefix, linked_libpython
 
     prefix = installation_prefix(linked_libpython(stub, libs))
     env = root / "stub-env"
@@ -196,7 +197,8 @@ def clean_stub_env(root: Path, stub: Path, libs: str) -> Path:
     (env / "pyvenv.cfg").write_text(f"home = {prefix / 'bin'}\ninclude-system-site-packages = false\n")
     target = prefix / "bin" / f"python{PY}"
     (env / "bin" / "python3").symlink_to(target if target.exists() else Path(sys.executable).resolve())
-    (sp / "_held.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    private = [f"import sys; sys.path.insert(0, {str(first)!r}); import {NUMPY_COMPAT}"] if first else []
+    (sp / "_held.pth").write_text("\n".join([*private, *site.getsitepackages()]) + "\n")
     return env / "bin"
 
 
@@ -221,9 +223,13 @@ def plain_tritonserver(repo: Path, models, work: Path, timeout_s: float = 180.0)
     env = {"HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != Path(sys.executable).parent]
     if b.bundled:
+        from triton_repo.discovery import NUMPY_GUARD_ENV
+
         stub = b.backend_dir / "python" / "triton_python_backend_stub"
         libs = b.env["LD_LIBRARY_PATH"]
-        env |= {"LD_LIBRARY_PATH": libs, "PATH": os.pathsep.join([str(clean_stub_env(work, stub, libs)), *path])}
+        bin_dir = clean_stub_env(work, stub, libs, b.stub_numpy)
+        env |= {"LD_LIBRARY_PATH": libs, "PATH": os.pathsep.join([str(bin_dir), *path]),
+                NUMPY_GUARD_ENV: b.env[NUMPY_GUARD_ENV]}
     else:
         env["PATH"] = os.pathsep.join(path)
     http, grpc, metrics = free_ports(3)

@@ -71,9 +71,39 @@ def test_make_venv_installs_torch_only_where_the_base_python_has_none(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "bare"], check=True)
     plain = _make_n(str(tmp_path / "bare" / "bin" / "python"))  # a Python without torch
     assert '"torch==' in plain and "--without-pip" not in plain and "kernels" in plain
+    # numpy 2 goes in after the extras (nvidia-pytriton declares numpy<2 for its stubs, hence no conflict warning)
+    pip_lines = [line for line in plain.splitlines() if " -m pip install " in line]
+    assert pip_lines[-1].endswith('--no-warn-conflicts "numpy>=2,<3"') and "-e " in pip_lines[-2]
     over = _make_n(sys.executable)  # this environment has torch
     assert '"torch==' not in over and "--without-pip" in over and "-c /nonexistent/venv/base-constraints.txt" in over
     assert "torch,client,dev" in over and "base_env.py report" in over
+    assert "numpy" not in over  # the base's numpy stays: a constraint, never installed over
+
+
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_plain_tritonserver_gives_the_bundled_stub_its_private_numpy_under_numpy2(tmp_path, monkeypatch):
+    """Where this environment has numpy 2, the plain server's stub Python (no enginesmith) still gets the numpy 1.x
+    the bundled stub needs, first on its path, and the models' guard is set."""
+    import numpy as np
+    import tritonclient.http as http
+
+    from tests.container_rehearsal import plain_tritonserver
+    from tests.test_stub_numpy import echo_repo
+    from triton_repo import discovery
+
+    monkeypatch.setattr(discovery, "numpy_major", lambda: 2)
+    with plain_tritonserver(echo_repo(tmp_path), ["echo"], tmp_path / "work") as (url, env):
+        client = http.InferenceServerClient(url.removeprefix("http://"))
+        text = http.InferInput("T", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"abc"], dtype=np.object_))
+        ints = http.InferInput("I", [1], "INT32")
+        ints.set_data_from_numpy(np.array([7], dtype=np.int32))
+        res = client.infer("echo", [text, ints])
+    assert res.as_numpy("TO").tolist() == [b"abc"] and res.as_numpy("IO").tolist() == [14]
+    version, has_long, path = res.as_numpy("NP")[0].decode().split(" ", 2)
+    assert int(version.split(".")[0]) < 2 and "stub-numpy-py" in path and has_long == "True"
+    assert env[discovery.NUMPY_GUARD_ENV] == "2"
 
 
 @pytest.mark.server
