@@ -212,6 +212,9 @@ def serve(
         console.print(f"serving {repo_dir} ({', '.join(manifest.models)}): HTTP {server.http_url}, "
                       f"gRPC {server.grpc_url}, metrics {server.metrics_url}; log {server.log_path}")
         console.print("Ctrl-C or SIGTERM stops the server")
+        stub_died = server.watch()
+        if stub_died is not None:
+            _fail(EXIT_SERVER_FAILED, f"{stub_died}; stopping the server (log {server.log_path})")
         code = server.wait()
         _fail(EXIT_SERVER_FAILED, f"tritonserver exited with code {code}: {server.failure_reason()} "
                                   f"(log {server.log_path})")

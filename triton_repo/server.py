@@ -214,6 +214,45 @@ class TritonServer:
         assert self.proc is not None, "start() first"
         return self.proc.wait()
 
+    def stubs(self) -> dict[int, str]:
+        """The Python-backend stub processes under the server: pid -> model name (from the model.py they run)."""
+        import psutil
+
+        assert self.proc is not None, "start() first"
+        out = {}
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return out
+        for child in children:
+            try:
+                cmd = child.cmdline()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            if cmd and cmd[0].endswith("triton_python_backend_stub") and len(cmd) > 1:
+                out[child.pid] = Path(cmd[1]).parent.parent.name
+        return out
+
+    def watch(self, poll_s: float = 1.0) -> str | None:
+        """Block while the server serves. Returns None when it exits (see `wait`), or a one-line reason as soon as
+        a Python-backend stub present at readiness has died: Triton keeps reporting ready then, while every request
+        to that model fails, so a server that lost one must not go on as if healthy."""
+        import psutil
+
+        assert self.proc is not None, "start() first"
+        watched = self.stubs()
+        while self.proc is not None and self.proc.poll() is None:
+            for pid, model in watched.items():
+                try:
+                    alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    alive = False
+                if not alive and self.proc is not None and self.proc.poll() is None:
+                    return (f"the Python-backend stub of model '{model}' (pid {pid}) died; Triton would keep "
+                            f"reporting ready while requests to it fail: {self.failure_reason()}")
+            time.sleep(poll_s)
+        return None
+
     def stop(self) -> int | None:
         """SIGTERM, wait up to stop_timeout_s, then SIGKILL the whole process group; reap. Idempotent."""
         proc, self.proc = self.proc, None

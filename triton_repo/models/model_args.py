@@ -57,8 +57,13 @@ def load_tokenizer(tokenizer_dir: str):
     """The HF tokenizer as upstream loads it (left padding; pad falls back to eos)."""
     if not tokenizer_dir:
         raise ModelArgsError("parameter tokenizer_dir is empty: give the Hugging Face tokenizer folder")
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
+    except (ImportError, AttributeError) as e:  # transformers' model utilities failed to import in this stub
+        from transformers import PreTrainedTokenizerFast as AutoTokenizer  # tokenizer.json folders load without them
 
+        print(f"enginesmith: AutoTokenizer unavailable ({str(e).splitlines()[0]}); loading "
+              f"{tokenizer_dir} as a fast tokenizer", flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir, legacy=False, padding_side="left")
     except (OSError, ValueError) as e:
