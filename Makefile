@@ -6,21 +6,44 @@ ES := $(VENV)/bin/enginesmith
 # On the CPU machines here, torch==2.13.0 resolves to a local CPU wheel; override for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
-EXTRAS ?= torch,serve,dev
 # numpy 2, as the GPU machines' images and most environments have it (nvidia-pytriton declares numpy<2 for its
 # Python-backend stub only; enginesmith gives the stubs a private numpy 1.x, see triton_repo/discovery.py).
+# Not installed over a base that has torch: there the base's numpy is kept (a constraint, as below).
 NUMPY_SPEC ?= numpy>=2,<3
+# Extra pip flags (e.g. --no-index --no-build-isolation for an offline install).
+PIP_FLAGS ?=
 # Rich tables (plans, bench results) fall back to 80 columns when not on a terminal; give them room.
 export COLUMNS ?= 150
 
-.PHONY: venv test lint plan-all clean demo
+# When $(PYTHON) already imports torch (NVIDIA's tritonserver:<yy.mm>-trtllm-python-py3 or TensorRT-LLM
+# containers), the venv is made over it: it sees that Python's site-packages (a .pth file: works for a system
+# Python and for a venv or conda base alike), torch is not installed, and pip may not replace what the base
+# holds (torch, TensorRT-LLM, Triton-lang, transformers, tokenizers, numpy: pinned as constraints); the
+# install ends by checking that and printing the TensorRT-LLM found. The client extra replaces serve there
+# (the container has its own tritonserver); kernels (the Triton-lang pin for the CPU interpreter) is left out.
+BASE_HAS_TORCH := $(shell $(PYTHON) builders/base_env.py has-torch 2>/dev/null)
+ifeq ($(BASE_HAS_TORCH),yes)
+EXTRAS ?= torch,client,dev
+else
+EXTRAS ?= torch,serve,dev,kernels
+endif
+
+.PHONY: venv test lint plan-all clean demo check-container
 
 $(VENV)/.stamp: pyproject.toml
+ifeq ($(BASE_HAS_TORCH),yes)
+	$(PYTHON) -m venv --without-pip $(VENV)   # pip (and the build tools) come from the base
+	$(PYTHON) builders/base_env.py pth > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_enginesmith_base.pth"
+	$(PYTHON) builders/base_env.py constraints > $(VENV)/base-constraints.txt
+	$(PY) -m pip install -q $(PIP_FLAGS) -c $(VENV)/base-constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) builders/base_env.py report $(VENV)/base-constraints.txt
+else
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	$(PY) -m pip install -q --no-warn-conflicts "$(NUMPY_SPEC)"
+	$(PY) -m pip install -q $(PIP_FLAGS) --upgrade pip
+	$(PY) -m pip install -q $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(PIP_FLAGS) -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q $(PIP_FLAGS) --no-warn-conflicts "$(NUMPY_SPEC)"
+endif
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -65,11 +88,14 @@ convert-%: venv
 build-13b-tp: REF_RECIPE := recipes/llama2-13b-tp2-24gb.yaml
 build-70b-pp: REF_RECIPE := recipes/llama3-70b-tp2-pp2.yaml
 build-moe-ep: REF_RECIPE := recipes/mixtral-8x22b-16xa100.yaml
+# Multi-node layouts (build-70b-pp: 2 nodes) print what each node runs: with a shared filesystem this target
+# on node 0 does it all; with a directory per node (at the same path) each node runs convert/build/repo --ranks.
 build-13b-tp build-70b-pp build-moe-ep: venv
 	$(ES) plan $(REF_RECIPE)
 ifdef DRY_RUN
 	$(ES) build $(REF_RECIPE) --out $(OUT) --dry-run --explain
 else
+	$(ES) build $(REF_RECIPE) --out $(OUT) --dry-run
 	$(ES) convert $(REF_RECIPE) --out $(OUT)
 	$(ES) build $(REF_RECIPE) --out $(OUT)
 	$(ES) repo $(REF_RECIPE) --out $(OUT)
@@ -84,3 +110,12 @@ bench: convert-tiny-llama
 	$(ES) build recipes/tiny-llama.yaml --out $(OUT)
 	$(ES) repo recipes/tiny-llama.yaml --out $(OUT)
 	$(ES) bench recipes/tiny-llama.yaml --out $(OUT) --serve $(BENCH_ARGS)
+
+# Rehearse on this machine what a user of NVIDIA's Triton TensorRT-LLM container does, up to where TensorRT-LLM
+# itself runs (tests/container_rehearsal.py): make venv over a Python that already has torch (offline, nothing
+# reinstalled), plan / convert / build dry runs, repositories over stand-in engine directories (one directory and
+# per node), pre/post/BLS on a plain tritonserver whose Python has no enginesmith, and upstream's
+# launch_triton_server.py command lines beside ours (UPSTREAM_LAUNCH_SCRIPT=path runs the script itself).
+# It builds no engine. About a minute on 2 cores.
+check-container: venv
+	$(PY) -m tests.container_rehearsal --out $(OUT)/container-check $(if $(UPSTREAM_LAUNCH_SCRIPT),--upstream-script $(UPSTREAM_LAUNCH_SCRIPT))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from builders.build.flags import shell_line
 from builders.build.stage import StageDirs
+from builders.build.trtllm_engine import runner_argv
 
 console = Console(highlight=False, soft_wrap=True, markup=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
@@ -36,16 +39,47 @@ def _explain(choices) -> None:
         console.print(f"#   {c.flag:<{width}}  {value:<10}  {c.reason}")
 
 
+def _trtllm_found() -> str:
+    """The TensorRT-LLM this Python would run (the installed version, never the pin)."""
+    import shutil
+
+    from builders.build.engine_check import installed_trtllm_version, trtllm_location
+    from builders.build.trtllm_engine import PINNED_VERSION
+
+    found = installed_trtllm_version()
+    if found is None:
+        return f"TensorRT-LLM: not installed for {sys.executable} (the engine target is pinned to {PINNED_VERSION})"
+    tool = shutil.which("trtllm-build") or "no trtllm-build on PATH"
+    pin = "" if found == PINNED_VERSION else f"; the engine target is pinned to {PINNED_VERSION}"
+    return f"TensorRT-LLM {found} found ({trtllm_location()}; {tool}){pin}"
+
+
+def _show_nodes(recipe_path: Path, out: Path, per_node) -> None:
+    """What to run where when the engine ranks span nodes: shared filesystem, or a directory per node."""
+    es = f"enginesmith {{}} {recipe_path}" + ("" if out == OUT else f" --out {out}")
+    console.print(f"# {len(per_node)} nodes: mpirun starts every rank with the same paths, so --out must be at the "
+                  "same path on every node.")
+    console.print(f"#   shared filesystem: node 0 runs convert, build and repo for all ranks "
+                  f"(`{es.format('build')}` runs the line above)")
+    console.print("#   a directory per node: each node runs, in a directory at that same path:")
+    for cmd in per_node:
+        rs = ",".join(map(str, cmd.ranks))
+        steps = " && ".join(f"{es.format(step)} --ranks {rs}" for step in ("convert", "build", "repo"))
+        console.print(f"#     node {cmd.node}: {steps}")
+        console.print(f"#       (build runs: {shell_line(runner_argv(cmd))})")
+    console.print(f"#   then on node 0: {es.format('serve')} --hosts NODE0,NODE1,...  (add --ranks "
+                  f"{','.join(map(str, per_node[0].ranks))} with per-node directories)")
+
+
 def _show_engine_plan(recipe, plan, recipe_path: Path, dirs: StageDirs, ranks, workers, explain: bool):
     from builders.build.engine_target import plan_engine_build
-    from builders.build.flags import shell_line
-    from builders.build.trtllm_engine import runner_argv
     from builders.layout_search import layout_sizes
 
     bp = plan_engine_build(recipe, plan, dirs.checkpoint, dirs.engine, ranks, workers)
     m = plan.mapping
     console.print(f"# {recipe.name}: target trtllm-engine (TensorRT-LLM 1.2.x) for {bp.gpu.label}; "
                   f"{layout_sizes(m, plan.spec.is_moe)} over {len({c.node for c in m.ranks()})} node(s)")
+    console.print(f"# {_trtllm_found()}")
     state = "present" if (dirs.checkpoint / "manifest.json").is_file() else \
         f"not converted yet: `enginesmith convert {recipe_path}` writes it"
     console.print(f"# checkpoint: {dirs.checkpoint} ({state})")
@@ -54,11 +88,7 @@ def _show_engine_plan(recipe, plan, recipe_path: Path, dirs: StageDirs, ranks, w
         _explain(bp.choices)
     console.print(shell_line(runner_argv(bp.command)))
     if bp.per_node and ranks is None:
-        console.print("# multi-node, without a shared filesystem: each node builds only its own ranks:")
-        for cmd in bp.per_node:
-            rs = ",".join(map(str, cmd.ranks))
-            console.print(f"#   node {cmd.node}: enginesmith build {recipe_path} --ranks {rs}   # runs:")
-            console.print(f"#     {shell_line(runner_argv(cmd))}")
+        _show_nodes(recipe_path, dirs.root.parent, bp.per_node)
 
 
 def _show_llmapi(recipe, plan, dirs: StageDirs) -> None:

@@ -21,8 +21,11 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
-    """Recipe -> Plan -> fetch -> convert; returns (ConvertResult, checkpoint folder)."""
+def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool, ranks: str | None = None):
+    """Recipe -> Plan -> fetch -> convert; returns (ConvertResult, checkpoint folder).
+
+    `ranks` ("2,3" or "4-7"): write only those rank files (one node of a multi-node layout)."""
+    from builders.build.flags import parse_ranks
     from builders.convert import convert
     from builders.download import fetch_model
     from builders.layout_search import layout_sizes
@@ -33,6 +36,7 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
     recipe = load_recipe(recipe_path)
     plan = make_plan(recipe)
     mapping = plan.mapping
+    rank_sel = parse_ranks(ranks, mapping.world_size)
     root = Path(out) / recipe.name
     fetched = fetch_model(recipe.model.source, recipe.model.revision, root / "hf", allow_pickle=allow_pickle)
     spec = ModelSpec.from_pretrained_dir(fetched.path)
@@ -43,9 +47,35 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool):
         fetched.path, root / "checkpoint", mapping, spec, recipe.model.dtype, recipe.quantization.weights,
         workers=workers, progress=True, source_id=fetched.repo_id, source_revision=fetched.revision,
         # trtllm-build quantizes float weights itself (with its GPU-specific weight preprocessing).
-        prequantize=recipe.build.target != "trtllm-engine", plan=plan.to_dict(),
+        prequantize=recipe.build.target != "trtllm-engine", plan=plan.to_dict(), ranks=rank_sel,
     )
     return result, root / "checkpoint"
+
+
+def show_convert(recipe_path: Path, out: Path, ranks: str | None) -> None:
+    """What `convert` would fetch and write, from the recipe and plan alone (no network, no weights)."""
+    from builders.build.flags import parse_ranks
+    from builders.plan import make_plan
+    from builders.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    plan = make_plan(recipe, with_options=False)
+    root = Path(out) / recipe.name
+    m = recipe.model
+    console.print(f"# {recipe.name}: fetch {m.source} @ {m.revision} (safetensors, config, tokenizer) -> {root / 'hf'}",
+                  markup=False)
+    if recipe.build.target == "trtllm-llmapi":
+        console.print("# build.target trtllm-llmapi: the LLM API loads that Hugging Face checkpoint itself; "
+                      "nothing is converted", markup=False)
+        return
+    if not plan.spec.convertible:
+        console.print(f"# {plan.spec.architecture} can be planned but not converted yet", markup=False)
+    selected = parse_ranks(ranks, plan.mapping.world_size)
+    wanted = [r for r in plan.ranks if selected is None or r.rank in selected]
+    console.print(f"# would write {root / 'checkpoint'}: config.json, tokenizer/, manifest.json and", markup=False)
+    for r in wanted:
+        console.print(f"#   rank{r.rank}.safetensors  {r.memory.weight_bytes / 2**30:,.2f} GiB  (node {r.node}, "
+                      f"layers {r.layers[0]}-{r.layers[-1]})", markup=False)
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
@@ -54,7 +84,9 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from builders.mapping import MappingError
     from builders.model_spec import ModelSpecError
 
-    errors: list[type[Exception]] = [ConvertError, DownloadError, MappingError, ModelSpecError]
+    from builders.build.flags import BuildFlagError
+
+    errors: list[type[Exception]] = [ConvertError, DownloadError, MappingError, ModelSpecError, BuildFlagError]
     try:
         from builders.recipe import RecipeError
 
@@ -74,18 +106,23 @@ def register(app: typer.Typer) -> None:
         allow_pickle: Annotated[bool, typer.Option("--allow-pickle",
                                                    help="Accept pickle *.bin weights (rewritten as safetensors).")]
         = False,
+        ranks: Annotated[str | None, typer.Option(
+            "--ranks", help="Rank files to write on this node, e.g. 2,3 or 4-7 (default: all).")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be fetched and written.")] = False,
     ) -> None:
         """Download the recipe's model and write `<out>/<name>/checkpoint/` (config.json, rank{N}.safetensors)."""
         start = time.perf_counter()
         try:
-            result, ckpt = run_convert(recipe, out, workers or default_workers(), allow_pickle)
+            if dry_run:
+                return show_convert(recipe, out, ranks)
+            result, ckpt = run_convert(recipe, out, workers or default_workers(), allow_pickle, ranks)
         except _bad_input_errors() as e:
             err_console.print(Text.assemble(("error:", "red"), " ", str(e)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except OSError as e:
             from builders.cli_errors import fs_error
 
-            err_console.print(f"[red]error:[/red] {fs_error(e, '--out', out)}")
+            err_console.print(Text.assemble(("error:", "red"), " ", fs_error(e, "--out", out)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         key = result.manifest.key[:12]
         if result.up_to_date:
@@ -115,7 +152,7 @@ def register(app: typer.Typer) -> None:
         except OSError as e:
             from builders.cli_errors import write_error
 
-            err_console.print(f"[red]error:[/red] {write_error(e, 'OUT_DIR', out_dir)}")
+            err_console.print(Text.assemble(("error:", "red"), " ", write_error(e, "OUT_DIR", out_dir)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         console.print(f"wrote tiny {arch} model (seed {seed}) to {path}")
 

@@ -25,6 +25,9 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Working directory root (<ou
 LlmapiOpt = Annotated[Path | None, typer.Option(
     "--llmapi-model-py", help="trtllm-llmapi: TensorRT-LLM's triton_backend/all_models/llmapi/tensorrt_llm/1/"
                               "model.py, copied into the repository.")]
+RanksOpt = Annotated[str | None, typer.Option(
+    "--ranks", help="trtllm-engine over several nodes without a shared filesystem: the engine ranks this node "
+                    "holds, e.g. 2,3 (default: all ranks are here).")]
 
 
 def _fail(code: int, message: str):
@@ -32,33 +35,56 @@ def _fail(code: int, message: str):
     raise typer.Exit(code)
 
 
-def _write(recipe_path: Path, out: Path, llmapi_model_py: Path | None):
+def _load(recipe_path: Path):
     from builders.plan import make_plan
     from builders.recipe import load_recipe
-    from triton_repo.repository import write_repo
 
     recipe = load_recipe(recipe_path)
-    plan = make_plan(recipe, with_options=False)
+    return recipe, make_plan(recipe, with_options=False)
+
+
+def _write(recipe, plan, out: Path, llmapi_model_py: Path | None, ranks: str | None):
+    from builders.build.flags import parse_ranks
+    from triton_repo.repository import write_repo
+
     root = out / recipe.name
     manifest = write_repo(recipe, plan, root / "engine", root / "checkpoint" / "tokenizer", root / "repo",
-                          llmapi_model_py=llmapi_model_py)
-    return recipe, root / "repo", manifest
+                          llmapi_model_py=llmapi_model_py, ranks=parse_ranks(ranks, plan.mapping.world_size))
+    return root / "repo", manifest
 
 
-def repo(recipe_path: RecipeArg, out: OutOpt = OUT, llmapi_model_py: LlmapiOpt = None) -> None:
+def _where(plan, repo_dir: Path, manifest) -> str | None:
+    """How the other nodes' ranks find their files (None: one node)."""
+    nodes = len({c.node for c in plan.mapping.ranks()})
+    if nodes == 1 or manifest.launch_ranks == 1:
+        return None
+    if manifest.ranks:
+        here = ",".join(map(str, manifest.ranks))
+        return (f"{nodes} nodes, per-node directories: this node holds ranks {here}; mpirun starts the others with "
+                f"the same paths ({repo_dir.resolve()}, {manifest.engine_dir}), so each node must have run "
+                "`enginesmith convert/build/repo RECIPE --ranks <its ranks>` in a directory at that same path")
+    return (f"{nodes} nodes, shared filesystem: all {manifest.world_size} engine ranks are here, and every node "
+            f"reads {repo_dir.resolve()} and {manifest.engine_dir} at these same paths")
+
+
+def repo(recipe_path: RecipeArg, out: OutOpt = OUT, llmapi_model_py: LlmapiOpt = None, ranks: RanksOpt = None) -> None:
     """Write the Triton model repository (ensemble, pre/postprocessing, tensorrt_llm, BLS) of a built recipe."""
     from triton_repo.repo_checks import RepoError
 
     try:
-        _, repo_dir, manifest = _write(recipe_path, out, llmapi_model_py)
+        recipe, plan = _load(recipe_path)
+        repo_dir, manifest = _write(recipe, plan, out, llmapi_model_py, ranks)
     except (RepoError, ValueError) as e:
         _fail(EXIT_BAD_INPUT, str(e))
     except OSError as e:
         _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
     console.print(f"repo: {repo_dir} ({manifest.target}; models {', '.join(manifest.models)}; "
-                  f"tensorrt_llm backend {manifest.tensorrt_llm_backend}; world_size {manifest.world_size})")
+                  f"tensorrt_llm backend {manifest.tensorrt_llm_backend}; world_size {manifest.world_size})",
+                  markup=False)
+    if where := _where(plan, repo_dir, manifest):
+        console.print(where, markup=False)
     for warning in manifest.warnings:
-        err_console.print(f"warning: {warning}")
+        err_console.print(f"warning: {warning}", markup=False)
 
 
 SHM_HEADER = "enginesmith-shm-key"
@@ -111,19 +137,31 @@ def _server(recipe, repo_dir: Path, ranks: int, public: bool, http_address, grpc
                         slots_per_host=recipe.hardware.gpus_per_node if hosts else None, hostfile=hostfile)
 
 
+def _ready_timeout(plan, given: float | None) -> float:
+    from triton_repo.readiness import default_ready_timeout, explain
+
+    if given is not None:
+        return given
+    console.print(f"readiness timeout {explain(plan.memory.weight_bytes_max)} (--ready-timeout overrides)",
+                  markup=False)
+    return default_ready_timeout(plan.memory.weight_bytes_max)
+
+
 def _print_command(recipe_path: Path, out: Path, server_args: dict) -> None:
     """The command `serve` would run (works without an engine: the layout comes from the plan)."""
-    from builders.plan import make_plan
-    from builders.recipe import load_recipe
-
     from triton_repo.repository import launch_ranks
 
-    recipe = load_recipe(recipe_path)
-    ranks = launch_ranks(recipe.build.target, make_plan(recipe, with_options=False).mapping)
-    server = _server(recipe, out / recipe.name / "repo", ranks, **server_args, dry=True)
+    recipe, plan = _load(recipe_path)
+    ranks = launch_ranks(recipe.build.target, plan.mapping)
+    args = {**server_args, "ready_timeout": server_args["ready_timeout"] or 0.0}
+    server = _server(recipe, out / recipe.name / "repo", ranks, **args, dry=True)
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in server.binary_env().items())
-    console.print(f"{env} {shlex.join(server.argv(dry=True))}")
     nodes = _nodes(recipe, ranks)
+    if nodes > 1:
+        console.print(f"# {nodes} nodes: every rank opens {server.repo} and the engine directory at these same "
+                      "paths: a shared filesystem, or per-node directories at that path (`enginesmith repo RECIPE "
+                      "--ranks <its ranks>` on each node)")
+    console.print(f"{env} {shlex.join(server.argv(dry=True))}")
     if nodes > 1 and not (server_args["hosts"] or server_args["hostfile"]):
         err_console.print(f"note: the layout spans {nodes} nodes; {_placeholder_hosts(nodes)} stand for their "
                           "hosts: give --hosts node0,node1,... or --hostfile FILE to fill them in")
@@ -143,8 +181,11 @@ def serve(
     hosts: Annotated[str | None, typer.Option(
         "--hosts", help="Multi-node: comma-separated hosts for mpirun -H (slots = gpus_per_node).")] = None,
     hostfile: Annotated[Path | None, typer.Option("--hostfile", help="Multi-node: an MPI hostfile.")] = None,
-    ready_timeout: Annotated[float, typer.Option("--ready-timeout", help="Seconds to wait for readiness.")] = 300.0,
+    ready_timeout: Annotated[float | None, typer.Option(
+        "--ready-timeout", help="Seconds to wait for readiness (default: from the weight bytes each rank "
+                                "loads, at least 300).")] = None,
     llmapi_model_py: LlmapiOpt = None,
+    ranks: RanksOpt = None,
 ) -> None:
     """Serve a recipe's repository with tritonserver until Ctrl-C / SIGTERM (then stop it gracefully)."""
     from triton_repo.repo_checks import RepoError
@@ -155,7 +196,11 @@ def serve(
     try:
         if print_command:
             return _print_command(recipe_path, out, server_args)
-        recipe, repo_dir, manifest = _write(recipe_path, out, llmapi_model_py)
+        recipe, plan = _load(recipe_path)
+        repo_dir, manifest = _write(recipe, plan, out, llmapi_model_py, ranks)
+        if where := _where(plan, repo_dir, manifest):
+            console.print(where, markup=False)
+        server_args["ready_timeout"] = _ready_timeout(plan, ready_timeout)
         server = _server(recipe, repo_dir, manifest.launch_ranks, **server_args)
     except (RepoError, ValueError, ServerNotFound, ServerError) as e:
         _fail(EXIT_BAD_INPUT, str(e))

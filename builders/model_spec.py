@@ -68,6 +68,9 @@ class ModelSpec:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    published_quant: str = ""
+    """`quantization_config.quant_method` of the checkpoint as published ("fp8" for DeepSeek-V3 / Kimi-K2);
+    "" when its weights are plain floats."""
 
     @property
     def family(self) -> str:
@@ -179,6 +182,7 @@ def _common_fields(cfg: dict[str, Any], arch: str, name: str) -> dict[str, Any]:
         hidden_act=str(cfg.get("hidden_act", "silu")),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         name=name,
+        published_quant=str((cfg.get("quantization_config") or {}).get("quant_method") or ""),
     )
 
 

@@ -14,6 +14,7 @@ from builders.plan_types import MemorySummary, PipelineInfo, Plan, RankPlan
 from builders.recipe import ParallelSection, Recipe
 from builders.roofline import PerfModel, StageShape, best_micro_batches, bubble_fraction
 from builders.sla import sla_checks, verdict
+from builders.target_notes import runtime_micro_batches, target_notes
 
 
 def memory_inputs(recipe: Recipe, hw: HardwareSpec) -> MemoryInputs:
@@ -89,11 +90,14 @@ def _notes(recipe: Recipe, spec: ModelSpec, m: Mapping, hw: HardwareSpec, concur
 
 
 def default_micro_batches(recipe: Recipe, pp_size: int, batch: int, stage_s: float, per_micro_s: float) -> int:
-    """The recipe's pp_micro_batches, else the fastest m up to 4 * pp_size (bubble <= 1/5 at p=2) and the batch.
+    """What the target runs: TensorRT-LLM's pp_size; for the reference runtime the recipe's pp_micro_batches,
+    else the fastest m up to 4 * pp_size (bubble <= 1/5 at p=2) and the batch.
 
     `stage_s` / `per_micro_s`: the slowest stage's work for the burst and each micro-batch's fixed time;
     when the work is small next to the fixed time, fewer micro-batches are faster.
     """
+    if (fixed := runtime_micro_batches(recipe, pp_size)) is not None:
+        return fixed
     if isinstance(recipe.parallel, ParallelSection) and recipe.parallel.pp_micro_batches:
         return recipe.parallel.pp_micro_batches
     if pp_size == 1:
@@ -124,8 +128,9 @@ def evaluate(recipe: Recipe, spec: ModelSpec, hw: HardwareSpec, m: Mapping) -> P
                         prefill=prefill, decode=decode)
     pipeline = PipelineInfo(m.pp_size, micro, bubble_fraction(m.pp_size, micro, per_micro_s, work_s),
                             decode.micro_batches)
+    notes, warnings = target_notes(recipe, spec, m, hw)
     return Plan(recipe=recipe, spec=spec, hardware=hw, mapping=m, ranks=_ranks(spec, m, mem, layers),
                 memory=summary, concurrency=concurrency, batch=batch, prefill=prefill, decode=decode,
                 prefill_burst=burst, pipeline=pipeline, sla=verdict(checks),
-                notes=_notes(recipe, spec, m, hw, concurrency))
+                notes=_notes(recipe, spec, m, hw, concurrency) + notes, warnings=warnings)
 

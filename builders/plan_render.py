@@ -177,3 +177,5 @@ def render(plan: Plan, console: Console | None = None) -> None:
     console.print(Group(*(p for p in parts if p is not None)))
     for note in plan.notes:
         console.print(f"note: {note}", markup=False)
+    for warning in plan.warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False)

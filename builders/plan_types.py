@@ -133,6 +133,8 @@ class Plan:
     pipeline: PipelineInfo
     sla: SlaVerdict
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """What must be done before the target can serve this checkpoint (custom code, FP8 weights, ...)."""
     search: SearchResult | None = None
     quantization_options: list[QuantOption] = field(default_factory=list)
 

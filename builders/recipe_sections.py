@@ -79,8 +79,9 @@ class ServeSection(Section):
     """Instances of the tokenizer model."""
     postprocessing_instances: int = Field(default=1, ge=1)
     """Instances of the detokenizer model."""
-    bls_instances: int = Field(default=1, ge=1)
-    """Instances of the tensorrt_llm_bls model."""
+    bls_instances: int | None = Field(default=None, ge=1)
+    """Instances of the tensorrt_llm_bls model. Each handles one request at a time, so the default is
+    triton_max_batch_size (upstream's advice: the engine's batch); each instance is one stub process."""
     http_port: int = Field(default=8000, ge=1, le=65535)
     """HTTP/REST port."""
     grpc_port: int = Field(default=8001, ge=1, le=65535)

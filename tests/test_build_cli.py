@@ -27,7 +27,14 @@ def test_dry_run_prints_the_exact_command_and_where_the_checkpoint_would_be():
     assert "; tp_size=2 pp_size=2 over 2 node(s)" in lines[0]  # a dense model has no moe_ep/moe_tp split
     assert "# checkpoint: out/llama3-70b-tp2-pp2/checkpoint (not converted yet: `enginesmith convert" \
            in r.stdout
-    assert f"#   node 1: enginesmith build {RECIPE_70B} --ranks 2,3   # runs:" in lines
+    assert (f"#     node 1: enginesmith convert {RECIPE_70B} --ranks 2,3 && enginesmith build {RECIPE_70B} --ranks 2,3"
+            f" && enginesmith repo {RECIPE_70B} --ranks 2,3") in lines
+    golden = GOLDEN["llama3-70b-tp2-pp2.yaml"]
+    runs = f"#       (build runs: python -m builders.build.trtllm_engine --ranks 2,3 -- {golden})"
+    assert runs in lines
+    assert any("shared filesystem: node 0 runs convert, build and repo for all ranks" in line for line in lines)
+    assert f"#   then on node 0: enginesmith serve {RECIPE_70B} --hosts NODE0,NODE1,...  (add --ranks 0,1 with " \
+           "per-node directories)" in lines
     assert "# trtllm-build choices" not in r.stdout
 
 
@@ -35,7 +42,7 @@ def test_explain_gives_a_reason_per_choice():
     r = _run(RECIPE_70B, "--dry-run", "--explain")
     assert r.exit_code == 0, r.output
     reduce = [line for line in r.stdout.splitlines() if line.startswith("#   --reduce_fusion")]
-    assert reduce and "Hopper" in reduce[0] and "enable" in reduce[0]
+    assert reduce and "pp_size=2" in reduce[0] and "disable" in reduce[0]
     assert any(line.startswith("#   --moe_plugin") and "(left out)" in line for line in r.stdout.splitlines())
 
 

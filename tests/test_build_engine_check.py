@@ -112,7 +112,7 @@ def test_other_trtllm_version_is_refused_naming_both(tmp_path):
 
 def test_missing_trtllm_on_the_serving_side_is_refused(tmp_path):
     # Nothing installs TensorRT-LLM here, so detection finds none.
-    with pytest.raises(EngineCompatibilityError, match="TensorRT-LLM not installed"):
+    with pytest.raises(EngineCompatibilityError, match="this Python has no TensorRT-LLM to serve it"):
         check_engine_compatible(_built(tmp_path), gpu_compute_capability="9.0")
 
 

@@ -73,12 +73,12 @@ GOLDEN = {
         "--max_batch_size 16 --max_input_len 2048 --max_seq_len 4096 --max_num_tokens 4096 --max_beam_width 1 "
         f"{COMMON_TAIL} --use_fused_mlp enable --multiple_profiles enable --nccl_plugin auto "
         "--reduce_fusion disable --workers 2",
-    # H100 TP2 x PP2 over 2 nodes of 2: reduce_fusion for TP on Hopper, user_buffer off (not FP8); 2 GPUs/node.
+    # H100 TP2 x PP2 over 2 nodes of 2: no reduce_fusion with pp > 1 (so no user_buffer); 2 GPUs/node.
     "llama3-70b-tp2-pp2.yaml":
         "trtllm-build --checkpoint_dir out/llama3-70b-tp2-pp2/checkpoint --output_dir out/llama3-70b-tp2-pp2/engine "
         "--max_batch_size 64 --max_input_len 4096 --max_seq_len 8192 --max_num_tokens 8192 --max_beam_width 1 "
         f"{COMMON_TAIL} --use_fused_mlp enable --multiple_profiles enable --nccl_plugin auto "
-        "--reduce_fusion enable --user_buffer disable --workers 2",
+        "--reduce_fusion disable --workers 2",
     # A100 MoE: moe_plugin, no dense gated MLP to fuse, no Hopper fusions; --workers = ranks of the auto layout.
     "mixtral-8x22b-16xa100.yaml":
         "trtllm-build --checkpoint_dir out/mixtral-8x22b-16xa100/checkpoint "
@@ -147,11 +147,23 @@ def _choices(recipe) -> dict[str, tuple[str | None, str]]:
 
 
 def test_fp8_on_hopper_turns_on_fp8_kernels_and_user_buffer():
-    c = _choices(_variant("llama3-70b-tp2-pp2.yaml", quantization={"weights": "fp8", "kv_cache": "fp8"}))
+    tp4 = {"parallel": {"tp_size": 4, "pp_size": 1},
+           "hardware": {"gpus_per_node": 4, "nodes": 1}}
+    c = _choices(_variant("llama3-70b-tp2-pp2.yaml", quantization={"weights": "fp8", "kv_cache": "fp8"}, **tp4))
     assert c["--gemm_plugin"][0] == "disable"
     assert c["--use_fp8_context_fmha"][0] == "enable"
     assert c["--reduce_fusion"][0] == "enable" and c["--user_buffer"][0] == "enable"
     assert c["--use_fused_mlp"][0] == "enable"
+
+
+def test_reduce_fusion_only_with_tp_and_no_pipeline():
+    fp8 = {"quantization": {"weights": "fp8", "kv_cache": "fp8"}}
+    pp = _choices(_variant("llama3-70b-tp2-pp2.yaml", **fp8))
+    assert pp["--reduce_fusion"][0] == "disable" and "pp_size=2" in pp["--reduce_fusion"][1]
+    assert "--user_buffer" not in pp
+    tp = _choices(_variant("llama3-70b-tp2-pp2.yaml", parallel={"tp_size": 2, "pp_size": 1},
+                           hardware={"gpus_per_node": 2, "nodes": 1}))
+    assert tp["--reduce_fusion"][0] == "enable" and tp["--user_buffer"][0] == "disable"
 
 
 def test_weight_only_turns_gated_mlp_fusion_off():

@@ -104,13 +104,54 @@ def test_golden_options_of_the_70b_recipe(tmp_path):
     assert llmapi_files(recipe, make_plan(recipe), tmp_path / "hf")[OPTIONS_FILE] == GOLDEN_70B_OPTIONS
 
 
-def test_quantization_and_scheduler_names_are_trtllms(tmp_path):
+def llm_args_table() -> dict[str, set[str]]:
+    """Class -> field names of TensorRT-LLM 1.2's LLM-API arguments (tests/data/trtllm-llmapi-args/)."""
+    table: dict[str, set[str]] = {}
+    for line in (REPO / "tests" / "data" / "trtllm-llmapi-args" / "llm_args-1.2.tsv").read_text().splitlines():
+        if line and not line.startswith("#"):
+            cls, name = line.split("\t")
+            table.setdefault(cls, set()).add(name)
+    return table
+
+
+VARIANTS = [
+    ("kimi-k2-16xa100.yaml", {}),
+    ("llama3-70b-tp2-pp2.yaml", {"quantization": {"weights": "fp8", "kv_cache": "fp8"},
+                                 "serve": {"batch_scheduler_policy": "max_utilization"}}),
+    ("llama2-13b-tp2-24gb.yaml", {"quantization": {"weights": "int8_weight_only", "kv_cache": "none"}}),
+    ("mixtral-8x22b-16xa100.yaml", {"model": {"trust_remote_code": True}}),
+]
+
+
+@pytest.mark.parametrize("name,changes", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_every_key_is_a_pytorch_backend_argument_of_trtllm_1_2(name, changes, tmp_path):
+    table = llm_args_table()
+    torch_args = table["BaseLlmArgs"] | table["TorchLlmArgs"]
+    assert LLMAPI_KEYS <= torch_args and KV_CACHE_CONFIG_KEYS <= table["KvCacheConfig"]
+    # quant_config is an argument of the TensorRT backend only (TorchLlmArgs reads the checkpoint's own).
+    assert "quant_config" in table["TrtLlmArgs"] and "quant_config" not in torch_args
+    recipe = _variant(name, **changes) if changes else load_recipe(REPO / "recipes" / name)
+    files = _files(recipe, tmp_path)
+    for fname in (OPTIONS_FILE, MODEL_YAML):
+        doc = {k: v for k, v in files[fname].items() if k != "triton_config"}
+        assert set(doc) <= torch_args, (fname, set(doc) - torch_args)
+        assert set(doc["kv_cache_config"]) <= table["KvCacheConfig"]
+        assert set(doc["scheduler_config"]) <= table["SchedulerConfig"]
+    assert files[MODEL_YAML]["backend"] == "pytorch"
+
+
+def test_quantized_recipes_need_a_prequantized_checkpoint_and_names_are_trtllms(tmp_path):
     recipe = _variant("llama3-70b-tp2-pp2.yaml", quantization={"weights": "fp8", "kv_cache": "fp8"},
                       serve={"batch_scheduler_policy": "max_utilization", "enable_kv_cache_reuse": True})
-    opts = _files(recipe, tmp_path)[OPTIONS_FILE]
-    assert opts["quant_config"] == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
+    texts = llmapi_files(recipe, make_plan(recipe), tmp_path / "hf")
+    opts = yaml.safe_load(texts[OPTIONS_FILE])
+    assert "quant_config" not in opts
     assert opts["kv_cache_config"]["dtype"] == "fp8" and opts["kv_cache_config"]["enable_block_reuse"] is True
     assert opts["scheduler_config"] == {"capacity_scheduler_policy": "MAX_UTILIZATION"}
+    for text in texts.values():
+        assert "model.source must be a checkpoint already quantized to FP8" in text
+    plain = load_recipe(REPO / "recipes" / "llama3-70b-tp2-pp2.yaml")
+    assert "quantized" not in llmapi_files(plain, make_plan(plain), tmp_path / "hf")[OPTIONS_FILE]
 
 
 def test_downloaded_snapshot_is_the_model_path(tmp_path):

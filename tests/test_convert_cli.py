@@ -72,6 +72,19 @@ def test_convert_command_writes_checkpoint_and_reruns_as_noop(tmp_path):
     assert CheckpointManifest.read(ckpt).is_complete(ckpt, manifest.key)
 
 
+def test_convert_ranks_of_one_node_report_what_was_written_and_rerun_as_noop(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_hf_model("llama"))
+    ckpt = tmp_path / "out" / "tiny-llama" / "checkpoint"
+    node1 = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out"), "--ranks", "2,3"])
+    assert node1.exit_code == 0 and "wrote 2 rank file(s)" in node1.output and "reused" not in node1.output
+    assert sorted(p.name for p in ckpt.glob("rank*")) == ["rank2.safetensors", "rank3.safetensors"]
+    again = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out"), "--ranks", "2,3"])
+    assert again.exit_code == 0 and "checkpoint: up to date in" in again.output and "wrote" not in again.output
+    full = runner.invoke(app, ["convert", str(recipe), "--out", str(tmp_path / "out")])
+    assert full.exit_code == 0 and "wrote 2 rank file(s)" in full.output and "(2 reused)" in full.output
+    assert CheckpointManifest.read(ckpt).rank_files == [f"rank{r}.safetensors" for r in range(4)]
+
+
 def test_convert_command_pickle_policy_and_quantization(tmp_path):
     src = tmp_path / "pickled"
     src.mkdir()

@@ -91,9 +91,9 @@ def test_llama3_70b_tp2_pp2_over_two_nodes():
     assert by_rank[0].memory.workspace_bytes == workspace
     gpu = int(79.6 * GIB)
     assert p.memory.kv_tokens == min(kv_tokens(gpu, w, workspace, 81_920, 0.9, 32) for w in (stage0, stage1))
-    # 8 micro-batches; each adds 40 layers x LAYER_FIXED_US (0.74 ms at 18.4 us) to a stage of ~2 s of work:
-    # just over the idle fraction 1/9
-    assert p.pipeline.micro_batches == 8 and 1 / 9 < p.pipeline.bubble_fraction < 1 / 9 + 0.01
+    # TensorRT-LLM keeps pp_size = 2 micro-batches in flight; each adds 40 layers x LAYER_FIXED_US to a stage of
+    # ~2 s of work: just over the idle fraction 1/3
+    assert p.pipeline.micro_batches == 2 and 1 / 3 < p.pipeline.bubble_fraction < 1 / 3 + 0.01
     kinds = {c.kind: c.link for c in p.decode.comm}
     assert kinds == {"tp_allreduce": "nvlink", "lm_head_allgather": "nvlink", "pp_p2p": "infiniband"}
     assert p.sla.meets

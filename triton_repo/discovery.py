@@ -53,6 +53,8 @@ class ServerBinary:
     env: dict[str, str] = field(default_factory=dict)
     """Variables set for the server (and exported to every MPI rank)."""
     bundled: bool = False
+    stub_numpy: Path | None = None
+    """The private numpy < 2 first on the bundled stubs' path (None: the environment's numpy is used)."""
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -211,7 +213,8 @@ def bundled_server(cache_dir: str | Path | None = None) -> ServerBinary:
     numpy = stub_numpy(root) if (numpy_major() or 0) >= 2 else None
     python_bin = Path(sys.executable).parent if same and numpy is None else stub_environment(prefix, root, numpy)
     return ServerBinary(dist / "bin" / "tritonserver", backends.parent,
-                        {**python_path_env(python_bin), "LD_LIBRARY_PATH": libs, NUMPY_GUARD_ENV: "2"}, bundled=True)
+                        {**python_path_env(python_bin), "LD_LIBRARY_PATH": libs, NUMPY_GUARD_ENV: "2"}, bundled=True,
+                        stub_numpy=numpy)
 
 
 def find_server(cache_dir: str | Path | None = None) -> ServerBinary:

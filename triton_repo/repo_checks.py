@@ -109,8 +109,11 @@ def check_serve_options(serve, engine: EngineFacts, streaming_because: str | Non
                             f"serve.{field}: false")
 
 
-def check_layout(mapping, engine: EngineFacts) -> None:
-    """World size == tp*pp, and the engine was built for the plan's layout."""
+def check_layout(mapping, engine: EngineFacts, ranks: tuple[int, ...] | None = None) -> None:
+    """World size == tp*pp, and the engine was built for the plan's layout.
+
+    `ranks`: the engine ranks this node holds (a multi-node layout without a shared filesystem); None: all.
+    """
     if mapping.world_size != mapping.tp_size * mapping.pp_size:
         raise RepoError(f"world_size={mapping.world_size} must equal tp_size*pp_size="
                         f"{mapping.tp_size * mapping.pp_size} (leader mode runs one rank per GPU)")
@@ -118,9 +121,18 @@ def check_layout(mapping, engine: EngineFacts) -> None:
         if got is not None and int(got) != getattr(mapping, name):
             raise RepoError(f"{engine.source}: {name}={got} but the plan has {name}={getattr(mapping, name)}; "
                             "rebuild the engine for this recipe's layout")
-    if engine.rank_files is not None and engine.rank_files != mapping.world_size:
+    if engine.rank_files is None:
+        return
+    if ranks is not None:
+        missing = [f"rank{r}.engine" for r in ranks if not (engine.source.parent / f"rank{r}.engine").is_file()]
+        if missing:
+            listed = ",".join(map(str, ranks))
+            raise RepoError(f"{engine.source.parent} lacks {', '.join(missing)} of --ranks {listed}; run "
+                            f"`enginesmith build RECIPE --ranks {listed}` on this node first")
+    elif engine.rank_files != mapping.world_size:
         raise RepoError(f"{engine.source.parent} holds {engine.rank_files} rank*.engine files but the plan has "
-                        f"world_size={mapping.world_size}; rebuild the engine")
+                        f"world_size={mapping.world_size}; rebuild the engine, or give --ranks with this node's "
+                        "ranks when each node holds only its own")
 
 
 def check_engine_target(engine_dir: str | Path, target: str, gpu_compute_capability: str | None,
@@ -147,9 +159,8 @@ def check_engine_target(engine_dir: str | Path, target: str, gpu_compute_capabil
         raise RepoError(str(e)) from None
 
 
-def serving_trtllm_version() -> str:
-    """TensorRT-LLM of the serving side: the installed one, else the version this project pins."""
+def serving_trtllm_version() -> str | None:
+    """TensorRT-LLM of the serving side: the installed one (None when this Python has none)."""
     from builders.build.engine_check import installed_trtllm_version
-    from builders.build.trtllm_engine import PINNED_VERSION
 
-    return installed_trtllm_version() or PINNED_VERSION
+    return installed_trtllm_version()

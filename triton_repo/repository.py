@@ -6,10 +6,17 @@ over the engine directory, or `python` running our reference runtime (triton_rep
 tensorrt_llm_reference.py as tensorrt_llm/1/model.py). Target trtllm-llmapi gets upstream's single `llmapi`
 model. Everything is checked first (triton_repo/repo_checks.py), written into a temporary directory, and
 renamed into place, so a reader never sees a half-written repository.
+
+The repository is self-contained: the `triton_repo` modules preprocessing, postprocessing and the BLS import
+are copied next to each `model.py` (`<model>/1/triton_repo/...`, found by reading their imports), and the
+models put their own folder first on `sys.path`, so a plain `tritonserver --model-repository` (or upstream's
+launch_triton_server.py) serves them without enginesmith installed. The reference target's `tensorrt_llm`
+model runs the reference runtime, so it needs enginesmith (and torch) installed where it is served.
 """
 
 from __future__ import annotations
 
+import ast
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +29,10 @@ from triton_repo import repo_checks as checks
 from triton_repo.repo_checks import RepoError
 from triton_repo.tensor_specs import TENSORRT_LLM_PARAMETERS
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODELS_DIR = PACKAGE_DIR / "models"
+SELF_CONTAINED = ("preprocessing", "postprocessing", "tensorrt_llm_bls")
+"""Python models that must run with nothing of enginesmith installed (their helpers are copied beside them)."""
 INFLIGHT_MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
 # Unset upstream parameters are written as "" (the C++ backend then logs and uses its default), except
@@ -50,6 +60,8 @@ class RepoManifest(StageManifest):
     launch_ranks: int = 1
     """tritonserver processes under mpirun: world_size for trtllm-engine (leader mode), else 1 (the reference
     runtime and the LLM API start their own ranks)."""
+    ranks: list[int] = Field(default_factory=list)
+    """Engine ranks this node holds when each node has its own directory (`--ranks`); empty: all of them."""
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -95,7 +107,50 @@ def repo_options(recipe) -> mc.RepoOptions:
         tensorrt_llm_backend="python" if recipe.build.target == "reference" else "tensorrtllm",
         max_queue_delay_us=s.max_queue_delay_us, max_queue_size=s.max_queue_size,
         preprocessing_instances=s.preprocessing_instances, postprocessing_instances=s.postprocessing_instances,
-        bls_instances=s.bls_instances)
+        bls_instances=s.bls_instances or s.triton_max_batch_size)
+
+
+def _module_file(name: str) -> Path | None:
+    """Source file of `triton_repo[.x.y]`, or None when `name` is not one of this package's modules."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE_DIR.name:
+        return None
+    base = PACKAGE_DIR.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported(path: Path) -> set[str]:
+    """Modules `path` imports (absolute imports; `from pkg import mod` also names `pkg.mod`)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def helper_files(model_file: Path) -> dict[str, Path]:
+    """`triton_repo/...` path -> source of every module of this package `model_file` needs, transitively
+    (with the `__init__.py` of each package on the way)."""
+    found: dict[str, Path] = {}
+    todo = [model_file]
+    while todo:
+        for name in sorted(_imported(todo.pop())):
+            if name.split(".")[0] in ("builders", "runtime", "client"):
+                raise RepoError(f"{model_file.name} needs {name}, which a self-contained repository cannot hold")
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):
+                path = _module_file(".".join(parts[:depth]))
+                rel = path and path.relative_to(PACKAGE_DIR.parent).as_posix()
+                if path is not None and rel not in found:
+                    found[rel] = path
+                    todo.append(path)
+    return found
 
 
 def _inflight_files(recipe, mapping, engine_dir: Path, tokenizer_dir: Path) -> dict[str, str | Path]:
@@ -111,8 +166,9 @@ def _inflight_files(recipe, mapping, engine_dir: Path, tokenizer_dir: Path) -> d
         "tensorrt_llm_bls": mc.bls_config(o, params["tensorrt_llm_bls"]),
     }
     files: dict[str, str | Path] = {f"{name}/config.pbtxt": mc.to_pbtxt(cfg) for name, cfg in configs.items()}
-    for name in ("preprocessing", "postprocessing", "tensorrt_llm_bls"):
+    for name in SELF_CONTAINED:
         files[f"{name}/1/model.py"] = MODELS_DIR / f"{name}.py"
+        files.update({f"{name}/1/{rel}": src for rel, src in helper_files(MODELS_DIR / f"{name}.py").items()})
     if o.tensorrt_llm_backend == "python":
         files["tensorrt_llm/1/model.py"] = MODELS_DIR / "tensorrt_llm_reference.py"
     return files
@@ -162,15 +218,19 @@ def _tree_hash(directory: Path) -> dict[str, str]:
 
 
 def check_inputs(recipe, plan, engine_dir: Path, tokenizer_dir: Path, streaming: bool | None = None,
-                 gpu_compute_capability: str | None = None, trtllm_version: str | None = None):
+                 gpu_compute_capability: str | None = None, trtllm_version: str | None = None,
+                 ranks: tuple[int, ...] | None = None):
     """Every cross-check of `write_repo`; returns the engine facts (raises RepoError)."""
     from builders.build.gpu import gpu_arch_of
 
     target = recipe.build.target
+    if ranks is not None and target != "trtllm-engine":
+        raise RepoError(f"--ranks applies to build.target trtllm-engine only, not {target}: its ranks start "
+                        "from one server")
     facts = checks.read_engine_facts(engine_dir, target)
     checks.check_tokenizer(tokenizer_dir)
     checks.check_serve_options(recipe.serve, facts, _streaming_because(recipe, streaming))
-    checks.check_layout(plan.mapping, facts)
+    checks.check_layout(plan.mapping, facts, ranks)
     if target == "trtllm-engine":
         checks.check_engine_target(engine_dir, target, gpu_compute_capability or
                                    gpu_arch_of(recipe.hardware).compute_capability,
@@ -180,9 +240,10 @@ def check_inputs(recipe, plan, engine_dir: Path, tokenizer_dir: Path, streaming:
     return facts
 
 
-def _manifest(recipe, plan, files, engine_dir: Path, tokenizer_dir: Path, engine_file: Path) -> RepoManifest:
+def _manifest(recipe, plan, files, engine_dir: Path, tokenizer_dir: Path, engine_file: Path,
+              ranks: tuple[int, ...] | None = None) -> RepoManifest:
     target = recipe.build.target
-    m = RepoManifest(
+    m = RepoManifest(ranks=list(ranks or ()),
         target=target, models=sorted({rel.split("/")[0] for rel in files}),
         tensorrt_llm_backend="python" if target == "trtllm-llmapi" else repo_options(recipe).tensorrt_llm_backend,
         engine_dir=str(engine_dir), tokenizer_dir=str(tokenizer_dir),
@@ -190,27 +251,30 @@ def _manifest(recipe, plan, files, engine_dir: Path, tokenizer_dir: Path, engine
         world_size=plan.mapping.world_size, launch_ranks=launch_ranks(target, plan.mapping),
         warnings=_warnings(recipe, files), versions=tool_versions(),
         inputs={"engine": sha256_file(engine_file), "tokenizer": sha256_json(_tree_hash(tokenizer_dir))})
-    m.key = sha256_json({"inputs": m.inputs, "files": {
+    m.key = sha256_json({"inputs": m.inputs, "ranks": m.ranks, "files": {
         rel: src if isinstance(src, str) else sha256_file(src) for rel, src in sorted(files.items())}})
     return m
 
 
 def write_repo(recipe, plan, engine_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,
                streaming: bool | None = None, llmapi_model_py: str | Path | None = None,
-               gpu_compute_capability: str | None = None, trtllm_version: str | None = None) -> RepoManifest:
+               gpu_compute_capability: str | None = None, trtllm_version: str | None = None,
+               ranks: tuple[int, ...] | None = None) -> RepoManifest:
     """Check, then write the repository of `recipe` into `out_dir` (replaced atomically; skipped if unchanged).
 
     `streaming`: None derives it from the SLA (TTFT / TPOT targets are measured on a token stream).
     `gpu_compute_capability` / `trtllm_version` (trtllm-engine): the serving side; default the recipe's
-    GPU and the installed (else pinned) TensorRT-LLM.
+    GPU and the installed TensorRT-LLM. `ranks` (trtllm-engine): the engine ranks this node holds when each
+    node has its own directory; only those engines must be here.
     """
     engine_dir, tokenizer_dir, out_dir = Path(engine_dir).resolve(), Path(tokenizer_dir).resolve(), Path(out_dir)
-    facts = check_inputs(recipe, plan, engine_dir, tokenizer_dir, streaming, gpu_compute_capability, trtllm_version)
+    facts = check_inputs(recipe, plan, engine_dir, tokenizer_dir, streaming, gpu_compute_capability, trtllm_version,
+                         ranks)
     if recipe.build.target == "trtllm-llmapi":
         files = _llmapi_files(recipe, engine_dir, Path(llmapi_model_py) if llmapi_model_py else None)
     else:
         files = _inflight_files(recipe, plan.mapping, engine_dir, tokenizer_dir)
-    manifest = _manifest(recipe, plan, files, engine_dir, tokenizer_dir, facts.source)
+    manifest = _manifest(recipe, plan, files, engine_dir, tokenizer_dir, facts.source, ranks)
     old = RepoManifest.read(out_dir) if (out_dir / "manifest.json").is_file() else None
     if old is not None and old.is_complete(out_dir, manifest.key):
         return old

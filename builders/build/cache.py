@@ -22,7 +22,7 @@ IGNORED_FACTORS: dict[str, dict[str, str]] = {
         "serve.*": "runtime parameters of the Triton model (KV fraction, scheduler policy, chunked context, ports)",
         "sla.*": "planning targets only",
         "hardware.memory_gb/hbm_gbps/tflops/*_gbps": "planner inputs; the engine depends on the GPU arch only",
-        "parallel.pp_micro_batches": "a runtime scheduling choice",
+        "parallel.pp_micro_batches": "not a TensorRT-LLM setting: its runtime keeps pp_size micro-batches in flight",
         "--workers, --out": "build parallelism and location do not change an engine",
     },
     "trtllm-llmapi": {

@@ -6,7 +6,9 @@ passing the GPU / TensorRT-LLM version it will run with (or letting them be dete
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -52,13 +54,31 @@ def local_gpus() -> list[LocalGpu]:
 
 
 def installed_trtllm_version() -> str | None:
-    """Version of the installed TensorRT-LLM distribution, read from its metadata (no import)."""
+    """Version of the TensorRT-LLM this Python imports: its distribution's metadata, else the `__version__` of
+    its `tensorrt_llm/version.py` (a source build on PYTHONPATH); read without importing it (the import
+    initialises CUDA). None when it is not installed."""
     for dist in TRTLLM_DISTRIBUTIONS:
         try:
             return version(dist)
         except PackageNotFoundError:
             continue
+    spec = importlib.util.find_spec("tensorrt_llm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "version.py"
+        if path.is_file() and (m := re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", path.read_text(),
+                                               re.MULTILINE)):
+            return m.group(1)
     return None
+
+
+def trtllm_location() -> Path | None:
+    """The folder `tensorrt_llm` is imported from (no import)."""
+    spec = importlib.util.find_spec("tensorrt_llm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _same_setting(asked: str, built, dtype: str) -> bool:
@@ -139,6 +159,11 @@ def check_engine_compatible(engine_dir: str | Path, gpu_compute_capability: str 
             f"engine in {engine_dir} was built for GPU {built_for}, but this GPU is compute capability "
             f"{gpu_compute_capability} ({gpu_name or 'unknown'}); rebuild it on the serving GPU")
     here = trtllm_version or installed_trtllm_version()
+    if here is None:
+        raise EngineCompatibilityError(
+            f"engine in {engine_dir} was built with TensorRT-LLM {manifest.trtllm_version}, and this Python has no "
+            "TensorRT-LLM to serve it: run `enginesmith repo/serve` where it is installed (NVIDIA's container, "
+            "with `make venv` there)")
     if here != manifest.trtllm_version:
         raise EngineCompatibilityError(
             f"engine in {engine_dir} was built with TensorRT-LLM {manifest.trtllm_version}, but the serving "

@@ -137,6 +137,10 @@ def _collectives(recipe, plan, gpu: GpuArch) -> list[FlagChoice]:
                       + ", ".join(p for p in parts if p))]
     if m.tp_size == 1:
         return out + [FlagChoice("--reduce_fusion", None, "tp_size=1: no all-reduce to fuse")]
+    if m.pp_size > 1:
+        return out + [FlagChoice("--reduce_fusion", "disable",
+                                 f"pp_size={m.pp_size}: upstream fuses all-reduces only in TP-only examples, and "
+                                 "the fusion has an accuracy history; kept to tp > 1 with pp_size 1")]
     # trtllm-build's build() overrides reduce_fusion to False for any other architecture.
     if gpu.is_hopper and plan.spec.architecture == "LlamaForCausalLM":
         out.append(FlagChoice("--reduce_fusion", "enable",

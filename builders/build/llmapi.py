@@ -5,7 +5,11 @@ Two files from one recipe, both in `engine/`:
 - `model.yaml`: the Triton `llmapi` model's `tensorrt_llm/1/model.yaml` (upstream template in
   `triton_backend/all_models/llmapi/tensorrt_llm/1/model.yaml`): `model`, `backend`, the same
   options, and `triton_config`.
-Key names are TensorRT-LLM's (`tensor_parallel_size`, `kv_cache_config.free_gpu_memory_fraction`, ...).
+Key names are TensorRT-LLM's (`tensor_parallel_size`, `kv_cache_config.free_gpu_memory_fraction`, ...), and
+only those of the PyTorch backend's `TorchLlmArgs` (every LLM-API argument class rejects unknown keys; the
+table they are checked against is tests/data/trtllm-llmapi-args/). That backend takes the quantization from
+the checkpoint (`quant_config` is a TensorRT-backend argument): a quantized recipe needs a checkpoint
+quantized beforehand as its model source (`prequantized_checkpoint_note`).
 """
 
 from __future__ import annotations
@@ -29,28 +33,31 @@ TARGET = "trtllm-llmapi"
 OPTIONS_FILE = "llm_api_options.yaml"
 MODEL_YAML = "model.yaml"
 
-# TorchLlmArgs fields this module may write (tensorrt_llm.llmapi.TorchLlmArgs, 1.x reference docs).
+BACKEND = "pytorch"
+"""The LLM-API backend these files are for: TensorRT-LLM 1.x's default, and the Triton llmapi model's."""
+# TorchLlmArgs fields this module may write (TensorRT-LLM 1.2 tensorrt_llm/llmapi/llm_args.py).
 LLMAPI_KEYS = frozenset({
     "model", "backend", "dtype", "trust_remote_code", "revision",
     "tensor_parallel_size", "pipeline_parallel_size", "moe_expert_parallel_size", "moe_tensor_parallel_size",
     "gpus_per_node", "max_batch_size", "max_num_tokens", "max_seq_len", "max_input_len", "max_beam_width",
-    "enable_chunked_prefill", "kv_cache_config", "scheduler_config", "quant_config",
+    "enable_chunked_prefill", "kv_cache_config", "scheduler_config",
 })
 KV_CACHE_CONFIG_KEYS = frozenset({"free_gpu_memory_fraction", "enable_block_reuse", "tokens_per_block", "dtype"})
 TRITON_CONFIG_KEYS = frozenset({"max_batch_size", "decoupled"})
 
-# recipe quantization -> TensorRT-LLM QuantAlgo names.
+# recipe quantization -> TensorRT-LLM QuantAlgo names (what the pre-quantized checkpoint must carry).
 _QUANT_ALGO = {"fp8": "FP8", "int8_weight_only": "W8A16", "int4_weight_only": "W4A16"}
 _SCHEDULER = {"guaranteed_no_evict": "GUARANTEED_NO_EVICT", "max_utilization": "MAX_UTILIZATION"}
 
 
-def _quant_config(recipe) -> dict | None:
-    q = recipe.quantization
-    algo = _QUANT_ALGO.get(q.weights)
-    kv = "FP8" if q.kv_cache == "fp8" else None
-    if algo is None and kv is None:
+def prequantized_checkpoint_note(recipe) -> str | None:
+    """Why a quantized recipe needs a checkpoint quantized beforehand (None when the weights are not)."""
+    algo = _QUANT_ALGO.get(recipe.quantization.weights)
+    if algo is None:
         return None
-    return {"quant_algo": algo, "kv_cache_quant_algo": kv}
+    return (f"quantization.weights={recipe.quantization.weights}: the LLM API's PyTorch backend does not quantize "
+            f"on load; model.source must be a checkpoint already quantized to {algo} (e.g. with NVIDIA ModelOpt), "
+            "whose own quantization config it reads")
 
 
 def llm_api_options(recipe, plan) -> dict:
@@ -81,9 +88,6 @@ def llm_api_options(recipe, plan) -> dict:
         },
         "scheduler_config": {"capacity_scheduler_policy": _SCHEDULER[s.batch_scheduler_policy]},
     })
-    quant = _quant_config(recipe)
-    if quant is not None:
-        opts["quant_config"] = quant
     return opts
 
 
@@ -95,7 +99,7 @@ def model_source(recipe, hf_dir: str | Path) -> str:
 
 def triton_model_yaml(recipe, plan, model: str) -> dict:
     """The Triton llmapi model's model.yaml: upstream's keys, filled from the recipe."""
-    out: dict = {"model": model, "backend": "pytorch"}
+    out: dict = {"model": model, "backend": BACKEND}
     if not Path(model).is_absolute() and recipe.model.revision:
         out["revision"] = recipe.model.revision
     out.update(llm_api_options(recipe, plan))
@@ -120,12 +124,14 @@ def llmapi_files(recipe, plan, hf_dir: str | Path) -> dict[str, str]:
     """File name -> YAML text of both outputs."""
     model = model_source(recipe, hf_dir)
     opts = llm_api_options(recipe, plan)
+    note = prequantized_checkpoint_note(recipe)
+    tail = f"\n{note}." if note else ""
     return {
         OPTIONS_FILE: dump_yaml(opts, f"LLM-API options of recipe {recipe.name}: trtllm-serve MODEL --config "
-                                      f"{OPTIONS_FILE}\nWritten by `enginesmith build`."),
+                                      f"{OPTIONS_FILE}\nWritten by `enginesmith build`.{tail}"),
         MODEL_YAML: dump_yaml(triton_model_yaml(recipe, plan, model),
                               f"Triton llmapi model.yaml of recipe {recipe.name} "
-                              "(tensorrt_llm/1/model.yaml).\nWritten by `enginesmith build`."),
+                              f"(tensorrt_llm/1/model.yaml).\nWritten by `enginesmith build`.{tail}"),
     }
 
 

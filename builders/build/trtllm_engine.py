@@ -36,7 +36,11 @@ def trtllm_importable() -> bool:
 def require_trtllm() -> None:
     """Raise TensorRTLLMUnavailable unless both the package and the trtllm-build executable exist."""
     if not trtllm_importable():
-        raise TensorRTLLMUnavailable(INSTALL_HELP)
+        on_path = shutil.which(TRTLLM_BUILD)
+        hint = (f"\n`{TRTLLM_BUILD}` is on PATH ({on_path}) but {sys.executable} cannot import tensorrt_llm: an "
+                "isolated venv hides the container's packages; in the container run `make venv` again (it builds "
+                "the venv over the Python that has torch and TensorRT-LLM)") if on_path else ""
+        raise TensorRTLLMUnavailable(INSTALL_HELP + hint)
     if shutil.which(TRTLLM_BUILD) is None:
         raise TensorRTLLMUnavailable(
             f"tensorrt_llm is importable but `{TRTLLM_BUILD}` is not on PATH; TensorRT-LLM 1.3.0rc21 and later "

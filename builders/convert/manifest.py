@@ -33,10 +33,13 @@ class CheckpointManifest(StageManifest):
     plan: dict[str, Any] = Field(default_factory=dict)
     """The Plan the mapping came from (`Plan.to_dict()`), when convert ran from a recipe."""
     rank_files: list[str] = Field(default_factory=list)
-    """`rank{N}.safetensors` in rank order."""
+    """`rank{N}.safetensors` written here, in rank order (a node of a multi-node layout: only its own)."""
 
     def rank_path(self, directory: str | Path, rank: int) -> Path:
-        return Path(directory) / self.rank_files[rank]
+        name = f"rank{rank}.safetensors"
+        if name not in self.rank_files:
+            raise KeyError(f"{name} is not in this checkpoint (it holds {', '.join(self.rank_files)})")
+        return Path(directory) / name
 
 
 def source_fingerprint(hf_dir: str | Path, files: list[Path]) -> str:

@@ -146,8 +146,12 @@ def convert_checkpoint(*args, **kwargs) -> CheckpointManifest:
 def convert(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping, spec: ModelSpec,
             dtype: str = "bfloat16", quantization: str | None = None, *, workers: int = 1,
             progress: bool = True, source_id: str | None = None, source_revision: str | None = None,
-            prequantize: bool = True, plan: dict | None = None) -> ConvertResult:
+            prequantize: bool = True, plan: dict | None = None,
+            ranks: tuple[int, ...] | None = None) -> ConvertResult:
     """Convert `hf_dir` into `out_dir` (config.json, rank{N}.safetensors, tokenizer/, manifest.json).
+
+    `ranks` (default all): the rank files to write, e.g. one node's of a multi-node layout without a shared
+    filesystem; the manifest then lists only those.
 
     With weight-only `quantization`, `prequantize=True` stores int8 weights + per_channel_scale (the
     reference runtime's input); False keeps float weights and only sets `quant_algo`, so `trtllm-build`
@@ -168,7 +172,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping, spec: Mod
     key = convert_key(source_fingerprint(hf_dir, list(files.values())), mapping_dict, dtype,
                       f"{quant_algo}:{'int' if stored_algo else 'float'}", source_revision)
     config_text = json.dumps(trtllm_config(spec, mapping, dtype, quant_algo, hf_config), indent=2) + "\n"
-    ranks = [rank_name(r) for r in range(mapping.world_size)]
+    wanted = list(range(mapping.world_size)) if ranks is None else sorted(ranks)
+    names = [rank_name(r) for r in wanted]
 
     def manifest_with(outputs: dict[str, str]) -> CheckpointManifest:
         return CheckpointManifest(
@@ -178,11 +183,11 @@ def convert(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping, spec: Mod
             outputs=outputs, source={"path": str(hf_dir.resolve()), "repo_id": source_id,
                                      "revision": source_revision},
             mapping=mapping_dict, dtype=dtype, quant_algo=quant_algo, prequantized=stored_algo is not None,
-            rank_files=ranks)
+            rank_files=names)
 
     if (previous := _previous(out, key)) is not None:
         expected = manifest_with({"config.json": sha256_bytes(config_text.encode()),
-                                  **{r: previous.outputs.get(r, "") for r in ranks}, **tokenizer_digests(hf_dir)})
+                                  **{r: previous.outputs.get(r, "") for r in names}, **tokenizer_digests(hf_dir)})
         same = expected.model_dump(exclude={"created"}) == previous.model_dump(exclude={"created"})
         if same and not previous.mismatched_outputs(out):
             return ConvertResult(previous, written=[], up_to_date=True)
@@ -190,13 +195,13 @@ def convert(hf_dir: str | Path, out_dir: str | Path, mapping: Mapping, spec: Mod
     out.mkdir(parents=True, exist_ok=True)
     _clean(out, mapping.world_size, key)
     done = _reusable(out, key, mapping.world_size)
-    todo = [r for r in range(mapping.world_size) if rank_name(r) not in done]
+    todo = [r for r in wanted if rank_name(r) not in done]
     _write_ranks(hf_dir, out, files, todo, lambda r: plan_rank(spec, mapping, r, dtype, stored_algo), key,
                  done, workers, progress)
 
     atomic_write_text(out / "config.json", config_text)
     outputs = {"config.json": sha256_file(out / "config.json")}
-    outputs |= {r: done[r] for r in ranks}
+    outputs |= {r: done[r] for r in names}
     outputs |= copy_tokenizer(hf_dir, out)
     manifest = manifest_with(outputs)
     manifest.write(out)

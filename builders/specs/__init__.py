@@ -1,7 +1,8 @@
 """Model specs shipped with enginesmith, so planning the reference deployments needs no network.
 
 Each `<name>.json` holds `name`, `repo_ids` (Hugging Face ids it stands for), `published` (the model
-card's parameter counts, checked by the tests) and `config` (the fields of the model's config.json).
+card's parameter counts, checked by the tests), `config` (the fields of the model's config.json) and, where
+the checkpoint needs `trust_remote_code`, `remote_code` (what custom code it runs; the plan warns of it).
 """
 
 from __future__ import annotations

@@ -14,9 +14,14 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 from contextlib import nullcontext
 
 import triton_python_backend_utils as pb_utils
+
+# The repository holds its own copy of these modules beside this file (triton_repo/repository.py):
+# put it first, so the models run without enginesmith installed and never mix with another version.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from triton_repo.detokenize import WHOLE, LedgerReader, server_ledger_path, stream_key
 from triton_repo.models.model_args import (

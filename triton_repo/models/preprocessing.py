@@ -9,8 +9,15 @@ A bad request gets an error response; the other requests of the batch are served
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# The repository holds its own copy of these modules beside this file (triton_repo/repository.py):
+# put it first, so the models run without enginesmith installed and never mix with another version.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from triton_repo.models.model_args import (
     ModelArgsError,

@@ -10,10 +10,16 @@ the default sends deltas. A cancelled request stops its generation with upstream
 
 from __future__ import annotations
 
+import os
+import sys
 import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# The repository holds its own copy of these modules beside this file (triton_repo/repository.py):
+# put it first, so the models run without enginesmith installed and never mix with another version.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from triton_repo.detokenize import WHOLE, IncrementalDetokenizer
 from triton_repo.model_config import PREPROCESSING_IN, PREPROCESSING_OUT, TENSORRT_LLM_IN

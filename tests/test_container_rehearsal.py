@@ -1,0 +1,122 @@
+"""`make check-container`: the container user's steps up to TensorRT-LLM, and its comparisons, checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.container_rehearsal import REPO_ROOT, UPSTREAM_CASES, compare_launch, rehearse, upstream_cases
+from triton_repo.launch import Endpoints, build_mpirun_argv
+
+
+def _ours(case: dict) -> list[str]:
+    """Our MPMD mpirun line for the case's inputs (serve runs a single rank without mpirun)."""
+    a = case["args"]
+    ep = Endpoints(int(a["http_port"]), int(a["grpc_port"]), int(a["metrics_port"]))
+    return build_mpirun_argv(a["world_size"], a["tritonserver"], a["model_repo"], ep, exit_timeout_s=a["exit_timeout"])
+
+
+def test_recorded_upstream_cases_name_their_source():
+    data = json.loads(UPSTREAM_CASES.read_text())
+    assert data["source"] == {"repository": "NVIDIA/TensorRT-LLM", "path": "triton_backend/scripts/"
+                              "launch_triton_server.py", "commit": "0a2e2c1f1268b34586393794045691b666ba28be",
+                              "function": "get_cmd"}
+    assert sorted(c["args"]["world_size"] for c in data["cases"]) == [1, 2, 4, 4]
+
+
+@pytest.mark.parametrize("case", upstream_cases(None), ids=lambda c: f"ws{c['args']['world_size']}"
+                         f"{'-timeout' if c['args']['exit_timeout'] else ''}")
+def test_our_launch_builds_upstreams_ranks(case):
+    assert compare_launch(case["argv"], _ours(case)) == []
+
+
+def test_a_difference_in_a_rank_is_reported():
+    case = next(c for c in upstream_cases(None) if c["args"]["world_size"] == 4)
+    ours = _ours(case)
+    broken = [t for t in ours if t != "--load-model=tensorrt_llm"]
+    assert compare_launch(case["argv"], broken) == [f"rank {r}: ours lacks ['--load-model=tensorrt_llm'], adds []"
+                                                    for r in (1, 2, 3)]
+    assert compare_launch(case["argv"], ours[:ours.index(":")]) == ["4 ranks upstream, 1 ours"]
+    renamed = [t.replace("prefix2_", "p2_") for t in ours]
+    assert any(d.startswith("rank 2: ours lacks ['--backend-config=python,shm-region-prefix-name=prefix2_']")
+               for d in compare_launch(case["argv"], renamed))
+
+
+def test_upstream_script_given_is_run_and_must_still_build_the_recorded_lines(tmp_path):
+    """A stand-in for upstream's script (the real one is not kept here): its get_cmd is called per case."""
+    from tests.container_rehearsal import RehearsalError
+
+    cases = {json.dumps(c["args"], sort_keys=True): c["argv"] for c in upstream_cases(None)}
+    script = tmp_path / "launch_triton_server.py"
+    script.write_text("import json\n"
+                      f"CASES = {cases!r}\n"
+                      "def get_cmd(**kw):\n"
+                      "    assert args.multi_model is False  # upstream reads this module global\n"
+                      "    return CASES[json.dumps(kw, sort_keys=True)]\n")
+    assert upstream_cases(script) == upstream_cases(None)
+    script.write_text(script.read_text().replace("return CASES[", "return ['changed'] + CASES["))
+    with pytest.raises(RehearsalError, match="no longer builds the recorded command"):
+        upstream_cases(script)
+
+
+def _make_n(python: str) -> str:
+    return subprocess.run(["make", "-n", "--no-print-directory", "venv", "VENV=/nonexistent/venv",
+                           f"PYTHON={python}"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def test_make_venv_installs_torch_only_where_the_base_python_has_none(tmp_path):
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "bare"], check=True)
+    plain = _make_n(str(tmp_path / "bare" / "bin" / "python"))  # a Python without torch
+    assert '"torch==' in plain and "--without-pip" not in plain and "kernels" in plain
+    # numpy 2 goes in after the extras (nvidia-pytriton declares numpy<2 for its stubs, hence no conflict warning)
+    pip_lines = [line for line in plain.splitlines() if " -m pip install " in line]
+    assert pip_lines[-1].endswith('--no-warn-conflicts "numpy>=2,<3"') and "-e " in pip_lines[-2]
+    over = _make_n(sys.executable)  # this environment has torch
+    assert '"torch==' not in over and "--without-pip" in over and "-c /nonexistent/venv/base-constraints.txt" in over
+    assert "torch,client,dev" in over and "base_env.py report" in over
+    assert "numpy" not in over  # the base's numpy stays: a constraint, never installed over
+
+
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_plain_tritonserver_gives_the_bundled_stub_its_private_numpy_under_numpy2(tmp_path, monkeypatch):
+    """Where this environment has numpy 2, the plain server's stub Python (no enginesmith) still gets the numpy 1.x
+    the bundled stub needs, first on its path, and the models' guard is set."""
+    import numpy as np
+    import tritonclient.http as http
+
+    from tests.container_rehearsal import plain_tritonserver
+    from tests.test_stub_numpy import echo_repo
+    from triton_repo import discovery
+
+    monkeypatch.setattr(discovery, "numpy_major", lambda: 2)
+    with plain_tritonserver(echo_repo(tmp_path), ["echo"], tmp_path / "work") as (url, env):
+        client = http.InferenceServerClient(url.removeprefix("http://"))
+        text = http.InferInput("T", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"abc"], dtype=np.object_))
+        ints = http.InferInput("I", [1], "INT32")
+        ints.set_data_from_numpy(np.array([7], dtype=np.int32))
+        res = client.infer("echo", [text, ints])
+    assert res.as_numpy("TO").tolist() == [b"abc"] and res.as_numpy("IO").tolist() == [14]
+    version, has_long, path = res.as_numpy("NP")[0].decode().split(" ", 2)
+    assert int(version.split(".")[0]) < 2 and "stub-numpy-py" in path and has_long == "True"
+    assert env[discovery.NUMPY_GUARD_ENV] == "2"
+
+
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_the_rehearsal_runs_every_step(tmp_path):
+    lines = rehearse(tmp_path / "check").lines
+    text = "\n".join(lines)
+    assert lines[0].startswith("install: make venv over ") and "base environment kept: torch" in lines[0]
+    assert "dry runs: llama3-70b-tp2-pp2.yaml: plan, convert (4 rank files listed)" in text
+    assert "repo: llama3-70b-tp2-pp2.yaml (node 1): " in text and "per-node directories" in text
+    assert "repo: kimi-k2-16xa100.yaml: LLM-API model.yaml built" in text
+    assert "without enginesmith (stub Python imports neither triton_repo nor builders)" in text
+    assert "launch: llama3-70b-tp2-pp2.yaml: --world_size 4: same ranks, flags and shm prefixes" in text
+    assert lines[-1].startswith("stopped where TensorRT-LLM itself runs")
+    venv_site = next((tmp_path / "check" / "env" / "venv" / "lib").glob("python*/site-packages"))
+    assert not (venv_site / "torch").exists() and not (venv_site / "transformers").exists()
