@@ -40,7 +40,7 @@ class Engine:
         dims = dict(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads, head_size=model.head_size)
         num_blocks = num_blocks or kv_cache_blocks(model, config)
         self.cache = PagedKVCache(**dims, num_blocks=num_blocks, tokens_per_block=config.tokens_per_block,
-                                  dtype=model.dtype, device=model.device)
+                                  dtype=model.dtype, device=model.device, enable_reuse=config.enable_kv_cache_reuse)
         # CUDA: decode tokens through captured graphs (None on CPU, several ranks, ENGINESMITH_FAST_DECODE=0)
         self.fast_decoder = None if workers is not None else FastDecoder.for_engine(model, self.cache, config)
         self.scheduler = Scheduler(self.cache, max_batch_size=config.max_batch_size,
@@ -290,13 +290,15 @@ class Engine:
             num_tokens=sched.num_tokens, num_context_tokens=sum(c.num_tokens for c in sched.chunks if c.is_context),
             kv_used_blocks=self.cache.num_used_blocks,
             kv_free_blocks=self.cache.num_free_blocks, active=len(s.running), queued=len(s.waiting),
-            paused=len(sched.preempted), released=released)
+            paused=len(sched.preempted), released=released, kv_reused_blocks=self.cache.reused_blocks,
+            kv_missed_blocks=self.cache.missed_blocks)
         self._iteration += 1
         self.iteration_log.append(stats)
         if self.metrics is not None:
             _call(self.metrics.on_iteration, stats.batch_size, stats.num_context, stats.num_generation,
                   stats.kv_used_blocks, stats.kv_free_blocks, stats.active, stats.queued,
-                  num_context_tokens=stats.num_context_tokens, paused=stats.paused)
+                  num_context_tokens=stats.num_context_tokens, paused=stats.paused,
+                  kv_reused_blocks=stats.kv_reused_blocks, kv_missed_blocks=stats.kv_missed_blocks)
         return stats
 
 

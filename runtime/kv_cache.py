@@ -1,13 +1,25 @@
 """Paged KV cache: a pool of fixed-size blocks and one block table per sequence.
 
 Blocks hold `tokens_per_block` positions of every layer's K and V (TensorRT-LLM's paged KV cache).
-A sequence owns the blocks in its table; they go back to the pool when the sequence is released
+A sequence holds the blocks in its table; they go back to the pool when the sequence is released
 (finished, cancelled, failed or evicted), so the pool's free count returns to its starting size.
+
+KV-cache reuse (`enable_reuse`, TensorRT-LLM's enable_kv_cache_reuse): a full block whose K/V are computed
+is published under a chained hash of its tokens and every token before them (vLLM's and TensorRT-LLM's prefix
+caching). A new sequence whose prompt starts with published blocks takes them into its table instead of
+computing them again; at least one prompt token is always left to compute, so the step has logits to sample
+from. Shared blocks are reference counted and only ever read: a sequence writes only positions past its
+computed ones, which lie in its private, partially filled last block or in fresh blocks. A published block
+no sequence holds stays cached and counts as free: allocation takes never-published blocks first, then
+evicts cached ones, least recently released first.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 
 import torch
 
@@ -45,41 +57,110 @@ def kv_cache_num_blocks(*, tokens_per_block: int, max_batch_size: int, max_seq_l
     return num_blocks
 
 
+def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """Key of a full block: its tokens chained to the key of the block before it (b"" for the first)."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
 class BlockPool:
-    """Free list of block ids; allocation is all-or-nothing."""
+    """Block ids with reference counts; allocation is all-or-nothing.
+
+    Without reuse every block is free or held by one sequence. Published blocks (reuse) may be held by
+    several sequences, and stay cached when none holds them; cached blocks count as free and are evicted,
+    least recently released first, once the never-published free blocks run out.
+    """
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._cached: OrderedDict[int, None] = OrderedDict()  # published, held by no sequence; LRU first
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: never-published free blocks and cached ones."""
+        return len(self._free) + len(self._cached)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks held by at least one sequence."""
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Published blocks no sequence holds (reusable until evicted)."""
+        return len(self._cached)
+
+    def refs(self, block: int) -> int:
+        return self._refs[block]
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise KVCacheFullError(f"need {n} KV blocks, only {len(self._free)} of {self.num_blocks} are free")
-        return [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise KVCacheFullError(f"need {n} KV blocks, only {self.num_free} of {self.num_blocks} are free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.popleft()
+            else:
+                block = self._cached.popitem(last=False)[0]
+                del self._block_of[self._key_of.pop(block)]  # evicted: its K/V will be overwritten
+            self._refs[block] = 1
+            out.append(block)
+        return out
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        """Drop one reference to each block; unreferenced blocks become free (or cached, if published)."""
+        for block in blocks:
+            if self._refs[block] <= 0:
+                raise ValueError(f"KV block {block} released more often than it was taken")
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._cached[block] = None
+                else:
+                    self._free.append(block)
+
+    def lookup(self, key: bytes) -> int | None:
+        """The published block with this key, if any."""
+        return self._block_of.get(key)
+
+    def acquire(self, blocks: list[int]) -> None:
+        """Take one more reference to each published block (a cached one leaves the cache)."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                del self._cached[block]
+            self._refs[block] += 1
+
+    def publish(self, block: int, key: bytes) -> bool:
+        """Offer a held, fully computed block for reuse under `key`; False if another block has that key."""
+        if key in self._block_of or block in self._key_of:
+            return False
+        self._key_of[block] = key
+        self._block_of[key] = block
+        return True
 
 
 class PagedKVCache:
     """K and V storage of all layers: (layers, num_blocks, tokens_per_block, kv_heads, head_size) each."""
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_size: int, num_blocks: int,
-                 tokens_per_block: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 tokens_per_block: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 enable_reuse: bool = False):
         shape = (num_layers, num_blocks, tokens_per_block, num_kv_heads, head_size)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.tokens_per_block = tokens_per_block
+        self.enable_reuse = enable_reuse
         self.pool = BlockPool(num_blocks)
         self._tables: dict[int, list[int]] = {}
+        self._keys: dict[int, list[bytes]] = {}  # seq_id -> keys of its leading full blocks (memo)
+        self._offered: dict[int, int] = {}  # seq_id -> leading table blocks already published or shared
+        self.reused_blocks = 0
+        """Prompt blocks found cached at admission, over all admissions (reuse only)."""
+        self.missed_blocks = 0
+        """Prompt blocks that had to be computed at admission, over all admissions (reuse only)."""
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_size: int, dtype: torch.dtype) -> int:
@@ -107,20 +188,88 @@ class PagedKVCache:
         """Blocks `seq_id` must still get so that it can hold `num_tokens` positions."""
         return max(0, self.blocks_for(num_tokens) - len(self.block_table(seq_id)))
 
-    def reserve(self, seq_id: int, num_tokens: int) -> None:
-        """Grow the block table of `seq_id` to hold `num_tokens` positions (raises KVCacheFullError)."""
+    @property
+    def num_cached_blocks(self) -> int:
+        """Free blocks that still hold a reusable prefix (reuse only)."""
+        return self.pool.num_cached
+
+    def reserve(self, seq_id: int, num_tokens: int) -> int:
+        """Grow the block table of `seq_id` to hold `num_tokens` positions (raises KVCacheFullError);
+        returns how many blocks it allocated."""
         need = self.new_blocks_needed(seq_id, num_tokens)
         if need:
             self._tables.setdefault(seq_id, []).extend(self.pool.allocate(need))
+        return need
+
+    # ---- reuse ----
+    def _block_keys(self, seq_id: int, tokens: Sequence[int], n: int) -> list[bytes]:
+        """Keys of the first `n` full blocks of `tokens` (memoised per sequence: its tokens only grow)."""
+        keys = self._keys.setdefault(seq_id, [])
+        tpb = self.tokens_per_block
+        for i in range(len(keys), n):
+            keys.append(block_hash(keys[-1] if keys else b"", tokens[i * tpb: (i + 1) * tpb]))
+        return keys[:n]
+
+    def match_prefix(self, seq_id: int, tokens: Sequence[int]) -> list[int]:
+        """Published blocks holding the longest block-aligned prefix of `tokens` that leaves at least one
+        token to compute ([] without reuse). Nothing is taken yet: `attach` does that."""
+        if not self.enable_reuse:
+            return []
+        hits = []
+        for key in self._block_keys(seq_id, tokens, (len(tokens) - 1) // self.tokens_per_block):
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def admission_cost(self, hits: list[int], num_tokens: int) -> int:
+        """Free blocks a sequence with an empty table takes to hold `num_tokens` positions when it shares
+        `hits`: the blocks it allocates plus the cached ones it takes out of the cache."""
+        return self.blocks_for(num_tokens) - len(hits) + sum(self.pool.refs(b) == 0 for b in hits)
+
+    def attach(self, seq_id: int, hits: list[int], num_prompt_tokens: int) -> None:
+        """Start the (empty) table of `seq_id` with the shared blocks `hits`, and count the prompt's blocks
+        as reused or missed."""
+        if not self.enable_reuse:
+            return
+        if self._tables.get(seq_id):
+            raise ValueError(f"sequence {seq_id} already holds KV blocks; only an empty table can share a prefix")
+        self.reused_blocks += len(hits)
+        self.missed_blocks += max(0, self.blocks_for(num_prompt_tokens) - len(hits))
+        if hits:
+            self.pool.acquire(hits)
+            self._tables[seq_id] = list(hits)
+            self._offered[seq_id] = len(hits)
+
+    def publish(self, seq_id: int, tokens: Sequence[int], num_computed: int) -> int:
+        """Publish the full blocks of `seq_id` whose `num_computed` leading positions are computed (reuse only;
+        a block whose key another block already has stays private). Returns how many it newly offered."""
+        if not self.enable_reuse:
+            return 0
+        table = self._tables.get(seq_id, [])
+        full = min(num_computed // self.tokens_per_block, len(table))
+        done = self._offered.get(seq_id, 0)
+        if full <= done:
+            return 0
+        keys = self._block_keys(seq_id, tokens, full)
+        for i in range(done, full):
+            self.pool.publish(table[i], keys[i])
+        self._offered[seq_id] = full
+        return full - done
 
     def adopt_tables(self, tables: dict[int, list[int]]) -> None:
         """Use the driver's block tables (ranks > 0 keep no allocator state of their own)."""
         self._tables = {int(k): list(v) for k, v in tables.items()}
 
     def release(self, seq_id: int) -> int:
-        """Give all blocks of `seq_id` back to the pool; returns how many."""
+        """Give all blocks of `seq_id` back to the pool; returns how many. With reuse, publish its computed
+        blocks first (`publish`); they are released last block first, so a sequence's tail is evicted before
+        the prefix it may share."""
         blocks = self._tables.pop(seq_id, [])
-        self.pool.release(blocks)
+        self._keys.pop(seq_id, None)
+        self._offered.pop(seq_id, None)
+        self.pool.release(blocks[::-1] if self.enable_reuse else blocks)
         return len(blocks)
 
     def slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:

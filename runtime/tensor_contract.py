@@ -139,14 +139,17 @@ def _row(inputs: _Inputs, ids: np.ndarray, b: int, decoupled: bool, exclude_defa
 
 
 def response_arrays(spec: RowSpec, tokens: list[int], log_probs: list[float], cum_log_prob: float,
-                    times: dict[str, int], num_input: int, num_output: int) -> dict[str, np.ndarray]:
-    """Output tensors of one response (batch 1, beam 1): `tokens` are what this response carries."""
+                    times: dict[str, int], num_input: int, num_output: int,
+                    kv_blocks: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Output tensors of one response (batch 1, beam 1): `tokens` are what this response carries; `times`
+    (INT64) and `kv_blocks` (INT32: kv_cache_reused_blocks, ...) are the request's perf metrics."""
     out = {
         "output_ids": np.asarray(tokens, dtype=np.int32).reshape(1, 1, -1),
         "sequence_length": np.array([[len(tokens)]], dtype=np.int32),
         "batch_index": np.array([[spec.batch_index]], dtype=np.int32),
         "sequence_index": np.zeros((1, 1), dtype=np.int32),
         **{name: np.array([[value]], dtype=np.int64) for name, value in times.items()},
+        **{name: np.array([[value]], dtype=np.int32) for name, value in (kv_blocks or {}).items()},
     }
     if spec.return_log_probs:
         out["cum_log_probs"] = np.array([[cum_log_prob]], dtype=np.float32)

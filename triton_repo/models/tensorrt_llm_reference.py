@@ -73,8 +73,10 @@ class _Responder:
     def _send(self, spec: RowSpec, req: Request, tokens: list[int], log_probs: list[float], flags: int) -> None:
         times = {"arrival_time_ns": req.arrival_ns, "first_scheduled_time_ns": req.first_scheduled_ns,
                  "first_token_time_ns": req.first_token_ns, "last_token_time_ns": req.last_token_ns}
+        blocks = {"kv_cache_reused_blocks": req.kv_reused_blocks, "kv_cache_alloc_new_blocks": req.kv_new_blocks,
+                  "kv_cache_alloc_total_blocks": req.kv_reused_blocks + req.kv_new_blocks}
         arrays = response_arrays(spec, tokens, log_probs, float(sum(req.log_probs)), times,
-                                 len(req.prompt), len(req.output))
+                                 len(req.prompt), len(req.output), blocks)
         tensors = [pb_utils.Tensor(name, arr) for name, arr in arrays.items() if name in self.output_names]
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
@@ -104,8 +106,6 @@ class TritonPythonModel:
                              f"({' or '.join(IN_FLIGHT_TYPES)})")
         if p("max_beam_width", int) not in (None, 1):
             raise ValueError(f"max_beam_width={p('max_beam_width')}: the reference runtime has no beam search")
-        if p("enable_kv_cache_reuse", bool):
-            pb_utils.Logger.log_warn("enable_kv_cache_reuse=true: the reference runtime has no KV reuse; ignored")
         self.exclude_input = bool(p("exclude_input_in_output", bool))
         self.stats_period_s = (p("stats_check_period_ms", int) or 100) / 1000
         self.output_names = {o["name"] for o in config.get("output", [])}
@@ -114,6 +114,7 @@ class TritonPythonModel:
             kv_cache_free_gpu_mem_fraction=p("kv_cache_free_gpu_mem_fraction", float),
             max_tokens_in_paged_kv_cache=p("max_tokens_in_paged_kv_cache", int),
             enable_chunked_context=p("enable_chunked_context", bool),
+            enable_kv_cache_reuse=p("enable_kv_cache_reuse", bool),
             cancellation_check_period_ms=p("cancellation_check_period_ms", int),
             iteration_log_path=p("iteration_log_path") or os.environ.get(ITERATION_LOG_ENV) or None)
 
