@@ -3,6 +3,7 @@ chunked, under preemption and cancellation), blocks all back afterwards, and the
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 
@@ -129,3 +130,69 @@ def test_reused_and_missed_blocks_reach_the_metrics_hook(tmp_path, ckpt):
     off.metrics = hook_off = _Hook()
     run_alone(off, Request(prompt, 2))
     assert hook_off.totals[-1] == (0, 0)
+
+
+def test_fast_decode_and_graphed_prefill_hooks_read_shared_blocks_like_the_plain_engine():
+    """The CUDA fast paths, on the CPU: decode tokens through FastDecoder (a whole-prompt hit leaves one token,
+    which it runs as a decode), prefill chunks of mixed steps through GraphedPrefill, starting mid-sequence."""
+    from runtime.engine import Engine
+    from runtime.engine_config import EngineConfig
+    from runtime.fast_decode import FastDecoder
+    from runtime.prefill_graphs import GraphedPrefill
+    from runtime.prefill_layers import PrefillLayers
+    from tests.test_fast_decode import TPB as FAST_TPB
+    from tests.test_fast_decode import tiny
+
+    model = tiny(seed=3)
+    gen = random.Random(4)
+    system = [gen.randrange(model.cfg.vocab_size) for _ in range(13)]
+    prompts = [system + [gen.randrange(model.cfg.vocab_size) for _ in range(n)] for n in (0, 5, 0, 2, 9, 1)]
+
+    def run(engine):
+        reqs = [Request(p, 5 + i % 3) for i, p in enumerate(prompts)]
+        engine.submit(reqs[0])
+        engine.run_until_idle()  # the system prompt is cached before the others arrive
+        for r in reqs[1:]:
+            engine.submit(r)
+        engine.run_until_idle()
+        return reqs
+
+    class Hooked(Engine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.fast_decoder = FastDecoder(model, self.cache, max_batch_size=4, max_seq_len=48, compile=False)
+            self.fast_decoder.prefill = GraphedPrefill(PrefillLayers(compile=False), buckets=(8, 16, 32))
+            self.fast_steps = 0
+
+        def _forward(self, sched):
+            logits = self.fast_decoder.forward_schedule(sched)
+            self.fast_steps += logits is not None
+            return super()._forward(sched) if logits is None else logits
+
+    config = EngineConfig(max_batch_size=4, max_input_len=24, max_seq_len=48, max_num_tokens=40,
+                          tokens_per_block=FAST_TPB)
+    expected = [r.output for r in run(Engine(model, config))]
+    hooked = Hooked(model, dataclasses.replace(config, enable_kv_cache_reuse=True))
+    reqs = run(hooked)
+    assert [r.output for r in reqs] == expected
+    assert [r.kv_reused_blocks for r in reqs] == [0, 3, 3, 3, 3, 3]
+    assert hooked.fast_steps >= 10 and hooked.fast_decoder.prefill.status()["graph_buckets"]
+    assert hooked.cache.num_used_blocks == 0
+
+
+def test_ranks_read_the_shared_blocks_of_the_drivers_tables(tmp_path, ckpt):
+    """tp=2 over gloo: the driver sends block tables with shared blocks; each rank's cache holds their K/V."""
+    from runtime.engine import Engine
+    from tests.test_engine import write_engine_dir
+
+    specs = [(p, n, SamplingParams()) for p, n, _ in shared_prefix_requests(8, seed=2)]
+    want = _reference(tmp_path, ckpt, specs)
+    tp2 = convert_tiny(tmp_path / "tp2", "llama", Mapping.create(tp_size=2), "float32")
+    engine = Engine.from_engine_dir(write_engine_dir(tmp_path / "tp2" / "engine", tp2), device="cpu",
+                                    enable_kv_cache_reuse=True)
+    try:
+        assert engine.workers is not None
+        reqs = [run_alone(engine, Request(p, n, s)) for p, n, s in specs]
+    finally:
+        engine.shutdown()
+    assert [r.output for r in reqs] == want and sum(r.kv_reused_blocks for r in reqs) > 0
