@@ -148,3 +148,29 @@ def test_reports_render_every_run():
     md, text = render_markdown(analyses, REF), render_text(analyses, REF)
     assert "| c8 | queueing | KV capacity |" in md and "## c1: decode (HBM bandwidth)" in md
     assert "== c8: bottleneck = queueing (KV capacity)" in text and "countermeasures" in text
+
+
+def test_kv_reuse_is_ranked_from_the_prompts_measured_prefix_share():
+    run = crafted_run(prefill_ms=200, decode_ms=14, out=8)
+    shared = analyze_run({**run, "prompt_prefix_hit_rate": 0.9}, REF)
+    assert shared.bottleneck == "prefill" and shared.countermeasures[0].action.startswith("KV-cache reuse")
+    assert shared.countermeasures[0].gain == pytest.approx(shared.split.share("prefill") * 0.9)
+    assert "90% of the prompt blocks repeat" in shared.countermeasures[0].effect
+    assert "the prompts' shared prefixes allow 90%" in " ".join(shared.evidence)
+    unique = analyze_run({**run, "prompt_prefix_hit_rate": 0.0}, REF)
+    assert not any(c.action.startswith("KV-cache reuse") for c in unique.countermeasures)
+    kv_bound = analyze_run({**crafted_run(queue_ms=300, series=series(kv_free=0, active=1, max_batch=8)),
+                            "prompt_prefix_hit_rate": 0.5}, REF)
+    reuse = next(c for c in kv_bound.countermeasures if c.action.startswith("KV-cache reuse"))
+    assert "KV blocks of the prompts -50%" in reuse.effect and reuse.gain > 0
+
+
+def test_with_reuse_on_the_prefill_check_counts_only_computed_tokens():
+    run = {**crafted_run(prefill_ms=200, decode_ms=14, out=8), "kv_cache_reused_blocks": 16.0,
+           "kv_cache_missed_blocks": 8.0, "kv_cache_hit_rate": 2 / 3, "kv_tokens_per_block": 8,
+           "prompt_prefix_hit_rate": 2 / 3}
+    a = analyze_run(run, REF)
+    assert a.prefill.compute_s == pytest.approx(2e9 * (20 - 16 * 8 / 8) / 1e12)  # 16 of 20 tokens were cached
+    assert not any(c.action.startswith("KV-cache reuse") for c in a.countermeasures)  # already on
+    assert "prefix cache hit 67% of prompt blocks (16 reused, 8 missed; 16 prompt tokens per request" in \
+        " ".join(a.evidence)
