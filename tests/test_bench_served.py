@@ -89,6 +89,34 @@ def test_prefix_cache_hit_rate_is_measured_per_point(served, tok, runs):
     assert r["kv_cache_hit_rate"] == r["prompt_prefix_hit_rate"] == pytest.approx(2 / 3)
     for other in runs:
         assert other["kv_cache_hit_rate"] == other["prompt_prefix_hit_rate"] == 0.0
+    # the same prefix once more: the response's perf metrics count the shared blocks
+    got = _perf_metrics(served, list(prompts[0].input_ids[:33]) + [5, 6, 7, 8, 9, 10, 11])
+    assert (got["kv_cache_reused_blocks"], got["kv_cache_alloc_new_blocks"], got["kv_cache_alloc_total_blocks"]) \
+        == (2, 1, 3)
+
+
+def _perf_metrics(served, ids: list[int]) -> dict[str, int]:
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from client.grpc_stream import infer_inputs
+
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        inputs = {"input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
+                  "request_output_len": np.array([[2]], np.int32)}
+        client.async_stream_infer("tensorrt_llm", infer_inputs(inputs), request_id="perf")
+        result, error = results.get(timeout=60)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert error is None, error
+    return {n: int(result.as_numpy(n).reshape(-1)[0]) for n in ("kv_cache_reused_blocks", "kv_cache_alloc_new_blocks",
+                                                               "kv_cache_alloc_total_blocks")}
 
 
 def test_ensemble_bench_counts_tokens_from_the_model(served, tok):
