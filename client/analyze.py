@@ -11,8 +11,9 @@ Order of the verdict (the first that holds wins):
    HBM bandwidth, interconnect); far below the floor (< 5 %) software overhead binds, not the hardware.
 
 KV-cache reuse: the prefill check counts only the prompt tokens the server computed (the prompt minus the
-blocks the prefix cache served, from the bench's reused-block count); the hit rate the server measured and the
-one the prompts allow are evidence, and the latter ranks the "enable KV-cache reuse" countermeasure.
+blocks the prefix cache served, from the bench's reused-block count, else the plan's cached prefix); the hit
+rate the server measured and the one the prompts allow are evidence, and the latter ranks the "enable KV-cache
+reuse" countermeasure.
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ def _roofline(run: dict[str, Any], sp: TimeSplit, pr: Pressure, ref: PlanRef | N
     ok = [i for i, e in enumerate(run["errors"]) if not e]
     isl = float(np.mean([run["input_lens"][i] for i in ok]))
     osl = float(np.mean([run["output_lens"][i] for i in ok]))
-    computed = max(1.0, isl - reused_tokens_per_request(run))
+    reused = reused_tokens_per_request(run)
+    if run.get("kv_cache_reused_blocks") is None and ref.kv_cache_reuse:  # no /metrics: what the plan expects
+        reused = min(ref.cached_prefix_tokens, isl - 1)
+    computed = max(1.0, isl - reused)
     pre = check_prefill(ref, computed, sp.prefill_s) if sp.prefill_s > 0 else None
     dec = None
     if sp.server_tpot_s > 0:

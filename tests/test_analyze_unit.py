@@ -174,3 +174,7 @@ def test_with_reuse_on_the_prefill_check_counts_only_computed_tokens():
     assert not any(c.action.startswith("KV-cache reuse") for c in a.countermeasures)  # already on
     assert "prefix cache hit 67% of prompt blocks (16 reused, 8 missed; 16 prompt tokens per request" in \
         " ".join(a.evidence)
+    without_metrics = {k: v for k, v in run.items() if not k.startswith(("kv_", "prompt_"))}
+    planned = PlanRef(**{**REF.to_dict(), "kv_cache_reuse": True, "cached_prefix_tokens": 16})
+    assert analyze_run(without_metrics, planned).prefill.compute_s == pytest.approx(2e9 * 4 / 1e12)
+    assert analyze_run(without_metrics, REF).prefill.compute_s == pytest.approx(2e9 * 20 / 1e12)
