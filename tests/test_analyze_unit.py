@@ -178,3 +178,14 @@ def test_with_reuse_on_the_prefill_check_counts_only_computed_tokens():
     planned = PlanRef(**{**REF.to_dict(), "kv_cache_reuse": True, "cached_prefix_tokens": 16})
     assert analyze_run(without_metrics, planned).prefill.compute_s == pytest.approx(2e9 * 4 / 1e12)
     assert analyze_run(without_metrics, REF).prefill.compute_s == pytest.approx(2e9 * 20 / 1e12)
+
+
+def test_plan_ref_carries_the_plans_kv_reuse():
+    from builders.plan import make_plan
+    from builders.recipe import load_recipe, parse_recipe
+    from tests.support import REPO_ROOT
+
+    data = load_recipe(REPO_ROOT / "recipes" / "tiny-llama.yaml").model_dump()
+    data["serve"]["enable_kv_cache_reuse"], data["sla"]["shared_prefix_tokens"] = True, 50
+    ref = PlanRef.from_plan(make_plan(parse_recipe(data), with_options=False))
+    assert ref.kv_cache_reuse and ref.cached_prefix_tokens == 48  # whole blocks of 16
