@@ -98,7 +98,8 @@ def run_in_process(a) -> tuple[dict, str]:
         _free(device)
     results = dict(mode="in-process", card=card, device=str(device), model=model_info,
                    workload=dict(system_tokens=a.system, unique_tokens=a.unique, osl=osl, requests=n,
-                                 concurrency=a.concurrency, tokens_per_block=a.tokens_per_block, repeats=a.repeats),
+                                 concurrency=a.concurrency, repeats=a.repeats,
+                                 tokens_per_block=model_info.pop("tokens_per_block", a.tokens_per_block)),
                    **compare(runs))
     return results, card
 
@@ -110,22 +111,28 @@ def _engine_factory(a, device, config, tiny: bool):
     from runtime.engine import Engine
 
     if a.engine_dir:
+        from runtime.checkpoint import CheckpointConfig
         from runtime.engine_config import read_engine_dir
+        from runtime.model import RankModel
 
-        cfg, _ = read_engine_dir(a.engine_dir)
-        probe = dict(max_input_len=cfg.max_input_len, max_seq_len=cfg.max_seq_len)
+        cfg, ckpt_dir = read_engine_dir(a.engine_dir)
         if config.max_input_len > cfg.max_input_len or config.max_seq_len > cfg.max_seq_len:
             sys.exit(f"--engine-dir {a.engine_dir}: the workload needs max_input_len >= {config.max_input_len} and "
-                     f"max_seq_len >= {config.max_seq_len}, the engine has {probe}: lower --system/--unique/--osl")
+                     f"max_seq_len >= {config.max_seq_len}; the engine has {cfg.max_input_len} / {cfg.max_seq_len}: "
+                     "lower --system / --unique / --osl")
+        if CheckpointConfig.from_dir(ckpt_dir).mapping.world_size != 1:
+            sys.exit(f"--engine-dir {a.engine_dir}: a multi-rank engine runs one engine per process; benchmark it "
+                     "with --served RECIPE (one server after the other)")
+        model = RankModel.load(ckpt_dir, 0, device=device, dtype=cfg.dtype)  # once, for both engines
+        limits = dataclasses.replace(config, max_batch_size=min(config.max_batch_size, cfg.max_batch_size),
+                                     **{k: getattr(cfg, k) for k in ("max_input_len", "max_seq_len", "max_num_tokens",
+                                                                     "tokens_per_block", "dtype")})
 
         def make(reuse: bool) -> Engine:
-            return Engine.from_engine_dir(a.engine_dir, device=str(device), enable_kv_cache_reuse=reuse)
+            return Engine(model, dataclasses.replace(limits, enable_kv_cache_reuse=reuse))
 
-        engine = make(False)
-        info = dict(engine_dir=str(a.engine_dir), vocab_size=engine.vocab_size,
-                    layers=engine.model.num_local_layers, dtype=str(engine.model.dtype))
-        engine.shutdown()
-        return make, info
+        return make, dict(engine_dir=str(a.engine_dir), vocab_size=model.cfg.vocab_size,
+                          layers=model.num_local_layers, dtype=cfg.dtype, tokens_per_block=cfg.tokens_per_block)
     from runtime.random_model import LLAMA_3_8B, TINY_LLAMA, checkpoint_config, random_rank_model
 
     shape = dict(TINY_LLAMA, max_position_embeddings=8192) if tiny else LLAMA_3_8B
