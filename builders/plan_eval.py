@@ -26,6 +26,15 @@ def memory_inputs(recipe: Recipe, hw: HardwareSpec) -> MemoryInputs:
                         tokens_per_block=b.tokens_per_block, kv_fraction=recipe.serve.kv_cache_free_gpu_mem_fraction)
 
 
+def cached_prefix_tokens(recipe: Recipe) -> int:
+    """Prompt tokens per request KV-cache reuse serves from the cache: sla.shared_prefix_tokens in whole blocks,
+    at most isl - 1 (the last prompt token is always computed); 0 without serve.enable_kv_cache_reuse."""
+    if not recipe.serve.enable_kv_cache_reuse:
+        return 0
+    tpb = recipe.build.tokens_per_block
+    return min(recipe.sla.shared_prefix_tokens, recipe.sla.isl - 1) // tpb * tpb
+
+
 def _ranks(spec: ModelSpec, m: Mapping, stage_mem: list[RankMemory], stage_layers: list[list[int]]) -> list[RankPlan]:
     out = []
     for c in m.ranks():
@@ -37,13 +46,14 @@ def _ranks(spec: ModelSpec, m: Mapping, stage_mem: list[RankMemory], stage_layer
 
 def _summary(recipe: Recipe, stage_mem: list[RankMemory], m: Mapping, hw: HardwareSpec) -> MemorySummary:
     kv_tokens = min(r.kv_tokens for r in stage_mem)
+    shared = cached_prefix_tokens(recipe)
     return MemorySummary(
         gpu_memory_bytes=hw.memory_bytes,
         weight_bytes_max=max(r.weight_bytes for r in stage_mem),
         workspace_bytes_max=max(r.workspace_bytes for r in stage_mem),
         kv_bytes_per_token_max=max(r.kv_bytes_per_token for r in stage_mem),
         kv_tokens=kv_tokens, kv_sequences=kv_tokens // recipe.build.max_seq_len,
-        sla_sequences=kv_tokens // (recipe.sla.isl + recipe.sla.osl),
+        sla_sequences=max(0, kv_tokens - shared) // (recipe.sla.isl + recipe.sla.osl - shared),
         model_weight_bytes=sum(r.weight_bytes for r in stage_mem) * m.tp_size,
         fits=all(r.fits for r in stage_mem))
 
@@ -53,7 +63,7 @@ def _concurrency(recipe: Recipe, perf: PerfModel) -> int:
     s = recipe.sla
     if s.concurrency is not None:
         return s.concurrency
-    ttft = perf.prefill(s.isl).estimate_ms
+    ttft = perf.prefill(s.isl, cached_prefix_tokens(recipe)).estimate_ms
     c = 1
     for _ in range(30):
         batch = min(c, recipe.build.max_batch_size)
@@ -86,6 +96,17 @@ def _notes(recipe: Recipe, spec: ModelSpec, m: Mapping, hw: HardwareSpec, concur
                      f"GEMMs run in {recipe.model.dtype} (A16)")
     if concurrency > recipe.build.max_batch_size:
         notes.append(f"{concurrency} requests in flight exceed build.max_batch_size={recipe.build.max_batch_size}")
+    shared, s = cached_prefix_tokens(recipe), recipe.sla
+    if shared:
+        notes.append(f"KV-cache reuse: {shared} of the {s.isl} prompt tokens (the shared prefix, whole blocks of "
+                     f"{recipe.build.tokens_per_block}) come from the cache: prefill computes {s.isl - shared}, "
+                     "and the KV cache holds the prefix once")
+    elif s.shared_prefix_tokens and not recipe.serve.enable_kv_cache_reuse:
+        notes.append(f"sla.shared_prefix_tokens={s.shared_prefix_tokens} but serve.enable_kv_cache_reuse is off: "
+                     "every request computes and stores the prefix again")
+    elif s.shared_prefix_tokens:
+        notes.append(f"sla.shared_prefix_tokens={s.shared_prefix_tokens} is less than one KV block of "
+                     f"{recipe.build.tokens_per_block} tokens: reuse shares whole blocks only")
     return notes
 
 
@@ -117,15 +138,16 @@ def evaluate(recipe: Recipe, spec: ModelSpec, hw: HardwareSpec, m: Mapping) -> P
     s = recipe.sla
     concurrency = _concurrency(recipe, perf)
     batch = min(concurrency, recipe.build.max_batch_size)
-    prefill, decode = perf.prefill(s.isl), perf.decode(batch, s.isl + s.osl / 2)
-    work_s, per_micro_s = perf.burst_stage(batch, s.isl)
+    cached = cached_prefix_tokens(recipe)
+    prefill, decode = perf.prefill(s.isl, cached), perf.decode(batch, s.isl + s.osl / 2)
+    work_s, per_micro_s = perf.burst_stage(batch, s.isl, cached)
     micro = default_micro_batches(recipe, m.pp_size, batch, work_s, per_micro_s)
-    burst = perf.prefill_burst(batch, s.isl, micro)
+    burst = perf.prefill_burst(batch, s.isl, micro, cached)
     summary = _summary(recipe, mem, m, hw)
     checks = sla_checks(s, used_bytes=max(r.weight_bytes + r.workspace_bytes for r in mem),
                         gpu_bytes=hw.memory_bytes, kv_tokens=summary.kv_tokens, max_seq_len=recipe.build.max_seq_len,
                         concurrency=concurrency, max_batch_size=recipe.build.max_batch_size,
-                        prefill=prefill, decode=decode)
+                        prefill=prefill, decode=decode, cached_prefix=cached)
     pipeline = PipelineInfo(m.pp_size, micro, bubble_fraction(m.pp_size, micro, per_micro_s, work_s),
                             decode.micro_batches)
     notes, warnings = target_notes(recipe, spec, m, hw)

@@ -90,7 +90,9 @@ def _memory(plan: Plan) -> Table:
             ("KV bytes / token (max)", size(mm.kv_bytes_per_token_max)),
             ("KV tokens that fit", f"{mm.kv_tokens:,}"),
             (f"sequences of max_seq_len {plan.recipe.build.max_seq_len}", f"{mm.kv_sequences:,}"),
-            (f"sequences of isl+osl {plan.recipe.sla.isl + plan.recipe.sla.osl}", f"{mm.sla_sequences:,}"),
+            (f"sequences of isl+osl {plan.recipe.sla.isl + plan.recipe.sla.osl}"
+             + (f", {plan.prefill.cached_tokens:,} shared" if plan.prefill.cached_tokens else ""),
+             f"{mm.sla_sequences:,}"),
             ("all weights over all GPUs", size(mm.model_weight_bytes))]
     for k, v in rows:
         t.add_row(k, v)
@@ -103,7 +105,8 @@ def _phases(plan: Plan) -> Table:
                 "fixed", "bound by"):
         t.add_column(col, justify="right")
     for ph in (plan.prefill, plan.decode, plan.prefill_burst):
-        t.add_row(ph.phase, f"{ph.tokens:,}", str(ph.micro_batches), f"{ph.compute_ms:,.2f} ms",
+        tokens = f"{ph.tokens:,}" + (f" (+{ph.cached_tokens:,} cached/seq)" if ph.cached_tokens else "")
+        t.add_row(ph.phase, tokens, str(ph.micro_batches), f"{ph.compute_ms:,.2f} ms",
                   f"{ph.hbm_ms:,.2f} ms", f"{ph.floor_ms:,.2f} ms", f"{ph.comm_ms:,.2f} ms",
                   f"{ph.estimate_ms:,.2f} ms", f"{ph.fixed_ms:,.2f} ms", ph.bound_by)
     p = plan.pipeline

@@ -129,6 +129,9 @@ class SlaSection(Section):
     """Input (prompt) length in tokens."""
     osl: int = Field(default=64, ge=1)
     """Output length in tokens."""
+    shared_prefix_tokens: int = Field(default=0, ge=0)
+    """Leading prompt tokens every request shares (a system prompt), < isl. With serve.enable_kv_cache_reuse the
+    plan keeps their KV blocks once and prefill skips them; the bench's random prompts share this prefix."""
 
     @model_validator(mode="after")
     def _targets(self) -> SlaSection:
@@ -138,4 +141,7 @@ class SlaSection(Section):
             raise rule("request_rate", "give request_rate or concurrency, not both (set concurrency: null)")
         if self.request_rate is None and self.concurrency is None:
             raise rule("concurrency", "no load: set concurrency (requests in flight) or request_rate (req/s)")
+        if self.shared_prefix_tokens >= self.isl:
+            raise rule("shared_prefix_tokens", f"{self.shared_prefix_tokens} must be less than isl={self.isl}: every "
+                                               "prompt has tokens of its own; lower it or raise isl")
         return self

@@ -9,6 +9,9 @@ fixed time per layer per micro-batch (the small kernels' minimum times) and the 
 (builders.comms, as the recipe's build target runs it, latency per operation included). Constants:
 builders.perf_constants.
 
+KV-cache reuse: a prompt whose first `cached` tokens are served from the prefix cache computes the other
+isl - cached tokens only, attending over the whole prompt and reading the cached K/V from HBM.
+
 Pipelines: prefill of one request walks the stages in turn. Decode keeps pp_size micro-batches in flight
 (TensorRT-LLM's in-flight batching with PP), so TPOT = max(sum of stage times + sends,
 micro-batches * slowest stage). A burst of prompts split into m micro-batches runs GPipe-style:
@@ -18,7 +21,7 @@ of their own; each pays the stage's fixed layer time, so past an optimum more mi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from builders.comms import CommFigure, merge, p2p_comm, stage_comm
 from builders.hardware import HardwareSpec
@@ -88,11 +91,18 @@ class PhaseEstimate:
     """Fixed layer time in the step (all stages, every micro-batch)."""
     target: str = "trtllm-engine"
     """Build target whose communication `comm` lists (builders.comms.TARGET_COMMS)."""
+    cached_tokens: int = 0
+    """Prefill: prompt tokens per sequence served from the KV cache (reuse), not in `tokens`."""
 
 
 def layer_fixed_us(tokens: int) -> float:
     """Fixed time of one layer for a micro-batch of `tokens` tokens (perf_constants)."""
     return LAYER_FIXED_US + (MULTI_TOKEN_LAYER_FIXED_US if tokens > 1 else 0.0)
+
+
+def attended_positions(isl: int, cached: int = 0) -> float:
+    """Causal attention of prompt positions cached+1..isl: each attends to every position up to its own."""
+    return (isl * (isl + 1) - cached * (cached + 1)) / 2
 
 
 def _pipeline(times: list[float], m: int, p2p: float, inflight: bool) -> float:
@@ -160,23 +170,27 @@ class PerfModel:
             estimate_ms=1e3 * estimate, bound_by=max(shares, key=shares.__getitem__), comm=comm,
             fixed_ms=1e3 * m * sum(c.fixed_s for c in costs), target=self.target)
 
-    def prefill(self, isl: int) -> PhaseEstimate:
-        """One request's prompt (TTFT)."""
-        return self.phase("prefill", isl, 1, isl * (isl + 1) / 2, 0, 1, inflight=False)
+    def prefill(self, isl: int, cached: int = 0) -> PhaseEstimate:
+        """One request's prompt (TTFT), its first `cached` tokens from the KV cache."""
+        est = self.phase("prefill", isl - cached, 1, attended_positions(isl, cached), cached, 1, inflight=False)
+        return replace(est, cached_tokens=cached)
 
     def decode(self, batch: int, context: float) -> PhaseEstimate:
         """One token for each of `batch` sequences holding `context` tokens (TPOT)."""
         m = max(1, min(self.mapping.pp_size, batch))
         return self.phase("decode", batch, batch, batch * context, batch * context, m, inflight=True)
 
-    def prefill_burst(self, batch: int, isl: int, micro_batches: int) -> PhaseEstimate:
-        """`batch` prompts at once through a GPipe of `micro_batches`."""
+    def prefill_burst(self, batch: int, isl: int, micro_batches: int, cached: int = 0) -> PhaseEstimate:
+        """`batch` prompts at once through a GPipe of `micro_batches`, each with `cached` tokens from the cache."""
         m = max(1, min(micro_batches, batch))
-        return self.phase("prefill_burst", batch * isl, batch, batch * isl * (isl + 1) / 2, 0, m, inflight=False)
+        est = self.phase("prefill_burst", batch * (isl - cached), batch, batch * attended_positions(isl, cached),
+                         batch * cached, m, inflight=False)
+        return replace(est, cached_tokens=cached)
 
-    def burst_stage(self, batch: int, isl: int) -> tuple[float, float]:
+    def burst_stage(self, batch: int, isl: int, cached: int = 0) -> tuple[float, float]:
         """(work, per-micro-batch fixed time) in seconds of the slowest stage for a burst in one micro-batch."""
-        slowest = max(self.stage_costs(batch * isl, batch, batch * isl * (isl + 1) / 2, 0, 1),
+        slowest = max(self.stage_costs(batch * (isl - cached), batch, batch * attended_positions(isl, cached),
+                                       batch * cached, 1),
                       key=lambda c: c.estimate_s)
         return slowest.estimate_s - slowest.fixed_s, slowest.fixed_s
 

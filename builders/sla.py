@@ -47,16 +47,20 @@ def _latency(name: str, est: float, target: float, bound_by: str) -> SlaCheck:
 
 
 def sla_checks(sla: SlaSection, *, used_bytes: int, gpu_bytes: int, kv_tokens: int, max_seq_len: int,
-               concurrency: int, max_batch_size: int, prefill: PhaseEstimate, decode: PhaseEstimate) -> list[SlaCheck]:
-    """Every check that applies to this recipe, in CHECK_ORDER."""
+               concurrency: int, max_batch_size: int, prefill: PhaseEstimate, decode: PhaseEstimate,
+               cached_prefix: int = 0) -> list[SlaCheck]:
+    """Every check that applies to this recipe, in CHECK_ORDER. `cached_prefix`: prompt tokens every request
+    shares through KV-cache reuse, whose blocks the cache holds once."""
     fits = used_bytes < gpu_bytes
     checks = [SlaCheck("memory", used_bytes / GIB, gpu_bytes / GIB, "GiB", fits, "memory capacity",
                        f"weights + workspace {used_bytes / GIB:,.1f} GiB {'<' if fits else '>='} "
                        f"{gpu_bytes / GIB:,.1f} GiB per GPU")]
-    need = concurrency * (sla.isl + sla.osl)
+    need = concurrency * (sla.isl + sla.osl - cached_prefix) + cached_prefix
     kv_ok = kv_tokens >= need and kv_tokens >= max_seq_len
-    detail = (f"KV cache holds {kv_tokens:,} tokens; {concurrency} x (isl {sla.isl} + osl {sla.osl}) = {need:,} "
-              f"needed" + ("" if kv_tokens >= max_seq_len else f", and one max_seq_len={max_seq_len} sequence"))
+    own = (f"{concurrency} x (isl {sla.isl} + osl {sla.osl})" if not cached_prefix else
+           f"{concurrency} x (isl {sla.isl} + osl {sla.osl} - shared {cached_prefix}) + shared {cached_prefix}")
+    detail = (f"KV cache holds {kv_tokens:,} tokens; {own} = {need:,} needed"
+              + ("" if kv_tokens >= max_seq_len else f", and one max_seq_len={max_seq_len} sequence"))
     checks.append(SlaCheck("kv_capacity", max(need, max_seq_len), kv_tokens, "tokens", kv_ok, "KV capacity", detail))
     if concurrency > max_batch_size:
         checks.append(SlaCheck("batch", concurrency, max_batch_size, "seqs", False, "max_batch_size",

@@ -9,6 +9,11 @@ Order of the verdict (the first that holds wins):
 4. overhead: time outside the runtime (network, Triton, client) is >= OVERHEAD_SHARE of E2E;
 5. otherwise the larger of prefill and decode, with the roofline part that dominates its floor (compute,
    HBM bandwidth, interconnect); far below the floor (< 5 %) software overhead binds, not the hardware.
+
+KV-cache reuse: the prefill check counts only the prompt tokens the server computed (the prompt minus the
+blocks the prefix cache served, from the bench's reused-block count, else the plan's cached prefix); the hit
+rate the server measured and the one the prompts allow are evidence, and the latter ranks the "enable KV-cache
+reuse" countermeasure.
 """
 
 from __future__ import annotations
@@ -71,13 +76,24 @@ def _decode_batch(run: dict[str, Any], sp: TimeSplit, pr: Pressure) -> float:
     return max(1.0, run["request_throughput"] * sp.decode_s)
 
 
+def reused_tokens_per_request(run: dict[str, Any]) -> float:
+    """Prompt tokens the prefix cache served per request in this run (0 without reuse counters)."""
+    blocks, tpb = run.get("kv_cache_reused_blocks"), run.get("kv_tokens_per_block")
+    n = run.get("completed", 0) + run.get("failed", 0)
+    return blocks * tpb / n if blocks and tpb and n else 0.0
+
+
 def _roofline(run: dict[str, Any], sp: TimeSplit, pr: Pressure, ref: PlanRef | None):
     if ref is None or sp.source != "server-timings":
         return None, None
     ok = [i for i, e in enumerate(run["errors"]) if not e]
     isl = float(np.mean([run["input_lens"][i] for i in ok]))
     osl = float(np.mean([run["output_lens"][i] for i in ok]))
-    pre = check_prefill(ref, isl, sp.prefill_s) if sp.prefill_s > 0 else None
+    reused = reused_tokens_per_request(run)
+    if run.get("kv_cache_reused_blocks") is None and ref.kv_cache_reuse:  # no /metrics: what the plan expects
+        reused = min(ref.cached_prefix_tokens, isl - 1)
+    computed = max(1.0, isl - reused)
+    pre = check_prefill(ref, computed, sp.prefill_s) if sp.prefill_s > 0 else None
     dec = None
     if sp.server_tpot_s > 0:
         dec = check_decode(ref, _decode_batch(run, sp, pr), isl + osl / 2, sp.server_tpot_s)
@@ -149,6 +165,8 @@ def analyze_run(run: dict[str, Any], ref: PlanRef | None = None) -> Analysis:
     if dec is not None and ref is not None and ref.decode_comm_s > 0:
         evidence.append(f"planned communication {1e3 * ref.decode_comm_s:.3f} ms per decode step = "
                         f"{ref.decode_comm_s / dec.measured_s:.1%} of the measured step")
+    if (reuse := _reuse_evidence(run)) is not None:
+        evidence.append(reuse)
     stats = run.get("triton_stats") or {}
     if stats:
         evidence.append("Triton statistics, mean queue/compute ms per request: " + ", ".join(
@@ -159,6 +177,17 @@ def analyze_run(run: dict[str, Any], ref: PlanRef | None = None) -> Analysis:
         summary += "; the runtime is far from the hardware roofline"
     cms = countermeasures(bottleneck, resource, run, sp, pr, pre, dec, ref)
     return Analysis(label, bottleneck, resource, summary, evidence, sp, pr, pre, dec, cms, _run_summary(run))
+
+
+def _reuse_evidence(run: dict[str, Any]) -> str | None:
+    rate, allowed = run.get("kv_cache_hit_rate"), run.get("prompt_prefix_hit_rate")
+    if rate is None and not allowed:
+        return None
+    served = ("no prefix-cache lookups measured (KV-cache reuse off?)" if rate is None else
+              f"prefix cache hit {rate:.0%} of prompt blocks ({run['kv_cache_reused_blocks']:.0f} reused, "
+              f"{run['kv_cache_missed_blocks']:.0f} missed; {reused_tokens_per_request(run):.0f} prompt tokens per "
+              "request not recomputed)")
+    return served + ("" if allowed is None else f"; the prompts' shared prefixes allow {allowed:.0%}")
 
 
 def analyze_runs(runs: list[dict[str, Any]], ref: PlanRef | None = None) -> list[Analysis]:

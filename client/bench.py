@@ -3,7 +3,9 @@
 Load is either closed-loop (fixed concurrency: a new request as soon as one finishes) or open-loop (Poisson
 arrivals at a request rate, optionally capped by a concurrency limit). A run is bounded by a prompt count
 and optionally a duration (no new request after it; in-flight ones finish). Warm-up requests run first and
-are excluded. Each point of a sweep also snapshots Triton's statistics and samples /metrics.
+are excluded. Each point of a sweep also snapshots Triton's statistics and samples /metrics; the prefix
+cache's reused / missed block totals before and after the point give its measured hit rate, and the prompts
+sent so far give the hit rate an unbounded prefix cache would have had (what enabling reuse would gain).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from client.dataset import Prompt
+from client.dataset import Prompt, prefix_cache_hits
 from client.grpc_stream import infer_inputs, is_final, result_outputs
 from client.model_info import ModelInfo, grpc_aio_model_info
 from client.params import TIME_OUTPUTS, GenerateParams, build_inputs
 from client.record import RequestRecord
-from client.server_stats import MetricsPoller, stats_delta, stats_snapshot
+from client.server_stats import MetricsPoller, metrics_sample, reuse_delta, stats_delta, stats_snapshot
 from client.stats import finite, per_request_arrays, summarize
 from client.tokenizer import with_token_ids
 
@@ -62,6 +64,8 @@ class BenchConfig:
     request_timeout_s: float = 600.0
     tokenizer_id: str = ""
     metrics_period_s: float = 0.25
+    tokens_per_block: int = 32
+    """KV block size for the prompts' prefix hit rate when /metrics does not report it (tokens_per)."""
 
 
 def requested_outputs(info: ModelInfo) -> list[Any] | None:
@@ -79,6 +83,8 @@ class _Runner:
         self.cfg, self.client, self.info, self.tokenizer = cfg, client, info, tokenizer
         self.on_done = None
         self.outputs = requested_outputs(info)
+        self.sent: list[tuple[int, ...]] = []
+        """Input ids of every prompt sent so far (warm-up included), in order."""
 
     def _tensors(self, prompt: Prompt, rid: str) -> list[Any]:
         p = GenerateParams(text=prompt.text, input_ids=list(prompt.input_ids), max_tokens=prompt.output_len,
@@ -109,6 +115,7 @@ class _Runner:
         """One streamed request. sent_ns: when it left the load generator, if that is known already (a closed
         loop sends at issue); else now."""
         rid = uuid.uuid4().hex[:16]
+        self.sent.append(prompt.input_ids)
         rec = RequestRecord(rid, prompt.prompt_len, prompt.output_len, issue_ns=issue_ns)
         inputs = self._tensors(prompt, rid)
 
@@ -191,11 +198,14 @@ async def _run_point(runner: _Runner, prompts: list[Prompt], point: LoadPoint) -
     poller = MetricsPoller(cfg.metrics_url, cfg.model, cfg.metrics_period_s) if cfg.metrics_url else None
     if poller is not None:
         await poller.open()
+    before_kv = metrics_sample(poller.last_text, cfg.model) if poller is not None else {}
+    sent_before = len(runner.sent)
     t0, t0_ns, cpu0 = time.monotonic(), time.monotonic_ns(), time.process_time()
     if poller is not None:
         poller.start(t0)
     records = await runner.drive(prompts, point, cfg.duration_s, origin=t0)
     duration, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    after_kv = await poller.settled() if poller is not None else {}
     series = await poller.stop() if poller is not None else []
     after = stats_snapshot(await runner.client.get_inference_statistics(as_json=True))
     if runner.tokenizer is not None:
@@ -212,8 +222,20 @@ async def _run_point(runner: _Runner, prompts: list[Prompt], point: LoadPoint) -
         **summarize(records, duration, cfg.slo_ms or None),
         "client_cpu_s": cpu, "client_cpu_s_per_request": cpu / done, "client_cpu_utilization": cpu / duration,
         "triton_stats": stats_delta(before, after), "metrics_series": series,
+        **reuse_delta(before_kv, after_kv), **_prefix_hit_rate(runner.sent, sent_before, before_kv, cfg),
         **per_request_arrays(records, t0_ns),
     }
+
+
+def _prefix_hit_rate(sent: list[tuple[int, ...]], start: int, sample: dict[str, float],
+                     cfg: BenchConfig) -> dict[str, Any]:
+    """The share of the point's prompt blocks (sent[start:]) that an unbounded prefix cache would have held,
+    given every prompt sent before them, at the server's block size."""
+    tpb = int(sample.get("kv_tokens_per") or cfg.tokens_per_block)
+    seen: set[int] = set()
+    prefix_cache_hits(sent[:start], tpb, seen)
+    hits, total = prefix_cache_hits(sent[start:], tpb, seen)
+    return {"kv_tokens_per_block": tpb, "prompt_prefix_hit_rate": hits / total if total else None}
 
 
 async def run_bench(cfg: BenchConfig, prompts: list[Prompt], tokenizer: Any = None,

@@ -61,11 +61,14 @@ def parse_goodput(items: list[str] | None, default: dict[str, float]) -> dict[st
     return out
 
 
-def _prompts(dataset: str, dataset_path: Path | None, tok, n: int, isl: int, osl: int, seed: int, tgt):
+def _prompts(dataset: str, dataset_path: Path | None, tok, n: int, isl: int, osl: int, seed: int, tgt,
+             shared_prefix: int = 0):
     from client.dataset import load_sharegpt, random_prompts
 
     if dataset == "random":
-        return random_prompts(tok, n, isl, osl, seed)
+        return random_prompts(tok, n, isl, osl, seed, shared_prefix)
+    if shared_prefix:
+        raise _fail(f"--shared-prefix {shared_prefix}: only random prompts can share a prefix (--dataset random)")
     if dataset == "sharegpt":
         if dataset_path is None:
             raise _fail("--dataset sharegpt needs --dataset-path FILE.json (ShareGPT conversations format)")
@@ -123,6 +126,8 @@ def bench(
     dataset_path: Annotated[Optional[Path], Opt(help="ShareGPT JSON file.")] = None,
     isl: Annotated[Optional[int], Opt(help="Input tokens per prompt (default: recipe sla.isl).")] = None,
     osl: Annotated[Optional[int], Opt(help="Output tokens per request (default: recipe sla.osl).")] = None,
+    shared_prefix: Annotated[Optional[int], Opt(help="Leading tokens all random prompts share, a system prompt "
+                                                    "(default: recipe sla.shared_prefix_tokens, else 0).")] = None,
     seed: Annotated[int, Opt()] = 0,
     metrics_url: Annotated[Optional[str], Opt(help="Prometheus endpoint to sample (default: the recipe's).")] = None,
     goodput: Annotated[Optional[list[str]], Opt(help="SLO, e.g. ttft:500 (repeatable; default: recipe SLA).")] = None,
@@ -147,11 +152,16 @@ def bench(
         tok = load_tokenizer(tok_dir)
         points = parse_points(concurrency, request_rate, max_concurrency, tgt)
         n_isl, n_osl = isl or tgt.isl, osl or tgt.osl
-        prompts = _prompts(dataset, dataset_path, tok, num_prompts * len(points) + warmup, n_isl, n_osl, seed, tgt)
+        n_shared = tgt.shared_prefix if shared_prefix is None else shared_prefix
+        if dataset != "random" and shared_prefix is None:
+            n_shared = 0  # the recipe's shared prefix shapes random prompts only
+        prompts = _prompts(dataset, dataset_path, tok, num_prompts * len(points) + warmup, n_isl, n_osl, seed, tgt,
+                           n_shared)
         with _served(tgt, serve, out) as live:
             cfg = BenchConfig(grpc_url=live.grpc_url, model=model, metrics_url=metrics_url or live.metrics_url,
                               points=points, num_prompts=num_prompts, duration_s=duration, warmup=warmup,
-                              slo_ms=parse_goodput(goodput, tgt.slo_ms), seed=seed, tokenizer_id=str(tok_dir))
+                              slo_ms=parse_goodput(goodput, tgt.slo_ms), seed=seed, tokenizer_id=str(tok_dir),
+                              tokens_per_block=tgt.tokens_per_block)
             runs = asyncio.run(run_bench(cfg, prompts, tok, show_progress=progress))
     except (ClientError, DatasetError, ValueError) as e:
         raise _fail(str(e)) from None
@@ -159,6 +169,7 @@ def bench(
         raise _fail(f"{e} (is it up? `enginesmith serve RECIPE`, or pass --serve)", 2) from None
     dest = output_dir or tgt.bench_dir
     config = {"target": target, "model": model, "dataset": dataset, "isl": n_isl, "osl": n_osl,
+              "shared_prefix": n_shared,
               "num_prompts": num_prompts, "points": [p.label for p in points], "slo_ms": cfg.slo_ms}
     written = write_results(runs, dest, config, plots=plots)
     (console if console.is_terminal else Console(highlight=False, width=160, markup=False)).print(summary_table(runs))

@@ -44,19 +44,31 @@ def load_runs(path: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def kv_hit_cell(r: dict[str, Any]) -> str:
+    """Prefix-cache hit rate measured by the server / that the prompts' shared prefixes allow."""
+    return f"{_percent(r.get('kv_cache_hit_rate'))}/{_percent(r.get('prompt_prefix_hit_rate'))}"
+
+
 def summary_table(runs: list[dict[str, Any]]):
-    """One row per load point: counts, throughput, goodput, latency percentiles, client CPU."""
+    """One row per load point: counts, throughput, goodput, latency percentiles, client CPU, and the prefix
+    cache's hit rate when the server measured one or the prompts share prefixes."""
     from rich.table import Table
     from rich.text import Text
 
     t = Table(title="benchmark", show_lines=False)
+    reuse = any(r.get("kv_cache_hit_rate") is not None or r.get("prompt_prefix_hit_rate") for r in runs)
     for col in ("load", "ok/fail", "in tok", "out tok", "req/s", "out tok/s", "goodput", "TTFT p50/p99 ms",
-                "TPOT p50/p99 ms", "ITL p50/p99 ms", "E2E p50/p99 ms", "client CPU ms/req"):
+                "TPOT p50/p99 ms", "ITL p50/p99 ms", "E2E p50/p99 ms", "client CPU ms/req",
+                *(["KV hit served/prompts"] if reuse else [])):
         t.add_column(col, justify="right")
     for r in runs:
         good = "-" if r.get("request_goodput") is None else f"{r['request_goodput']:.2f}/s"
         t.add_row(Text(str(r["label"])), f"{r['completed']}/{r['failed']}", str(r["total_input_tokens"]),
                   str(r["total_output_tokens"]), f"{r['request_throughput']:.2f}", f"{r['output_throughput']:.1f}",
                   good, *(f"{r[f'median_{m}_ms']:.1f}/{r[f'p99_{m}_ms']:.1f}" for m in ("ttft", "tpot", "itl", "e2el")),
-                  f"{1e3 * r['client_cpu_s_per_request']:.2f}")
+                  f"{1e3 * r['client_cpu_s_per_request']:.2f}", *([kv_hit_cell(r)] if reuse else []))
     return t

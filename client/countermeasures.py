@@ -1,7 +1,8 @@
 """Ranked countermeasures for a bottleneck, each with its expected effect worked out from the measurements.
 
 `gain` is the expected fraction of the binding time removed (0..1), an estimate used only for ranking; the
-`effect` text says how it was estimated so the reader can judge it.
+`effect` text says how it was estimated so the reader can judge it. KV-cache reuse is ranked from the share of
+prompt blocks the bench's prompts repeat (prompt_prefix_hit_rate), and not offered when it is already on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,26 @@ class Countermeasure:
     action: str
     effect: str
     gain: float
+
+
+REUSE = "KV-cache reuse (serve.enable_kv_cache_reuse)"
+
+
+def _reuse_on(run: dict[str, Any], ref) -> bool:
+    looked_up = (run.get("kv_cache_reused_blocks") or 0) + (run.get("kv_cache_missed_blocks") or 0)
+    return bool(looked_up) or bool(ref is not None and ref.kv_cache_reuse)
+
+
+def _reuse(run: dict[str, Any], ref, share: float, what: str) -> list[Countermeasure]:
+    """Enable KV-cache reuse, with `share` (of the binding time) times the prompts' measured prefix hit rate."""
+    if _reuse_on(run, ref):
+        return []
+    hit = run.get("prompt_prefix_hit_rate")
+    if hit is None:
+        return [Countermeasure(REUSE, "gain unknown: these bench results do not say how much the prompts share "
+                                      "(rerun `enginesmith bench`)", 0.0)]
+    return [Countermeasure(REUSE, f"{hit:.0%} of the prompt blocks repeat an earlier prompt's prefix (measured on "
+                                  f"the bench's prompts): {what} -{hit:.0%}", share * hit)]
 
 
 def _queueing(resource: str, run: dict[str, Any], sp, pr, ref) -> list[Countermeasure]:
@@ -44,8 +65,10 @@ def _queueing(resource: str, run: dict[str, Any], sp, pr, ref) -> list[Counterme
         out.append(Countermeasure("batch_scheduler_policy: max_utilization",
                                   "admits by blocks in use instead of reserving isl+osl per request up front; "
                                   "more sequences fit, at the risk of pausing some", share * admit * 0.5))
-        out.append(Countermeasure("KV-cache reuse (serve.enable_kv_cache_reuse)",
-                                  "only if prompts share prefixes: their blocks are shared, not duplicated", 0.05))
+        isl = sum(run.get("input_lens") or [0]) / max(1, len(run.get("input_lens") or []))
+        osl = sum(run.get("output_lens") or [0]) / max(1, len(run.get("output_lens") or []))
+        prompt_share = isl / (isl + osl) if isl + osl else 0.0  # the part of a sequence's KV that can be shared
+        out += _reuse(run, ref, share * admit * prompt_share, "KV blocks of the prompts")
     elif resource == "batch slots":
         mb = int(pr.max_batch) or (ref.max_batch_size if ref else 0)
         out.append(Countermeasure(f"raise build.max_batch_size (now {mb}) to >= {int(pr.max_waiting + pr.mean_active)}",
@@ -96,13 +119,12 @@ def _decode(resource: str, sp, dec, ref) -> list[Countermeasure]:
     return out
 
 
-def _prefill(resource: str, sp, pre, ref) -> list[Countermeasure]:
+def _prefill(resource: str, run: dict[str, Any], sp, pre, ref) -> list[Countermeasure]:
     share = sp.share("prefill")
     out = [Countermeasure("chunked context (serve.enable_chunked_context)",
                           "long prompts are split so decode steps of running requests are not stalled behind "
                           "them (ITL p99 falls; TTFT of the long prompt itself does not)", share * 0.2),
-           Countermeasure("KV-cache reuse (serve.enable_kv_cache_reuse)",
-                          "prompts with a shared prefix skip its prefill", share * 0.2)]
+           *_reuse(run, ref, share, "prefill tokens")]
     if resource in ("compute", "software overhead") and (ref is None or ref.weights_quant != "fp8"):
         out.append(Countermeasure("FP8 weights and activations (quantization.weights: fp8, Hopper/Ada)",
                                   "2x dense tensor-core FLOP/s: prefill -~45%", share * 0.45))
@@ -122,7 +144,7 @@ def countermeasures(bottleneck: str, resource: str, run: dict[str, Any], sp, pr,
     elif bottleneck == "decode":
         out = _decode(resource, sp, dec, ref)
     elif bottleneck == "prefill":
-        out = _prefill(resource, sp, pre, ref)
+        out = _prefill(resource, run, sp, pre, ref)
     elif bottleneck == "client":
         out = [Countermeasure("run the load generator in more processes or on another machine",
                               "the client saturates its core, so latencies include client delays", 0.9),

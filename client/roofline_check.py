@@ -38,6 +38,10 @@ class PlanRef:
     weights_quant: str = "none"
     tp_size: int = 1
     pp_size: int = 1
+    kv_cache_reuse: bool = False
+    """serve.enable_kv_cache_reuse of the recipe."""
+    cached_prefix_tokens: int = 0
+    """Prompt tokens per request the plan expects from the prefix cache (sla.shared_prefix_tokens, whole blocks)."""
 
     @classmethod
     def from_plan(cls, plan: Any) -> PlanRef:
@@ -46,13 +50,14 @@ class PlanRef:
         peak = plan.hardware.peak_flops(compute_dtype)
         return cls(
             gpus=plan.mapping.world_size, peak_flops=peak, hbm_bytes_per_s=plan.hardware.hbm_gbps * 1e9,
-            prefill_flops_per_token=pre.flops_per_gpu / max(pre.tokens, 1),
+            prefill_flops_per_token=pre.flops_per_gpu / max(pre.tokens, 1),  # computed tokens (not cached)
             weight_bytes=mem.weight_bytes_max, kv_bytes_per_token=mem.kv_bytes_per_token_max,
             kv_tokens=mem.kv_tokens, max_batch_size=rec.build.max_batch_size,
             decode_comm_s=dec.comm_ms / 1e3, prefill_comm_s_per_token=pre.comm_ms / 1e3 / max(pre.tokens, 1),
             plan_ttft_ms=pre.estimate_ms, plan_tpot_ms=dec.estimate_ms,
             kv_cache_dtype=rec.quantization.kv_cache, weights_quant=rec.quantization.weights,
-            tp_size=plan.mapping.tp_size, pp_size=plan.mapping.pp_size)
+            tp_size=plan.mapping.tp_size, pp_size=plan.mapping.pp_size,
+            kv_cache_reuse=rec.serve.enable_kv_cache_reuse, cached_prefix_tokens=pre.cached_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,8 @@
 - `/v2/models/stats` (gRPC `get_inference_statistics`): cumulative per-model request counts and queue /
   compute durations; a run's share is the difference of two snapshots.
 - `/metrics` (Prometheus text): the runtime's gauges (`nv_trt_llm_request_metrics`, KV blocks) and
-  Triton's `nv_inference_pending_request_count`, sampled every `period_s` while the run goes.
+  Triton's `nv_inference_pending_request_count`, sampled every `period_s` while the run goes; the prefix
+  cache's reused / missed block totals before and after a point give its hit rate (`reuse_delta`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ def metric_total(text: str, name: str, model: str | None = None) -> float:
                if n == name and (model is None or lab.get("model") == model))
 
 
+def reuse_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Prefix-cache blocks reused and missed between two `metrics_sample`s, and the hit rate reused / (reused +
+    missed); None where the runtime reports no such totals (or, for the rate, looked no block up)."""
+    if "kv_reused" not in after or "kv_missed" not in after:
+        return {"kv_cache_reused_blocks": None, "kv_cache_missed_blocks": None, "kv_cache_hit_rate": None}
+    reused = after["kv_reused"] - before.get("kv_reused", 0.0)
+    missed = after["kv_missed"] - before.get("kv_missed", 0.0)
+    return {"kv_cache_reused_blocks": reused, "kv_cache_missed_blocks": missed,
+            "kv_cache_hit_rate": reused / (reused + missed) if reused + missed > 0 else None}
+
+
 def stats_snapshot(stats_json: dict[str, Any]) -> dict[str, dict[str, int]]:
     """model -> {<duration>_count, <duration>_ns, executions, inferences} from a stats response."""
     snap = {}
@@ -133,6 +145,21 @@ class MetricsPoller:
         while True:
             await self._sample()
             await asyncio.sleep(self.period_s)
+
+    async def settled(self, timeout_s: float = 2.0) -> dict[str, float]:
+        """A sample taken once the runtime is idle (no active or waiting request), so the totals it publishes
+        when it goes idle are in it; the last one taken if it does not settle within `timeout_s`."""
+        import httpx
+
+        deadline, sample = time.monotonic() + timeout_s, {}
+        while True:
+            try:
+                sample = metrics_sample((await self._http.get(self.url)).text, self.prefer_model)
+            except httpx.HTTPError:
+                self.errors += 1
+            if (sample and not sample.get("active") and not sample.get("waiting")) or time.monotonic() > deadline:
+                return sample
+            await asyncio.sleep(0.05)
 
     def start(self, t0: float) -> None:
         self._t0 = t0

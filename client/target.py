@@ -25,6 +25,9 @@ class Target:
     max_input_len: int = 1024
     max_seq_len: int = 2048
     recipe_path: Path | None = None
+    shared_prefix: int = 0
+    """Leading tokens every random prompt shares (the recipe's sla.shared_prefix_tokens)."""
+    tokens_per_block: int = 32
 
 
 def is_recipe(target: str) -> bool:
@@ -58,7 +61,8 @@ def from_recipe(path: str | Path, out: Path) -> Target:
                   metrics_url=f"http://{host}:{s.metrics_port}/metrics", bench_dir=out / r.name / "bench",
                   tokenizer_dir=recipe_tokenizer(r, out), slo_ms=slo, isl=sla.isl, osl=sla.osl,
                   concurrency=sla.concurrency, request_rate=sla.request_rate,
-                  max_input_len=r.build.max_input_len, max_seq_len=r.build.max_seq_len, recipe_path=Path(path))
+                  max_input_len=r.build.max_input_len, max_seq_len=r.build.max_seq_len, recipe_path=Path(path),
+                  shared_prefix=sla.shared_prefix_tokens, tokens_per_block=r.build.tokens_per_block)
 
 
 def from_url(url: str, out: Path) -> Target:

@@ -42,7 +42,7 @@ class Engine:
         dims = dict(num_layers=model.num_local_layers, num_kv_heads=model.num_kv_heads, head_size=model.head_size)
         num_blocks = num_blocks or kv_cache_blocks(model, config)
         self.cache = PagedKVCache(**dims, num_blocks=num_blocks, tokens_per_block=config.tokens_per_block,
-                                  dtype=model.dtype, device=model.device)
+                                  dtype=model.dtype, device=model.device, enable_reuse=config.enable_kv_cache_reuse)
         # CUDA: decode tokens through captured graphs on every rank of a single-stage layout (None on CPU, with
         # pipeline stages, or ENGINESMITH_FAST_DECODE=0); the worker ranks build theirs at the same point.
         self.fast_decoder = FastDecoder.for_engine(model, self.cache, config,
@@ -245,7 +245,6 @@ class Engine:
         """Record a sampled token, stream it, finish the request if it is done; returns 1 if finished."""
         now = time.monotonic_ns()
         req.context_done = True
-        req.kv_blocks = max(req.kv_blocks, len(self.cache.block_table(req.seq_id)))
         if self.metrics is not None:
             _call(self.metrics.on_token if req.first_token_ns else self.metrics.on_first_token,
                   (now - (req.last_token_ns or req.arrival_ns)) / 1e9)
@@ -285,7 +284,6 @@ class Engine:
         if req.finished:
             return
         req.status, req.finish_reason, req.error = Status.FINISHED, reason, error
-        req.kv_blocks = max(req.kv_blocks, len(self.cache.block_table(req.seq_id)))
         self.scheduler.release(req)
         if self.metrics is not None:
             _call(self.metrics.on_request_done, len(req.prompt), len(req.output))
@@ -308,13 +306,15 @@ class Engine:
             num_tokens=sched.num_tokens, num_context_tokens=sum(c.num_tokens for c in sched.chunks if c.is_context),
             kv_used_blocks=self.cache.num_used_blocks,
             kv_free_blocks=self.cache.num_free_blocks, active=len(s.running), queued=len(s.waiting),
-            paused=len(sched.preempted), released=released)
+            paused=len(sched.preempted), released=released, kv_reused_blocks=self.cache.reused_blocks,
+            kv_missed_blocks=self.cache.missed_blocks)
         self._iteration += 1
         self.iteration_log.append(stats)
         if self.metrics is not None:
             _call(self.metrics.on_iteration, stats.batch_size, stats.num_context, stats.num_generation,
                   stats.kv_used_blocks, stats.kv_free_blocks, stats.active, stats.queued,
-                  num_context_tokens=stats.num_context_tokens, paused=stats.paused)
+                  num_context_tokens=stats.num_context_tokens, paused=stats.paused,
+                  kv_reused_blocks=stats.kv_reused_blocks, kv_missed_blocks=stats.kv_missed_blocks)
         return stats
 
 

@@ -43,6 +43,8 @@ class EngineConfig:
     """guaranteed_no_evict | max_utilization."""
     enable_chunked_context: bool = False
     """Split prompts longer than the token budget over several iterations."""
+    enable_kv_cache_reuse: bool = False
+    """Share the cached KV blocks of prompt prefixes between requests (prefix caching)."""
     max_tokens_in_paged_kv_cache: int | None = None
     """Upper bound on cached tokens (None: only memory and the batch limit bound it)."""
     kv_cache_free_gpu_mem_fraction: float = 0.9

@@ -29,6 +29,10 @@ class IterationStats:
     """Requests evicted by max_utilization in this iteration."""
     released: int
     """Requests that finished, were cancelled or failed in this iteration."""
+    kv_reused_blocks: int = 0
+    """Prompt blocks taken from the prefix cache so far (all iterations; KV-cache reuse only)."""
+    kv_missed_blocks: int = 0
+    """Prompt blocks that had to be computed so far (all iterations; KV-cache reuse only)."""
 
 
 class IterationLog:

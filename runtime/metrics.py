@@ -3,7 +3,10 @@
 Families are named like the TensorRT-LLM backend's where they overlap (`nv_trt_llm_request_metrics`,
 `nv_trt_llm_kv_cache_block_metrics`, `nv_trt_llm_inflight_batcher_metrics`, `nv_trt_llm_general_metrics`,
 `nv_llm_input_token_len`, `nv_llm_output_token_len`), with the same category labels; what the C++ backend
-lacks (TTFT/ITL/batch-size histograms, tokens/s) gets `nv_trt_llm_*` names of the same style.
+lacks (TTFT/ITL/batch-size histograms, tokens/s) gets `nv_trt_llm_*` names of the same style. KV-cache reuse:
+`kv_cache_block_type="reused"` (upstream's label) and `"missed"` count the prompt blocks found in / missing from
+the prefix cache since start, as TensorRT-LLM's KvCacheStats do (totals that only grow: a hit rate over a window
+is the difference of two scrapes, reused / (reused + missed)).
 
 Every update is an IPC round trip to the server process, so gauges are written at most once per `period_s`
 (the backend's `stats_check_period_ms` plays the same role) and latency observations are buffered until then.
@@ -25,7 +28,7 @@ _GAUGES = {
     "nv_trt_llm_request_metrics": ("TRT-LLM request metrics", "request_type",
                                    ["active", "max", "scheduled", "context", "waiting"]),
     "nv_trt_llm_kv_cache_block_metrics": ("TRT-LLM KV cache block metrics", "kv_cache_block_type",
-                                          ["max", "free", "used", "tokens_per", "fraction"]),
+                                          ["max", "free", "used", "tokens_per", "fraction", "reused", "missed"]),
     "nv_trt_llm_inflight_batcher_metrics": ("TRT-LLM inflight_batcher-specific metrics",
                                             "inflight_batcher_specific_metric",
                                             ["total_context_tokens", "generation_requests", "micro_batch_id",
@@ -104,8 +107,9 @@ class TritonMetrics:
     # -- hooks --------------------------------------------------------------------------------
     def on_iteration(self, batch_size: int, num_context: int, num_generation: int, kv_used_blocks: int,
                      kv_free_blocks: int, active: int, queued: int, *, num_context_tokens: int | None = None,
-                     paused: int = 0) -> None:
-        """One engine step: who ran, who waits, and the KV pool after the step."""
+                     paused: int = 0, kv_reused_blocks: int | None = None, kv_missed_blocks: int | None = None) -> None:
+        """One engine step: who ran, who waits, and the KV pool after the step; `kv_reused_blocks` /
+        `kv_missed_blocks` are the prefix cache's totals so far."""
         total_blocks = kv_used_blocks + kv_free_blocks
         with self._lock:
             self._iterations += 1
@@ -124,6 +128,9 @@ class TritonMetrics:
             })
             if num_context_tokens is not None:
                 self._state[("nv_trt_llm_inflight_batcher_metrics", "total_context_tokens")] = num_context_tokens
+            for category, total in (("reused", kv_reused_blocks), ("missed", kv_missed_blocks)):
+                if total is not None:
+                    self._state[("nv_trt_llm_kv_cache_block_metrics", category)] = total
             self._pending["nv_trt_llm_iteration_batch_size"].append(batch_size)
         if active and not self._published_active:
             self.flush()  # idle -> busy: publish at once, not a period later (short requests would never show)

@@ -68,11 +68,13 @@ class Request:
     error: str | None = field(default=None, init=False)
     cancel_requested: bool = field(default=False, init=False)
     num_preemptions: int = field(default=0, init=False)
+    kv_reused_blocks: int = field(default=0, init=False)
+    """KV blocks taken from the prefix cache at admission (TensorRT-LLM's kv_cache_reused_blocks)."""
+    kv_new_blocks: int = field(default=0, init=False)
+    """KV blocks allocated for this request (kv_cache_alloc_new_blocks); with the reused ones, alloc_total."""
     first_scheduled_ns: int = field(default=0, init=False)
     first_token_ns: int = field(default=0, init=False)
     last_token_ns: int = field(default=0, init=False)
-    kv_blocks: int = field(default=0, init=False)
-    """KV-cache blocks allocated for the request (the most it held; kept after they are released)."""
     sampler: object = field(default=None, init=False, repr=False)
     """The engine's SequenceSampler for this request."""
 

@@ -14,6 +14,12 @@ the token budget (max_num_tokens) and the KV cache allow. Capacity policies, as 
 
 Without chunked context a prompt runs whole in one iteration; with it, a prompt longer than the
 token budget is split into chunks of a multiple of tokens_per_block.
+
+With KV-cache reuse (the cache's `enable_reuse`), every iteration first publishes the blocks the last one
+completed (a released or paused request's too), and an admitted request takes the cached blocks of its
+prompt's longest published prefix: its first chunk starts after them. Admission counts a shared block once
+for max_utilization (plus the cached ones it takes out of the free pool); guaranteed_no_evict still sets
+aside the blocks of the request's whole length, shared or not, so its guarantee holds unchanged.
 """
 
 from __future__ import annotations
@@ -80,13 +86,18 @@ class Scheduler:
         self.waiting.append(request)
 
     def release(self, request: Request) -> None:
-        """Drop a finished, cancelled or failed request and return its blocks to the pool."""
+        """Drop a finished, cancelled or failed request and return its blocks to the pool (its computed
+        full blocks stay cached for reuse)."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         self._reserved.pop(request.seq_id, None)
-        self.cache.release(request.seq_id)
+        self._free_blocks(request)
+
+    def _free_blocks(self, req: Request) -> None:
+        self.cache.publish(req.seq_id, req.tokens, req.num_computed)
+        self.cache.release(req.seq_id)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -95,6 +106,8 @@ class Scheduler:
         out = Schedule()
         budget = self.max_num_tokens
         scheduled: set[int] = set()
+        for req in self.running:  # blocks the last iteration completed can be shared from now on
+            self.cache.publish(req.seq_id, req.tokens, req.num_computed)
         # Generation requests first, then unfinished (chunked) contexts, then new admissions.
         for req in sorted(self.running, key=lambda r: r.is_prefill):
             if req.status is not Status.RUNNING:
@@ -109,23 +122,29 @@ class Scheduler:
                 scheduled.add(req.seq_id)
                 budget -= n
         while not out.preempted and self.waiting and len(self.running) < self.max_batch_size and budget > 0:
-            req = self.waiting[0]
-            n = self._chunk_len(req, budget)
-            if not n or not self._can_admit(req, n):
+            req = self.waiting[0]  # waiting requests hold no blocks and have nothing computed
+            hits = self.cache.match_prefix(req.seq_id, req.tokens)
+            start = len(hits) * self.cache.tokens_per_block
+            n = self._chunk_len(req, budget, start)
+            if not n or not self._can_admit(req, start + n, hits):
                 break  # first come, first served: later requests wait behind the head
             self.waiting.popleft()
             self.running.append(req)
             req.status = Status.RUNNING
             if self.policy == "guaranteed_no_evict":
                 self._reserved[req.seq_id] = self.cache.blocks_for(req.max_total_len)
-            self.cache.reserve(req.seq_id, req.num_computed + n)
-            out.chunks.append(ScheduledChunk(req, req.num_computed, n, True))
+            self.cache.attach(req.seq_id, hits, len(req.tokens))
+            req.num_computed = start
+            req.kv_reused_blocks += len(hits)
+            req.kv_new_blocks += self.cache.reserve(req.seq_id, start + n)
+            out.chunks.append(ScheduledChunk(req, start, n, True))
             budget -= n
         return out
 
-    def _chunk_len(self, req: Request, budget: int) -> int:
-        """Tokens of `req` to run within `budget` (0: it must wait for a later iteration)."""
-        need = req.num_uncomputed
+    def _chunk_len(self, req: Request, budget: int, computed: int | None = None) -> int:
+        """Tokens of `req` to run within `budget` after its `computed` ones (default: req.num_computed);
+        0: it must wait for a later iteration."""
+        need = len(req.tokens) - (req.num_computed if computed is None else computed)
         if need <= budget:
             return need
         if not (self.enable_chunked_context or req.num_preemptions):  # a recompute may always be chunked
@@ -133,10 +152,11 @@ class Scheduler:
         tpb = self.cache.tokens_per_block
         return budget // tpb * tpb
 
-    def _can_admit(self, req: Request, n: int) -> bool:
+    def _can_admit(self, req: Request, num_tokens: int, hits: list[int]) -> bool:
+        """Whether `req` may start holding `num_tokens` positions, `hits` of its blocks shared."""
         if self.policy == "guaranteed_no_evict":
             return self.num_reserved_blocks + self.cache.blocks_for(req.max_total_len) <= self.cache.num_blocks
-        return self.cache.new_blocks_needed(req.seq_id, req.num_computed + n) <= self.cache.num_free_blocks
+        return self.cache.admission_cost(hits, num_tokens) <= self.cache.num_free_blocks
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         """Make room for `num_tokens` positions of a running request; False if no block is free."""
@@ -144,13 +164,14 @@ class Scheduler:
             if self.policy == "guaranteed_no_evict":
                 raise AssertionError("guaranteed_no_evict reserved blocks ran out: reservation bug")
             return False
-        self.cache.reserve(req.seq_id, num_tokens)
+        req.kv_new_blocks += self.cache.reserve(req.seq_id, num_tokens)
         return True
 
     def _preempt(self, req: Request) -> Request:
-        """max_utilization: pause `req`, free its blocks; it recomputes from scratch when readmitted."""
+        """max_utilization: pause `req`, free its blocks; it recomputes from scratch when readmitted (with
+        reuse, from after whatever of its blocks are still cached)."""
         self.running.remove(req)
-        self.cache.release(req.seq_id)
+        self._free_blocks(req)
         req.num_computed = 0
         req.context_done = False
         req.num_preemptions += 1

@@ -150,10 +150,10 @@ PERF_OUTPUTS: dict[str, type] = {
 
 
 def perf_metrics(req: Request) -> dict[str, int | float]:
-    """A request's perf outputs: its KV blocks (the reference runtime reuses none), its steady-clock times,
+    """A request's perf outputs: its KV blocks (new, reused from the prefix cache, both), its steady-clock times,
     and zeros for speculative decoding, which the reference runtime does not do."""
-    return {"kv_cache_alloc_new_blocks": req.kv_blocks, "kv_cache_reused_blocks": 0,
-            "kv_cache_alloc_total_blocks": req.kv_blocks,
+    return {"kv_cache_alloc_new_blocks": req.kv_new_blocks, "kv_cache_reused_blocks": req.kv_reused_blocks,
+            "kv_cache_alloc_total_blocks": req.kv_new_blocks + req.kv_reused_blocks,
             "arrival_time_ns": req.arrival_ns, "first_scheduled_time_ns": req.first_scheduled_ns,
             "first_token_time_ns": req.first_token_ns, "last_token_time_ns": req.last_token_ns,
             "acceptance_rate": 0.0, "total_accepted_draft_tokens": 0, "total_draft_tokens": 0}

@@ -3,7 +3,7 @@
 Tiny random llama -> plan -> converted checkpoint -> reference engine dir -> the generated Triton repository
 (ensemble, preprocessing, tensorrt_llm running our reference runtime, postprocessing, BLS) -> a real
 tritonserver on free ports. build.max_batch_size is 2, so a handful of concurrent requests queue (the
-crafted overload of the analysis tests) while one at a time does not.
+crafted overload of the analysis tests) while one at a time does not. KV-cache reuse is on (upstream's default).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def tiny_recipe(hf: Path):
     data["model"]["source"] = str(hf)
     data["build"]["max_batch_size"] = MAX_BATCH
     data["serve"]["triton_max_batch_size"] = MAX_BATCH
+    data["serve"]["enable_kv_cache_reuse"] = True
     return parse_recipe(data)
 
 

@@ -171,3 +171,44 @@ def test_analyze_command_leaves_the_bench_report_alone(tmp_path):
     r = CliRunner().invoke(app, ["analyze", str(written["bench"]), "--markdown", "/sys/enginesmith/x.md"])
     assert r.exit_code == 1 and "Traceback" not in r.output  # /sys takes no new folders, not even from root
     assert "error: --markdown /sys/enginesmith/x.md: cannot write /sys/enginesmith (" in r.output
+
+
+def test_kv_reuse_is_ranked_from_the_prompts_measured_prefix_share():
+    run = crafted_run(prefill_ms=200, decode_ms=14, out=8)
+    shared = analyze_run({**run, "prompt_prefix_hit_rate": 0.9}, REF)
+    assert shared.bottleneck == "prefill" and shared.countermeasures[0].action.startswith("KV-cache reuse")
+    assert shared.countermeasures[0].gain == pytest.approx(shared.split.share("prefill") * 0.9)
+    assert "90% of the prompt blocks repeat" in shared.countermeasures[0].effect
+    assert "the prompts' shared prefixes allow 90%" in " ".join(shared.evidence)
+    unique = analyze_run({**run, "prompt_prefix_hit_rate": 0.0}, REF)
+    assert not any(c.action.startswith("KV-cache reuse") for c in unique.countermeasures)
+    kv_bound = analyze_run({**crafted_run(queue_ms=300, series=series(kv_free=0, active=1, max_batch=8)),
+                            "prompt_prefix_hit_rate": 0.5}, REF)
+    reuse = next(c for c in kv_bound.countermeasures if c.action.startswith("KV-cache reuse"))
+    assert "KV blocks of the prompts -50%" in reuse.effect and reuse.gain > 0
+
+
+def test_with_reuse_on_the_prefill_check_counts_only_computed_tokens():
+    run = {**crafted_run(prefill_ms=200, decode_ms=14, out=8), "kv_cache_reused_blocks": 16.0,
+           "kv_cache_missed_blocks": 8.0, "kv_cache_hit_rate": 2 / 3, "kv_tokens_per_block": 8,
+           "prompt_prefix_hit_rate": 2 / 3}
+    a = analyze_run(run, REF)
+    assert a.prefill.compute_s == pytest.approx(2e9 * (20 - 16 * 8 / 8) / 1e12)  # 16 of 20 tokens were cached
+    assert not any(c.action.startswith("KV-cache reuse") for c in a.countermeasures)  # already on
+    assert "prefix cache hit 67% of prompt blocks (16 reused, 8 missed; 16 prompt tokens per request" in \
+        " ".join(a.evidence)
+    without_metrics = {k: v for k, v in run.items() if not k.startswith(("kv_", "prompt_"))}
+    planned = PlanRef(**{**REF.to_dict(), "kv_cache_reuse": True, "cached_prefix_tokens": 16})
+    assert analyze_run(without_metrics, planned).prefill.compute_s == pytest.approx(2e9 * 4 / 1e12)
+    assert analyze_run(without_metrics, REF).prefill.compute_s == pytest.approx(2e9 * 20 / 1e12)
+
+
+def test_plan_ref_carries_the_plans_kv_reuse():
+    from builders.plan import make_plan
+    from builders.recipe import load_recipe, parse_recipe
+    from tests.support import REPO_ROOT
+
+    data = load_recipe(REPO_ROOT / "recipes" / "tiny-llama.yaml").model_dump()
+    data["serve"]["enable_kv_cache_reuse"], data["sla"]["shared_prefix_tokens"] = True, 50
+    ref = PlanRef.from_plan(make_plan(parse_recipe(data), with_options=False))
+    assert ref.kv_cache_reuse and ref.cached_prefix_tokens == 48  # whole blocks of 16

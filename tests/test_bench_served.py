@@ -77,6 +77,48 @@ def test_duration_bounds_a_point_and_rate_points_cap_concurrency(served, tok):
     assert sorted(r["queue_times"])[-1] > 0  # all arrived at once: the later ones waited in the client
 
 
+def test_prefix_cache_hit_rate_is_measured_per_point(served, tok, runs):
+    """Prompts sharing two of their three 16-token blocks, one at a time after a warm-up: every prompt finds both
+    cached, as the prompts alone predict; the random prompts of `runs` share nothing but their first token."""
+    prompts = random_prompts(tok, 7, 40, 4, seed=4, shared_prefix=33)
+    cfg = BenchConfig(served.grpc_url, "tensorrt_llm", served.metrics_url, [LoadPoint("concurrency", 1)],
+                      num_prompts=6, warmup=1)
+    (r,) = asyncio.run(run_bench(cfg, prompts, tok, show_progress=False))
+    assert r["kv_tokens_per_block"] == served.recipe.build.tokens_per_block == 16
+    assert (r["kv_cache_reused_blocks"], r["kv_cache_missed_blocks"]) == (12, 6)
+    assert r["kv_cache_hit_rate"] == r["prompt_prefix_hit_rate"] == pytest.approx(2 / 3)
+    for other in runs:
+        assert other["kv_cache_hit_rate"] == other["prompt_prefix_hit_rate"] == 0.0
+    # the same prefix once more: the response's perf metrics count the shared blocks
+    got = _perf_metrics(served, list(prompts[0].input_ids[:33]) + [5, 6, 7, 8, 9, 10, 11])
+    assert (got["kv_cache_reused_blocks"], got["kv_cache_alloc_new_blocks"], got["kv_cache_alloc_total_blocks"]) \
+        == (2, 1, 3)
+
+
+def _perf_metrics(served, ids: list[int]) -> dict[str, int]:
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from client.grpc_stream import infer_inputs
+
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        inputs = {"input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
+                  "request_output_len": np.array([[2]], np.int32)}
+        client.async_stream_infer("tensorrt_llm", infer_inputs(inputs), request_id="perf")
+        result, error = results.get(timeout=60)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert error is None, error
+    return {n: int(result.as_numpy(n).reshape(-1)[0]) for n in ("kv_cache_reused_blocks", "kv_cache_alloc_new_blocks",
+                                                               "kv_cache_alloc_total_blocks")}
+
+
 def test_ensemble_bench_counts_tokens_from_the_model(served, tok):
     prompts = random_prompts(tok, 3, ISL, OSL, seed=2)
     cfg = BenchConfig(served.grpc_url, "ensemble", None, [LoadPoint("concurrency", 3)], num_prompts=3, warmup=0)
@@ -88,13 +130,16 @@ def test_ensemble_bench_counts_tokens_from_the_model(served, tok):
 def test_bench_command_writes_results_and_analysis(served, tmp_path):
     result = CliRunner().invoke(app, [
         "bench", served.grpc_url, "--tokenizer", str(served.tokenizer_dir), "--concurrency", "1,2",
-        "--num-prompts", "3", "--isl", "8", "--osl", "4", "--warmup", "0", "--output-dir", str(tmp_path),
-        "--metrics-url", served.metrics_url, "--goodput", "ttft:60000", "--no-progress"])
+        "--num-prompts", "3", "--isl", "40", "--osl", "4", "--shared-prefix", "33", "--warmup", "0",
+        "--output-dir", str(tmp_path), "--metrics-url", served.metrics_url, "--goodput", "ttft:60000",
+        "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert "KV hit" in result.output
     assert {"c1.json", "c2.json", "bench.json", "analysis.md", "throughput_latency.png"} <= {
         p.name for p in tmp_path.iterdir()}
     runs = load_runs(tmp_path / "bench.json")
     assert [r["total_output_tokens"] for r in runs] == [12, 12] and runs[0]["slo_ms"] == {"ttft": 60000.0}
+    assert runs[1]["prompt_prefix_hit_rate"] == pytest.approx(2 / 3)  # c1 sent the shared prefix before
     assert "# Bottleneck analysis" in (tmp_path / "analysis.md").read_text()
 
 
@@ -104,3 +149,7 @@ def test_bench_command_reports_bad_input(served):
     assert r.exit_code == 1 and "--concurrency '0,2': every value must be > 0" in r.output
     r = CliRunner().invoke(app, ["bench", served.grpc_url])
     assert r.exit_code == 1 and "no tokenizer found" in r.output
+    r = CliRunner().invoke(app, ["bench", served.grpc_url, "--tokenizer", str(served.tokenizer_dir), "--isl", "8",
+                                 "--shared-prefix", "8"])
+    assert r.exit_code == 1 and "shared prefix of 8 tokens: it must be >= 0 and shorter than the input length 8" \
+        in r.output.replace("\n", " ")

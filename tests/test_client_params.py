@@ -123,3 +123,25 @@ def test_targets_from_recipe_and_url(tmp_path):
     assert u.grpc_url == "10.0.0.5:9001" and u.http_url == "http://10.0.0.5:9000" and u.metrics_url is None
     with pytest.raises(ClientError, match="host:port"):
         resolve_target("localhost", tmp_path)
+
+
+def test_random_prompts_with_a_shared_prefix_start_with_the_same_tokens(tok):
+    prompts = random_prompts(tok, 6, isl=40, osl=3, seed=1, shared_prefix=24)
+    assert [len(p.input_ids) for p in prompts] == [40] * 6
+    assert len({p.input_ids[:24] for p in prompts}) == 1 and len({p.input_ids[24:] for p in prompts}) == 6
+    assert all(list(p.input_ids) == tok.encode(p.text) for p in prompts)
+    with pytest.raises(DatasetError, match="shared prefix of 40 tokens: .* shorter than the input length 40"):
+        random_prompts(tok, 1, isl=40, osl=1, shared_prefix=40)
+
+
+def test_prefix_cache_hits_count_blocks_like_the_runtime():
+    from client.dataset import prefix_cache_hits
+
+    system = tuple(range(100, 108))  # two blocks of 4
+    prompts = [system + (1,), system + (2, 3), system, (9,) + system[1:] + (4,), system[:4] + (5, 6, 7, 8, 9)]
+    # first: 3 blocks, none cached; second: 2 hit of 3; third: 1 of 2 (its last token is computed);
+    # fourth: other first block, no hit of 3; fifth: 1 of 3 (its second block differs)
+    assert prefix_cache_hits(prompts, 4) == (0 + 2 + 1 + 0 + 1, 3 + 3 + 2 + 3 + 3)
+    seen: set[int] = set()
+    assert prefix_cache_hits(prompts[:1], 4, seen) == (0, 3)
+    assert prefix_cache_hits(prompts[1:2], 4, seen) == (2, 3)  # `seen` carries over

@@ -96,3 +96,89 @@ def test_paged_attention_rejects_a_token_count_mismatch():
     attn = PagedAttention(cache, [SeqSpan(0, 0, 3)])
     with pytest.raises(ValueError, match="step has 3 tokens but attention got 2"):
         attn(0, torch.randn(2, 8, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8))
+
+
+def _reuse_cache(num_blocks=6, tpb=4) -> PagedKVCache:
+    return PagedKVCache(num_layers=1, num_kv_heads=1, head_size=2, num_blocks=num_blocks, tokens_per_block=tpb,
+                        enable_reuse=True)
+
+
+def _admit(cache: PagedKVCache, seq_id: int, tokens: list[int], computed: int | None = None) -> list[int]:
+    """What the scheduler does: share the cached prefix, reserve the rest, and (after the step) publish."""
+    hits = cache.match_prefix(seq_id, tokens)
+    cache.attach(seq_id, hits, len(tokens))
+    cache.reserve(seq_id, len(tokens))
+    cache.publish(seq_id, tokens, len(tokens) if computed is None else computed)
+    return hits
+
+
+def test_reuse_shares_only_full_computed_blocks_of_the_same_chained_prefix():
+    cache = _reuse_cache(num_blocks=20)
+    a = list(range(10, 20))  # 10 tokens: blocks [10..13], [14..17] full, [18, 19] partial
+    _admit(cache, 1, a, computed=7)
+    assert cache.match_prefix(2, a + [5]) == cache.block_table(1)[:1]  # only block 0 was fully computed
+    cache.publish(1, a, 10)
+    first, second, partial = cache.block_table(1)
+    assert cache.match_prefix(3, a + [5]) == [first, second]  # the partial last block stays private
+    assert cache.match_prefix(4, a[:8]) == [first]  # a whole-prompt hit still leaves a token to compute
+    assert cache.match_prefix(5, a[:4] + [0, 0, 0, 0, 1]) == [first]
+    assert cache.match_prefix(6, [9] + a[1:] + [5]) == []  # the first block differs
+    assert cache.match_prefix(7, [9, 9, 9, 9] + a[4:8] + [5]) == []  # same second block, other parent: no hit
+
+
+def test_shared_blocks_are_reference_counted_and_cached_blocks_evicted_least_recently_released_first():
+    cache = _reuse_cache(num_blocks=6)
+    a, b = [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 40, 41]
+    assert _admit(cache, 1, a) == [] and cache.missed_blocks == 3
+    a_blocks = cache.block_table(1)
+    assert _admit(cache, 2, b) == a_blocks[:2]  # b shares a's two full blocks, gets one block of its own
+    assert (cache.reused_blocks, cache.missed_blocks) == (2, 4)
+    assert cache.num_used_blocks == 4 and cache.block_table(2)[:2] == a_blocks[:2]
+    cache.release(1)
+    assert cache.num_used_blocks == 3 and cache.num_cached_blocks == 0  # a's last block was partial: free
+    cache.release(2)
+    assert cache.num_free_blocks == 6 and cache.num_used_blocks == 0 and cache.num_cached_blocks == 2
+    # A cached block taken back costs a free block; a hit on a held block does not.
+    hits = cache.match_prefix(3, b)
+    assert cache.admission_cost(hits, len(b)) == 3
+    # Fill the pool: never-published blocks go first, then the cached ones, the tail (b's 2nd block) first.
+    cache.reserve(9, 4 * 4)
+    assert cache.num_cached_blocks == 2 and cache.num_free_blocks == 2
+    cache.reserve(9, 5 * 4)
+    assert cache.num_cached_blocks == 1 and cache.match_prefix(3, b) == a_blocks[:1]
+    cache.release(9)
+    assert cache.num_free_blocks == 6
+
+
+def test_a_block_computed_twice_is_published_once_and_the_copy_stays_private():
+    cache = _reuse_cache(num_blocks=6)
+    prompt = [7, 7, 7, 7, 8]
+    hits1, hits2 = cache.match_prefix(1, prompt), cache.match_prefix(2, prompt)  # both admitted in one step
+    for seq, hits in ((1, hits1), (2, hits2)):
+        cache.attach(seq, hits, len(prompt))
+        cache.reserve(seq, len(prompt))
+    for seq in (1, 2):
+        cache.publish(seq, prompt, len(prompt))
+    assert cache.match_prefix(3, prompt) == cache.block_table(1)[:1]
+    cache.release(2)
+    cache.release(1)
+    assert cache.num_cached_blocks == 1 and cache.num_free_blocks == 6
+
+
+def test_without_reuse_nothing_is_matched_published_or_counted():
+    cache = _cache()
+    prompt = list(range(9))
+    cache.reserve(1, 9)
+    assert cache.publish(1, prompt, 9) == 0 and cache.match_prefix(2, prompt) == []
+    cache.attach(2, [], 9)
+    cache.release(1)
+    assert cache.num_cached_blocks == 0 and cache.num_free_blocks == cache.num_blocks
+    assert (cache.reused_blocks, cache.missed_blocks) == (0, 0)
+
+
+def test_releasing_a_block_twice_is_an_error():
+    pool = BlockPool(2)
+    got = pool.allocate(1)
+    pool.release(got)
+    with pytest.raises(ValueError, match="released more often than it was taken"):
+        pool.release(got)

@@ -67,7 +67,7 @@ def test_families_use_the_tensorrt_llm_backend_names_and_labels(hook):
     assert {m.labels["request_type"] for m in reg["nv_trt_llm_request_metrics"].metrics} == {
         "active", "max", "scheduled", "context", "waiting"}
     assert {m.labels["kv_cache_block_type"] for m in reg["nv_trt_llm_kv_cache_block_metrics"].metrics} == {
-        "max", "free", "used", "tokens_per", "fraction"}
+        "max", "free", "used", "tokens_per", "fraction", "reused", "missed"}
     h = metric("nv_llm_input_token_len")
     assert reg["nv_llm_input_token_len"].kind == "histogram" and h.buckets == TOKEN_LEN_BUCKETS
     assert h.labels == {"model": "tensorrt_llm", "version": "1", "response_metric_type": "total_input_tokens"}
@@ -119,6 +119,19 @@ def test_going_idle_zeroes_what_the_last_iteration_scheduled(hook):
             assert metric(family, **{label: v}).sets[-1] == 0.0, v
     assert metric("nv_trt_llm_request_metrics", request_type="max").sets[-1] == 8.0
     assert metric("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="free").sets[-1] == 16.0
+
+
+def test_prefix_cache_totals_are_the_reused_and_missed_block_gauges(hook):
+    m, now = hook
+    m.on_iteration(1, 1, 0, kv_used_blocks=4, kv_free_blocks=12, active=1, queued=0)  # reuse off: not written
+    m.on_iteration(1, 1, 0, kv_used_blocks=4, kv_free_blocks=12, active=1, queued=0, kv_reused_blocks=3,
+                   kv_missed_blocks=5)
+    now[0] = 0.2
+    m.on_iteration(1, 1, 0, kv_used_blocks=4, kv_free_blocks=12, active=1, queued=0, kv_reused_blocks=7,
+                   kv_missed_blocks=6)
+    reused = metric("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="reused")
+    assert reused.sets == [7.0]  # the idle -> busy flush came before the first totals
+    assert metric("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="missed").sets == [6.0]
 
 
 def test_request_done_feeds_token_histograms_and_counters(hook):

@@ -177,3 +177,36 @@ def test_kimi_k2_says_what_fits_on_16_a100():
     assert options["int4_weight_only"].gpus <= options["int8_weight_only"].gpus <= 16
     assert p.sla.meets and p.world_size == options["int4_weight_only"].gpus
     assert p.search.chosen_reason.startswith("fewest GPUs that meet the SLA")
+
+
+def test_kv_reuse_of_a_shared_prefix_by_hand(llama13):
+    """isl 1024 with a 1000-token system prompt and reuse on: 992 tokens (31 blocks of 32) come from the cache."""
+    h, i, v, layers, d = 5120, 13824, 32000, 40, 128
+    per_token = layers * 2 * 20 * d * 2
+    base = llama13.recipe
+    data = base.model_dump()
+    data["serve"]["enable_kv_cache_reuse"] = True
+    data["sla"]["shared_prefix_tokens"] = 1000
+    from builders.recipe import parse_recipe
+
+    p = make_plan(parse_recipe(data), with_options=False)
+    isl, osl, conc, cached = 1024, 256, 8, 992
+    dense_params = layers * ((20 + 40) * d * h + h * 20 * d + 3 * (i // 2) * h)
+    attended = (isl * (isl + 1) - cached * (cached + 1)) / 2
+    flops = 2 * (isl - cached) * dense_params + 2 * (v // 2) * h + 4 * 20 * d * attended * layers
+    assert (p.prefill.tokens, p.prefill.cached_tokens) == (isl - cached, cached)
+    assert p.prefill.compute_ms == pytest.approx(flops / 125e12 * 1e3)
+    # the prefill reads the weights once and the cached prefix's K/V, and writes the new tokens' K/V
+    weights = p.ranks[0].memory.weight_bytes - v * h * 2
+    assert p.prefill.hbm_ms == pytest.approx((weights + 32 * h * 2 + isl * per_token) / 600e9 * 1e3)
+    assert p.prefill.estimate_ms < llama13.prefill.estimate_ms / 5
+    kv = next(c for c in p.sla.checks if c.name == "kv_capacity")
+    assert f"shared {cached}) + shared {cached} = {conc * (isl + osl - cached) + cached:,} needed" in kv.detail
+    assert p.memory.sla_sequences == (p.memory.kv_tokens - cached) // (isl + osl - cached)
+    assert any("992 of the 1024 prompt tokens" in n for n in p.notes)
+    assert p.decode == llama13.decode  # every sequence still attends over its whole context
+    # without reuse the prefix changes nothing but a note
+    data["serve"]["enable_kv_cache_reuse"] = False
+    off = make_plan(parse_recipe(data), with_options=False)
+    assert (off.prefill, off.memory) == (llama13.prefill, llama13.memory)
+    assert any("enable_kv_cache_reuse is off" in n for n in off.notes)

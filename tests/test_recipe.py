@@ -76,6 +76,7 @@ FIELD_ERRORS: dict[str, tuple[object, str]] = {
     "sla.concurrency": (0, "sla.concurrency: Input should be greater than or equal to 1"),
     "sla.isl": (0, "sla.isl: Input should be greater than or equal to 1"),
     "sla.osl": (0, "sla.osl: Input should be greater than or equal to 1"),
+    "sla.shared_prefix_tokens": (-1, "sla.shared_prefix_tokens: Input should be greater than or equal to 0"),
 }
 
 
@@ -148,6 +149,8 @@ def test_each_field_rejects_a_bad_value_with_its_path(path):
     (with_value("sla", {"ttft_ms": None, "tpot_ms": None}), "sla.tpot_ms: no latency target"),
     (with_value("sla", {"request_rate": 2.0}), "sla.request_rate: give request_rate or concurrency, not both"),
     (with_value("sla", {"concurrency": None}), "sla.concurrency: no load"),
+    (with_value("sla", {"isl": 64, "shared_prefix_tokens": 64}),
+     "sla.shared_prefix_tokens: 64 must be less than isl=64: every prompt has tokens of its own"),
     (with_value("build.max_batch_sise", 3), "build.max_batch_sise: unknown field; did you mean 'max_batch_size'?"),
     (with_value("servee", {}), "servee: unknown field; did you mean 'serve'? Valid fields here: name, model"),
     ({"name": "t"}, "model: required field is missing; add it (The checkpoint.)"),

@@ -155,3 +155,82 @@ def test_release_frees_waiting_and_running_requests():
 def test_unknown_policy_is_rejected():
     with pytest.raises(ValueError, match="batch_scheduler_policy='fcfs'"):
         _scheduler(policy="fcfs")
+
+
+def _reuse_scheduler(num_blocks=32, tpb=4, **kw) -> Scheduler:
+    cache = PagedKVCache(num_layers=1, num_kv_heads=1, head_size=1, num_blocks=num_blocks, tokens_per_block=tpb,
+                         enable_reuse=True)
+    return Scheduler(cache, **{"max_batch_size": 8, "max_num_tokens": 64, **kw})
+
+
+def _prompt_req(prompt: list[int], new: int, rid: str = "") -> Request:
+    return Request(prompt=prompt, max_new_tokens=new, request_id=rid)
+
+
+SYSTEM = list(range(100, 112))  # three blocks of 4
+
+
+def test_reuse_starts_a_later_request_after_the_cached_prefix_of_a_running_one():
+    s = _reuse_scheduler()
+    a = _prompt_req(SYSTEM + [1, 2], 6)
+    s.add(a)
+    _advance(s, s.schedule())  # a's prompt is computed; its three full blocks are published next iteration
+    b = _prompt_req(SYSTEM + [3], 2)
+    s.add(b)
+    sched = s.schedule()
+    assert [(c.request, c.start, c.num_tokens) for c in sched.chunks] == [(a, 14, 1), (b, 12, 1)]
+    assert s.cache.block_table(b.seq_id)[:3] == s.cache.block_table(a.seq_id)[:3]
+    assert (b.kv_reused_blocks, b.kv_new_blocks) == (3, 1) and (a.kv_reused_blocks, a.kv_new_blocks) == (0, 4)
+    assert (s.cache.reused_blocks, s.cache.missed_blocks) == (3, 4 + 1)
+    _advance(s, sched)
+    _drain(s)
+    assert s.cache.num_free_blocks == s.cache.num_blocks and s.cache.num_used_blocks == 0
+    assert s.cache.num_cached_blocks > 0  # the prefix stays cached for the next request
+
+
+def test_reuse_of_a_finished_requests_blocks_and_of_the_whole_prompt_but_one_token():
+    s = _reuse_scheduler()
+    a = _prompt_req(SYSTEM, 1)
+    s.add(a)
+    _drain(s)
+    b = _prompt_req(SYSTEM, 3)  # the same prompt: its last block is computed again for the logits
+    s.add(b)
+    sched = s.schedule()
+    assert [(c.start, c.num_tokens, c.samples) for c in sched.chunks] == [(8, 4, True)]
+    assert b.kv_reused_blocks == 2
+
+
+def test_requests_admitted_in_the_same_iteration_do_not_share_unwritten_blocks():
+    s = _reuse_scheduler()
+    a, b = _prompt_req(SYSTEM + [1], 2), _prompt_req(SYSTEM + [2], 2)
+    s.add(a)
+    s.add(b)
+    sched = s.schedule()
+    assert [c.start for c in sched.chunks] == [0, 0]
+    assert not set(s.cache.block_table(a.seq_id)) & set(s.cache.block_table(b.seq_id))
+
+
+def test_max_utilization_counts_a_shared_prefix_once():
+    """Six blocks: a holds four; b's 13-token prompt needs four more without reuse, one with it."""
+    for reuse, admitted in ((False, False), (True, True)):
+        s = (_reuse_scheduler if reuse else _scheduler)(num_blocks=6, policy="max_utilization")
+        a, b = _prompt_req(SYSTEM + [1], 8), _prompt_req(SYSTEM + [2], 8)
+        s.add(a)
+        _advance(s, s.schedule())
+        s.add(b)
+        sched = s.schedule()
+        assert (b in [c.request for c in sched.chunks]) is admitted, reuse
+
+
+def test_a_paused_request_recomputes_only_what_is_no_longer_cached():
+    s = _reuse_scheduler(num_blocks=8, policy="max_utilization")
+    reqs = [_prompt_req(SYSTEM + [i], 8, rid=str(i)) for i in range(3)]
+    for r in reqs:
+        s.add(r)
+    history = _drain(s)
+    paused = [r for h in history for r in h.preempted]
+    assert paused  # eight blocks cannot hold three sequences of 21 tokens
+    resumed = [c for h in history for c in h.chunks if c.request in paused and c.is_context and c.start > 0]
+    assert resumed  # readmitted after the still cached prefix
+    assert all(len(r.output) == 8 for r in reqs)
+    assert s.cache.num_free_blocks == 8 and s.cache.num_used_blocks == 0

@@ -154,8 +154,6 @@ class TritonPythonModel:
                              f"({' or '.join(IN_FLIGHT_TYPES)})")
         if p("max_beam_width", int) not in (None, 1):
             raise ValueError(f"max_beam_width={p('max_beam_width')}: the reference runtime has no beam search")
-        if p("enable_kv_cache_reuse", bool):
-            pb_utils.Logger.log_warn("enable_kv_cache_reuse=true: the reference runtime has no KV reuse; ignored")
         self.exclude_input = bool(p("exclude_input_in_output", bool))
         self.stats_period_s = (p("stats_check_period_ms", int) or 100) / 1000
         self.output_names = {o["name"] for o in config.get("output", [])}
@@ -164,6 +162,7 @@ class TritonPythonModel:
             kv_cache_free_gpu_mem_fraction=p("kv_cache_free_gpu_mem_fraction", float),
             max_tokens_in_paged_kv_cache=p("max_tokens_in_paged_kv_cache", int),
             enable_chunked_context=p("enable_chunked_context", bool),
+            enable_kv_cache_reuse=p("enable_kv_cache_reuse", bool),
             cancellation_check_period_ms=p("cancellation_check_period_ms", int),
             iteration_log_path=p("iteration_log_path") or os.environ.get(ITERATION_LOG_ENV) or None)
 
