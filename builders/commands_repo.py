@@ -109,6 +109,8 @@ def serve(
     hostfile: Annotated[Path | None, typer.Option("--hostfile", help="Multi-node: an MPI hostfile.")] = None,
     ready_timeout: Annotated[float, typer.Option("--ready-timeout", help="Seconds to wait for readiness.")] = 300.0,
     llmapi_model_py: LlmapiOpt = None,
+    openai_port: Annotated[int | None, typer.Option(
+        "--openai-port", help="Also serve the OpenAI API (/v1/...) on this port (127.0.0.1 unless --public).")] = None,
 ) -> None:
     """Serve a recipe's repository with tritonserver until Ctrl-C / SIGTERM (then stop it gracefully)."""
     from triton_repo.repo_checks import RepoError
@@ -123,9 +125,12 @@ def serve(
         server = _server(recipe, repo_dir, manifest.launch_ranks, **server_args)
     except (RepoError, ValueError, ServerNotFound, ServerError) as e:
         _fail(EXIT_BAD_INPUT, str(e))
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    from builders.commands_openai import start_for_serve, stop_for_serve
+
+    previous, front = signal.signal(signal.SIGTERM, _on_sigterm), None
     try:
         server.start()
+        front = start_for_serve(recipe, out, server.grpc_url, openai_port, public)
         console.print(f"serving {repo_dir} ({', '.join(manifest.models)}): HTTP {server.http_url}, "
                       f"gRPC {server.grpc_url}, metrics {server.metrics_url}; log {server.log_path}")
         console.print("Ctrl-C or SIGTERM stops the server")
@@ -136,6 +141,7 @@ def serve(
     except (KeyboardInterrupt, _Stop):
         console.print("stopping tritonserver ...")
     finally:
+        stop_for_serve(front)
         server.stop()
         signal.signal(signal.SIGTERM, previous)
     console.print("tritonserver stopped")

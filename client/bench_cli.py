@@ -82,8 +82,9 @@ def _plan_ref(recipe_path: Path | None):
 
 
 @contextmanager
-def _served(tgt, serve: bool, out: Path):
-    """With --serve: run the recipe's repository on free 127.0.0.1 ports for the duration of the bench."""
+def _served(tgt, serve: bool, out: Path, backend: str = "triton"):
+    """With --serve: run the recipe's repository on free 127.0.0.1 ports for the duration of the bench (and,
+    for the openai backend, the OpenAI front in a child process in front of it)."""
     if not serve:
         yield tgt
         return
@@ -100,14 +101,43 @@ def _served(tgt, serve: bool, out: Path):
         raise _fail(str(e)) from None
     try:
         err.print(f"[dim]serving {repo_dir} at {server.grpc_url} (gRPC) for the bench[/dim]")
-        yield replace(tgt, grpc_url=server.grpc_url, http_url=server.http_url, metrics_url=server.metrics_url)
+        live = replace(tgt, grpc_url=server.grpc_url, http_url=server.http_url, metrics_url=server.metrics_url)
+        if backend != "openai":
+            yield live
+            return
+        with _front(live, out) as url:
+            yield replace(live, openai_url=url)
     finally:
         server.stop()
 
 
+@contextmanager
+def _front(tgt, out: Path):
+    """`enginesmith openai RECIPE` on a free port, fronting the Triton of `tgt`."""
+    from triton_repo.openai_api.runner import FrontError, FrontProcess
+    from triton_repo.server import free_port
+
+    front = FrontProcess(tgt.recipe_path, free_port(), out=out, triton_grpc=tgt.grpc_url,
+                         log_path=tgt.bench_dir.parent / "bench-openai.log")
+    try:
+        front.start()
+    except FrontError as e:
+        raise _fail(str(e)) from None
+    try:
+        err.print(f"[dim]OpenAI front at {front.url} for the bench[/dim]")
+        yield front.url
+    finally:
+        front.stop()
+
+
 def bench(
     target: Annotated[str, typer.Argument(help="A recipe (ports, tokenizer, SLA from it) or the gRPC host:port.")],
-    model: Annotated[str, Opt(help="tensorrt_llm (token ids), ensemble or tensorrt_llm_bls.")] = "tensorrt_llm",
+    model: Annotated[Optional[str], Opt(help="tensorrt_llm (token ids; default), ensemble or tensorrt_llm_bls; "
+                                            "for --backend openai the served model (default: the one listed).")] = None,
+    backend: Annotated[Optional[str], Opt(help="triton (gRPC streaming) or openai (streamed /v1/completions); "
+                                               "default: openai for an http(s):// target.")] = None,
+    openai_url: Annotated[Optional[str], Opt(help="The OpenAI front of a recipe target, http://host:port/v1 "
+                                                  "(with --serve: one is started for the run).")] = None,
     out: Annotated[Path, Opt(help="Working directory root (results go to <out>/<recipe>/bench).")] = Path("out"),
     output_dir: Annotated[Optional[Path], Opt(help="Write results here instead.")] = None,
     tokenizer: Annotated[Optional[Path], Opt(help="HF tokenizer dir (default: the recipe's).")] = None,
@@ -139,6 +169,16 @@ def bench(
 
     try:
         tgt = resolve_target(target, out)
+        backend = backend or ("openai" if tgt.openai_url else "triton")
+        if backend not in ("triton", "openai"):
+            raise _fail(f"--backend {backend!r}: choose triton or openai")
+        if backend == "triton" and tgt.openai_url:
+            raise _fail(f"target {target!r} is an OpenAI API URL: use --backend openai, or give Triton's gRPC "
+                        "host:port")
+        tgt = replace(tgt, openai_url=openai_url or tgt.openai_url)
+        if backend == "openai" and not (tgt.openai_url or serve):
+            raise _fail("--backend openai needs the front: an http://host:port/v1 target, --openai-url, or --serve")
+        model = model if model is not None else ("" if backend == "openai" else "tensorrt_llm")
         tok_dir = tokenizer or tgt.tokenizer_dir
         if tok_dir is None:
             raise _fail("no tokenizer found: pass --tokenizer DIR (the model's HF tokenizer folder)")
@@ -146,15 +186,17 @@ def bench(
         points = parse_points(concurrency, request_rate, max_concurrency, tgt)
         n_isl, n_osl = isl or tgt.isl, osl or tgt.osl
         prompts = _prompts(dataset, dataset_path, tok, num_prompts * len(points) + warmup, n_isl, n_osl, seed, tgt)
-        with _served(tgt, serve, out) as live:
+        with _served(tgt, serve, out, backend) as live:
             cfg = BenchConfig(grpc_url=live.grpc_url, model=model, metrics_url=metrics_url or live.metrics_url,
                               points=points, num_prompts=num_prompts, duration_s=duration, warmup=warmup,
-                              slo_ms=parse_goodput(goodput, tgt.slo_ms), seed=seed, tokenizer_id=str(tok_dir))
+                              slo_ms=parse_goodput(goodput, tgt.slo_ms), seed=seed, tokenizer_id=str(tok_dir),
+                              backend=backend, openai_url=live.openai_url)
             runs = asyncio.run(run_bench(cfg, prompts, tok, show_progress=progress))
     except (ClientError, DatasetError, ValueError) as e:
         raise _fail(str(e)) from None
     dest = output_dir or tgt.bench_dir
-    config = {"target": target, "model": model, "dataset": dataset, "isl": n_isl, "osl": n_osl,
+    config = {"target": target, "backend": backend, "model": model or runs[0]["model_id"], "dataset": dataset,
+              "isl": n_isl, "osl": n_osl,
               "num_prompts": num_prompts, "points": [p.label for p in points], "slo_ms": cfg.slo_ms}
     written = write_results(runs, dest, config, plots=plots)
     (console if console.is_terminal else Console(highlight=False, width=160)).print(summary_table(runs))
