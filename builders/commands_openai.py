@@ -60,7 +60,7 @@ def start_for_serve(recipe: Any, out: Path, grpc_url: str, port: int | None, pub
         cfg = front_config(recipe, out, grpc_url)
         front = FrontServer(create_app(cfg), "0.0.0.0" if public else "127.0.0.1", port).start()
     except ImportError as e:
-        raise ServerError(f"--openai-port needs the serve extra (fastapi, uvicorn): {e}") from None
+        raise ServerError(f"--openai-port needs the serve extra (starlette, uvicorn): {e}") from None
     except (FrontError, ValueError) as e:
         raise ServerError(str(e)) from None
     console.print(f"OpenAI API: {front.url} (model {cfg.model_name!r})")

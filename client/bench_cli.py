@@ -115,9 +115,8 @@ def _served(tgt, serve: bool, out: Path, backend: str = "triton"):
 def _front(tgt, out: Path):
     """`enginesmith openai RECIPE` on a free port, fronting the Triton of `tgt`."""
     from triton_repo.openai_api.runner import FrontError, FrontProcess
-    from triton_repo.server import free_port
 
-    front = FrontProcess(tgt.recipe_path, free_port(), out=out, triton_grpc=tgt.grpc_url,
+    front = FrontProcess(tgt.recipe_path, out=out, triton_grpc=tgt.grpc_url,
                          log_path=tgt.bench_dir.parent / "bench-openai.log")
     try:
         front.start()

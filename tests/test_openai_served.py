@@ -61,11 +61,10 @@ def chat_tok(served, tmp_path_factory):
 def front(served, chat_tok, tmp_path_factory):
     """`enginesmith openai RECIPE` as a child process, fronting the served Triton."""
     from triton_repo.openai_api.runner import FrontProcess
-    from triton_repo.server import free_port
 
     root = tmp_path_factory.mktemp("openai-front")
     recipe = recipe_yaml(root / "tiny.yaml", int(served.grpc_url.rsplit(":", 1)[1]))
-    with FrontProcess(recipe, free_port(), out=root / "out", tokenizer=chat_tok.path, log_path=root / "front.log") as f:
+    with FrontProcess(recipe, out=root / "out", tokenizer=chat_tok.path, log_path=root / "front.log") as f:
         yield f.url
 
 

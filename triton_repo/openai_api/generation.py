@@ -78,6 +78,12 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     _end_id: int | None = field(default=None, repr=False)
+    _tensors: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    def prepare(self) -> Generation:
+        """Encode the model's input tensors now, so a parameter it cannot take is a 400 before anything is sent."""
+        self._tensors = self._tensors or self.tensors()
+        return self
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The model's input tensors; a parameter it cannot take becomes a 400."""
@@ -104,7 +110,7 @@ class Generation:
         """Text as it is generated: one delta per response of the model, "" while text is held back (an
         incomplete character, the beginning of a stop string), as vLLM streams. Once it ends, `tail` (what
         was held back), `finish_reason` and the token counts are set."""
-        tensors = self.tensors()
+        tensors = self.prepare()._tensors
         tokens = self.upstream.info.contract == "tokens"
         detok = IncrementalDetokenizer(self.decode or batch_decoder(self.tokenizer))
         stop, ended = StopText(self.stops), False

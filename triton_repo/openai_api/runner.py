@@ -9,13 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from fastapi import FastAPI
+from starlette.applications import Starlette
 
 
 class FrontError(RuntimeError):
@@ -40,7 +41,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 class FrontServer:
     """uvicorn serving `app` from a daemon thread; `start()` returns once it accepts connections."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8003):
+    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 8003):
         import uvicorn
 
         self.app, self.host = app, host
@@ -77,19 +78,22 @@ class FrontServer:
 
 
 class FrontProcess:
-    """`enginesmith openai RECIPE ...` as a child process, ready once `/health` answers 200."""
+    """`enginesmith openai RECIPE ...` as a child process, ready once `/health` answers 200. Port 0: a free
+    port, tried again on a fresh one if another process takes it first."""
 
-    def __init__(self, recipe: str | Path, port: int, *, out: str | Path = "out", triton_grpc: str | None = None,
+    def __init__(self, recipe: str | Path, port: int = 0, *, out: str | Path = "out", triton_grpc: str | None = None,
                  triton_model: str = "tensorrt_llm", tokenizer: str | Path | None = None,
                  log_path: str | Path | None = None):
-        self.port = port
-        self.argv = [sys.executable, "-m", "builders.cli", "openai", str(recipe), "--out", str(out),
-                     "--port", str(port), "--triton-model", triton_model]
+        self.requested_port = self.port = port
+        self.args = ["openai", str(recipe), "--out", str(out), "--triton-model", triton_model]
         if triton_grpc:
-            self.argv += ["--triton-grpc", triton_grpc]
+            self.args += ["--triton-grpc", triton_grpc]
         if tokenizer:
-            self.argv += ["--tokenizer", str(tokenizer)]
-        self.log_path = Path(log_path) if log_path else None
+            self.args += ["--tokenizer", str(tokenizer)]
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="enginesmith-openai-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -97,25 +101,50 @@ class FrontProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout_s: float = 120.0) -> FrontProcess:
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        from triton_repo.server import free_port
+
+        for attempt in range(1 if self.requested_port else 3):
+            self.port = self.requested_port or free_port()
+            self._spawn()
+            try:
+                self._wait_ready(timeout_s)
+                return self
+            except FrontError:
+                self.stop()
+                if attempt < 2 and not self.requested_port and "cannot listen" in self.log_tail():
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _spawn(self) -> None:
         root = Path(__file__).resolve().parents[2]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=root, env=env)
+        argv = [sys.executable, "-m", "builders.cli", *self.args, "--port", str(self.port)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=root, env=env)
+
+    def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise FrontError(f"`{' '.join(self.argv[2:])}` exited with code {self.proc.returncode}"
-                                 + (f"; log {self.log_path}" if self.log_path else ""))
+                raise FrontError(f"`enginesmith {' '.join(self.args)}` exited with code {self.proc.returncode}; "
+                                 f"log {self.log_path}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
                     if r.status == 200:
-                        return self
+                        return
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)
-        self.stop()
-        raise FrontError(f"the OpenAI front on port {self.port} was not ready after {timeout_s:.0f}s")
+        raise FrontError(f"the OpenAI front on port {self.port} was not ready after {timeout_s:.0f}s; log "
+                         f"{self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

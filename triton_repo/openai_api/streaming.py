@@ -60,16 +60,14 @@ class Shape:
         return {**self.head, "object": obj, "choices": [], "usage": usage(gen)}
 
 
-async def sse_events(gen: Generation, deltas: AsyncIterator[str], first: str | None, shape: Shape,
-                     include_usage: bool) -> AsyncIterator[bytes]:
-    """The stream after its first delta (already awaited, so a failure before it was a plain HTTP error):
-    a chunk per delta, the last one with the held-back tail and the finish reason, the usage if asked for,
-    then [DONE]. A failure on the way is sent as an `error` event, then [DONE]."""
+async def sse_events(gen: Generation, shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
+    """A chunk per delta, the last one with the held-back tail and the finish reason, the usage if asked for,
+    then [DONE]. The request was checked before the response started (gen.prepare()), so a failure here is
+    Triton's: it is sent as an `error` event, then [DONE]."""
+    deltas = gen.deltas()
     try:
         if shape.chat:
             yield sse(shape.chunk({"role": "assistant", "content": ""}))
-        if first is not None:
-            yield shape.text_event(first)
         try:
             async for text in deltas:
                 yield shape.text_event(text)
