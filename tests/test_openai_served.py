@@ -5,7 +5,6 @@ client goes away, `serve --openai-port`, and the bench's openai backend."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -357,4 +356,3 @@ def test_serve_starts_the_front_beside_tritonserver(tmp_path):
     assert f"OpenAI API: http://127.0.0.1:{port}/v1 (model 'tiny-front')" in output and "tritonserver stopped" in output
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-    shutil.rmtree(tmp_path / "out", ignore_errors=True)

@@ -68,7 +68,10 @@ def parse_error(cls, body) -> ApiError:
     ({"model": "m", "prompt": "x", "echo": True}, "echo", "echo=true is not supported"),
     ({"model": "m", "prompt": "x", "logprobs": 2}, "logprobs", "logprobs are not supported"),
     ({"model": "m", "prompt": "x", "seed": -1}, "seed", "seed=-1"),
-    ({"prompt": "x"}, "model", "model: Field required"),
+    ({"prompt": "x"}, "model", "model: required"),
+    ({"model": "m", "prompt": "x", "stream": "maybe"}, "stream", "stream='maybe': Input should be a valid boolean"),
+    ({"model": "m", "prompt": [1, "a"]}, "prompt", "prompt=[1, 'a']: must be a string, a list of token ids"),
+    ({"model": "m", "prompt": "x", "stop": [1]}, "stop", "stop=[1]: must be a string or a list"),
 ])
 def test_bad_completion_fields_are_named(body, param, message):
     e = parse_error(CompletionRequest, body)
@@ -79,6 +82,8 @@ def test_bad_completion_fields_are_named(body, param, message):
 def test_bad_chat_fields_are_named():
     e = parse_error(ChatCompletionRequest, {"model": "m", "messages": []})
     assert e.param == "messages" and "at least 1" in e.message
+    e = parse_error(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": 5}]})
+    assert e.param == "messages[0].content" and "=5: must be a string or a list of text parts" in e.message
     e = parse_error(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
                                             "tools": [{"type": "function"}]})
     assert e.param == "tools"

@@ -7,6 +7,7 @@ naming the field instead of being dropped; unknown fields are ignored, as OpenAI
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -127,6 +128,25 @@ class ChatCompletionRequest(_Common):
         return out
 
 
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z]+\[.*\])$")
+"""How pydantic names the member of a union a value failed (a part of an error's location)."""
+_FORMS = {"prompt": "a string, a list of token ids, or a list holding one of those",
+          "stop": "a string or a list of up to 4 strings", "content": "a string or a list of text parts"}
+
+
+def _param(loc: tuple) -> str | None:
+    """An error location as OpenAI names parameters (messages[0].content), cut at the union member."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _UNION_MEMBER.match(str(part)):
+            break
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
 def parse(cls: type[_Common], body: Any) -> _Common:
     """Validate a JSON body; the first problem becomes a 400 naming its field."""
     if not isinstance(body, dict):
@@ -135,10 +155,25 @@ def parse(cls: type[_Common], body: Any) -> _Common:
         req = cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = [str(x) for x in err["loc"] if not str(x).startswith(("list[", "str", "int", "bool", "dict"))]
-        param = ".".join(loc) or None
-        value = "" if err["type"] == "missing" else f"={err.get('input')!r}"
-        raise ApiError(400, f"{param}{value}: {err['msg']}", param) from None
+        param = _param(err["loc"])
+        if err["type"] == "missing":
+            raise ApiError(400, f"{param}: required", param) from None
+        field = (param or "").rsplit(".", 1)[-1].split("[")[0]
+        value = _value(body, err["loc"])
+        why = f"must be {_FORMS[field]}" if field in _FORMS and param.endswith(field) else err["msg"]
+        raise ApiError(400, f"{param}={value!r}: {why}", param) from None
     if (why := req.refused()) is not None:
         raise bad_request(why[1], why[0])
     return req
+
+
+def _value(body: Any, loc: tuple) -> Any:
+    """The value at an error location of the body (up to the union member)."""
+    for part in loc:
+        if isinstance(part, str) and _UNION_MEMBER.match(part):
+            break
+        try:
+            body = body[part]
+        except (KeyError, IndexError, TypeError):
+            break
+    return body
