@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "builders.commands_client",
     "builders.commands_convert",
     "builders.commands_demo",
+    "builders.commands_openai",
     "builders.commands_plan",
     "builders.commands_repo",
 ]

@@ -186,6 +186,8 @@ def serve(
                                 "loads, at least 300).")] = None,
     llmapi_model_py: LlmapiOpt = None,
     ranks: RanksOpt = None,
+    openai_port: Annotated[int | None, typer.Option(
+        "--openai-port", help="Also serve the OpenAI API (/v1/...) on this port (127.0.0.1 unless --public).")] = None,
 ) -> None:
     """Serve a recipe's repository with tritonserver until Ctrl-C / SIGTERM (then stop it gracefully)."""
     from triton_repo.repo_checks import RepoError
@@ -206,9 +208,12 @@ def serve(
         _fail(EXIT_BAD_INPUT, str(e))
     except OSError as e:
         _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    from builders.commands_openai import start_for_serve, stop_for_serve
+
+    previous, front = signal.signal(signal.SIGTERM, _on_sigterm), None
     try:
         server.start()
+        front = start_for_serve(recipe, out, server.grpc_url, openai_port, public)
         console.print(f"serving {repo_dir} ({', '.join(manifest.models)}): HTTP {server.http_url}, "
                       f"gRPC {server.grpc_url}, metrics {server.metrics_url}; log {server.log_path}")
         console.print("Ctrl-C or SIGTERM stops the server")
@@ -225,6 +230,7 @@ def serve(
     except (KeyboardInterrupt, _Stop):
         console.print("stopping tritonserver ...")
     finally:
+        stop_for_serve(front)
         server.stop()
         signal.signal(signal.SIGTERM, previous)
     console.print("tritonserver stopped")

@@ -1,4 +1,5 @@
-"""The load generator: asyncio over tritonclient.grpc.aio streaming, one bidirectional stream per request.
+"""The load generator: asyncio over tritonclient.grpc.aio streaming, one bidirectional stream per request
+(or, with `backend="openai"`, streamed `/v1/completions` of the OpenAI front: client/bench_openai.py).
 
 Load is either closed-loop (fixed concurrency: a new request as soon as one finishes) or open-loop (Poisson
 arrivals at a request rate, optionally capped by a concurrency limit). A run is bounded by a prompt count
@@ -14,6 +15,7 @@ import asyncio
 import math
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -48,7 +50,9 @@ class LoadPoint:
 @dataclass
 class BenchConfig:
     grpc_url: str
+    """Triton's gRPC endpoint (requests, and the per-model statistics); may be "" for the openai backend."""
     model: str = "tensorrt_llm"
+    """The Triton model; for the openai backend the served model name ("" = the one /v1/models lists)."""
     metrics_url: str | None = None
     points: list[LoadPoint] = field(default_factory=lambda: [LoadPoint("concurrency", 1)])
     num_prompts: int = 32
@@ -66,6 +70,12 @@ class BenchConfig:
     metrics_period_s: float = 0.25
     tokens_per_block: int = 32
     """KV block size for the prompts' prefix hit rate when /metrics does not report it (tokens_per)."""
+    server_timings: bool = True
+    """Ask the model for each request's arrival / scheduled / first / last token times (return_perf_metrics);
+    off: a leaner response per token (the four extra outputs cross every model of an ensemble)."""
+    backend: str = "triton"
+    """"triton" (gRPC streaming to `model`) or "openai" (streamed /v1/completions at `openai_url`)."""
+    openai_url: str | None = None
 
 
 def requested_outputs(info: ModelInfo) -> list[Any] | None:
@@ -79,6 +89,8 @@ def requested_outputs(info: ModelInfo) -> list[Any] | None:
 
 
 class _Runner:
+    backend = "triton-grpc-stream"
+
     def __init__(self, cfg: BenchConfig, client: Any, info: ModelInfo, tokenizer: Any):
         self.cfg, self.client, self.info, self.tokenizer = cfg, client, info, tokenizer
         self.on_done = None
@@ -86,12 +98,24 @@ class _Runner:
         self.sent: list[tuple[int, ...]] = []
         """Input ids of every prompt sent so far (warm-up included), in order."""
 
+    @property
+    def contract(self) -> str:
+        return self.info.contract
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model
+
+    async def stats(self) -> dict[str, Any]:
+        """Triton's cumulative per-model statistics (a point's share is the difference of two)."""
+        return stats_snapshot(await self.client.get_inference_statistics(as_json=True))
+
     def _tensors(self, prompt: Prompt, rid: str) -> list[Any]:
         p = GenerateParams(text=prompt.text, input_ids=list(prompt.input_ids), max_tokens=prompt.output_len,
                            stream=True, request_id=rid, **self.cfg.sampling)
         if self.cfg.ignore_eos:
             p.min_tokens = prompt.output_len
-        if "return_perf_metrics" in self.info.inputs:
+        if self.cfg.server_timings and "return_perf_metrics" in self.info.inputs:
             p.return_perf_metrics = True
         if self.info.contract == "text" and "return_num_output_tokens" in self.info.inputs:
             p.return_num_output_tokens = True
@@ -194,7 +218,7 @@ def _prompts_for(prompts: list[Prompt], n: int, offset: int = 0) -> list[Prompt]
 
 async def _run_point(runner: _Runner, prompts: list[Prompt], point: LoadPoint) -> dict[str, Any]:
     cfg = runner.cfg
-    before = stats_snapshot(await runner.client.get_inference_statistics(as_json=True))
+    before = await runner.stats()
     poller = MetricsPoller(cfg.metrics_url, cfg.model, cfg.metrics_period_s) if cfg.metrics_url else None
     if poller is not None:
         await poller.open()
@@ -207,18 +231,18 @@ async def _run_point(runner: _Runner, prompts: list[Prompt], point: LoadPoint) -
     duration, cpu = time.monotonic() - t0, time.process_time() - cpu0
     after_kv = await poller.settled() if poller is not None else {}
     series = await poller.stop() if poller is not None else []
-    after = stats_snapshot(await runner.client.get_inference_statistics(as_json=True))
+    after = await runner.stats()
     if runner.tokenizer is not None:
         for r in records:
             r.text = r.text or runner.tokenizer.decode(r.token_ids, skip_special_tokens=True)
     done = max(1, sum(r.success for r in records))
     return {
-        "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "triton-grpc-stream",
-        "model_id": cfg.model, "tokenizer_id": cfg.tokenizer_id, "num_prompts": len(records),
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": runner.backend,
+        "model_id": runner.model_name, "tokenizer_id": cfg.tokenizer_id, "num_prompts": len(records),
         "request_rate": finite(point.value if point.mode == "rate" else math.inf), "burstiness": 1.0,
         "max_concurrency": int(point.value) if point.mode == "concurrency" else point.max_concurrency,
         "label": point.label, "load_mode": point.mode, "load_value": finite(point.value),
-        "contract": runner.info.contract, "slo_ms": dict(cfg.slo_ms),
+        "contract": runner.contract, "slo_ms": dict(cfg.slo_ms),
         **summarize(records, duration, cfg.slo_ms or None),
         "client_cpu_s": cpu, "client_cpu_s_per_request": cpu / done, "client_cpu_utilization": cpu / duration,
         "triton_stats": stats_delta(before, after), "metrics_series": series,
@@ -241,25 +265,35 @@ def _prefix_hit_rate(sent: list[tuple[int, ...]], start: int, sample: dict[str, 
 async def run_bench(cfg: BenchConfig, prompts: list[Prompt], tokenizer: Any = None,
                     show_progress: bool = True) -> list[dict[str, Any]]:
     """Warm up, then run every load point in order; one vLLM-style result dict per point."""
-    import tritonclient.grpc.aio as grpcaio
-
     from client.bench_progress import progress_bar
 
     if not prompts:
         raise ValueError("no prompts to send")
-    client = grpcaio.InferenceServerClient(cfg.grpc_url)
-    try:
-        info = await grpc_aio_model_info(client, cfg.model)
-        runner = _Runner(cfg, client, info, tokenizer)
+    if cfg.backend == "openai":
+        from client.bench_openai import openai_runner
+
+        opened = openai_runner(cfg)
+    else:
+        opened = _triton_runner(cfg, tokenizer)
+    async with opened as runner:
         if cfg.warmup:
             await runner.drive(_prompts_for(prompts, cfg.warmup), LoadPoint("concurrency", min(cfg.warmup, 4)), None)
         results = []
         with progress_bar(show_progress) as bar:
             for i, point in enumerate(cfg.points):
-                runner.on_done = bar.task(f"{cfg.model} {point.label}", cfg.num_prompts)
+                runner.on_done = bar.task(f"{runner.model_name} {point.label}", cfg.num_prompts)
                 batch = _prompts_for(prompts, cfg.num_prompts, cfg.warmup + i * cfg.num_prompts)
                 results.append(await _run_point(runner, batch, point))
         return results
+
+
+@asynccontextmanager
+async def _triton_runner(cfg: BenchConfig, tokenizer: Any):
+    import tritonclient.grpc.aio as grpcaio
+
+    client = grpcaio.InferenceServerClient(cfg.grpc_url)
+    try:
+        yield _Runner(cfg, client, await grpc_aio_model_info(client, cfg.model), tokenizer)
     finally:
         await client.close()
 

@@ -87,8 +87,9 @@ def _plan_ref(recipe_path: Path | None):
 
 
 @contextmanager
-def _served(tgt, serve: bool, out: Path):
-    """With --serve: run the recipe's repository on free 127.0.0.1 ports for the duration of the bench."""
+def _served(tgt, serve: bool, out: Path, backend: str = "triton"):
+    """With --serve: run the recipe's repository on free 127.0.0.1 ports for the duration of the bench (and,
+    for the openai backend, the OpenAI front in a child process in front of it)."""
     if not serve:
         yield tgt
         return
@@ -105,14 +106,42 @@ def _served(tgt, serve: bool, out: Path):
         raise _fail(str(e)) from None
     try:
         err.print(f"serving {repo_dir} at {server.grpc_url} (gRPC) for the bench", style="dim")
-        yield replace(tgt, grpc_url=server.grpc_url, http_url=server.http_url, metrics_url=server.metrics_url)
+        live = replace(tgt, grpc_url=server.grpc_url, http_url=server.http_url, metrics_url=server.metrics_url)
+        if backend != "openai":
+            yield live
+            return
+        with _front(live, out) as url:
+            yield replace(live, openai_url=url)
     finally:
         server.stop()
 
 
+@contextmanager
+def _front(tgt, out: Path):
+    """`enginesmith openai RECIPE` on a free port, fronting the Triton of `tgt`."""
+    from triton_repo.openai_api.runner import FrontError, FrontProcess
+
+    front = FrontProcess(tgt.recipe_path, out=out, triton_grpc=tgt.grpc_url,
+                         log_path=tgt.bench_dir.parent / "bench-openai.log")
+    try:
+        front.start()
+    except FrontError as e:
+        raise _fail(str(e)) from None
+    try:
+        err.print(f"[dim]OpenAI front at {front.url} for the bench[/dim]")
+        yield front.url
+    finally:
+        front.stop()
+
+
 def bench(
     target: Annotated[str, typer.Argument(help="A recipe (ports, tokenizer, SLA from it) or the gRPC host:port.")],
-    model: Annotated[str, Opt(help="tensorrt_llm (token ids), ensemble or tensorrt_llm_bls.")] = "tensorrt_llm",
+    model: Annotated[Optional[str], Opt(help="tensorrt_llm (token ids; default), ensemble or tensorrt_llm_bls; "
+                                            "for --backend openai the served model (default: the one listed).")] = None,
+    backend: Annotated[Optional[str], Opt(help="triton (gRPC streaming) or openai (streamed /v1/completions); "
+                                               "default: openai for an http(s):// target.")] = None,
+    openai_url: Annotated[Optional[str], Opt(help="The OpenAI front of a recipe target, http://host:port/v1 "
+                                                  "(with --serve: one is started for the run).")] = None,
     out: Annotated[Path, Opt(help="Working directory root (results go to <out>/<recipe>/bench).")] = Path("out"),
     output_dir: Annotated[Optional[Path], Opt(help="Write results here instead.")] = None,
     tokenizer: Annotated[Optional[Path], Opt(help="HF tokenizer dir (default: the recipe's).")] = None,
@@ -146,6 +175,16 @@ def bench(
 
     try:
         tgt = resolve_target(target, out)
+        backend = backend or ("openai" if tgt.openai_url else "triton")
+        if backend not in ("triton", "openai"):
+            raise _fail(f"--backend {backend!r}: choose triton or openai")
+        if backend == "triton" and tgt.openai_url:
+            raise _fail(f"target {target!r} is an OpenAI API URL: use --backend openai, or give Triton's gRPC "
+                        "host:port")
+        tgt = replace(tgt, openai_url=openai_url or tgt.openai_url)
+        if backend == "openai" and not (tgt.openai_url or serve):
+            raise _fail("--backend openai needs the front: an http://host:port/v1 target, --openai-url, or --serve")
+        model = model if model is not None else ("" if backend == "openai" else "tensorrt_llm")
         tok_dir = tokenizer or tgt.tokenizer_dir
         if tok_dir is None:
             raise _fail("no tokenizer found: pass --tokenizer DIR (the model's HF tokenizer folder)")
@@ -157,19 +196,19 @@ def bench(
             n_shared = 0  # the recipe's shared prefix shapes random prompts only
         prompts = _prompts(dataset, dataset_path, tok, num_prompts * len(points) + warmup, n_isl, n_osl, seed, tgt,
                            n_shared)
-        with _served(tgt, serve, out) as live:
+        with _served(tgt, serve, out, backend) as live:
             cfg = BenchConfig(grpc_url=live.grpc_url, model=model, metrics_url=metrics_url or live.metrics_url,
                               points=points, num_prompts=num_prompts, duration_s=duration, warmup=warmup,
                               slo_ms=parse_goodput(goodput, tgt.slo_ms), seed=seed, tokenizer_id=str(tok_dir),
-                              tokens_per_block=tgt.tokens_per_block)
+                              tokens_per_block=tgt.tokens_per_block, backend=backend, openai_url=live.openai_url)
             runs = asyncio.run(run_bench(cfg, prompts, tok, show_progress=progress))
     except (ClientError, DatasetError, ValueError) as e:
         raise _fail(str(e)) from None
     except ServerUnreachable as e:
         raise _fail(f"{e} (is it up? `enginesmith serve RECIPE`, or pass --serve)", 2) from None
     dest = output_dir or tgt.bench_dir
-    config = {"target": target, "model": model, "dataset": dataset, "isl": n_isl, "osl": n_osl,
-              "shared_prefix": n_shared,
+    config = {"target": target, "backend": backend, "model": model or runs[0]["model_id"], "dataset": dataset,
+              "isl": n_isl, "osl": n_osl, "shared_prefix": n_shared,
               "num_prompts": num_prompts, "points": [p.label for p in points], "slo_ms": cfg.slo_ms}
     written = write_results(runs, dest, config, plots=plots)
     (console if console.is_terminal else Console(highlight=False, width=160, markup=False)).print(summary_table(runs))

@@ -1,4 +1,5 @@
-"""Resolve what the clients and the bench talk to: a recipe (its ports, tokenizer, SLA, output folder) or a URL."""
+"""Resolve what the clients and the bench talk to: a recipe (its ports, tokenizer, SLA, output folder), Triton's
+gRPC host:port, or an OpenAI API's http(s):// URL."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class Target:
     shared_prefix: int = 0
     """Leading tokens every random prompt shares (the recipe's sla.shared_prefix_tokens)."""
     tokens_per_block: int = 32
+    openai_url: str | None = None
+    """An OpenAI-compatible API (http://host:port/v1), e.g. enginesmith's front."""
 
 
 def is_recipe(target: str) -> bool:
@@ -65,8 +68,19 @@ def from_recipe(path: str | Path, out: Path) -> Target:
                   shared_prefix=sla.shared_prefix_tokens, tokens_per_block=r.build.tokens_per_block)
 
 
+def openai_base(url: str) -> str:
+    """http://host:port[/v1] -> http://host:port/v1."""
+    base = url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        base = "http://" + base
+    return base if base.endswith("/v1") else base + "/v1"
+
+
 def from_url(url: str, out: Path) -> Target:
-    """`host:port` or `grpc://host:port` (the gRPC endpoint); HTTP is assumed one port below, as Triton's defaults."""
+    """`host:port` or `grpc://host:port` (the gRPC endpoint; HTTP is assumed one port below, as Triton's
+    defaults), or `http(s)://host:port[/v1]` (an OpenAI API)."""
+    if url.startswith(("http://", "https://")):
+        return Target(grpc_url="", http_url="", metrics_url=None, bench_dir=out / "bench", openai_url=openai_base(url))
     hostport = url.split("://", 1)[-1].rstrip("/")
     if ":" not in hostport:
         raise ClientError(f"target {url!r}: expected a recipe file or host:port of Triton's gRPC endpoint")
