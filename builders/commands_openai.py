@@ -88,7 +88,7 @@ def openai(
     Triton deployment of RECIPE, until Ctrl-C / SIGTERM."""
     from builders.recipe import load_recipe
     from client.model_info import grpc_model_info
-    from client.params import ClientError
+    from client.params import ClientError, ServerUnreachable
 
     try:
         recipe = load_recipe(recipe_path, check_model=False)
@@ -100,7 +100,7 @@ def openai(
 
         with grpcclient.InferenceServerClient(cfg.triton_grpc_url) as c:
             grpc_model_info(c, cfg.triton_model)
-    except ClientError as e:
+    except (ClientError, ServerUnreachable) as e:
         _fail(EXIT_UNREACHABLE, f"Triton at {cfg.triton_grpc_url}: {e}; is it running? "
                                 f"(`enginesmith serve {recipe_path}`)")
     from triton_repo.openai_api.app import create_app

@@ -31,6 +31,8 @@ class OpenAIRunner(_Runner):
     def __init__(self, cfg: BenchConfig, http: Any, base: str, model_name: str, stats_client: Any = None):
         self.cfg, self.http, self.base, self._model_name = cfg, http, base, model_name
         self.stats_client, self.tokenizer, self.on_done = stats_client, None, None
+        self.sent: list[tuple[int, ...]] = []
+        """Input ids of every prompt sent so far (warm-up included), in order."""
 
     @property
     def contract(self) -> str:
@@ -57,6 +59,7 @@ class OpenAIRunner(_Runner):
 
     async def send(self, prompt: Prompt, issue_ns: int, sent_ns: int | None = None) -> RequestRecord:
         rec = RequestRecord(uuid.uuid4().hex[:16], prompt.prompt_len, prompt.output_len, issue_ns=issue_ns)
+        self.sent.append(prompt.input_ids)
         body, usage = self.body(prompt), None
         rec.start_ns = sent_ns or time.monotonic_ns()
         try:

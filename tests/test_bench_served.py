@@ -108,7 +108,7 @@ def _perf_metrics(served, ids: list[int]) -> dict[str, int]:
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         inputs = {"input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
-                  "request_output_len": np.array([[2]], np.int32)}
+                  "request_output_len": np.array([[2]], np.int32), "return_perf_metrics": np.array([[True]])}
         client.async_stream_infer("tensorrt_llm", infer_inputs(inputs), request_id="perf")
         result, error = results.get(timeout=60)
     finally:

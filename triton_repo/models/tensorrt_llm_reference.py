@@ -116,6 +116,101 @@ def stream_id(req: Request) -> str:
     return f"{os.getpid()}-{req.seq_id}"
 
 
+Pending = tuple[_Responder, RowSpec, TokenUpdate]
+
+
+def merge_updates(batch: list[Pending]) -> list[Pending]:
+    """One update per row, in the order rows first appear: the tokens that queued up for a row since its last
+    response go out together (as TensorRT-LLM's streaming does when the client falls behind)."""
+    rows: dict[int, tuple[_Responder, RowSpec, list[TokenUpdate]]] = {}
+    for responder, spec, u in batch:
+        rows.setdefault(id(u.request), (responder, spec, []))[2].append(u)
+    out = []
+    for responder, spec, ups in rows.values():
+        if len(ups) == 1:
+            out.append((responder, spec, ups[0]))
+            continue
+        error = next((u.error for u in reversed(ups) if u.error is not None), None)
+        out.append((responder, spec, TokenUpdate(ups[0].request, [t for u in ups for t in u.new_tokens],
+                                                 [lp for u in ups for lp in u.new_log_probs],
+                                                 any(u.finished for u in ups), error)))
+    return out
+
+
+class ResponseQueue:
+    """Responses leave the engine's loop: the engine thread only queues each token update; one sender thread
+    builds and sends the responses, merging what queued up for a row into one response, and polls the live
+    requests' cancellation (is_cancelled is a round trip to the server) every `poll_s`. At low load every token
+    still goes out alone; under load the engine's step no longer waits for hundreds of sends."""
+
+    def __init__(self, poll_s: float):
+        self.poll_s = poll_s
+        self._items: list[Pending] = []
+        self._live: dict[int, tuple[Request, object]] = {}
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tensorrt_llm-responses", daemon=True)
+        self._thread.start()
+
+    def watch(self, req: Request, is_cancelled) -> None:
+        with self._cv:
+            self._live[id(req)] = (req, is_cancelled)
+
+    def put(self, responder: _Responder, spec: RowSpec, update: TokenUpdate) -> None:
+        with self._cv:
+            self._items.append((responder, spec, update))
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if self._serve_once():
+                    return
+            except Exception as e:  # a bug here must not silence every request: log it and go on
+                pb_utils.Logger.log_error(f"tensorrt_llm (reference): response thread: {type(e).__name__}: {e}")
+
+    def _serve_once(self) -> bool:
+        """Send what is queued and poll cancellations until told to stop (returns True then)."""
+        next_poll = time.monotonic() + self.poll_s
+        while True:
+            with self._cv:
+                while not self._items and not self._stopping and time.monotonic() < next_poll:
+                    self._cv.wait(timeout=max(0.0, next_poll - time.monotonic()))
+                batch, self._items = self._items, []
+                if self._stopping and not batch:
+                    return True
+            for responder, spec, update in merge_updates(batch):
+                if update.finished:
+                    with self._cv:
+                        self._live.pop(id(update.request), None)
+                try:
+                    responder.on_update(spec, update)
+                except Exception as e:  # the client is gone: stop working for it
+                    pb_utils.Logger.log_warn(f"tensorrt_llm (reference): response to request "
+                                             f"{update.request.request_id or '<no id>'} failed: {e}; cancelling it")
+                    update.request.cancel_requested = True
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + self.poll_s
+                with self._cv:
+                    live = list(self._live.values())
+                for req, is_cancelled in live:
+                    if not req.finished and not req.cancel_requested and _cancelled(is_cancelled):
+                        req.cancel_requested = True  # the engine drops it at its next step
+
+
+def _cancelled(is_cancelled) -> bool:
+    try:
+        return bool(is_cancelled())
+    except Exception:  # a sender that cannot answer belongs to a client that is gone
+        return True
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -128,6 +223,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"tensorrt_llm (reference): {e}") from None
         self.engine.metrics = self._metrics(args, config)
         self.ledger = self._ledger()
+        self.responses = ResponseQueue(self.engine.config.cancellation_check_period_ms / 1000)
         self.engine.start()
 
     @staticmethod
@@ -216,12 +312,12 @@ class TritonPythonModel:
         reqs = []
         for s in specs:
             r = Request(s.prompt, s.max_new_tokens, s.sampling, request_id=rid, arrival_ns=arrival_ns,
-                        on_update=lambda u, s=s: responder.on_update(s, u))
-            r.is_cancelled = lambda s=s, r=r: sender.is_cancelled() or responder.stream_gone(s, r)
-            reqs.append(r)
-        for r in reqs:  # all rows valid before any is queued
+                        on_update=lambda u, s=s: self.responses.put(responder, s, u))
+            reqs.append((s, r))
+        for _, r in reqs:  # all rows valid before any is queued
             self.engine.validate(r)
-        for r in reqs:
+        for s, r in reqs:
+            self.responses.watch(r, lambda s=s, r=r: sender.is_cancelled() or responder.stream_gone(s, r))
             self.engine.submit(r)
 
     def _on_rank_failure(self, rank: int, reason: str) -> None:
@@ -235,6 +331,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.shutdown()
+        self.responses.close()
         if self.engine.metrics is not None:
             self.engine.metrics.flush()
         if self.ledger is not None:
