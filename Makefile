@@ -9,7 +9,8 @@ OUT ?= out
 # numpy 2, as the GPU machines' images and most environments have it (nvidia-pytriton declares numpy<2 for its
 # Python-backend stub only; enginesmith gives the stubs a private numpy 1.x, see triton_repo/discovery.py).
 # Not installed over a base that has torch: there the base's numpy is kept (a constraint, as below).
-NUMPY_SPEC ?= numpy>=2,<3
+# Below 2.4: Triton 3.6's CPU interpreter (the kernel tests' second pass) fails under numpy 2.4's scalar rules.
+NUMPY_SPEC ?= numpy>=2,<2.4
 # Extra pip flags (e.g. --no-index --no-build-isolation for an offline install).
 PIP_FLAGS ?=
 # Rich tables (plans, bench results) fall back to 80 columns when not on a terminal; give them room.

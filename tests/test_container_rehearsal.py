@@ -73,7 +73,7 @@ def test_make_venv_installs_torch_only_where_the_base_python_has_none(tmp_path):
     assert '"torch==' in plain and "--without-pip" not in plain and "kernels" in plain
     # numpy 2 goes in after the extras (nvidia-pytriton declares numpy<2 for its stubs, hence no conflict warning)
     pip_lines = [line for line in plain.splitlines() if " -m pip install " in line]
-    assert pip_lines[-1].endswith('--no-warn-conflicts "numpy>=2,<3"') and "-e " in pip_lines[-2]
+    assert pip_lines[-1].endswith('--no-warn-conflicts "numpy>=2,<2.4"') and "-e " in pip_lines[-2]
     over = _make_n(sys.executable)  # this environment has torch
     assert '"torch==' not in over and "--without-pip" in over and "-c /nonexistent/venv/base-constraints.txt" in over
     assert "torch,client,dev" in over and "base_env.py report" in over
