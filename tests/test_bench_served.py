@@ -33,7 +33,9 @@ def test_counts_and_token_totals_are_exact(runs):
         assert (r["completed"], r["failed"], r["num_prompts"]) == (N, 0, N)
         assert r["total_input_tokens"] == N * ISL and r["input_lens"] == [ISL] * N
         assert r["total_output_tokens"] == N * OSL and r["output_lens"] == [OSL] * N
-        assert all(len(gaps) == OSL - 1 for gaps in r["itls"])
+        # one gap per response after the first (vLLM's itl); a response carries several tokens when the model's
+        # response thread fell behind the engine (triton_repo/models/tensorrt_llm_reference.py)
+        assert all(len(gaps) <= OSL - 1 for gaps in r["itls"])
         assert r["request_goodput"] == pytest.approx(r["request_throughput"])  # a lax SLO: all good
         assert r["max_concurrent_requests"] <= (2 if r["label"] == "c2" else N)
 
