@@ -217,11 +217,9 @@ def test_cancelled_stream_frees_its_kv_blocks(server, how):
     s = Stream(server.grpc_url)
     prompt = list(range(3, 43))
     s.send("victim", tensors(prompt, 80, streaming=np.bool_(True)))
-    seen = 0
-    while seen < 3:  # let it generate a few tokens first
-        result, error = s.events.get(timeout=60)
-        assert error is None
-        seen += 1
+    result, error = s.events.get(timeout=60)  # it is generating; stop it at once: the engine does not wait for
+    assert error is None  # its responses, so a tiny model runs far ahead of what the client has seen
+    seen = 1
     busy = _wait_for_record(server.iteration_log, start, lambda x: x.kv_used_blocks > 0)
     if how == "grpc_cancel":
         s.close(cancel=True)
