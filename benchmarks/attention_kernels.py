@@ -1,4 +1,4 @@
-"""Split-KV decode attention (runtime/triton_decode_attention.py) over its min_chunk, per batch and context.
+"""Split-KV decode attention (runtime/kernels/triton_decode_attention.py) over its min_chunk, per batch and context.
 
 Llama-3-8B heads (32 query, 8 KV, d=128), bf16, paged cache of 32-token blocks with shuffled tables.
 Each timing: one CUDA graph of LAYERS attention calls over distinct cache layers, each after a 256 MB
@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
-from runtime.triton_decode_attention import TritonDecodeAttention
+from runtime.kernels.triton_decode_attention import TritonDecodeAttention
 
 NQ, NKV, D, TPB, LAYERS = 32, 8, 128, 32, 8
 MIN_CHUNKS = (64, 128, 256, 512)

@@ -6,7 +6,7 @@ in the step (README, "What misses and why"). This separates that cost into parts
 1. `pingpong`: one program per rank bounces a counter through the peer's memory (store to the peer over
    NVLink, volatile polls of its own word) N times: the one-way latency, the floor of any exchange.
 2. `mini`: CUDA graphs of P producer -> consumer kernel pairs doing only the exchange of one 8 KB hidden
-   vector, the way runtime/tp_exchange.py does it (every producer program stores its share into every rank's
+   vector, the way runtime/parallel/tp_exchange.py does it (every producer program stores its share into every rank's
    slot, each consumer program waits until the slots have landed, sums them and empties the next set; PDL as in
    the step), once with the peer in the exchange (tp=2) and once with this rank alone (tp=1 tables: the same
    kernels and launches, no NVLink): the difference is what crossing GPUs costs a point at kernel granularity.
@@ -42,8 +42,7 @@ import triton.language as tl
 from benchmarks.graph_timing import time_graph
 from benchmarks.runtime import write_atomic
 from benchmarks.runtime_hw import card_slug
-from runtime import tp_signal
-
+from runtime.parallel import tp_signal
 HID, O_IN, GU_ROWS = 4096, 2048, 2 * 7168  # Llama-3-8B at tp=2: o_proj's K slice, gate/up's rows (both halves)
 REPLAYS, ROUNDS, PINGS = 20, 5, 2000
 
@@ -143,9 +142,9 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     import torch.distributed as dist
 
     from benchmarks.runtime_parallel import _join
-    from runtime import pdl as pdl_mod
-    from runtime.tp_exchange import TPExchange
-    from runtime.triton_gemv import POLL_ENV, gemv, poll_switches
+    from runtime.kernels import pdl as pdl_mod
+    from runtime.parallel.tp_exchange import TPExchange
+    from runtime.kernels.triton_gemv import POLL_ENV, gemv, poll_switches
 
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
     group = groups.tp_group
@@ -278,7 +277,7 @@ def main() -> None:
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         raise SystemExit("exchange_latency needs 2 CUDA GPUs with peer access (nvidia-h100-x2)")
     from benchmarks.runtime_parallel import _spawn
-    from runtime.tp_exchange import ENV_SWITCH
+    from runtime.parallel.tp_exchange import ENV_SWITCH
 
     os.environ[ENV_SWITCH] = "1"  # the spawned ranks read it when they set the exchange up
     r = _spawn(_rank, 2, dict(cuda=True, points=a.points), timeout_s=400)

@@ -1,10 +1,10 @@
-"""Batch-1 decode GEMVs: the fused Triton kernels (runtime/triton_gemv.py) over launch configs vs cuBLAS.
+"""Batch-1 decode GEMVs: the fused Triton kernels (runtime/kernels/triton_gemv.py) over launch configs vs cuBLAS.
 
 For every projection of a Llama-3-8B decode step (tp=1 and the tp=2 shards): cuBLAS's plain GEMV
 (F.linear only, without the norm / SiLU / residual kernels the unfused path adds) next to the fused
 kernel in each config. Each timing is one CUDA graph replaying the projection over COPIES distinct
 weight tensors (as consecutive layers do, so the L2 cache holds none of them), median of replays, per
-launch. Every config is first checked against runtime/gemv_ref.py. The best config per shape goes to
+launch. Every config is first checked against runtime/kernels/gemv_ref.py. The best config per shape goes to
 `best` in the JSON, which `ENGINESMITH_GEMV_CONFIGS=<file>` makes the runtime use.
 
 --rope times the qkv projection as the decode step runs it (runtime/triton_gemv.qkv_rope_gemv: RMSNorm, qkv,
@@ -12,7 +12,7 @@ rotary and the KV-cache write in one kernel) over the same configs, next to the 
 config, at tp 1 and 2 (gemv-rope-<card>.json; its `best` entries are keyed "rope-<n>x<k>", which
 qkv_rope_gemv looks up first).
 
---rows 8,32 does the same for the small-batch kernels (runtime/triton_rows.py) at those row counts against
+--rows 8,32 does the same for the small-batch kernels (runtime/kernels/triton_rows.py) at those row counts against
 cuBLAS's GEMM of as many rows (gemm-rows-<card>.json, `ENGINESMITH_ROWS_CONFIGS=<file>`).
 
 Usage: python -m benchmarks.gemv_kernels [--out DIR] [--quick] [--rows M[,M...] | --rope]
@@ -30,9 +30,9 @@ import torch
 
 from benchmarks.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
-from runtime import triton_rows
-from runtime.gemv_ref import gemv_ref, rel_err
-from runtime.triton_gemv import GemvConfig, config_for, gemv, qkv_rope_gemv, shape_key
+from runtime.kernels import triton_rows
+from runtime.kernels.gemv_ref import gemv_ref, rel_err
+from runtime.kernels.triton_gemv import GemvConfig, config_for, gemv, qkv_rope_gemv, shape_key
 
 HID, INTER, VOCAB, NQ, NKV, D = 4096, 14336, 128256, 32, 8, 128
 COPIES = 16
@@ -128,8 +128,8 @@ def _pick_best(res: dict) -> dict:
 def bench_rope(tp: int, cfgs: list[GemvConfig], gen: torch.Generator) -> dict:
     """The qkv projection of one of tp ranks: qkv_rope_gemv (norm, rotary, KV write) against the unfused
     arithmetic, then per config its time next to the plain fused GEMV's (norm only) in the same config."""
-    from runtime.decode_rope_write import rope_cache_write_ref
-    from runtime.layers import rope_cos_sin
+    from runtime.fast.decode_rope_write import rope_cache_write_ref
+    from runtime.model.layers import rope_cos_sin
 
     nq, nkv, n, k = NQ // tp, NKV // tp, (NQ + 2 * NKV) * D // tp, HID
     dev, dt = "cuda", torch.bfloat16

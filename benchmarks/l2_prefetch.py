@@ -2,7 +2,7 @@
 
 At tp=2 a Llama-3-8B batch-1 layer waits ~2 x 6.5 us in its all-reduces while HBM idles (issue 6: the
 1.7x target needs that time back). This measures the idea on one GPU: a fixed wait (a spin kernel of the
-one-shot all-reduce's length) followed by the next projection's fused GEMV (runtime/triton_gemv.py),
+one-shot all-reduce's length) followed by the next projection's fused GEMV (runtime/kernels/triton_gemv.py),
 against the same with a prefetch kernel on a parallel branch of the CUDA graph that brings the first P MB
 of that projection's weight into L2 during the wait, three ways: "loads" (loads into registers with
 evict_last: each program waits for its own loads), "line" (PTX prefetch.global.L2::evict_last, one per
@@ -26,7 +26,7 @@ import triton.language as tl
 
 from benchmarks.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
-from runtime.triton_gemv import gemv
+from runtime.kernels.triton_gemv import gemv
 
 HID, INTER, NQ, NKV, D = 4096, 14336, 32, 8, 128
 SHAPES = {  # the tp=2 projections that follow an all-reduce: gate/up (after o_proj's), qkv (after down's)

@@ -2,7 +2,7 @@
 
 Mixtral-8x7B's expert projections at tp 1 and 2 (moe_tp_size 2 halves each expert's intermediate size) for a
 decode step of --tokens tokens routed top-2 over 8 experts at random (fixed seed): the fused up/gate + SwiGLU and
-the down projection through runtime/triton_moe_rows.py over a grid of launch configs, and through
+the down projection through runtime/kernels/triton_moe_rows.py over a grid of launch configs, and through
 torch._grouped_mm (plus PyTorch's SwiGLU) as runtime/decode_layers.moe_mlp ran them before. Each timing is a CUDA
 graph replay (median); TB/s counts the bytes of the experts the step touches. Writes moe-rows-<card>.json with a
 "best" table in the format ENGINESMITH_MOE_ROWS_CONFIGS reads.
@@ -20,9 +20,9 @@ import torch
 
 from benchmarks.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
-from runtime.gemv_ref import check_tol, rel_err
-from runtime.layers import swiglu
-from runtime.triton_moe_rows import DEFAULT, TUNED, RowsConfig, grouped, grouped_swiglu, shape_key
+from runtime.kernels.gemv_ref import check_tol, rel_err
+from runtime.model.layers import swiglu
+from runtime.kernels.triton_moe_rows import DEFAULT, TUNED, RowsConfig, grouped, grouped_swiglu, shape_key
 
 HID, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
 CONFIGS = [RowsConfig(bn, bk, w, s) for bn, bk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4, 8),

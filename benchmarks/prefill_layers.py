@@ -2,7 +2,7 @@
 
 A stage of 16 Llama-3-8B layers (bf16, random weights; a pp=2 stage) runs packed prompts of 512 tokens
 (fewer when the step is smaller) through runtime/prefill_graphs.GraphedPrefill, its PrefillLayers
-without graphs, and runtime.pipeline.run_layers, at several step sizes. Per runner and size: wall time
+without graphs, and runtime.parallel.pipeline.run_layers, at several step sizes. Per runner and size: wall time
 (median of 5 after 3 warm-ups, synchronized) and host time (until the call returns, unsynchronized: a
 step is host-bound when the two are equal), the first graphed call's time (capture), and the relative
 error of the graphed output against the other two. Prints a table, writes prefill-layers-<card>.json.
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from runtime.attention import DenseCausalAttention
-from runtime.gemv_ref import rel_err
-from runtime.pipeline import MicroBatch, run_layers
-from runtime.prefill_graphs import GraphedPrefill
-from runtime.prefill_layers import PrefillLayers
-from runtime.random_model import LLAMA_3_8B, TINY_LLAMA, checkpoint_config, random_rank_model
+from runtime.model.attention import DenseCausalAttention
+from runtime.kernels.gemv_ref import rel_err
+from runtime.parallel.pipeline import MicroBatch, run_layers
+from runtime.fast.prefill_graphs import GraphedPrefill
+from runtime.fast.prefill_layers import PrefillLayers
+from runtime.model.random_model import LLAMA_3_8B, TINY_LLAMA, checkpoint_config, random_rank_model
 
 RUNNERS = ("graphed", "compiled", "eager")
 

@@ -6,7 +6,7 @@ after attention, and after the MLP or the MoE block. The MoE block is one all-re
 whatever the EP/TP split (each rank runs its experts, or its slice of each expert, on every token and the
 partial sums are reduced together): no all-to-all, so the split changes no communication. The last stage
 all-gathers the vocab-parallel float32 logits over its TP group, and consecutive PP stages send the hidden
-states. The reference runtime (runtime/pipeline.py) does exactly that and, with PP, also sends the last
+states. The reference runtime (runtime/parallel/pipeline.py) does exactly that and, with PP, also sends the last
 stage's full float32 logits to rank 0, which samples; TensorRT-LLM samples on the last stage.
 """
 

@@ -53,7 +53,7 @@ def test_first_build_writes_engine_config_and_manifest(converted):
 
 
 def test_engine_dir_loads_in_the_reference_runtime(converted):
-    from runtime.engine_config import read_engine_dir
+    from runtime.engine.engine_config import read_engine_dir
 
     out, recipe, plan = converted
     run_build_stage(recipe, plan, out)

@@ -102,7 +102,7 @@ def test_moe_block_is_one_tp_all_reduce_whatever_the_expert_split():
 
 
 def test_reference_runtime_sends_the_logits_to_rank0_with_pp():
-    """runtime/pipeline.py: the last stage's TP rank 0 sends the float32 logits of each micro-batch to rank 0,
+    """runtime/parallel/pipeline.py: the last stage's TP rank 0 sends the float32 logits of each micro-batch to rank 0,
     which samples; TensorRT-LLM samples on the last stage."""
     tiny = variant(recipe_of("tiny-llama"), parallel={"tp_size": 2, "pp_size": 2})
     ref = make_plan(tiny, with_options=False)
