@@ -1,11 +1,11 @@
 """The planner's predictions next to what benchmarks/runtime.py measured on a GPU (issue 6).
 
 Reads the runtime JSON files in benchmarks/results/ (card named in each), plans the same shapes with
-`builders.plan.make_plan` on that card's catalogue entry, and prints one table: weight memory per GPU,
+`builders.planner.plan.make_plan` on that card's catalogue entry, and prints one table: weight memory per GPU,
 batch-1 decode step (the runtime's fast path and its labelled baselines, e.g. cuBLAS + compiled regions),
 batch-32 and TP=2 decode steps, the 8 KB all-reduce inside a CUDA graph and the PP bubble, each predicted
 vs measured with the error. The rows measured by CALIBRATION and MULTI_TOKEN_CALIBRATION are the ones
-builders.perf_constants was fitted on (role "calibration"); every other row is an independent check.
+builders.planner.perf_constants was fitted on (role "calibration"); every other row is an independent check.
 Prints the table; `--write` also writes <results>/planner-vs-measured.json (the tracked copy).
 Usage: python -m benchmarks.planner_check [--results DIR] [--write]
 """
@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from builders.hardware import resolve_hardware
+from builders.planner.hardware import resolve_hardware
 from builders.manifest import atomic_write_text
 from builders.model_spec import ModelSpec
-from builders.plan import make_plan
+from builders.planner.plan import make_plan
 from builders.recipe import parse_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -14,7 +14,7 @@ from builders.build.reference import ENGINE_CONFIG
 from builders.build.stage import StageDirs, run_build_stage
 from builders.convert import convert_checkpoint
 from builders.model_spec import ModelSpec
-from builders.plan import make_plan
+from builders.planner.plan import make_plan
 from builders.recipe import load_recipe
 from tests.support import tiny_hf_model
 

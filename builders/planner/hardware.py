@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from builders.perf_constants import COLLECTIVE_LATENCY_US, HOP_LATENCY_US
+from builders.planner.perf_constants import COLLECTIVE_LATENCY_US, HOP_LATENCY_US
 
 if TYPE_CHECKING:
     from builders.recipe import HardwareSection
@@ -71,7 +71,7 @@ class Link:
     gbps: float
     """GB/s per GPU per direction."""
     latency_us: float
-    """Latency of one ring step (builders.perf_constants.HOP_LATENCY_US)."""
+    """Latency of one ring step (builders.planner.perf_constants.HOP_LATENCY_US)."""
     op_latency_us: float = 0.0
     """Fixed latency of one operation, paid once however small the message (COLLECTIVE_LATENCY_US)."""
 

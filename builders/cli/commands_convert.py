@@ -28,9 +28,9 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool, 
     from builders.build.flags import parse_ranks
     from builders.convert import convert
     from builders.download import fetch_model
-    from builders.layout_search import layout_sizes
+    from builders.planner.layout_search import layout_sizes
     from builders.model_spec import ModelSpec
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
@@ -55,7 +55,7 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool, 
 def show_convert(recipe_path: Path, out: Path, ranks: str | None) -> None:
     """What `convert` would fetch and write, from the recipe and plan alone (no network, no weights)."""
     from builders.build.flags import parse_ranks
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
             err_console.print(Text.assemble(("error:", "red"), " ", str(e)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except OSError as e:
-            from builders.cli_errors import fs_error
+            from builders.cli.errors import fs_error
 
             err_console.print(Text.assemble(("error:", "red"), " ", fs_error(e, "--out", out)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -150,7 +150,7 @@ def register(app: typer.Typer) -> None:
         try:
             path = make_tiny_model(out_dir, arch, seed=seed)
         except OSError as e:
-            from builders.cli_errors import write_error
+            from builders.cli.errors import write_error
 
             err_console.print(Text.assemble(("error:", "red"), " ", write_error(e, "OUT_DIR", out_dir)))
             raise typer.Exit(EXIT_BAD_INPUT) from None

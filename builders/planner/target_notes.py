@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from builders.hardware import HardwareSpec
+from builders.planner.hardware import HardwareSpec
 from builders.mapping import Mapping
 from builders.model_spec import ModelSpec
 from builders.recipe import ParallelSection, Recipe

@@ -1,6 +1,6 @@
 """Communication per engine step, as each build target runs it: TP all-reduces, PP sends, the lm_head gather.
 
-The alpha-beta model of builders.hardware.Link prices each operation on the slowest link of its group.
+The alpha-beta model of builders.planner.hardware.Link prices each operation on the slowest link of its group.
 Every target all-reduces twice per decoder layer over the TP group, messages of tokens * H * act_bytes:
 after attention, and after the MLP or the MoE block. The MoE block is one all-reduce over the whole TP group
 whatever the EP/TP split (each rank runs its experts, or its slice of each expert, on every token and the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from builders.hardware import HardwareSpec
+from builders.planner.hardware import HardwareSpec
 from builders.mapping import Mapping, pad_vocab_size
 from builders.model_spec import ModelSpec
 

@@ -15,13 +15,13 @@ app = typer.Typer(
 
 # Each module defines `register(app)`; a sub-command exists only once its module is here.
 COMMAND_MODULES: list[str] = [
-    "builders.commands_build",
-    "builders.commands_client",
-    "builders.commands_convert",
-    "builders.commands_demo",
-    "builders.commands_openai",
-    "builders.commands_plan",
-    "builders.commands_repo",
+    "builders.cli.commands_build",
+    "builders.cli.commands_client",
+    "builders.cli.commands_convert",
+    "builders.cli.commands_demo",
+    "builders.cli.commands_openai",
+    "builders.cli.commands_plan",
+    "builders.cli.commands_repo",
 ]
 
 
@@ -36,6 +36,3 @@ _register_all()
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    main()

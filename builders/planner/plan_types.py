@@ -8,13 +8,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from builders.hardware import HardwareSpec
+from builders.planner.hardware import HardwareSpec
 from builders.mapping import Mapping
-from builders.memory import RankMemory
+from builders.planner.memory import RankMemory
 from builders.model_spec import ModelSpec
 from builders.recipe import Recipe
-from builders.roofline import PhaseEstimate
-from builders.sla import SlaVerdict
+from builders.planner.roofline import PhaseEstimate
+from builders.planner.sla import SlaVerdict
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,8 @@ lm_head for one token per sequence; HBM bytes = weights read once per micro-batc
 the fraction 1-(1-k/E)^tokens that any token touches) + KV read and written. The floor is
 max(FLOPs / peak, bytes / HBM bandwidth); the estimate divides by the achievable fractions and adds a
 fixed time per layer per micro-batch (the small kernels' minimum times) and the stage's communication
-(builders.comms, as the recipe's build target runs it, latency per operation included). Constants:
-builders.perf_constants.
+(builders.planner.comms, as the recipe's build target runs it, latency per operation included). Constants:
+builders.planner.perf_constants.
 
 KV-cache reuse: a prompt whose first `cached` tokens are served from the prefix cache computes the other
 isl - cached tokens only, attending over the whole prompt and reading the cached K/V from HBM.
@@ -23,11 +23,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from builders.comms import CommFigure, merge, p2p_comm, stage_comm
-from builders.hardware import HardwareSpec
+from builders.planner.comms import CommFigure, merge, p2p_comm, stage_comm
+from builders.planner.hardware import HardwareSpec
 from builders.mapping import Mapping
 from builders.model_spec import ModelSpec
-from builders.perf_constants import COMPUTE_EFFICIENCY, HBM_EFFICIENCY, LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
+from builders.planner.perf_constants import (
+    COMPUTE_EFFICIENCY,
+    HBM_EFFICIENCY,
+    LAYER_FIXED_US,
+    MULTI_TOKEN_LAYER_FIXED_US,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +95,7 @@ class PhaseEstimate:
     fixed_ms: float = 0.0
     """Fixed layer time in the step (all stages, every micro-batch)."""
     target: str = "trtllm-engine"
-    """Build target whose communication `comm` lists (builders.comms.TARGET_COMMS)."""
+    """Build target whose communication `comm` lists (builders.planner.comms.TARGET_COMMS)."""
     cached_tokens: int = 0
     """Prefill: prompt tokens per sequence served from the KV cache (reuse), not in `tokens`."""
 
@@ -120,7 +125,7 @@ class PerfModel:
     act_bytes: int
     compute_dtype: str
     target: str = "trtllm-engine"
-    """Build target whose communication is priced (builders.comms)."""
+    """Build target whose communication is priced (builders.planner.comms)."""
 
     def stage_cost(self, st: StageShape, tokens: int, seqs: int, attended: float, kv_read: float) -> StageCost:
         """Cost of one micro-batch on stage `st`."""

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 
-from builders.hardware import resolve_hardware
-from builders.layout_rules import check_recipe_layout, recipe_mapping
-from builders.layout_search import search_layouts
+from builders.planner.hardware import resolve_hardware
+from builders.planner.layout_rules import check_recipe_layout, recipe_mapping
+from builders.planner.layout_search import search_layouts
 from builders.model_spec import ModelSpec
-from builders.plan_eval import evaluate
-from builders.plan_types import Candidate, MemorySummary, PipelineInfo, Plan, QuantOption, RankPlan, SearchResult
-from builders.quant_options import quantization_options
+from builders.planner.plan_eval import evaluate
+from builders.planner.plan_types import (
+    Candidate,
+    MemorySummary,
+    PipelineInfo,
+    Plan,
+    QuantOption,
+    RankPlan,
+    SearchResult,
+)
+from builders.planner.quant_options import quantization_options
 from builders.recipe import ParallelSection, Recipe
 
 __all__ = ["make_plan", "Plan", "RankPlan", "MemorySummary", "PipelineInfo", "SearchResult", "Candidate",

@@ -24,7 +24,7 @@ OUT = Path("out")
 
 
 def _load(recipe_path: Path):
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
@@ -73,7 +73,7 @@ def _show_nodes(recipe_path: Path, out: Path, per_node) -> None:
 
 def _show_engine_plan(recipe, plan, recipe_path: Path, dirs: StageDirs, ranks, workers, explain: bool):
     from builders.build.engine_target import plan_engine_build
-    from builders.layout_search import layout_sizes
+    from builders.planner.layout_search import layout_sizes
 
     bp = plan_engine_build(recipe, plan, dirs.checkpoint, dirs.engine, ranks, workers)
     m = plan.mapping
@@ -154,7 +154,7 @@ def build(
     except subprocess.CalledProcessError as e:
         _fail(EXIT_TOOL_FAILED, f"{e.cmd[0]} failed with exit code {e.returncode}")
     except OSError as e:
-        from builders.cli_errors import fs_error
+        from builders.cli.errors import fs_error
 
         _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
     if result.skipped:

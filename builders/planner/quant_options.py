@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from builders.hardware import GIB, HardwareSpec, quantization_refusal
-from builders.layout_search import layout_name, search_layouts
+from builders.planner.hardware import GIB, HardwareSpec, quantization_refusal
+from builders.planner.layout_search import layout_name, search_layouts
 from builders.model_spec import ModelSpec
-from builders.plan_eval import evaluate
-from builders.plan_types import Plan, QuantOption
+from builders.planner.plan_eval import evaluate
+from builders.planner.plan_types import Plan, QuantOption
 from builders.recipe import ParallelSection, Recipe
 
 WEIGHT_KINDS = ("none", "fp8", "int8_weight_only", "int4_weight_only")

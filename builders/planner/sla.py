@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from builders.hardware import GIB
+from builders.planner.hardware import GIB
 from builders.recipe_sections import SlaSection
-from builders.roofline import PhaseEstimate
+from builders.planner.roofline import PhaseEstimate
 
 # Checked in this order; the first failing one is the binding constraint.
 CHECK_ORDER = ("memory", "kv_capacity", "batch", "tpot", "ttft", "e2e")

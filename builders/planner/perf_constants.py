@@ -1,6 +1,6 @@
 """Every empirical constant of the planner's step-time model, with where it came from.
 
-Datasheet figures (peak FLOP/s, HBM and link bandwidth) live in builders.hardware's catalogue; this file
+Datasheet figures (peak FLOP/s, HBM and link bandwidth) live in builders.planner.hardware's catalogue; this file
 holds what a datasheet does not say: achievable fractions, fixed per-kernel costs and collective latencies.
 Measurements are on an NVIDIA H200 (141 GB, 4.8 TB/s datasheet HBM3e), torch 2.11, our reference
 runtime's CUDA-graph decode path (fused Triton GEMV kernels), Llama-3-8B shape in bf16

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from builders.cli_errors import fs_error
+from builders.cli.errors import fs_error
 
 # No markup: paths, server logs and gloo messages carry `[...]` of their own.
 console = Console(highlight=False, soft_wrap=True, markup=False)
@@ -36,7 +36,7 @@ def _fail(code: int, message: str):
 
 
 def _load(recipe_path: Path):
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
@@ -208,7 +208,7 @@ def serve(
         _fail(EXIT_BAD_INPUT, str(e))
     except OSError as e:
         _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
-    from builders.commands_openai import start_for_serve, stop_for_serve
+    from builders.cli.commands_openai import start_for_serve, stop_for_serve
 
     previous, front = signal.signal(signal.SIGTERM, _on_sigterm), None
     try:
