@@ -249,6 +249,7 @@ def test_configs_file_overrides_the_tuned_table_and_moe_and_rope_entries_come_fi
 
 def test_pdl_is_on_only_for_hopper_cuda_outside_the_interpreter(monkeypatch):
     from runtime.kernels import pdl
+
     monkeypatch.delenv("ENGINESMITH_PDL", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not pdl.enabled("cpu")

@@ -68,6 +68,7 @@ def test_grouped_rows_refuse_mismatched_weights_and_group_ends():
 @needs_triton
 def test_moe_block_through_the_rows_kernels_matches_the_grouped_gemm():
     from runtime.kernels import triton_moe_rows
+
     model = tiny(TINY_MIXTRAL, device=KERNEL_DEVICE)
     w, cfg = model.layers[0], model.cfg
     x = torch.randn(12, cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(KERNEL_DEVICE)
@@ -108,6 +109,7 @@ def test_moe_rows_stay_off_on_cpu_unless_asked_and_failures_keep_the_grouped_gem
 
 def test_moe_rows_configs_come_from_the_tuned_table_unless_a_file_overrides_them(tmp_path, monkeypatch):
     from runtime.kernels import triton_gemv, triton_moe_rows
+
     assert triton_moe_rows.config_for(14336, 4096, True) == triton_moe_rows.TUNED.get(
         "moe-swiglu-14336x4096", triton_moe_rows.DEFAULT)
     path = tmp_path / "moe-rows.json"

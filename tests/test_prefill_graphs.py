@@ -139,7 +139,7 @@ def test_the_engine_decoder_captures_the_prefill_graphs_at_start_on_a_gpu(monkey
 
 
 def test_prefill_benchmark_smoke_on_cpu(tmp_path):
-    from benchmarks.prefill_layers import main
+    from benchmarks.kernels.prefill_layers import main
 
     res = main(["--tiny", "--tokens", "30,8", "--out", str(tmp_path)])
     assert [r["tokens"] for r in res["steps"].values()] == [30, 8]

@@ -13,7 +13,7 @@ y = W x for one token (x: (K,), W: (N, K) row-major, bf16/fp16/fp32), with optio
 Each program owns BLOCK_N outputs and walks K in BLOCK_K steps with a (BLOCK_N, BLOCK_K) float32
 accumulator reduced once at the end. Roundings otherwise follow the unfused reference (`gemv_ref`):
 the GEMV output is rounded before silu and before the residual add. Launch configs per shape come from
-`config_for` (tuned on an H200 by benchmarks/gemv_kernels.py) or from ENGINESMITH_GEMV_CONFIGS (a JSON
+`config_for` (tuned on an H200 by benchmarks/kernels/gemv_kernels.py) or from ENGINESMITH_GEMV_CONFIGS (a JSON
 file of that benchmark).
 """
 
@@ -283,11 +283,11 @@ TUNED: dict[str, GemvConfig] = {
     # (moe-up-configs-h200.json)
     "moe-swiglu-14336x4096": GemvConfig(16, 512, 4, 1, prefetch=True),
 }
-"""Best prefetching config per shape (`shape_key`: Llama-3-8B at tp 1 and 2) from benchmarks/gemv_kernels.py on
+"""Best prefetching config per shape (`shape_key`: Llama-3-8B at tp 1 and 2) from benchmarks/kernels/gemv_kernels.py on
 an H200 (benchmarks/results/gemv-kernels-h200.json). Prefetching ones only, so that a kernel launched with
 PDL has its first weight tiles loading before it waits for the previous kernel: for down tp1, qkv tp2 and
 o_proj tp2 a non-prefetching config was faster alone, by 0.0, 0.1 and 0.2 us. Then checked inside the
-batch-1 step (benchmarks/step_configs.py, 2-5 candidates a shape, step-configs-h200[-tp2].json): every tp1 entry
+batch-1 step (benchmarks/kernels/step_configs.py, 2-5 candidates a shape, step-configs-h200[-tp2].json): every tp1 entry
 and the tp2 gate/up, down and lm_head entries were already the fastest there; the tp2 o_proj entry changed and
 the qkv + rotary kernel got an entry of its own (the one non-prefetching entry: it won inside the step too),
 2.421 -> 2.374 ms a step for a tp=2 rank without its all-reduces (step-configs-h200-tp2-check.json)."""
@@ -362,7 +362,7 @@ def x_poll(recv, k: int, block_k: int) -> dict[str, int]:
     await_landed's CHUNKS and HANDOFF), by ENGINESMITH_TP_EXCHANGE_POLL. "seq" (default): every program chunk
     after chunk; "vec": every program all chunks at once; "handoff": program 0 all at once, the others wait for
     its ready word. In isolation the exchange point costs 5.8 / 1.3 / 0.6 us, but in the 32-layer tp=2 step
-    "seq" is the fastest (3.08 vs 3.19 ms for "handoff", 2 x H200; benchmarks/exchange_latency.py,
+    "seq" is the fastest (3.08 vs 3.19 ms for "handoff", 2 x H200; benchmarks/kernels/exchange_latency.py,
     exchange-latency-h200.json). 1 and 0 without recv (unused)."""
     if recv is None:
         return dict(XCHUNKS=1, XHANDOFF=0)

@@ -64,7 +64,7 @@ TUNED: dict[str, RowsConfig] = {
     "moe-swiglu-7168x4096": RowsConfig(64, 256, 4, 3),  # up/gate tp2 (moe_tp_size 2): 4.12 TB/s (2.52)
     "moe-4096x7168": RowsConfig(128, 128, 4, 3),  # down tp2: 4.11 TB/s (2.50)
 }
-"""Best config per `shape_key` from benchmarks/moe_rows.py on an H200, 32 tokens routed top-2 over 8 experts
+"""Best config per `shape_key` from benchmarks/kernels/moe_rows.py on an H200, 32 tokens routed top-2 over 8 experts
 (moe-rows-h200.json); ENGINESMITH_MOE_ROWS_CONFIGS names a JSON file of that benchmark whose entries win."""
 
 
@@ -90,7 +90,7 @@ GEMM)."""
 
 def smem_bytes(cfg: RowsConfig, bm: int, elt: int, swiglu: bool) -> int:
     """Triton's pipelined loads keep num_stages - 1 buffers of the x tile and the weight tile(s). On an H200 every
-    config of benchmarks/moe_rows.py under 227 KB this way launched, every one over it failed."""
+    config of benchmarks/kernels/moe_rows.py under 227 KB this way launched, every one over it failed."""
     return max(1, cfg.num_stages - 1) * cfg.block_k * (bm + cfg.block_n * (2 if swiglu else 1)) * elt
 
 

@@ -137,7 +137,7 @@ TUNED: dict[str, RowsConfig] = {
     "m32-4096x7168": RowsConfig(32, 256, 4, 5),  # down tp2
     "m32-64128x4096": RowsConfig(64, 128, 4, 3),  # lm_head tp2
 }
-"""Best config per `shape_key` at 32 rows (Llama-3-8B at tp 1 and 2) from `benchmarks/gemv_kernels.py --rows 32`
+"""Best config per `shape_key` at 32 rows (Llama-3-8B at tp 1 and 2) from `benchmarks/kernels/gemv_kernels.py --rows 32`
 on an H200 (gemm-rows-h200.json); other row buckets take DEFAULT. ENGINESMITH_ROWS_CONFIGS names a JSON file of
 that benchmark whose entries win."""
 

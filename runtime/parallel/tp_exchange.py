@@ -12,7 +12,7 @@ or end-of-collective barrier is left in the step. Three modes (`TPExchange.mode`
 - "kernel" (the default): a small kernel per point (tp_signal.reduce, 8 programs) between plain GEMVs: it waits
   for the producer GEMV (PDL), lets the consumer GEMV launch at once (so it loads its first weight tiles while
   the partials cross), scatters, polls, sums. 3.5-3.9 us a point over no exchange between the step's real
-  GEMVs vs 8.3-8.7 us for the one-shot all-reduce (benchmarks/exchange_latency.py, 2 x H200), and the
+  GEMVs vs 8.3-8.7 us for the one-shot all-reduce (benchmarks/kernels/exchange_latency.py, 2 x H200), and the
   Llama-3-8B tp=2 batch-1 step 2.63 vs 2.94 ms with every logit bit for bit equal
   (tp-exchange-check-modes-h200.json); in the tp section 1.55x over tp=1 against 1.39x
   (runtime-h200-x2-tp-exchange-kernels.json).
@@ -353,6 +353,7 @@ class TPExchange:
 def for_model(groups, model, device: torch.device) -> TPExchange:
     """The exchange a single-stage TP rank's batch-1 decode step needs (collective over the TP group)."""
     from runtime.kernels import pdl
+
     return TPExchange(groups.tp_group, groups.coords.tp_rank, groups.mapping.tp_size, device, model.dtype,
                       model.cfg.hidden_size, model.lm_head.shape[0], 2 * model.num_local_layers,
                       pdl=pdl.enabled(device))

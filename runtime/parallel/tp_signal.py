@@ -26,7 +26,7 @@ for the rest until the poll gave up); polling every K tile of a GEMV element by 
 slower (runtime-h200-x2-tp*-device-fed.json, their "1_exchange" rows), hence one vectorized pass over the
 slots before the K loop and per-element polls only for what had not landed. That slow version's tokens also
 drifted from the default path's (logits off by ~0.03 at some steps in a teacher-forced probe; cause not
-found); this one matched the collective path bit for bit in the probe (benchmarks/tp_exchange_check.py) and
+found); this one matched the collective path bit for bit in the probe (benchmarks/kernels/tp_exchange_check.py) and
 gave the same greedy tokens in all three tp-section runs.
 
 A poll that outlasts SPIN rounds (a dead peer) sets ERR[0] and gives up instead of hanging the GPU; later polls
@@ -158,7 +158,7 @@ def await_landed(P, N, live, ERR, SPIN, READY, e, BLOCK: tl.constexpr, CHUNKS: t
     - the same with HANDOFF > 0, READY (a word of this rank's per exchange point, 0 after a reset) and the
       step's tag e (>= 1, new every step): program 0 alone polls the slots and then stores e into READY; the
       other programs poll that one word, and only after HANDOFF rounds without it poll the slots themselves.
-    Between kernels that only exchange (benchmarks/exchange_latency.py, 2 x H200) a point costs 5.8, 1.3 and
+    Between kernels that only exchange (benchmarks/kernels/exchange_latency.py, 2 x H200) a point costs 5.8, 1.3 and
     0.6 us over the same kernels on one GPU (NVLink's one-way latency: 0.7 us); between the step's GEMVs the
     first is the fastest (32 layers: 3.08 ms a step against 3.19 ms with the handoff)."""
     B = _bits(P)

@@ -8,7 +8,7 @@ the largest logit difference per step against the collectives (0.0: bit for bit)
 agrees, then each path's ms per step over 64 greedy steps with the token fed on the GPU, and how many poll
 rounds the exchange's consumers waited.
 Needs 2 CUDA GPUs with peer access (nvidia-h100-x2).
-Usage: python -m benchmarks.tp_exchange_check [--layers 32] [--out FILE.json]
+Usage: python -m benchmarks.kernels.tp_exchange_check [--layers 32] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.tp_exchange_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels.tp_exchange_check",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32, help="Llama-3-8B layers to keep (32: the whole model)")
     ap.add_argument("--out", help="write the result as JSON here")
     args = ap.parse_args()

@@ -12,7 +12,7 @@ can be profiled where one GPU is lent; --no-pdl gives each kernel's own duration
 kernel's time includes its wait for the one before). Writes
 decode-profile-<card>[-moe][-tpN][-bB][-nopdl][-<tp path>].json (the defaults keep the old names; the tp files
 before the exchange kernels became the default path timed the one-shot all-reduce).
-Usage: python -m benchmarks.profile_decode [--moe] [--layers N] [--tp N] [--batch B] [--no-pdl]
+Usage: python -m benchmarks.kernels.profile_decode [--moe] [--layers N] [--tp N] [--batch B] [--no-pdl]
        [--tp-path exchange|collectives|no-allreduce] [--rank-alone] [--out DIR]
 """
 

@@ -6,7 +6,7 @@ the down projection through runtime/kernels/triton_moe_rows.py over a grid of la
 torch._grouped_mm (plus PyTorch's SwiGLU) as runtime/decode_layers.moe_mlp ran them before. Each timing is a CUDA
 graph replay (median); TB/s counts the bytes of the experts the step touches. Writes moe-rows-<card>.json with a
 "best" table in the format ENGINESMITH_MOE_ROWS_CONFIGS reads.
-Usage: python -m benchmarks.moe_rows [--tokens 32] [--configs sweep|tuned] [--out DIR]
+Usage: python -m benchmarks.kernels.moe_rows [--tokens 32] [--configs sweep|tuned] [--out DIR]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.graph_timing import time_graph
+from benchmarks.kernels.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
 from runtime.kernels.gemv_ref import check_tol, rel_err
 from runtime.model.layers import swiglu

@@ -15,7 +15,7 @@ qkv_rope_gemv looks up first).
 --rows 8,32 does the same for the small-batch kernels (runtime/kernels/triton_rows.py) at those row counts against
 cuBLAS's GEMM of as many rows (gemm-rows-<card>.json, `ENGINESMITH_ROWS_CONFIGS=<file>`).
 
-Usage: python -m benchmarks.gemv_kernels [--out DIR] [--quick] [--rows M[,M...] | --rope]
+Usage: python -m benchmarks.kernels.gemv_kernels [--out DIR] [--quick] [--rows M[,M...] | --rope]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.graph_timing import time_graph
+from benchmarks.kernels.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
 from runtime.kernels import triton_rows
 from runtime.kernels.gemv_ref import gemv_ref, rel_err

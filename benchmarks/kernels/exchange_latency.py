@@ -25,7 +25,7 @@ in the step (README, "What misses and why"). This separates that cost into parts
 Each graph is replayed REPLAYS times back to back between two events after a barrier (the ranks start
 together once, not per replay); the median of ROUNDS such runs is kept. Writes
 exchange-latency-<card>.json. Needs 2 CUDA GPUs with peer access.
-Usage: python -m benchmarks.exchange_latency [--points 32] [--out DIR]
+Usage: python -m benchmarks.kernels.exchange_latency [--points 32] [--out DIR]
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.graph_timing import time_graph
+from benchmarks.kernels.graph_timing import time_graph
 from benchmarks.runtime import write_atomic
 from benchmarks.runtime_hw import card_slug
 from runtime.parallel import tp_signal
+
 HID, O_IN, GU_ROWS = 4096, 2048, 2 * 7168  # Llama-3-8B at tp=2: o_proj's K slice, gate/up's rows (both halves)
 REPLAYS, ROUNDS, PINGS = 20, 5, 2000
 
@@ -270,7 +271,8 @@ def _per_point(ms: dict, points: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.exchange_latency", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels.exchange_latency",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=32, help="exchange points (pairs) per graph")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()

@@ -7,8 +7,8 @@ without graphs, and runtime.parallel.pipeline.run_layers, at several step sizes.
 step is host-bound when the two are equal), the first graphed call's time (capture), and the relative
 error of the graphed output against the other two. Prints a table, writes prefill-layers-<card>.json.
 
-Usage: python -m benchmarks.prefill_layers [--layers 16] [--tokens 8192,1024,256,100] [--out DIR]
-       python -m benchmarks.prefill_layers --tiny        # CPU smoke test (graphs replayed as plain calls)
+Usage: python -m benchmarks.kernels.prefill_layers [--layers 16] [--tokens 8192,1024,256,100] [--out DIR]
+       python -m benchmarks.kernels.prefill_layers --tiny        # CPU smoke test (graphs replayed as plain calls)
 """
 
 from __future__ import annotations

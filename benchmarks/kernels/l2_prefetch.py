@@ -10,7 +10,7 @@ evict_last: each program waits for its own loads), "line" (PTX prefetch.global.L
 Saved time per GEMV = serial - overlapped;
 the GEMV alone and the wait alone are timed too. Every timing is a CUDA graph over COPIES weight copies
 (L2 holds none of them at the start of each), median of replays.
-Usage: python -m benchmarks.l2_prefetch [--out DIR] [--wait-us 6.5]
+Usage: python -m benchmarks.kernels.l2_prefetch [--out DIR] [--wait-us 6.5]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.graph_timing import time_graph
+from benchmarks.kernels.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
 from runtime.kernels.triton_gemv import gemv
 

@@ -5,7 +5,7 @@ Each timing: one CUDA graph of LAYERS attention calls over distinct cache layers
 write that evicts the L2 (as a decode step's weight reads do), minus the same graph without the attention,
 median of replays, per call; next to the bytes of K/V each call must read at the measured copy bandwidth.
 
-Usage: python -m benchmarks.attention_kernels [--out DIR]
+Usage: python -m benchmarks.kernels.attention_kernels [--out DIR]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.graph_timing import time_graph
+from benchmarks.kernels.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
 from runtime.kernels.triton_decode_attention import TritonDecodeAttention
 

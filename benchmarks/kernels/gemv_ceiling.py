@@ -3,7 +3,7 @@
 Replays, in one CUDA graph, only the weight reads of a Llama-3-8B-shaped decode step (every layer's
 qkv, o, gate, up and down GEMVs, then lm_head) with nothing else, and reports the bandwidth they reach
 next to a plain device copy. Variants: gate and up as two GEMVs vs one fused [2I, H] GEMV.
-Usage: python -m benchmarks.gemv_ceiling [--out DIR]
+Usage: python -m benchmarks.kernels.gemv_ceiling [--out DIR]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.graph_timing import time_graph
+from benchmarks.kernels.graph_timing import time_graph
 
 HID, INTER, V, L, NQ, NKV, D = 4096, 14336, 128256, 32, 32, 8, 128
 

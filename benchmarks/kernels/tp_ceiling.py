@@ -7,7 +7,7 @@ step bytes over the run's copy bandwidth = streaming; the rest of the measured s
 writes tp-ceiling.json and tp-ceiling.png (stacked bars per run and tp, the 1.7x target's tp=2 step marked, and
 where the run timed it, the tp=2 step with its all-reduces skipped: "1_no_allreduce", timing only, and the step
 with the TP exchange kernels: runs whose main tp=2 row used them, "1_collectives" being the one split here).
-Usage: python -m benchmarks.tp_ceiling [--results DIR]
+Usage: python -m benchmarks.kernels.tp_ceiling [--results DIR]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET = 1.7
 
 

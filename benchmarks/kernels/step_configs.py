@@ -1,6 +1,6 @@
 """Which GEMV launch configs make the batch-1 decode step fastest? An A/B inside the CUDA-graph step, one GPU.
 
-A kernel's best config alone (benchmarks/gemv_kernels.py) need not be its best inside the step, where PDL
+A kernel's best config alone (benchmarks/kernels/gemv_kernels.py) need not be its best inside the step, where PDL
 lets it start loading weights while the kernel before it finishes. This builds the random-weight
 Llama-3-8B-shaped model (bf16; --tp N: rank 0's shards of the tp=N model decoding alone, without its
 all-reduces and with its own logits standing in for the gather: timing only), captures one decoder per
@@ -9,7 +9,7 @@ launches in that graph keep them), and times them in alternating rounds with the
 device (no host sync per token): median ms per step per variant.
 VARIANT: NAME (the table as it is) or NAME:KEY=CONFIG[,KEY=CONFIG...], KEY a TUNED key ("4096x2048",
 "rope-3072x4096", ...), CONFIG as GemvConfig.key() writes it without the stage count ("pf-n4-k2048-w4").
-Usage: python -m benchmarks.step_configs [--tp N] [--layers L] [--rounds R] [--steps S] [--out DIR] VARIANT...
+Usage: python -m benchmarks.kernels.step_configs [--tp N] [--layers L] [--rounds R] [--steps S] [--out DIR] VARIANT...
 Writes step-configs-<card>[-tpN].json.
 """
 
@@ -80,7 +80,7 @@ def main() -> None:
 
 def run(variants: list[tuple[str, dict[str, GemvConfig]]], tp: int, layers: int | None, rounds: int,
         steps: int) -> dict:
-    from benchmarks.profile_decode import rank_alone_collectives
+    from benchmarks.kernels.profile_decode import rank_alone_collectives
     from benchmarks.runtime_decode import greedy_batch, make_cache
     from runtime.fast.fast_decode import FastDecoder
 
