@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import importlib
+from typing import Annotated
 
 import typer
 
+from builders.cli.help_format import PipelineGroup
+from builders.cli.version import package_version
+
 app = typer.Typer(
     name="enginesmith",
+    cls=PipelineGroup,
     help="Plan, convert, build, serve and benchmark an LLM deployment from one YAML recipe.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"enginesmith {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version,
+                                          is_eager=True)] = False,
+) -> None:
+    pass
 
 # Each module defines `register(app)`; a sub-command exists only once its module is here.
 COMMAND_MODULES: list[str] = [

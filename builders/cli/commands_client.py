@@ -70,7 +70,7 @@ def _client_command(protocol: str):
     def command(
         prompt: Annotated[str, typer.Argument(help="The prompt text.")],
         url: Annotated[Optional[str], Opt(help="Server (default: the recipe's, else 127.0.0.1:8001/8000).")] = None,
-        recipe: Annotated[Optional[Path], Opt(help="Take URL and tokenizer from this recipe.")] = None,
+        recipe: Annotated[Optional[Path], Opt(metavar="RECIPE", help="URL and tokenizer from this recipe.")] = None,
         out: Annotated[Path, Opt(help="Working directory root of the recipe.")] = Path("out"),
         model: Annotated[str, Opt(help="ensemble | tensorrt_llm_bls | tensorrt_llm (token ids).")] = "ensemble",
         max_tokens: Annotated[int, Opt(help="Tokens to generate.")] = 32,

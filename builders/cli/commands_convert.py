@@ -99,7 +99,7 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
 def register(app: typer.Typer) -> None:
     @app.command("convert")
     def convert(
-        recipe: Annotated[Path, typer.Argument(help="Recipe YAML.", exists=True, dir_okay=False)],
+        recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML.", exists=True, dir_okay=False)],
         out: Annotated[Path, typer.Option("--out", help="Working directory root.")] = Path("out"),
         workers: Annotated[int, typer.Option("--workers", min=0,
                                              help="Rank files written in parallel (0: min(4, CPUs)).")] = 0,

@@ -18,7 +18,8 @@ console = Console(markup=False)  # the prompt, generated text and paths are prin
 
 
 def demo(
-    recipe_path: Annotated[Path, typer.Argument(help="A recipe already converted, built and written as a repo.")],
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE",
+                                                  help="A recipe already converted, built and written as a repo.")],
     out: Annotated[Path, typer.Option(help="Working directory root (<out>/<recipe.name>/...).")] = Path("out"),
     prompt: Annotated[str, typer.Option(help="The prompt to stream.")] = "Once upon a time there was",
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 24,
