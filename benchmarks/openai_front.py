@@ -44,7 +44,7 @@ def serve_tiny(root: Path, max_batch: int):
     from builders.build.reference import build_reference
     from builders.convert import convert_checkpoint
     from builders.model_spec import ModelSpec
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import parse_recipe
     from builders.tiny_model import make_tiny_model
     from triton_repo.repository import write_repo

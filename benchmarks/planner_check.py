@@ -1,11 +1,11 @@
 """The planner's predictions next to what benchmarks/runtime.py measured on a GPU (issue 6).
 
 Reads the runtime JSON files in benchmarks/results/ (card named in each), plans the same shapes with
-`builders.plan.make_plan` on that card's catalogue entry, and prints one table: weight memory per GPU,
+`builders.planner.plan.make_plan` on that card's catalogue entry, and prints one table: weight memory per GPU,
 batch-1 decode step (the runtime's fast path and its labelled baselines, e.g. cuBLAS + compiled regions),
 batch-32 and TP=2 decode steps, the 8 KB all-reduce inside a CUDA graph and the PP bubble, each predicted
 vs measured with the error. The rows measured by CALIBRATION and MULTI_TOKEN_CALIBRATION are the ones
-builders.perf_constants was fitted on (role "calibration"); every other row is an independent check.
+builders.planner.perf_constants was fitted on (role "calibration"); every other row is an independent check.
 Prints the table; `--write` also writes <results>/planner-vs-measured.json (the tracked copy).
 Usage: python -m benchmarks.planner_check [--results DIR] [--write]
 """
@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from builders.hardware import resolve_hardware
+from builders.planner.hardware import resolve_hardware
 from builders.manifest import atomic_write_text
 from builders.model_spec import ModelSpec
-from builders.plan import make_plan
+from builders.planner.plan import make_plan
 from builders.recipe import parse_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,7 +34,7 @@ MOE_SHAPE = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidd
              "num_hidden_layers": 8, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
              "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2,
              "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6}
-"""runtime.random_model.MIXTRAL_8X7B trimmed to 8 layers, as benchmarks/runtime.py's moe section runs it."""
+"""runtime.model.random_model.MIXTRAL_8X7B trimmed to 8 layers, as benchmarks/runtime.py's moe section runs it."""
 BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions", "no_pdl": "fused GEMV, no PDL",
                    "previous": "fused GEMV, no PDL", "no_exchange": "fused GEMV + PDL, one-shot all-reduce",
                    "exchange": "fused GEMV + PDL, TP exchange", "rows": "fused rows kernels + PDL (opt-in)",
@@ -50,16 +50,17 @@ FILE_LABELS = {"runtime-h200-x2-tp-kernel.json": {"exchange": "fused GEMV + PDL,
 SUPERSEDED = ("-exchange-v1.json", "-exchange-v2.json", "-exchange-v3.json", "runtime-h200-x2-tp-mixtral.json")
 """Runs the table skips: the TP exchange's earlier versions (their default-path rows repeat the last run's;
 README quotes all four runs) and the first Mixtral tp run, whose batch-32 steps (experts on torch's grouped GEMM,
-36-41% over the plan) were corrected by runtime/triton_moe_rows.py: runtime-h200-x2-tp-mixtral-rows.json times both
+36-41% over the plan) were corrected by runtime/kernels/triton_moe_rows.py:
+runtime-h200-x2-tp-mixtral-rows.json times both
 paths."""
 SUPERSEDED_BASELINES = {"runtime-h200-x2-tp-device-fed.json": ("1_exchange",),
                         "runtime-h200-x2-tp70b-device-fed.json": ("1_exchange",)}
 """Baseline rows timed with a version of their path since replaced (the TP exchange v5's first form, polling
-element by element in every K tile: 5x slower; runtime/tp_signal.py): the table skips them."""
+element by element in every K tile: 5x slower; runtime/parallel/tp_signal.py): the table skips them."""
 TP70B_SHAPE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 8192,
                "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 28672,
                "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
-"""runtime.random_model.LLAMA_3_70B (the tp section's --tp-shape llama-3-70b), layers from the run."""
+"""runtime.model.random_model.LLAMA_3_70B (the tp section's --tp-shape llama-3-70b), layers from the run."""
 
 
 def _recipe(gpu: str, tp: int, pp: int, concurrency: int, isl: int = 512, osl: int = 128,
@@ -83,7 +84,7 @@ def _row(what: str, predicted: float, measured: float, unit: str, kind: str, sou
 
 def _kernels(status: dict | None, batch: int = 1) -> str:
     """How the runtime ran the step, from its status block: which GEMVs (batches > 1: the rows kernels where the
-    status names them, else cuBLAS; MoE experts through runtime/triton_moe_rows.py), with PDL, with the TP
+    status names them, else cuBLAS; MoE experts through runtime/kernels/triton_moe_rows.py), with PDL, with the TP
     exchange."""
     gemv = str((status or {}).get("gemv", ""))
     if batch > 1:

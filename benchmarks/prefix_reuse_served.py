@@ -16,7 +16,7 @@ from benchmarks.prefix_reuse import _progress, compare
 
 
 def run_served(a) -> tuple[dict, str]:
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
     from client.dataset import random_prompts
     from client.target import recipe_tokenizer

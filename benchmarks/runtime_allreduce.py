@@ -1,5 +1,5 @@
 """The tp section's all-reduce microbenchmark: one decode-sized (8 KB) TP all-reduce replayed from a CUDA
-graph, NCCL against the fast one-shot all-reduce (runtime/fast_allreduce.py), in microseconds per call.
+graph, NCCL against the fast one-shot all-reduce (runtime/parallel/fast_allreduce.py), in microseconds per call.
 
 Collective: every TP rank calls `graph_allreduce_us` with the same arguments.
 """

@@ -1,7 +1,7 @@
 """Offline throughput on mixed-length requests: our in-flight batching engine vs transformers.
 
 All requests arrive at once; throughput is the requested output tokens over the wall time until the
-last one finishes. The engine is the served one (runtime/engine.py): decode tokens through its FastDecoder,
+last one finishes. The engine is the served one (runtime/engine/engine.py): decode tokens through its FastDecoder,
 prefill chunks through its prefill layers (on CPU the fast path is switched on for the run: eager, no graphs).
 transformers' static batches use the engine's max_batch_size, in arrival order.
 """
@@ -17,11 +17,11 @@ from collections.abc import Callable
 import torch
 
 from benchmarks import runtime_hf
-from runtime.engine import Engine
-from runtime.engine_config import EngineConfig
-from runtime.fast_decode import FAST_DECODE_ENV
-from runtime.model import RankModel
-from runtime.request import FinishReason, Request
+from runtime.engine.engine import Engine
+from runtime.engine.engine_config import EngineConfig
+from runtime.fast.fast_decode import FAST_DECODE_ENV
+from runtime.model.model import RankModel
+from runtime.engine.request import FinishReason, Request
 
 Progress = Callable[[str], None]
 

@@ -126,8 +126,8 @@ def in_process(engine_dir: str, concurrency: list[int], num_prompts: int, isl: i
     """Runs in a child process (frees the GPU for the server after): each concurrency point as a closed loop."""
     import torch
 
-    from runtime.engine import Engine
-    from runtime.request import FinishReason, Request
+    from runtime.engine.engine import Engine
+    from runtime.engine.request import FinishReason, Request
 
     t0 = time.perf_counter()
     engine = Engine.from_engine_dir(engine_dir)

@@ -1,6 +1,6 @@
 """The recipe: one YAML file of deployment intent (model, hardware, parallelism, quantization, build, serve, SLA).
 
-The recipe says what is wanted; `builders.plan.make_plan` resolves it into a layout. Every section is
+The recipe says what is wanted; `builders.planner.plan.make_plan` resolves it into a layout. Every section is
 frozen and rejects unknown keys; every field is documented here, and `enginesmith recipe schema`
 exports these docstrings as a JSON Schema for editor completion.
 """
@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, PositiveFloat, ValidationError, model_validator
 
-from builders.hardware import GPU_KINDS, ComputeDtype, quantization_refusal, resolve_hardware
+from builders.planner.hardware import GPU_KINDS, ComputeDtype, quantization_refusal, resolve_hardware
 from builders.recipe_errors import RecipeError, format_validation_error, rule
 from builders.recipe_sections import BuildSection, Section, ServeSection, SlaSection
 
@@ -208,7 +208,7 @@ def load_recipe(path: str | Path, check_model: bool = True) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     recipe = parse_recipe(data)
     if check_model:
-        from builders.layout_rules import check_recipe_layout
+        from builders.planner.layout_rules import check_recipe_layout
         from builders.specs import resolve_spec_offline
 
         spec = resolve_spec_offline(recipe.model)

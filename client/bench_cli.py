@@ -1,4 +1,4 @@
-"""The `enginesmith bench` and `enginesmith analyze` commands (registered by builders/commands_client.py)."""
+"""The `enginesmith bench` and `enginesmith analyze` commands (registered by builders/cli/commands_client.py)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _prompts(dataset: str, dataset_path: Path | None, tok, n: int, isl: int, osl
 def _plan_ref(recipe_path: Path | None):
     if recipe_path is None:
         return None
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
     from client.roofline_check import PlanRef
 
@@ -251,7 +251,7 @@ def analyze(
         try:
             atomic_write_text(markdown, render_markdown(analyses, ref))
         except OSError as e:
-            from builders.cli_errors import write_error
+            from builders.cli.errors import write_error
 
             raise _fail(write_error(e, "--markdown", markdown)) from None
     if as_json:

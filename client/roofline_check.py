@@ -1,6 +1,6 @@
 """Measured prefill FLOP/s and decode bytes/s against the plan's roofline floors.
 
-`PlanRef` holds the few per-GPU figures the comparison needs, read from a `builders.plan.Plan` (its prefill
+`PlanRef` holds the few per-GPU figures the comparison needs, read from a `builders.planner.plan.Plan` (its prefill
 and decode `PhaseEstimate`s, memory summary and hardware) or given directly. The measured shapes (prompt
 length, decode batch, context) differ from the plan's SLA shapes, so the floors are rescaled to them:
 prefill FLOPs are linear in prompt tokens, a decode step reads the weights once plus every sequence's KV.

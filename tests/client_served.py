@@ -60,7 +60,7 @@ def served_tiny() -> Served:
     from builders.build.reference import build_reference
     from builders.convert import convert_checkpoint
     from builders.model_spec import ModelSpec
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from triton_repo.repository import write_repo
     from triton_repo.server import TritonServer
 

@@ -140,7 +140,7 @@ def repositories(py: Path, out: Path, report: Report) -> Path:
     """Every trtllm-engine recipe's repository (one directory; per node for a multi-node layout) and the
     LLM-API recipe's build + repository. Returns a single-node engine repository for the serving step."""
     from builders.build.flags import node_ranks
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
     from builders.tiny_model import make_tokenizer
 
@@ -369,7 +369,7 @@ def upstream_cases(script: Path | None) -> list[dict]:
 
 
 def launch_lines(report: Report, script: Path | None = None) -> None:
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
     from triton_repo.launch import Endpoints, build_mpirun_argv
 

@@ -131,7 +131,7 @@ def test_roofline_checks_by_hand():
 
 
 def test_plan_ref_from_the_tiny_recipe_plan():
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
     from tests.support import REPO_ROOT
 
@@ -204,7 +204,7 @@ def test_with_reuse_on_the_prefill_check_counts_only_computed_tokens():
 
 
 def test_plan_ref_carries_the_plans_kv_reuse():
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe, parse_recipe
     from tests.support import REPO_ROOT
 

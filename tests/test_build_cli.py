@@ -78,7 +78,7 @@ def test_llmapi_dry_run_prints_both_files_and_the_serve_command():
 def test_reference_build_then_up_to_date(tmp_path):
     from builders.convert import convert_checkpoint
     from builders.model_spec import ModelSpec
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
     from tests.support import tiny_hf_model
 

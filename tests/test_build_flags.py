@@ -21,7 +21,7 @@ from builders.build.flags import (
     shell_line,
 )
 from builders.build.trtllm_engine import runner_argv
-from builders.plan import make_plan
+from builders.planner.plan import make_plan
 from builders.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from builders.build.llmapi import (
     build_llmapi,
     llmapi_files,
 )
-from builders.plan import make_plan
+from builders.planner.plan import make_plan
 from builders.recipe import load_recipe
 from tests.test_build_flags import RECIPES, _reference_dir, _variant
 

@@ -14,7 +14,7 @@ from builders.build.reference import ENGINE_CONFIG
 from builders.build.stage import StageDirs, run_build_stage
 from builders.convert import convert_checkpoint
 from builders.model_spec import ModelSpec
-from builders.plan import make_plan
+from builders.planner.plan import make_plan
 from builders.recipe import load_recipe
 from tests.support import tiny_hf_model
 
@@ -53,7 +53,7 @@ def test_first_build_writes_engine_config_and_manifest(converted):
 
 
 def test_engine_dir_loads_in_the_reference_runtime(converted):
-    from runtime.engine_config import read_engine_dir
+    from runtime.engine.engine_config import read_engine_dir
 
     out, recipe, plan = converted
     run_build_stage(recipe, plan, out)

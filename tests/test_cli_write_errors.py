@@ -47,7 +47,7 @@ def converted(tmp_path):
     """The tiny-llama recipe converted under `tmp_path` (the --out of the build and repo commands)."""
     from builders.convert import convert_checkpoint
     from builders.model_spec import ModelSpec
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
 
     recipe = load_recipe(TINY)

@@ -1,6 +1,6 @@
 """Converted ranks give transformers' logits: every valid (tp, pp, moe_ep, moe_tp) up to world size 8.
 
-The oracle is `runtime.emulate.emulate_logits`, which runs all ranks of the checkpoint in one process (TP
+The oracle is `runtime.model.emulate.emulate_logits`, which runs all ranks of the checkpoint in one process (TP
 partials summed, PP stages in order, experts on their owning ranks). Error measure throughout:
 max |logits - reference| / max |reference| over all tokens and the whole vocab.
 
@@ -20,7 +20,7 @@ from builders.convert.quantize import dequantize_weight_only, quantize_weight_on
 from builders.mapping import Mapping
 from builders.model_spec import ModelSpec
 from builders.tiny_model import ARCH_DEFAULTS, MODEL_VOCAB
-from runtime.emulate import emulate_logits
+from runtime.model.emulate import emulate_logits
 from tests.support import tiny_hf_model
 
 ARCHS = ("llama", "qwen2", "mixtral")

@@ -1,8 +1,8 @@
-"""benchmarks/exchange_latency.py's arithmetic (the measurement itself needs 2 GPUs: nvidia-h100-x2)."""
+"""benchmarks/kernels/exchange_latency.py's arithmetic (the measurement itself needs 2 GPUs: nvidia-h100-x2)."""
 
 import pytest
 
-from benchmarks.exchange_latency import _per_point
+from benchmarks.kernels.exchange_latency import _per_point
 
 
 def test_point_costs_are_per_pair_differences_against_the_one_gpu_floor():

@@ -1,4 +1,4 @@
-"""runtime/fast_allreduce.py off the GPU: it stays off with a reason and every all-reduce still sums (gloo)."""
+"""runtime/parallel/fast_allreduce.py off the GPU: it stays off with a reason and every all-reduce still sums (gloo)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from builders.mapping import Mapping
-from runtime.fast_allreduce import FastAllReduce
-from runtime.parallel import ParallelGroups
+from runtime.parallel.fast_allreduce import FastAllReduce
+from runtime.parallel.groups import ParallelGroups
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The fast decode path equals the plain engine path (CPU: static buffers, padded tables, no graphs).
 
 Every check starts from two identical copies of a KV cache whose block tables are interleaved (not
-contiguous), runs the same decode step through runtime/plain_step.py (PagedAttention, host indices)
+contiguous), runs the same decode step through runtime/model/plain_step.py (PagedAttention, host indices)
 and through FastDecoder, and compares logits and the whole cache afterwards.
 """
 
@@ -12,17 +12,17 @@ import copy
 import pytest
 import torch
 
-from runtime.decode_attention import DecodeBatch, check_against_gather, gather_attention
-from runtime.decode_layers import moe_mlp
-from runtime.engine import Engine
-from runtime.engine_config import EngineConfig
-from runtime.fast_decode import FAST_DECODE_ENV, FastDecoder, buckets
-from runtime.kv_cache import PagedKVCache
-from runtime.layers import rms_norm
-from runtime.paged_attention import SeqSpan
-from runtime.plain_step import plain_forward
-from runtime.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
-from runtime.request import Request
+from runtime.fast.decode_attention import DecodeBatch, check_against_gather, gather_attention
+from runtime.fast.decode_layers import moe_mlp
+from runtime.engine.engine import Engine
+from runtime.engine.engine_config import EngineConfig
+from runtime.fast.fast_decode import FAST_DECODE_ENV, FastDecoder, buckets
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.model.layers import rms_norm
+from runtime.model.paged_attention import SeqSpan
+from runtime.model.plain_step import plain_forward
+from runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
+from runtime.engine.request import Request
 
 TPB = 4
 

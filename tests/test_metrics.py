@@ -1,4 +1,4 @@
-"""runtime.metrics.TritonMetrics: family names and labels (with a small fake pb_utils), and /metrics scraped
+"""runtime.engine.metrics.TritonMetrics: family names and labels (with a small fake pb_utils), and /metrics scraped
 from the real served tiny model while a benchmark runs."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from client.server_stats import metric_total, metrics_sample, parse_prometheus
-from runtime.metrics import TOKEN_LEN_BUCKETS, TritonMetrics
+from runtime.engine.metrics import TOKEN_LEN_BUCKETS, TritonMetrics
 
 
 class FakeMetric:

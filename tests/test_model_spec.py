@@ -9,7 +9,7 @@ import pytest
 
 from builders.model_spec import ModelSpec, ModelSpecError
 from builders.specs import load_shipped, name_for_repo, resolve_spec, resolve_spec_offline, shipped_entry, shipped_names
-from builders.weights import param_counts
+from builders.planner.weights import param_counts
 
 # (spec, relative tolerance on total, on active). The three reference models must be within 0.5%.
 PUBLISHED_TOLERANCE = {

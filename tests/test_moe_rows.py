@@ -1,4 +1,5 @@
-"""The grouped rows kernels of multi-token MoE steps (runtime/triton_moe_rows.py) and the decode step using them.
+"""The grouped rows kernels of multi-token MoE steps (runtime/kernels/triton_moe_rows.py) and the
+decode step using them.
 
 Kernels run on CUDA, or on CPU under Triton's interpreter (TRITON_INTERPRET=1, the Makefile's second test pass).
 """
@@ -11,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.decode_layers import moe_mlp
-from runtime.fast_decode import FastDecoder
-from runtime.layers import swiglu
-from runtime.paged_attention import SeqSpan
-from runtime.plain_step import plain_forward
-from runtime.random_model import TINY_MIXTRAL
+from runtime.fast.decode_layers import moe_mlp
+from runtime.fast.fast_decode import FastDecoder
+from runtime.model.layers import swiglu
+from runtime.model.paged_attention import SeqSpan
+from runtime.model.plain_step import plain_forward
+from runtime.model.random_model import TINY_MIXTRAL
 from tests.test_decode_kernels import INTERPRET, KERNEL_DEVICE, needs_triton
 from tests.test_fast_decode import assert_close, prefilled, tiny
 
@@ -38,7 +39,7 @@ def _per_group(x: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> torch.Tens
 @pytest.mark.parametrize("block", [None, (32, 32, 4, 1)])  # default BLOCK_K 128 > K: the masked K loop
 def test_grouped_rows_give_each_groups_rows_times_its_weights(sizes, block):
     """Empty groups write nothing and read nothing, a group of 70 rows takes two 64-row passes."""
-    from runtime.triton_moe_rows import RowsConfig, grouped, grouped_swiglu
+    from runtime.kernels.triton_moe_rows import RowsConfig, grouped, grouped_swiglu
 
     block = RowsConfig(*block) if block else None
     k, n = 96, 40
@@ -55,7 +56,7 @@ def test_grouped_rows_give_each_groups_rows_times_its_weights(sizes, block):
 
 @needs_triton
 def test_grouped_rows_refuse_mismatched_weights_and_group_ends():
-    from runtime.triton_moe_rows import grouped
+    from runtime.kernels.triton_moe_rows import grouped
 
     x, w, offs = _groups([2, 3], 32, 16)
     with pytest.raises(ValueError, match="do not match"):
@@ -66,7 +67,7 @@ def test_grouped_rows_refuse_mismatched_weights_and_group_ends():
 
 @needs_triton
 def test_moe_block_through_the_rows_kernels_matches_the_grouped_gemm():
-    from runtime import triton_moe_rows
+    from runtime.kernels import triton_moe_rows
 
     model = tiny(TINY_MIXTRAL, device=KERNEL_DEVICE)
     w, cfg = model.layers[0], model.cfg
@@ -99,7 +100,7 @@ def test_moe_rows_stay_off_on_cpu_unless_asked_and_failures_keep_the_grouped_gem
     def broken(*a, **k):
         raise RuntimeError("no kernel for this card")
 
-    monkeypatch.setattr("runtime.triton_moe_rows.grouped_swiglu", broken, raising=False)
+    monkeypatch.setattr("runtime.kernels.triton_moe_rows.grouped_swiglu", broken, raising=False)
     dec = FastDecoder(model, copy.deepcopy(cache), max_batch_size=2, max_seq_len=64, compile=False, gemv=False,
                       cuda_graphs=False, moe_rows=True)
     assert dec.step.moe_rows is None
@@ -107,7 +108,7 @@ def test_moe_rows_stay_off_on_cpu_unless_asked_and_failures_keep_the_grouped_gem
 
 
 def test_moe_rows_configs_come_from_the_tuned_table_unless_a_file_overrides_them(tmp_path, monkeypatch):
-    from runtime import triton_gemv, triton_moe_rows
+    from runtime.kernels import triton_gemv, triton_moe_rows
 
     assert triton_moe_rows.config_for(14336, 4096, True) == triton_moe_rows.TUNED.get(
         "moe-swiglu-14336x4096", triton_moe_rows.DEFAULT)
@@ -125,7 +126,7 @@ def test_moe_rows_configs_come_from_the_tuned_table_unless_a_file_overrides_them
 
 
 def test_configs_shrink_to_fit_shared_memory_for_float32_weights():
-    from runtime.triton_moe_rows import SMEM_BUDGET, TUNED, RowsConfig, fit_smem, smem_bytes
+    from runtime.kernels.triton_moe_rows import SMEM_BUDGET, TUNED, RowsConfig, fit_smem, smem_bytes
 
     for key, cfg in TUNED.items():  # the tuned bf16 configs fit at the 32-row blocks they were tuned with
         assert fit_smem(cfg, 32, 2, key.startswith("moe-swiglu")) == cfg

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from builders.mapping import Mapping
-from runtime.engine import Engine
-from runtime.fast_decode import FAST_DECODE_ENV, fast_path_enabled
+from runtime.engine.engine import Engine
+from runtime.fast.fast_decode import FAST_DECODE_ENV, fast_path_enabled
 from tests.test_parallel_serving import BASELINE, LAYOUTS, _engine_dir, _generate_batched
 
 pytestmark = pytest.mark.timeout(600)

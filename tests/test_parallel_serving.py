@@ -21,10 +21,10 @@ import psutil
 import pytest
 
 from builders.mapping import Mapping
-from runtime.engine import Engine
-from runtime.liveness import Liveness
-from runtime.request import Request
-from runtime.sampler import SamplingParams
+from runtime.engine.engine import Engine
+from runtime.parallel.liveness import Liveness
+from runtime.engine.request import Request
+from runtime.engine.sampler import SamplingParams
 from tests.support import REPO_ROOT, convert_tiny
 from tests.test_engine import write_engine_dir
 

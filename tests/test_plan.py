@@ -12,11 +12,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from builders.commands_plan import register
-from builders.perf_constants import LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
-from builders.plan import make_plan
+from builders.cli.commands_plan import register
+from builders.planner.perf_constants import LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
+from builders.planner.plan import make_plan
 from builders.recipe import ParallelSection, load_recipe, parse_recipe
-from builders.roofline import best_micro_batches, bubble_fraction
+from builders.planner.roofline import best_micro_batches, bubble_fraction
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def test_moe_block_is_one_tp_all_reduce_whatever_the_expert_split():
 
 
 def test_reference_runtime_sends_the_logits_to_rank0_with_pp():
-    """runtime/pipeline.py: the last stage's TP rank 0 sends the float32 logits of each micro-batch to rank 0,
+    """runtime/parallel/pipeline.py: the last stage's TP rank 0 sends the float32 logits of each micro-batch to rank 0,
     which samples; TensorRT-LLM samples on the last stage."""
     tiny = variant(recipe_of("tiny-llama"), parallel={"tp_size": 2, "pp_size": 2})
     ref = make_plan(tiny, with_options=False)
@@ -118,7 +118,7 @@ def test_reference_runtime_sends_the_logits_to_rank0_with_pp():
 def test_rendered_plan_names_the_target_of_its_communication_and_no_expert_split_for_dense_models():
     from rich.console import Console
 
-    from builders.plan_render import render
+    from builders.planner.plan_render import render
 
     def text(plan) -> str:
         console = Console(width=400, record=True, file=io.StringIO())

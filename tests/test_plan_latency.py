@@ -1,7 +1,7 @@
 """The latency terms of the step model, by hand: per-collective latency, fixed layer time, GEMV bandwidth.
 
 Llama-3.1-8B bf16 on H200 (4.8 TB/s HBM, NVLink 450 GB/s): h=4096, 32 layers, 32 heads / 8 KV heads of 128,
-intermediate 14336, vocab 128256. Constants (builders.perf_constants): NVLink 6.6 us per operation + 0.6 us
+intermediate 14336, vocab 128256. Constants (builders.planner.perf_constants): NVLink 6.6 us per operation + 0.6 us
 per ring step, InfiniBand 15 + 2.7 us; LAYER_FIXED_US per layer per micro-batch and HBM_EFFICIENCY of datasheet
 HBM (18.4 us and 0.86 when written: 15.09 GB at 4.128 TB/s = 3.654 ms + 32 x 18.4 us = 4.243 ms per token).
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from builders.hardware import Link
-from builders.perf_constants import HBM_EFFICIENCY, LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
-from builders.plan import make_plan
+from builders.planner.hardware import Link
+from builders.planner.perf_constants import HBM_EFFICIENCY, LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
+from builders.planner.plan import make_plan
 from builders.recipe import parse_recipe
 
 H, LAYERS, V, KV_PER_TOKEN = 4096, 32, 128256, 32 * 2 * 8 * 128 * 2  # K and V, 8 heads of 128, bf16

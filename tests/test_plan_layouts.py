@@ -6,17 +6,17 @@ import re
 
 import pytest
 
-from builders.layout_rules import candidate_mappings, mapping_violations, valid_mappings
+from builders.planner.layout_rules import candidate_mappings, mapping_violations, valid_mappings
 from builders.mapping import Mapping, ep_experts, pad_vocab_size, pp_layers
 from builders.model_spec import ModelSpec
 from builders.specs import load_shipped, shipped_names
-from builders.weights import global_shards, layer_shards
+from builders.planner.weights import global_shards, layer_shards
 
 MAX_WORLD = 16
 
 
 def trtllm_accepts(s: ModelSpec, tp: int, pp: int, ep: int, mtp: int) -> bool:
-    """TensorRT-LLM's shape rules, written out independently of builders.layout_rules."""
+    """TensorRT-LLM's shape rules, written out independently of builders.planner.layout_rules."""
     heads_split = s.num_attention_heads % tp == 0
     kv_split = s.is_mla or s.num_key_value_heads % tp == 0 or tp % s.num_key_value_heads == 0
     has_dense_mlp = not s.is_moe or s.first_k_dense_replace > 0

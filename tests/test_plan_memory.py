@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from builders.plan import make_plan
+from builders.planner.plan import make_plan
 from builders.recipe import load_recipe
 
 GIB = 1 << 30
@@ -128,9 +128,9 @@ def test_mixtral_8x22b_memory_by_hand(mixtral):
 
 
 def test_mixtral_auto_picks_the_cheapest_layout_that_meets_the_sla(mixtral):
-    from builders.hardware import resolve_hardware
-    from builders.layout_rules import valid_mappings
-    from builders.plan_eval import evaluate
+    from builders.planner.hardware import resolve_hardware
+    from builders.planner.layout_rules import valid_mappings
+    from builders.planner.plan_eval import evaluate
 
     hw = resolve_hardware(mixtral.recipe.hardware)
     plans = [evaluate(mixtral.recipe, mixtral.spec, hw, m) for m in valid_mappings(mixtral.spec, 16, 8)]

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from runtime.attention import DenseCausalAttention
-from runtime.pipeline import MicroBatch, run_layers
-from runtime.prefill_layers import PrefillLayers
-from runtime.random_model import TINY_LLAMA, TINY_MIXTRAL
+from runtime.model.attention import DenseCausalAttention
+from runtime.parallel.pipeline import MicroBatch, run_layers
+from runtime.fast.prefill_layers import PrefillLayers
+from runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL
 from tests.test_fast_decode import assert_close, tiny
 
 

@@ -45,7 +45,7 @@ def built(tmp_path_factory):
     from builders.build.reference import build_reference
     from builders.convert import convert_checkpoint
     from builders.model_spec import ModelSpec
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
 
     tmp = tmp_path_factory.mktemp("prefix-reuse")

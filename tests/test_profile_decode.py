@@ -1,8 +1,8 @@
-"""benchmarks/profile_decode's timeline arithmetic on made-up kernel events (no profiler, no GPU)."""
+"""benchmarks/kernels/profile_decode's timeline arithmetic on made-up kernel events (no profiler, no GPU)."""
 
 from types import SimpleNamespace
 
-from benchmarks.profile_decode import _layer_report, _layer_slots, _timeline
+from benchmarks.kernels.profile_decode import _layer_report, _layer_slots, _timeline
 
 
 def _ev(name: str, start: float, end: float):

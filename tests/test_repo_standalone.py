@@ -48,8 +48,8 @@ def test_a_model_importing_another_enginesmith_package_is_refused(tmp_path):
     from triton_repo.repository import RepoError
 
     bad = tmp_path / "model.py"
-    bad.write_text("from triton_repo.text_tensors import text_array\nfrom runtime.engine import Engine\n")
-    with pytest.raises(RepoError, match="model.py needs runtime.engine"):
+    bad.write_text("from triton_repo.text_tensors import text_array\nfrom runtime.engine.engine import Engine\n")
+    with pytest.raises(RepoError, match="model.py needs runtime.engine.engine"):
         helper_files(bad)
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from builders.build.cache import EngineManifest
-from builders.plan import make_plan
+from builders.planner.plan import make_plan
 from builders.recipe import parse_recipe
 from builders.tiny_model import make_tokenizer
 from triton_repo import repo_checks

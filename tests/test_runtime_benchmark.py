@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from runtime.emulate import emulate_logits
-from runtime.kv_cache import PagedKVCache
-from runtime.paged_attention import SeqSpan
-from runtime.plain_step import plain_forward
-from runtime.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
+from runtime.model.emulate import emulate_logits
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.model.paged_attention import SeqSpan
+from runtime.model.plain_step import plain_forward
+from runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
 from tests.support import REPO_ROOT
 
 PROMPTS = [[5, 17, 33, 2, 99], [120, 7, 8, 250, 1, 42, 3]]
@@ -108,9 +108,9 @@ def test_tp_ceiling_splits_each_step_into_streaming_and_fixed_costs():
 
 
 def test_tp_ceiling_report_splits_out_the_allreduces_and_marks_the_target(tmp_path):
-    """benchmarks.tp_ceiling over a results folder: only runs with a ceiling count; tp=2's fixed part loses the
+    """benchmarks.kernels.tp_ceiling over a results folder: only runs with a ceiling count; tp=2's fixed part loses the
     all-reduces' share; the target step is tp=1's over 1.7."""
-    from benchmarks import tp_ceiling
+    from benchmarks.kernels import tp_ceiling
 
     c = dict(tp1_stream_ms=1.0, tp1_fixed_ms=0.2, tp2_stream_ms=0.5, tp2_fixed_ms=0.4, allreduces_per_step=20,
              allreduce_us=5.0, speedup_ceiling=1.5, speedup_ceiling_free_allreduce=1.2 / 0.7)
@@ -136,7 +136,7 @@ def test_tp_ceiling_report_splits_out_the_allreduces_and_marks_the_target(tmp_pa
 def test_tp_ceiling_splits_the_collective_step_of_a_run_whose_main_row_ran_the_exchange(tmp_path):
     """Since the TP exchange kernels are the default, "1" is the exchange step and "1_collectives" the one-shot
     all-reduce step: the report recomputes the split from the collective one and shows both speedups."""
-    from benchmarks import tp_ceiling
+    from benchmarks.kernels import tp_ceiling
 
     one = {"step_bytes": 4_000_000_000, "copy_gbps": 4000.0, "1": {"ms_per_step": 1.2}}
     two = {"step_bytes": 2_000_000_000, "1": {"ms_per_step": 0.75}, "1_collectives": {"ms_per_step": 0.9},

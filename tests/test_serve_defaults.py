@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builders.commands_repo import _ready_timeout
-from builders.plan import make_plan
+from builders.cli.commands_repo import _ready_timeout
+from builders.planner.plan import make_plan
 from builders.recipe import parse_recipe
 from builders.tiny_model import make_tokenizer
 from tests.test_repository import config, reference_engine

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from builders.mapping import Mapping
-from runtime.iteration_log import read_iteration_log
+from runtime.engine.iteration_log import read_iteration_log
 from tests.support import REPO_ROOT, convert_tiny, tiny_hf_model
 from tests.test_engine import PROMPTS, write_engine_dir
 
@@ -371,14 +371,14 @@ def test_metrics_hook_reports_the_kv_pool_and_iterations(server):
 
 # ---- the tensor contract in plain numpy (no server) ----
 def _rows(decoupled=True, **extra):
-    from runtime.tensor_contract import parse_rows
+    from runtime.engine.tensor_contract import parse_rows
 
     return parse_rows(tensors([5, 6, 7], 4, **extra), decoupled=decoupled, exclude_input_default=False)
 
 
 def test_word_lists_use_upstreams_ids_and_offsets_rows():
-    from runtime.request import RequestError
-    from runtime.tensor_contract import parse_word_list
+    from runtime.engine.request import RequestError
+    from runtime.engine.tensor_contract import parse_word_list
 
     arr = np.array([[10, 11, 12, 13, 0], [2, 3, 4, -1, -1]], np.int32)
     assert parse_word_list(arr) == ((10, 11), (12,), (13,))
@@ -405,7 +405,7 @@ def test_rows_carry_upstream_defaults_and_overrides():
     ({"input_lengths": np.int32(9)}, True, "input_lengths=9 is outside [0, 3]"),
 ])
 def test_contract_errors_name_the_input(extra, decoupled, message):
-    from runtime.request import RequestError
+    from runtime.engine.request import RequestError
 
     with pytest.raises(RequestError, match=message.replace("[", r"\[")):
         _rows(decoupled=decoupled, **extra)

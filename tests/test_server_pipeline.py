@@ -59,7 +59,7 @@ def tiny_layout(root: Path, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def llm_server(tmp_path_factory):
-    from builders.plan import make_plan
+    from builders.planner.plan import make_plan
     from builders.recipe import load_recipe
     from triton_repo.repository import write_repo
 

@@ -1,9 +1,9 @@
-"""benchmarks/step_configs' variant parsing (the timing itself needs a GPU)."""
+"""benchmarks/kernels/step_configs' variant parsing (the timing itself needs a GPU)."""
 
 import pytest
 
-from benchmarks.step_configs import parse_variant
-from runtime.triton_gemv import GemvConfig
+from benchmarks.kernels.step_configs import parse_variant
+from runtime.kernels.triton_gemv import GemvConfig
 
 
 def test_variant_with_overrides():

@@ -1,7 +1,7 @@
 """Triton Python-backend `tensorrt_llm` model of the `reference` target (copied to tensorrt_llm/1/model.py).
 
-It keeps upstream's tensor contract (runtime/tensor_contract.py) and `parameters` keys, and runs the
-reference engine (runtime/engine.py) in a background thread. Decoupled: every request gets a response
+It keeps upstream's tensor contract (runtime/engine/tensor_contract.py) and `parameters` keys, and runs the
+reference engine (runtime/engine/engine.py) in a background thread. Decoupled: every request gets a response
 sender; when streaming, each new token is sent as soon as it is sampled; the last response carries
 TRITONSERVER_RESPONSE_COMPLETE_FINAL (and no token when the row ended without one, as upstream's does).
 Cancellation: Triton's request cancellation (polled every cancellation_check_period_ms), a second
@@ -22,10 +22,10 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from runtime.engine import Engine
-from runtime.engine_config import EngineConfigError
-from runtime.request import Request, RequestError, TokenUpdate
-from runtime.tensor_contract import RowSpec, parse_rows, response_arrays
+from runtime.engine.engine import Engine
+from runtime.engine.engine_config import EngineConfigError
+from runtime.engine.request import Request, RequestError, TokenUpdate
+from runtime.engine.tensor_contract import RowSpec, parse_rows, response_arrays
 from triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
 from triton_repo.models.model_args import check_stub_numpy
 
@@ -273,7 +273,7 @@ class TritonPythonModel:
 
     def _metrics(self, args: dict, config: dict):
         try:
-            from runtime.metrics import TritonMetrics
+            from runtime.engine.metrics import TritonMetrics
         except ImportError:
             return None
         c = self.engine.config

@@ -1,0 +1,1 @@
+"""The planner: hardware catalogue, weight shapes, memory, roofline and comms estimates, layout search, the plan."""

@@ -1,0 +1,1 @@
+"""The graphed paths: CUDA-graph decode and prefill steps over fused layers."""

@@ -1,0 +1,1 @@
+"""Triton-lang kernels and their PyTorch references."""
