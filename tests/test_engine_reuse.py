@@ -132,12 +132,12 @@ def test_reused_and_missed_blocks_reach_the_metrics_hook(tmp_path, ckpt):
     assert hook_off.totals[-1] == (0, 0)
 
 
-def test_fast_decode_and_graphed_prefill_hooks_read_shared_blocks_like_the_plain_engine():
+def test_fast_decode_and_graphed_prefill_hooks_read_shared_blocks_like_the_plain_engine(monkeypatch):
     """The CUDA fast paths, on the CPU: decode tokens through FastDecoder (a whole-prompt hit leaves one token,
     which it runs as a decode), prefill chunks of mixed steps through GraphedPrefill, starting mid-sequence."""
     from runtime.engine.engine import Engine
     from runtime.engine.engine_config import EngineConfig
-    from runtime.fast.fast_decode import FastDecoder
+    from runtime.fast.fast_decode import FAST_DECODE_ENV
     from runtime.fast.prefill_graphs import GraphedPrefill
     from runtime.fast.prefill_layers import PrefillLayers
     from tests.test_fast_decode import TPB as FAST_TPB
@@ -157,22 +157,13 @@ def test_fast_decode_and_graphed_prefill_hooks_read_shared_blocks_like_the_plain
         engine.run_until_idle()
         return reqs
 
-    class Hooked(Engine):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.fast_decoder = FastDecoder(model, self.cache, max_batch_size=4, max_seq_len=48, compile=False)
-            self.fast_decoder.prefill = GraphedPrefill(PrefillLayers(compile=False), buckets=(8, 16, 32))
-            self.fast_steps = 0
-
-        def _forward(self, sched):
-            logits = self.fast_decoder.forward_schedule(sched)
-            self.fast_steps += logits is not None
-            return super()._forward(sched) if logits is None else logits
-
     config = EngineConfig(max_batch_size=4, max_input_len=24, max_seq_len=48, max_num_tokens=40,
                           tokens_per_block=FAST_TPB)
     expected = [r.output for r in run(Engine(model, config))]
-    hooked = Hooked(model, dataclasses.replace(config, enable_kv_cache_reuse=True))
+    monkeypatch.setenv(FAST_DECODE_ENV, "on")  # the engine's own fast path, eager on CPU
+    hooked = Engine(model, dataclasses.replace(config, enable_kv_cache_reuse=True),
+                    decoder_options=dict(compile=False))
+    hooked.fast_decoder.prefill = GraphedPrefill(PrefillLayers(compile=False), buckets=(8, 16, 32))
     reqs = run(hooked)
     assert [r.output for r in reqs] == expected
     assert [r.kv_reused_blocks for r in reqs] == [0, 3, 3, 3, 3, 3]

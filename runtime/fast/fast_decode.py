@@ -157,12 +157,6 @@ class FastDecoder:
                     fallbacks=[*self.attention.fallbacks, *self.step.fallbacks, *self.fallbacks])
 
     # ---- the step ----
-    def forward_schedule(self, sched) -> torch.Tensor | None:
-        """Logits (sampling chunks, vocab) of an engine Schedule, as Engine._forward returns them; None when no
-        chunk is a decode token (the engine's own path runs). Single rank: plan + run."""
-        step = self.plan(sched)
-        return None if step is None else self.run(step)
-
     def plan(self, sched) -> FastStep | None:
         """The step's split into decode tokens and prefill chunks; None when no chunk is a decode token the graphs
         can take (the engine's own path runs)."""
@@ -187,7 +181,7 @@ class FastDecoder:
         other sequences' blocks only); logits of the sampling rows."""
         logits = self.decode(step.seq_ids, step.input_ids, step.positions)
         if not step.rest_spans:
-            return logits if len(step.rows) == len(step.seq_ids) else logits[step.rows]
+            return logits  # every decode token samples: rows are 0..n-1
         spans = [SeqSpan(*s) for s in step.rest_spans]
         rest_logits = plain_forward(self.model, self.cache, spans, step.rest_ids, self.prefill_reduce,
                                     self.step.gather, self.prefill)

@@ -64,12 +64,11 @@ class _Responder:
                  key: str = ""):
         self.sender, self.remaining, self.output_names = sender, num_rows, output_names
         self.ledger, self.key = ledger, key
-        self.lock = threading.Lock()
 
     def on_update(self, spec: RowSpec, update: TokenUpdate) -> None:
-        with self.lock:
-            self.remaining -= update.finished
-            flags = FINAL if update.finished and self.remaining == 0 else 0
+        """Called from the ResponseQueue's one sender thread only."""
+        self.remaining -= update.finished
+        flags = FINAL if update.finished and self.remaining == 0 else 0
         req = update.request
         if update.error is not None:
             self._record(spec, req, None)
