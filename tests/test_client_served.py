@@ -260,7 +260,9 @@ def test_outputs_have_upstreams_shapes(served, model, stream):
     finally:
         client.stop_stream()
         client.close()
-    assert len(responses) in ((5, 6) if stream else (1,))  # (the BLS may send a held-back character after)
+    # streamed: one response per token, fewer where the engine's sender merged tokens queued for the stream,
+    # plus possibly one for a character the BLS held back; not streamed: exactly one
+    assert (1 <= len(responses) <= 6) if stream else len(responses) == 1
     for out in responses:
         assert out["text_output"].shape == (1,) and out["text_output"].dtype == object, out["text_output"]
         for name in ("batch_index", "sequence_index", "cum_log_probs", "kv_cache_alloc_total_blocks",

@@ -138,7 +138,9 @@ def test_grpc_greedy_matches_transformers(server, expected, streaming):
         s.close()
     for i, (ids, want, _) in enumerate(expected):
         assert got[f"p{i}"]["error"] is None and got[f"p{i}"]["tokens"] == want, ids
-        assert got[f"p{i}"]["responses"] == (len(want) if streaming else 1)
+        # streamed: at least one response per step's worth of tokens, several tokens in one where the sender fell
+        # behind the engine (tokens stay in order: checked above); not streamed: exactly one
+        assert (1 <= got[f"p{i}"]["responses"] <= len(want)) if streaming else got[f"p{i}"]["responses"] == 1
         # a stream that ends at end_id ends with a response of no token (sequence_length 0), as upstream's does
         assert got[f"p{i}"]["empty"] == (streaming and len(want) < 12)
 
@@ -154,7 +156,7 @@ def test_http_generate_and_generate_stream_match_transformers(server, expected):
             chunks = [json.loads(line[5:]) for line in resp.iter_lines() if line.startswith("data:")]
         # generate renders a one-element tensor as a scalar
         assert [t for c in chunks for t in np.atleast_1d(c.get("output_ids", [])).tolist()] == want
-        assert len(chunks) >= len(want)
+        assert 1 <= len([c for c in chunks if np.atleast_1d(c.get("output_ids", [])).size]) <= len(want)
 
 
 def _mixed(n=32, seed=1):
