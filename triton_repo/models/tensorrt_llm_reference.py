@@ -306,7 +306,7 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
             return
         specs = parse_rows(tensors, decoupled=self.decoupled, exclude_input_default=self.exclude_input)
-        responder = _Responder(sender, len(specs), self.output_names, self.ledger,
+        responder = _Responder(sender, len(specs), self._requested(request), self.ledger,
                                stream_key(rid, request.correlation_id()))
         reqs = []
         for s in specs:
@@ -318,6 +318,15 @@ class TritonPythonModel:
         for s, r in reqs:
             self.responses.watch(r, lambda s=s, r=r: sender.is_cancelled() or responder.stream_gone(s, r))
             self.engine.submit(r)
+
+    def _requested(self, request) -> set[str]:
+        """The outputs this request's client asked for (Triton lists every output when it named none): only
+        those are built and sent, as Triton would drop the others; a stub without the call builds them all."""
+        try:
+            names = request.requested_output_names()
+        except AttributeError:
+            return self.output_names
+        return self.output_names.intersection(names) if names else self.output_names
 
     def _on_rank_failure(self, rank: int, reason: str) -> None:
         """A rank died or hung: fail what is in flight, then stop the whole server (unready at once, exits
