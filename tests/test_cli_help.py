@@ -11,8 +11,8 @@ from importlib.metadata import PackageNotFoundError
 import pytest
 from typer.testing import CliRunner
 
-from builders.cli import app, version
-from builders.cli.help_format import PIPELINE_ORDER
+from enginesmith.builders.cli import app, version
+from enginesmith.builders.cli.help_format import PIPELINE_ORDER
 from tests.support import REPO_ROOT
 
 runner = CliRunner()
@@ -44,7 +44,7 @@ def test_pyproject_version_reads_the_project_table_only(tmp_path):
 
 
 def test_python_m_builders_cli_runs_the_same_app():
-    r = subprocess.run([sys.executable, "-m", "builders.cli", "--version"], cwd=REPO_ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "enginesmith.builders.cli", "--version"], cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"enginesmith {version.package_version()}\n"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.container_rehearsal import REPO_ROOT, UPSTREAM_CASES, compare_launch, rehearse, upstream_cases
-from triton_repo.launch import Endpoints, build_mpirun_argv
+from enginesmith.triton_repo.launch import Endpoints, build_mpirun_argv
 
 
 def _ours(case: dict) -> list[str]:
@@ -90,7 +90,7 @@ def test_plain_tritonserver_gives_the_bundled_stub_its_private_numpy_under_numpy
 
     from tests.container_rehearsal import plain_tritonserver
     from tests.test_stub_numpy import echo_repo
-    from triton_repo import discovery
+    from enginesmith.triton_repo import discovery
 
     monkeypatch.setattr(discovery, "numpy_major", lambda: 2)
     with plain_tritonserver(echo_repo(tmp_path), ["echo"], tmp_path / "work") as (url, env):

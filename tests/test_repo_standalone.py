@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from builders.tiny_model import make_tokenizer
+from enginesmith.builders.tiny_model import make_tokenizer
 from tests.container_rehearsal import SELF_CONTAINED, plain_tritonserver, run, text_round_trip
 from tests.test_repository import recipe, reference_engine, write
-from triton_repo.repository import MODELS_DIR, helper_files
+from enginesmith.triton_repo.repository import MODELS_DIR, helper_files
 
 PACKAGE = Path(__file__).resolve().parents[1] / "triton_repo"
 
@@ -45,7 +45,7 @@ def test_helpers_are_copied_and_recorded(standalone):
 
 
 def test_a_model_importing_another_enginesmith_package_is_refused(tmp_path):
-    from triton_repo.repository import RepoError
+    from enginesmith.triton_repo.repository import RepoError
 
     bad = tmp_path / "model.py"
     bad.write_text("from triton_repo.text_tensors import text_array\nfrom runtime.engine.engine import Engine\n")

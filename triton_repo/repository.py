@@ -23,11 +23,11 @@ from pathlib import Path
 
 from pydantic import Field
 
-from builders.manifest import StageManifest, sha256_file, sha256_json, tool_versions
-from triton_repo import model_config as mc
-from triton_repo import repo_checks as checks
-from triton_repo.repo_checks import RepoError
-from triton_repo.tensor_specs import TENSORRT_LLM_PARAMETERS
+from enginesmith.builders.manifest import StageManifest, sha256_file, sha256_json, tool_versions
+from enginesmith.triton_repo import model_config as mc
+from enginesmith.triton_repo import repo_checks as checks
+from enginesmith.triton_repo.repo_checks import RepoError
+from enginesmith.triton_repo.tensor_specs import TENSORRT_LLM_PARAMETERS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODELS_DIR = PACKAGE_DIR / "models"
@@ -221,7 +221,7 @@ def check_inputs(recipe, plan, engine_dir: Path, tokenizer_dir: Path, streaming:
                  gpu_compute_capability: str | None = None, trtllm_version: str | None = None,
                  ranks: tuple[int, ...] | None = None):
     """Every cross-check of `write_repo`; returns the engine facts (raises RepoError)."""
-    from builders.build.gpu import gpu_arch_of
+    from enginesmith.builders.build.gpu import gpu_arch_of
 
     target = recipe.build.target
     if ranks is not None and target != "trtllm-engine":

@@ -22,12 +22,12 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from runtime.engine.engine import Engine
-from runtime.engine.engine_config import EngineConfigError
-from runtime.engine.request import Request, RequestError, TokenUpdate
-from runtime.engine.tensor_contract import RowSpec, parse_rows, response_arrays
-from triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
-from triton_repo.models.model_args import check_stub_numpy
+from enginesmith.runtime.engine.engine import Engine
+from enginesmith.runtime.engine.engine_config import EngineConfigError
+from enginesmith.runtime.engine.request import Request, RequestError, TokenUpdate
+from enginesmith.runtime.engine.tensor_contract import RowSpec, parse_rows, response_arrays
+from enginesmith.triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
+from enginesmith.triton_repo.models.model_args import check_stub_numpy
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 IN_FLIGHT_TYPES = ("inflight_fused_batching", "inflight_batching")
@@ -272,7 +272,7 @@ class TritonPythonModel:
 
     def _metrics(self, args: dict, config: dict):
         try:
-            from runtime.engine.metrics import TritonMetrics
+            from enginesmith.runtime.engine.metrics import TritonMetrics
         except ImportError:
             return None
         c = self.engine.config

@@ -101,7 +101,7 @@ class FrontProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout_s: float = 120.0) -> FrontProcess:
-        from triton_repo.server import free_port
+        from enginesmith.triton_repo.server import free_port
 
         for attempt in range(1 if self.requested_port else 3):
             self.port = self.requested_port or free_port()
@@ -119,7 +119,7 @@ class FrontProcess:
     def _spawn(self) -> None:
         root = Path(__file__).resolve().parents[2]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-        argv = [sys.executable, "-m", "builders.cli", *self.args, "--port", str(self.port)]
+        argv = [sys.executable, "-m", "enginesmith.builders.cli", *self.args, "--port", str(self.port)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=root, env=env)
