@@ -34,7 +34,8 @@ MOE_SHAPE = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidd
              "num_hidden_layers": 8, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
              "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2,
              "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6}
-"""enginesmith.runtime.model.random_model.MIXTRAL_8X7B trimmed to 8 layers, as benchmarks/runtime.py's moe section runs it."""
+"""enginesmith.runtime.model.random_model.MIXTRAL_8X7B trimmed to 8 layers, as benchmarks/runtime.py's moe section
+runs it."""
 BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions", "no_pdl": "fused GEMV, no PDL",
                    "previous": "fused GEMV, no PDL", "no_exchange": "fused GEMV + PDL, one-shot all-reduce",
                    "exchange": "fused GEMV + PDL, TP exchange", "rows": "fused rows kernels + PDL (opt-in)",

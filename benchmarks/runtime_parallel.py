@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from enginesmith.runtime.model.random_model import (LLAMA_3_8B, LLAMA_3_70B, MIXTRAL_8X7B, TINY_LLAMA, checkpoint_config,
-                                        random_rank_model)
+from enginesmith.runtime.model.random_model import (LLAMA_3_8B, LLAMA_3_70B, MIXTRAL_8X7B, TINY_LLAMA,
+                                                    checkpoint_config, random_rank_model)
 
 TP_SHAPES = {"llama-3-8b": LLAMA_3_8B, "llama-3-70b": LLAMA_3_70B, "mixtral-8x7b": MIXTRAL_8X7B}
 """--tp-shape choices (--tp-layers trims them: the tp=1 run must fit one GPU)."""

@@ -112,8 +112,8 @@ def write_recipe(path: Path, name: str, source: Path, args, gpu: str) -> None:
 def cli(*argv: str, timeout: float = 1800) -> str:
     """`enginesmith ARGV` with this interpreter; its output (raises with the tail on failure)."""
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "enginesmith.builders.cli", *argv], cwd=REPO_ROOT, capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+    p = subprocess.run([sys.executable, "-m", "enginesmith.builders.cli", *argv], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
     if p.returncode:
         raise RuntimeError(f"enginesmith {' '.join(argv)} exited {p.returncode}:\n{(p.stdout + p.stderr)[-3000:]}")
     log(f"enginesmith {argv[0]} done in {time.perf_counter() - t:.0f} s")
@@ -212,9 +212,9 @@ def served(recipe: Path, out: Path, args, tokenizer_dir: Path, save) -> dict:
     """`enginesmith serve` in the background; one `enginesmith bench` per (model, concurrency) point against it."""
     log_path = out / "serve.log"
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "enginesmith.builders.cli", "serve", str(recipe), "--out", str(out),
-                                 "--ready-timeout", "900"], cwd=REPO_ROOT, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "enginesmith.builders.cli", "serve", str(recipe),
+                                 "--out", str(out), "--ready-timeout", "900"], cwd=REPO_ROOT, stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     res: dict = {}
     try:
         res["ready_s"] = wait_ready(args.ports[0], proc, 900)

@@ -49,7 +49,8 @@ def test_explain_gives_a_reason_per_choice():
 def test_ranks_dry_run_prints_the_node_command():
     r = _run(RECIPE_70B, "--dry-run", "--ranks", "2,3")
     assert r.exit_code == 0, r.output
-    assert f"python -m enginesmith.builders.build.trtllm_engine --ranks 2,3 -- {GOLDEN['llama3-70b-tp2-pp2.yaml']}" in r.stdout
+    golden = GOLDEN["llama3-70b-tp2-pp2.yaml"]
+    assert f"python -m enginesmith.builders.build.trtllm_engine --ranks 2,3 -- {golden}" in r.stdout
 
 
 def test_bad_ranks_are_refused_naming_the_valid_range():

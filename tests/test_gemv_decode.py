@@ -147,7 +147,8 @@ def test_moe_model_decodes_through_the_moe_kernels_like_the_plain_path():
 def test_without_triton_the_step_stays_on_the_regions_path_with_the_reason(monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "enginesmith.runtime.kernels.triton_gemv", None)  # import fails as if triton were missing
+    # The import fails as if triton were missing.
+    monkeypatch.setitem(sys.modules, "enginesmith.runtime.kernels.triton_gemv", None)
     step, why = GemvDecode.try_build(tiny(TINY_MIXTRAL), None, None, lambda x: x, lambda x: x)
     assert step is None and "triton is not importable" in why
 
@@ -174,7 +175,8 @@ def test_rows_kernels_failing_their_check_leave_larger_batches_on_the_regions_pa
     import sys
     import types
 
-    exact = types.ModuleType("enginesmith.runtime.kernels.triton_gemv")  # the batch-1 kernels: the reference arithmetic itself
+    # The batch-1 kernels: the reference arithmetic itself.
+    exact = types.ModuleType("enginesmith.runtime.kernels.triton_gemv")
     exact.gemv = lambda x, w, recv=None, **kw: gemv_ref(x, w, **kw)
     exact.rope_unsupported = lambda *a: "not under test"
     rows = types.ModuleType("enginesmith.runtime.kernels.triton_rows")

@@ -1,5 +1,5 @@
-"""enginesmith.runtime.engine.metrics.TritonMetrics: family names and labels (with a small fake pb_utils), and /metrics scraped
-from the real served tiny model while a benchmark runs."""
+"""enginesmith.runtime.engine.metrics.TritonMetrics: family names and labels (with a small fake pb_utils), and
+/metrics scraped from the real served tiny model while a benchmark runs."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from enginesmith.builders.model_spec import ModelSpec, ModelSpecError
-from enginesmith.builders.specs import load_shipped, name_for_repo, resolve_spec, resolve_spec_offline, shipped_entry, shipped_names
+from enginesmith.builders.specs import (load_shipped, name_for_repo, resolve_spec, resolve_spec_offline, shipped_entry,
+                                        shipped_names)
 from enginesmith.builders.planner.weights import param_counts
 
 # (spec, relative tolerance on total, on active). The three reference models must be within 0.5%.

@@ -14,7 +14,8 @@ from tests.support import REPO_ROOT
 GLOO = "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:47495"
 
 
-@pytest.mark.parametrize("module", ["enginesmith.builders.cli.commands_repo", "enginesmith.builders.cli.commands_client", "enginesmith.client.bench_cli"])
+@pytest.mark.parametrize("module", ["enginesmith.builders.cli.commands_repo",
+                                    "enginesmith.builders.cli.commands_client", "enginesmith.client.bench_cli"])
 def test_errors_print_bracketed_text_as_it_is(module, capsys):
     """A gloo message's `[/...]` read as a rich closing tag raised MarkupError and hid the real error."""
     import importlib

@@ -16,7 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from enginesmith.builders.build.cache import EngineManifest
-from enginesmith.builders.build.engine_check import EngineCompatibilityError, check_engine_compatible, installed_trtllm_version
+from enginesmith.builders.build.engine_check import (EngineCompatibilityError, check_engine_compatible,
+                                                     installed_trtllm_version)
 from enginesmith.builders.build.trtllm_engine import PINNED_VERSION, TensorRTLLMUnavailable, require_trtllm
 from enginesmith.builders.cli import app
 

@@ -96,7 +96,8 @@ def _build_subset(ranks: list[int], trtllm_args: list[str]) -> None:  # pragma: 
 
 def _main(argv: list[str]) -> None:  # pragma: no cover - needs TensorRT-LLM
     if len(argv) < 4 or argv[0] != "--ranks" or argv[2] != "--" or argv[3] != TRTLLM_BUILD:
-        raise SystemExit("usage: python -m enginesmith.builders.build.trtllm_engine --ranks 2,3 -- trtllm-build ARGS...")
+        raise SystemExit("usage: python -m enginesmith.builders.build.trtllm_engine --ranks 2,3 -- "
+                         "trtllm-build ARGS...")
     _build_subset([int(r) for r in argv[1].split(",")], argv[4:])
 
 

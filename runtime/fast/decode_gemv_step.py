@@ -51,7 +51,8 @@ class GemvDecode:
         self._gemv = partial(gemv, pdl=True) if pdl else gemv
         self._moe, self.pdl, self.exchange = moe_kernels, pdl, exchange
         self._rows = (partial(rows, pdl=True) if pdl else rows) if rows is not None else None
-        self.max_rows = importlib.import_module("enginesmith.runtime.kernels.triton_rows").MAX_ROWS if rows is not None else 1
+        self.max_rows = (importlib.import_module("enginesmith.runtime.kernels.triton_rows").MAX_ROWS
+                         if rows is not None else 1)
         self.add_residual = model.coords.tp_rank == 0
         if exchange is not None and exchange.mode == "fused" and any(w.router is not None for w in model.layers):
             raise ValueError("the fused TP exchange covers dense layers only")

@@ -6,7 +6,8 @@ every rank then runs its share through `runtime.parallel.pipeline.rank_forward` 
 full logits come back to rank 0. While idle, rank 0 broadcasts heartbeats instead, and every rank
 reports its own heartbeat to rank 0's store (`runtime.parallel.liveness`): idling never times out, and a dead or hung
 rank is named within the liveness timeout. Ranks of the first node are spawned here; ranks on other nodes
-join the same rendezvous with `python -m enginesmith.runtime.parallel.workers --rank R --init-method tcp://HOST:PORT ...`.
+join the same rendezvous with
+`python -m enginesmith.runtime.parallel.workers --rank R --init-method tcp://HOST:PORT ...`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from enginesmith.triton_repo.detokenize import WHOLE, IncrementalDetokenizer
 from enginesmith.triton_repo.model_config import PREPROCESSING_IN, PREPROCESSING_OUT, TENSORRT_LLM_IN
-from enginesmith.triton_repo.models.model_args import ModelArgsError, check_stub_numpy, param_bool, param_str, read_parameters
+from enginesmith.triton_repo.models.model_args import (ModelArgsError, check_stub_numpy, param_bool, param_str,
+                                                       read_parameters)
 from enginesmith.triton_repo.tensor_specs import PASSTHROUGH_OUTPUTS
 from enginesmith.triton_repo.text_tensors import text_array, token_rows
 
