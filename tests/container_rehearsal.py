@@ -88,8 +88,8 @@ def install(root: Path, report: Report) -> Path:
     py = venv / "bin" / "python"
     if "--without-pip" not in out or '"torch==' in out or "base-constraints.txt" not in out:
         raise RehearsalError(f"make venv did not take the base-Python path:\n{out}")
-    facts = json.loads(run([py, "-c", "import json, builders, torch; print(json.dumps("
-                                      "[torch.__file__, builders.__file__]))"], cwd=root).splitlines()[-1])
+    facts = json.loads(run([py, "-c", "import json, enginesmith.builders, torch; print(json.dumps("
+                                      "[torch.__file__, enginesmith.builders.__file__]))"], cwd=root).splitlines()[-1])
     if Path(facts[0]).resolve().is_relative_to(venv.resolve()):
         raise RehearsalError(f"torch was installed into the venv ({facts[0]})")
     if not Path(facts[1]).resolve().is_relative_to(REPO_ROOT):
@@ -168,8 +168,8 @@ def repositories(py: Path, out: Path, report: Report) -> Path:
             flags = ["--ranks", ",".join(map(str, ranks))] if ranks else []
             said = run([*es, "repo", rel, "--out", root, *flags])
             manifest = json.loads((stage / "repo" / "manifest.json").read_text())
-            missing = [f"{m}/1/triton_repo" for m in SELF_CONTAINED if not (stage / "repo" / m / "1" / "triton_repo"
-                                                                            / "__init__.py").is_file()]
+            missing = [f"{m}/1/enginesmith/triton_repo" for m in SELF_CONTAINED
+                       if not (stage / "repo" / m / "1" / "enginesmith" / "triton_repo" / "__init__.py").is_file()]
             if missing:
                 raise RehearsalError(f"{stage / 'repo'} lacks {', '.join(missing)}: not self-contained")
             where = next((x for x in said.splitlines() if "nodes," in x), "")
@@ -300,7 +300,8 @@ def serve_without_enginesmith(repo: Path, work: Path, report: Report) -> None:
     tokenizer_dir = Path(json.loads((repo / "manifest.json").read_text())["tokenizer_dir"])
     work.mkdir(parents=True, exist_ok=True)
     with plain_tritonserver(repo, SELF_CONTAINED, work) as (url, env):
-        probe = "import importlib.util as u; print([m for m in ('triton_repo', 'builders') if u.find_spec(m)])"
+        probe = ("import importlib.util as u; print([m for m in ('enginesmith', 'triton_repo', 'builders') "
+                 "if u.find_spec(m)])")
         leaked = run([Path(env["PATH"].split(os.pathsep)[0]) / "python3", "-c", probe], cwd=work, env=env).strip()
         if "stub-env" in env["PATH"] and leaked != "[]":
             raise RehearsalError(f"the stub's Python can import {leaked}: the environment is not clean")
@@ -311,7 +312,7 @@ def serve_without_enginesmith(repo: Path, work: Path, report: Report) -> None:
         if not _ready(url, "tensorrt_llm_bls"):
             raise RehearsalError("tensorrt_llm_bls is not ready")
     report.say(f"serve: plain tritonserver on {repo} without enginesmith (stub Python imports neither "
-               f"triton_repo nor builders): preprocessing 'Hello world' -> {ids}, postprocessing -> {text!r}; "
+               f"enginesmith nor builders): preprocessing 'Hello world' -> {ids}, postprocessing -> {text!r}; "
                "tensorrt_llm_bls ready")
 
 

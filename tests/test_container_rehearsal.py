@@ -115,7 +115,7 @@ def test_the_rehearsal_runs_every_step(tmp_path):
     assert "dry runs: llama3-70b-tp2-pp2.yaml: plan, convert (4 rank files listed)" in text
     assert "repo: llama3-70b-tp2-pp2.yaml (node 1): " in text and "per-node directories" in text
     assert "repo: kimi-k2-16xa100.yaml: LLM-API model.yaml built" in text
-    assert "without enginesmith (stub Python imports neither triton_repo nor builders)" in text
+    assert "without enginesmith (stub Python imports neither enginesmith nor builders)" in text
     assert "launch: llama3-70b-tp2-pp2.yaml: --world_size 4: same ranks, flags and shm prefixes" in text
     assert lines[-1].startswith("stopped where TensorRT-LLM itself runs")
     venv_site = next((tmp_path / "check" / "env" / "venv" / "lib").glob("python*/site-packages"))

@@ -8,8 +8,8 @@ Cancellation: Triton's request cancellation (polled every cancellation_check_per
 request with the same request id and `stop=true`, and, for a streamed ensemble request whose client left
 (which Triton does not cancel here), the stream ledger showing that postprocessing stopped taking its
 chunks (triton_repo/detokenize.py). A bad request gets an error response; the model keeps serving.
-The stub must import this project's packages: triton_repo/discovery.py gives it an environment with the
-virtualenv's site-packages and the repository root.
+The stub must import enginesmith: triton_repo/discovery.py gives it an environment with the virtualenv's
+site-packages and the folder `enginesmith` imports from (the checkout root, or where it is installed).
 """
 
 from __future__ import annotations
