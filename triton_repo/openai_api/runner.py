@@ -18,6 +18,8 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 
+from enginesmith.triton_repo.discovery import IMPORT_ROOT
+
 
 class FrontError(RuntimeError):
     """The front could not start."""
@@ -117,7 +119,7 @@ class FrontProcess:
         raise AssertionError("unreachable")
 
     def _spawn(self) -> None:
-        root = Path(__file__).resolve().parents[2]
+        root = IMPORT_ROOT  # the checkout root, or where enginesmith is installed
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
         argv = [sys.executable, "-m", "enginesmith.builders.cli", *self.args, "--port", str(self.port)]
         with open(self.log_path, "ab") as log:
