@@ -63,7 +63,7 @@ test: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs -W ignore::DeprecationWarning $(KERNEL_TESTS) $(INTERPRETER_SKIP)
 
 lint: venv
-	$(VENV)/bin/ruff check builders runtime triton_repo client tests benchmarks
+	$(VENV)/bin/ruff check enginesmith builders runtime triton_repo client tests benchmarks
 
 plan-all: venv
 	@for r in recipes/*.yaml; do echo "== $$r"; $(ES) plan $$r || exit 1; done

@@ -61,7 +61,7 @@ def write_synthetic(root: Path, c: dict) -> int:
     """Stream bf16 shards filled from one random 16 MB block (finite values); returns bytes of weights."""
     import torch
 
-    from builders.convert.safetensors_stream import write_streaming
+    from enginesmith.builders.convert.safetensors_stream import write_streaming
 
     block = (torch.randn(8 << 20, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
     tensors, shards, cur, size = hf_tensors(c), [], [], 0
@@ -114,9 +114,9 @@ def child(src: str, out: str, layout: str, workers: int) -> None:
     """Run one conversion; print seconds, bytes written, CPU seconds and peak RSS as JSON."""
     import torch  # noqa: F401  (the converter imports it lazily; keep its import out of the CPU count)
 
-    from builders.convert import convert_checkpoint
-    from builders.mapping import Mapping
-    from builders.model_spec import ModelSpec
+    from enginesmith.builders.convert import convert_checkpoint
+    from enginesmith.builders.mapping import Mapping
+    from enginesmith.builders.model_spec import ModelSpec
 
     start = resource.getrusage(resource.RUSAGE_SELF)
     base, cpu0 = start.ru_maxrss * 1024, start.ru_utime + start.ru_stime

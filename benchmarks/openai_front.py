@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from builders.manifest import atomic_write_text
+from enginesmith.builders.manifest import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +41,14 @@ MEDIANS = (*KEYS, "server_cpu_us_per_token")
 
 def serve_tiny(root: Path, max_batch: int):
     """The tiny llama built for the reference runtime and served; (server, recipe file, tokenizer dir)."""
-    from builders.build.reference import build_reference
-    from builders.convert import convert_checkpoint
-    from builders.model_spec import ModelSpec
-    from builders.planner.plan import make_plan
-    from builders.recipe import parse_recipe
-    from builders.tiny_model import make_tiny_model
-    from triton_repo.repository import write_repo
-    from triton_repo.server import TritonServer
+    from enginesmith.builders.build.reference import build_reference
+    from enginesmith.builders.convert import convert_checkpoint
+    from enginesmith.builders.model_spec import ModelSpec
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import parse_recipe
+    from enginesmith.builders.tiny_model import make_tiny_model
+    from enginesmith.triton_repo.repository import write_repo
+    from enginesmith.triton_repo.server import TritonServer
 
     hf = make_tiny_model(root / "hf", "llama")
     data = yaml.safe_load((REPO_ROOT / "recipes" / "tiny-llama.yaml").read_text())
@@ -87,7 +87,7 @@ def cpu_s(procs: dict[str, psutil.Process]) -> dict[str, float]:
 
 
 def bench_one(path: str, server, fronts: dict, prompts, point, num_prompts: int, tok, procs) -> dict:
-    from client.bench import BenchConfig, run_bench
+    from enginesmith.client.bench import BenchConfig, run_bench
 
     common = dict(points=[point], num_prompts=num_prompts, warmup=2, metrics_url=None, server_timings=False)
     if path.startswith("openai->"):
@@ -124,7 +124,7 @@ def summarize(rows: list[dict], labels: list[str]) -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    from client.plots import _pyplot, _save
+    from enginesmith.client.plots import _pyplot, _save
 
     plt = _pyplot()
     labels = list(summary)
@@ -146,10 +146,10 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from client.bench import LoadPoint
-    from client.dataset import random_prompts
-    from client.tokenizer import load_tokenizer
-    from triton_repo.openai_api.runner import FrontProcess
+    from enginesmith.client.bench import LoadPoint
+    from enginesmith.client.dataset import random_prompts
+    from enginesmith.client.tokenizer import load_tokenizer
+    from enginesmith.triton_repo.openai_api.runner import FrontProcess
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)

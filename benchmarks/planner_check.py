@@ -16,11 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
-from builders.planner.hardware import resolve_hardware
-from builders.manifest import atomic_write_text
-from builders.model_spec import ModelSpec
-from builders.planner.plan import make_plan
-from builders.recipe import parse_recipe
+from enginesmith.builders.planner.hardware import resolve_hardware
+from enginesmith.builders.manifest import atomic_write_text
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.planner.plan import make_plan
+from enginesmith.builders.recipe import parse_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"memory": 0.10, "step": 0.25}
@@ -34,7 +34,8 @@ MOE_SHAPE = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidd
              "num_hidden_layers": 8, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
              "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2,
              "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6}
-"""runtime.model.random_model.MIXTRAL_8X7B trimmed to 8 layers, as benchmarks/runtime.py's moe section runs it."""
+"""enginesmith.runtime.model.random_model.MIXTRAL_8X7B trimmed to 8 layers, as benchmarks/runtime.py's moe section
+runs it."""
 BASELINE_LABELS = {"cublas_regions": "cuBLAS + compiled regions", "no_pdl": "fused GEMV, no PDL",
                    "previous": "fused GEMV, no PDL", "no_exchange": "fused GEMV + PDL, one-shot all-reduce",
                    "exchange": "fused GEMV + PDL, TP exchange", "rows": "fused rows kernels + PDL (opt-in)",
@@ -60,7 +61,7 @@ element by element in every K tile: 5x slower; runtime/parallel/tp_signal.py): t
 TP70B_SHAPE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 8192,
                "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 28672,
                "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
-"""runtime.model.random_model.LLAMA_3_70B (the tp section's --tp-shape llama-3-70b), layers from the run."""
+"""enginesmith.runtime.model.random_model.LLAMA_3_70B (the tp section's --tp-shape llama-3-70b), layers from the run."""
 
 
 def _recipe(gpu: str, tp: int, pp: int, concurrency: int, isl: int = 512, osl: int = 128,

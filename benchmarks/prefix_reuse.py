@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_in_process(a) -> tuple[dict, str]:
     import torch
 
-    from runtime.engine.engine_config import EngineConfig
+    from enginesmith.runtime.engine.engine_config import EngineConfig
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -108,12 +108,12 @@ def _engine_factory(a, device, config, tiny: bool):
     """(reuse -> a new Engine, model description)."""
     import dataclasses
 
-    from runtime.engine.engine import Engine
+    from enginesmith.runtime.engine.engine import Engine
 
     if a.engine_dir:
-        from runtime.model.checkpoint import CheckpointConfig
-        from runtime.engine.engine_config import read_engine_dir
-        from runtime.model.model import RankModel
+        from enginesmith.runtime.model.checkpoint import CheckpointConfig
+        from enginesmith.runtime.engine.engine_config import read_engine_dir
+        from enginesmith.runtime.model.model import RankModel
 
         cfg, ckpt_dir = read_engine_dir(a.engine_dir)
         if config.max_input_len > cfg.max_input_len or config.max_seq_len > cfg.max_seq_len:
@@ -133,7 +133,7 @@ def _engine_factory(a, device, config, tiny: bool):
 
         return make, dict(engine_dir=str(a.engine_dir), vocab_size=model.cfg.vocab_size,
                           layers=model.num_local_layers, dtype=cfg.dtype, tokens_per_block=cfg.tokens_per_block)
-    from runtime.model.random_model import LLAMA_3_8B, TINY_LLAMA, checkpoint_config, random_rank_model
+    from enginesmith.runtime.model.random_model import LLAMA_3_8B, TINY_LLAMA, checkpoint_config, random_rank_model
 
     shape = dict(TINY_LLAMA, max_position_embeddings=8192) if tiny else LLAMA_3_8B
     ckpt = checkpoint_config(shape, dtype=config.dtype)
@@ -152,7 +152,7 @@ def _engine_factory(a, device, config, tiny: bool):
 def closed_loop(engine, prompts: list[list[int]], osl: int, concurrency: int, timeout_s: float = 1800.0):
     """Send `prompts` in order, at most `concurrency` in flight (the next when one finishes); greedy, exactly
     `osl` tokens each. Returns the requests once all are done."""
-    from runtime.engine.request import FinishReason, Request
+    from enginesmith.runtime.engine.request import FinishReason, Request
 
     pending, lock, done, reqs = list(reversed(prompts)), threading.Lock(), threading.Semaphore(0), []
 

@@ -16,11 +16,11 @@ from benchmarks.prefix_reuse import _progress, compare
 
 
 def run_served(a) -> tuple[dict, str]:
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
-    from client.dataset import random_prompts
-    from client.target import recipe_tokenizer
-    from client.tokenizer import load_tokenizer
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
+    from enginesmith.client.dataset import random_prompts
+    from enginesmith.client.target import recipe_tokenizer
+    from enginesmith.client.tokenizer import load_tokenizer
 
     recipe = load_recipe(a.served)
     root = Path(a.out) / recipe.name
@@ -60,9 +60,9 @@ def _reference_card() -> str:
 
 def _serve_and_bench(a, recipe, plan, engine_dir: Path, tokenizer_dir: Path, folder: Path, tok, warm, shared,
                      unique, n: int) -> dict:
-    from client.bench import BenchConfig, LoadPoint, run_bench
-    from triton_repo.repository import write_repo
-    from triton_repo.server import TritonServer
+    from enginesmith.client.bench import BenchConfig, LoadPoint, run_bench
+    from enginesmith.triton_repo.repository import write_repo
+    from enginesmith.triton_repo.server import TritonServer
 
     label = "on" if recipe.serve.enable_kv_cache_reuse else "off"
     write_repo(recipe, plan, engine_dir, tokenizer_dir, folder / "repo")

@@ -5,12 +5,12 @@
     python -m benchmarks.runtime --device cpu --tiny --out /tmp/r.json
     python -m benchmarks.runtime --sections tp,pp                 # on a 2-GPU machine (one process per rank)
 
-Run it as a module from the repository root (`python benchmarks/runtime.py` would shadow the `runtime`
-package). Sections: hw (copy GB/s counting read + write, bf16 matmul TFLOP/s); decode (batch-1 greedy
-decode of a random Llama-3-8B in bf16: fast path, plain path, % of the HBM roofline, target >= 80%);
-serving (256 mixed-length requests through the in-flight batching engine vs transformers static-batch
-`generate` and its continuous batching, target >= 5x static); moe (batch-1 decode of a Mixtral-shaped
-MoE trimmed to --moe-layers); tp (tp=2 vs tp=1 decode); pp (pipeline bubble vs micro-batch count).
+Run it as a module from the repository root (it imports its sibling modules as `benchmarks.*`). Sections:
+hw (copy GB/s counting read + write, bf16 matmul TFLOP/s); decode (batch-1 greedy decode of a random
+Llama-3-8B in bf16: fast path, plain path, % of the HBM roofline, target >= 80%); serving (256 mixed-length
+requests through the in-flight batching engine vs transformers static-batch `generate` and its continuous
+batching, target >= 5x static); moe (batch-1 decode of a Mixtral-shaped MoE trimmed to --moe-layers); tp
+(tp=2 vs tp=1 decode); pp (pipeline bubble vs micro-batch count).
 Results go to benchmarks/results/runtime-<card>.json, rewritten after every section.
 """
 

@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import torch
 
-from runtime.fast.fast_decode import FastDecoder
-from runtime.engine.kv_cache import PagedKVCache
-from runtime.model.model import RankModel
-from runtime.model.paged_attention import SeqSpan
-from runtime.model.plain_step import plain_forward
-from runtime.model.random_model import weight_bytes_per_token
+from enginesmith.runtime.fast.fast_decode import FastDecoder
+from enginesmith.runtime.engine.kv_cache import PagedKVCache
+from enginesmith.runtime.model.model import RankModel
+from enginesmith.runtime.model.paged_attention import SeqSpan
+from enginesmith.runtime.model.plain_step import plain_forward
+from enginesmith.runtime.model.random_model import weight_bytes_per_token
 
 Step = Callable[[int, int], torch.Tensor]  # (token, position) -> (1, V) logits
 SEQ = 7

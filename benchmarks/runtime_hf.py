@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from runtime.model.model import RankModel
+from enginesmith.runtime.model.model import RankModel
 
 Progress = Callable[[str], None]
 

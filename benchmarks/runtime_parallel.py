@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from runtime.model.random_model import (LLAMA_3_8B, LLAMA_3_70B, MIXTRAL_8X7B, TINY_LLAMA, checkpoint_config,
-                                        random_rank_model)
+from enginesmith.runtime.model.random_model import (LLAMA_3_8B, LLAMA_3_70B, MIXTRAL_8X7B, TINY_LLAMA,
+                                                    checkpoint_config, random_rank_model)
 
 TP_SHAPES = {"llama-3-8b": LLAMA_3_8B, "llama-3-70b": LLAMA_3_70B, "mixtral-8x7b": MIXTRAL_8X7B}
 """--tp-shape choices (--tp-layers trims them: the tp=1 run must fit one GPU)."""
@@ -104,8 +104,8 @@ def ceiling(one: dict, two: dict, b1: str, layers: int) -> dict:
 
 def _spawn_tp(bench, tp: int, p: dict, res: dict) -> dict:
     """tp ranks; if the tp=2 run dies with the fast all-reduce on, record why and rerun it on NCCL alone."""
-    from runtime.parallel.fast_allreduce import ENV_SWITCH
-    from runtime.parallel.tp_exchange import ENV_SWITCH as EXCHANGE_SWITCH
+    from enginesmith.runtime.parallel.fast_allreduce import ENV_SWITCH
+    from enginesmith.runtime.parallel.tp_exchange import ENV_SWITCH as EXCHANGE_SWITCH
 
     try:
         return _spawn(_tp_rank, tp, p)
@@ -177,8 +177,8 @@ def pp_section(bench) -> dict:
 # ---- rank bodies (spawned) ----
 def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     from benchmarks.runtime_decode import make_cache
-    from runtime.model.paged_attention import SeqSpan
-    from runtime.model.plain_step import plain_forward
+    from enginesmith.runtime.model.paged_attention import SeqSpan
+    from enginesmith.runtime.model.plain_step import plain_forward
 
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
     cfg = checkpoint_config(p["shape"], num_layers=p["layers"], dtype=p["dtype"], tp_size=world)
@@ -187,8 +187,8 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     out: dict = {"all_reduce": dict(enabled=False, reason="tp=1: no all-reduce")}
     if p["cuda"]:  # what one batch-1 step streams on this rank (weights, KV at the mean context), and how fast
         from benchmarks.runtime_hw import copy_bandwidth
-        from runtime.engine.kv_cache import PagedKVCache
-        from runtime.model.random_model import weight_bytes_per_token
+        from enginesmith.runtime.engine.kv_cache import PagedKVCache
+        from enginesmith.runtime.model.random_model import weight_bytes_per_token
 
         kv = PagedKVCache.bytes_per_token(model.num_local_layers, model.num_kv_heads, model.head_size, model.dtype)
         out["step_bytes"] = weight_bytes_per_token(model) + int(kv * (p["prompt_len"] + p["steps"] / 2))
@@ -198,7 +198,7 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
         out["all_reduce"] = groups.enable_fast_all_reduce(max_bytes, model.dtype, device)
     exchange = None
     if groups is not None and p["cuda"]:  # the TP exchange (ENGINESMITH_TP_EXCHANGE, default "kernel")
-        from runtime.parallel.tp_exchange import for_model
+        from enginesmith.runtime.parallel.tp_exchange import for_model
 
         exchange = for_model(groups, model, device)
         out["tp_exchange"] = exchange.status()
@@ -247,9 +247,9 @@ def _tp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
 def _pp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     import torch.distributed as dist
 
-    from runtime.model.attention import DenseCausalAttention
-    from runtime.parallel.pipeline import MicroBatch, rank_forward, run_layers
-    from runtime.fast.prefill_graphs import GraphedPrefill, layer_runner
+    from enginesmith.runtime.model.attention import DenseCausalAttention
+    from enginesmith.runtime.parallel.pipeline import MicroBatch, rank_forward, run_layers
+    from enginesmith.runtime.fast.prefill_graphs import GraphedPrefill, layer_runner
 
     device, groups = _join(rank, world, port, p, tp_size=1, pp_size=world)
     cfg = checkpoint_config(p["shape"], dtype=p["dtype"], pp_size=world)
@@ -303,8 +303,8 @@ def _pp_rank(rank: int, world: int, port: int, p: dict) -> dict | None:
 
 # ---- process plumbing ----
 def _join(rank: int, world: int, port: int, p: dict, tp_size: int, pp_size: int):
-    from builders.mapping import Mapping
-    from runtime.parallel.groups import init_parallel
+    from enginesmith.builders.mapping import Mapping
+    from enginesmith.runtime.parallel.groups import init_parallel
 
     device = torch.device("cuda", rank) if p["cuda"] else torch.device("cpu")
     if p["cuda"]:
@@ -369,7 +369,7 @@ def _timed(dec_args: dict, first: list[int], p: dict, device) -> tuple[list[list
     figures the summary compares), the same with the host reading each token before the next step
     (`*_host_sync`), and the decoder's status."""
     from benchmarks.runtime_decode import greedy_batch
-    from runtime.fast.fast_decode import FastDecoder
+    from enginesmith.runtime.fast.fast_decode import FastDecoder
 
     dec, bs, steps = FastDecoder(**dec_args), len(first), p["steps"]
     greedy_batch(dec, first, p["prompt_len"], steps, device)

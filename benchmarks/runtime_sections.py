@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks import runtime_decode, runtime_hw, runtime_serving
-from runtime.model.random_model import (LLAMA_3_8B, MIXTRAL_8X7B, TINY_LLAMA, TINY_MIXTRAL, checkpoint_config,
-                                        random_rank_model)
+from enginesmith.runtime.model.random_model import (LLAMA_3_8B, MIXTRAL_8X7B, TINY_LLAMA, TINY_MIXTRAL,
+                                                    checkpoint_config, random_rank_model)
 
 
 def _dtype(bench) -> torch.dtype:

@@ -17,11 +17,11 @@ from collections.abc import Callable
 import torch
 
 from benchmarks import runtime_hf
-from runtime.engine.engine import Engine
-from runtime.engine.engine_config import EngineConfig
-from runtime.fast.fast_decode import FAST_DECODE_ENV
-from runtime.model.model import RankModel
-from runtime.engine.request import FinishReason, Request
+from enginesmith.runtime.engine.engine import Engine
+from enginesmith.runtime.engine.engine_config import EngineConfig
+from enginesmith.runtime.fast.fast_decode import FAST_DECODE_ENV
+from enginesmith.runtime.model.model import RankModel
+from enginesmith.runtime.engine.request import FinishReason, Request
 
 Progress = Callable[[str], None]
 

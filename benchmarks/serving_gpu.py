@@ -73,7 +73,7 @@ def make_checkpoint(out_dir: Path, shape: str, layers: int | None, tiny: bool) -
         return json.loads((out_dir / "config.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     if tiny:
-        from builders.tiny_model import make_tiny_model
+        from enginesmith.builders.tiny_model import make_tiny_model
 
         make_tiny_model(out_dir, "llama")
         cfg = json.loads((out_dir / "config.json").read_text())
@@ -112,8 +112,8 @@ def write_recipe(path: Path, name: str, source: Path, args, gpu: str) -> None:
 def cli(*argv: str, timeout: float = 1800) -> str:
     """`enginesmith ARGV` with this interpreter; its output (raises with the tail on failure)."""
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "builders.cli", *argv], cwd=REPO_ROOT, capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+    p = subprocess.run([sys.executable, "-m", "enginesmith.builders.cli", *argv], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
     if p.returncode:
         raise RuntimeError(f"enginesmith {' '.join(argv)} exited {p.returncode}:\n{(p.stdout + p.stderr)[-3000:]}")
     log(f"enginesmith {argv[0]} done in {time.perf_counter() - t:.0f} s")
@@ -126,8 +126,8 @@ def in_process(engine_dir: str, concurrency: list[int], num_prompts: int, isl: i
     """Runs in a child process (frees the GPU for the server after): each concurrency point as a closed loop."""
     import torch
 
-    from runtime.engine.engine import Engine
-    from runtime.engine.request import FinishReason, Request
+    from enginesmith.runtime.engine.engine import Engine
+    from enginesmith.runtime.engine.request import FinishReason, Request
 
     t0 = time.perf_counter()
     engine = Engine.from_engine_dir(engine_dir)
@@ -212,9 +212,9 @@ def served(recipe: Path, out: Path, args, tokenizer_dir: Path, save) -> dict:
     """`enginesmith serve` in the background; one `enginesmith bench` per (model, concurrency) point against it."""
     log_path = out / "serve.log"
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "builders.cli", "serve", str(recipe), "--out", str(out),
-                                 "--ready-timeout", "900"], cwd=REPO_ROOT, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "enginesmith.builders.cli", "serve", str(recipe),
+                                 "--out", str(out), "--ready-timeout", "900"], cwd=REPO_ROOT, stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     res: dict = {}
     try:
         res["ready_s"] = wait_ready(args.ports[0], proc, 900)
@@ -362,7 +362,7 @@ def main() -> None:
         cfg = json.loads((args.work / "hf" / "config.json").read_text())
         return in_process(args.inprocess_child[0], args.concurrency, args.num_prompts, args.isl, args.osl,
                           cfg["vocab_size"], args.inprocess_child[1])
-    from triton_repo.server import free_endpoints
+    from enginesmith.triton_repo.server import free_endpoints
 
     ep = free_endpoints()
     args.ports = (ep.http_port, ep.grpc_port, ep.metrics_port)

@@ -18,8 +18,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builders.convert.tokenizer import TOKENIZER_FILES
-from builders.model_source import SourceRef, classify_source
+from enginesmith.builders.convert.tokenizer import TOKENIZER_FILES
+from enginesmith.builders.model_source import SourceRef, classify_source
 
 WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
 PICKLE_PATTERNS = ["*.bin", "pytorch_model.bin.index.json"]
@@ -213,7 +213,7 @@ def pickle_to_safetensors(src: Path, dest: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from builders.manifest import atomic_write_text
+    from enginesmith.builders.manifest import atomic_write_text
 
     if dest.is_symlink():
         dest.unlink()

@@ -106,13 +106,13 @@ class ModelSpec:
 
     def num_params(self) -> int:
         """Unique parameters (a tied lm_head counted once), as published model cards count them."""
-        from builders.planner.weights import param_counts
+        from enginesmith.builders.planner.weights import param_counts
 
         return param_counts(self).total
 
     def num_active_params(self) -> int:
         """Parameters one token passes through (top-k of the routed experts)."""
-        from builders.planner.weights import param_counts
+        from enginesmith.builders.planner.weights import param_counts
 
         return param_counts(self).active
 

@@ -13,9 +13,9 @@ from typing import Literal
 import yaml
 from pydantic import Field, PositiveFloat, ValidationError, model_validator
 
-from builders.planner.hardware import GPU_KINDS, ComputeDtype, quantization_refusal, resolve_hardware
-from builders.recipe_errors import RecipeError, format_validation_error, rule
-from builders.recipe_sections import BuildSection, Section, ServeSection, SlaSection
+from enginesmith.builders.planner.hardware import GPU_KINDS, ComputeDtype, quantization_refusal, resolve_hardware
+from enginesmith.builders.recipe_errors import RecipeError, format_validation_error, rule
+from enginesmith.builders.recipe_sections import BuildSection, Section, ServeSection, SlaSection
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "ModelSection", "HardwareSection", "ParallelSection",
            "QuantizationSection", "BuildSection", "ServeSection", "SlaSection"]
@@ -43,7 +43,7 @@ class ModelSection(Section):
 
     @model_validator(mode="after")
     def _known_spec(self) -> ModelSection:
-        from builders.specs import shipped_names
+        from enginesmith.builders.specs import shipped_names
 
         if self.spec is not None and self.spec not in shipped_names():
             raise rule("spec", f"{self.spec!r} is not a shipped spec; use one of {', '.join(shipped_names())} "
@@ -52,7 +52,7 @@ class ModelSection(Section):
 
     def local_path(self) -> Path | None:
         """Absolute path when `source` is a local path (builders.model_source's rule), else None."""
-        from builders.model_source import classify_source
+        from enginesmith.builders.model_source import classify_source
 
         ref = classify_source(self.source)
         return ref.path.resolve() if ref.local else None
@@ -208,8 +208,8 @@ def load_recipe(path: str | Path, check_model: bool = True) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     recipe = parse_recipe(data)
     if check_model:
-        from builders.planner.layout_rules import check_recipe_layout
-        from builders.specs import resolve_spec_offline
+        from enginesmith.builders.planner.layout_rules import check_recipe_layout
+        from enginesmith.builders.specs import resolve_spec_offline
 
         spec = resolve_spec_offline(recipe.model)
         if spec is not None:

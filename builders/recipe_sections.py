@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
-from builders.recipe_errors import rule
+from enginesmith.builders.recipe_errors import rule
 
 
 class Section(BaseModel):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from client.analyze import Analysis, sla_knee
-from client.roofline_check import PlanRef
+from enginesmith.client.analyze import Analysis, sla_knee
+from enginesmith.client.roofline_check import PlanRef
 
 
 def _plan_line(ref: PlanRef | None) -> str:

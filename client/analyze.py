@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from client.countermeasures import Countermeasure, countermeasures
-from client.roofline_check import LOW_EFFICIENCY, PhaseCheck, PlanRef, check_decode, check_prefill
-from client.timesplit import Pressure, TimeSplit, pressure, split_time, tokenizer_s
+from enginesmith.client.countermeasures import Countermeasure, countermeasures
+from enginesmith.client.roofline_check import LOW_EFFICIENCY, PhaseCheck, PlanRef, check_decode, check_prefill
+from enginesmith.client.timesplit import Pressure, TimeSplit, pressure, split_time, tokenizer_s
 
 QUEUE_SHARE = 0.25
 CLIENT_CPU = 0.9

@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from client.dataset import Prompt, prefix_cache_hits
-from client.grpc_stream import infer_inputs, is_final, result_outputs
-from client.model_info import ModelInfo, grpc_aio_model_info
-from client.params import TIME_OUTPUTS, GenerateParams, build_inputs
-from client.record import RequestRecord
-from client.server_stats import MetricsPoller, metrics_sample, reuse_delta, stats_delta, stats_snapshot
-from client.stats import finite, per_request_arrays, summarize
-from client.tokenizer import with_token_ids
+from enginesmith.client.dataset import Prompt, prefix_cache_hits
+from enginesmith.client.grpc_stream import infer_inputs, is_final, result_outputs
+from enginesmith.client.model_info import ModelInfo, grpc_aio_model_info
+from enginesmith.client.params import TIME_OUTPUTS, GenerateParams, build_inputs
+from enginesmith.client.record import RequestRecord
+from enginesmith.client.server_stats import MetricsPoller, metrics_sample, reuse_delta, stats_delta, stats_snapshot
+from enginesmith.client.stats import finite, per_request_arrays, summarize
+from enginesmith.client.tokenizer import with_token_ids
 
 
 @dataclass(frozen=True)
@@ -265,12 +265,12 @@ def _prefix_hit_rate(sent: list[tuple[int, ...]], start: int, sample: dict[str, 
 async def run_bench(cfg: BenchConfig, prompts: list[Prompt], tokenizer: Any = None,
                     show_progress: bool = True) -> list[dict[str, Any]]:
     """Warm up, then run every load point in order; one vLLM-style result dict per point."""
-    from client.bench_progress import progress_bar
+    from enginesmith.client.bench_progress import progress_bar
 
     if not prompts:
         raise ValueError("no prompts to send")
     if cfg.backend == "openai":
-        from client.bench_openai import openai_runner
+        from enginesmith.client.bench_openai import openai_runner
 
         opened = openai_runner(cfg)
     else:

@@ -27,7 +27,7 @@ def _fail(msg: str, code: int = 1) -> typer.Exit:
 
 def parse_points(concurrency: str | None, request_rate: str | None, max_concurrency: int | None, tgt):
     """--concurrency 1,2,4 / --request-rate 0.5,1,inf; default: doubling up to twice the recipe's SLA load."""
-    from client.bench import LoadPoint
+    from enginesmith.client.bench import LoadPoint
 
     def numbers(text: str, name: str) -> list[float]:
         try:
@@ -63,7 +63,7 @@ def parse_goodput(items: list[str] | None, default: dict[str, float]) -> dict[st
 
 def _prompts(dataset: str, dataset_path: Path | None, tok, n: int, isl: int, osl: int, seed: int, tgt,
              shared_prefix: int = 0):
-    from client.dataset import load_sharegpt, random_prompts
+    from enginesmith.client.dataset import load_sharegpt, random_prompts
 
     if dataset == "random":
         return random_prompts(tok, n, isl, osl, seed, shared_prefix)
@@ -79,9 +79,9 @@ def _prompts(dataset: str, dataset_path: Path | None, tok, n: int, isl: int, osl
 def _plan_ref(recipe_path: Path | None):
     if recipe_path is None:
         return None
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
-    from client.roofline_check import PlanRef
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
+    from enginesmith.client.roofline_check import PlanRef
 
     return PlanRef.from_plan(make_plan(load_recipe(recipe_path)))
 
@@ -95,7 +95,7 @@ def _served(tgt, serve: bool, out: Path, backend: str = "triton"):
         return
     if tgt.recipe_path is None:
         raise _fail("--serve needs a recipe target (it serves <out>/<name>/repo)")
-    from triton_repo.server import ServerError, TritonServer
+    from enginesmith.triton_repo.server import ServerError, TritonServer
 
     repo_dir = tgt.bench_dir.parent / "repo"
     if not (repo_dir / "manifest.json").is_file():
@@ -119,7 +119,7 @@ def _served(tgt, serve: bool, out: Path, backend: str = "triton"):
 @contextmanager
 def _front(tgt, out: Path):
     """`enginesmith openai RECIPE` on a free port, fronting the Triton of `tgt`."""
-    from triton_repo.openai_api.runner import FrontError, FrontProcess
+    from enginesmith.triton_repo.openai_api.runner import FrontError, FrontProcess
 
     front = FrontProcess(tgt.recipe_path, out=out, triton_grpc=tgt.grpc_url,
                          log_path=tgt.bench_dir.parent / "bench-openai.log")
@@ -166,12 +166,12 @@ def bench(
     serve: Annotated[bool, Opt(help="Start the recipe's repository on free ports for the run, then stop it.")] = False,
 ) -> None:
     """Load-test a served model: concurrency or request-rate sweep, vLLM-style JSON, plots, analysis."""
-    from client.bench import BenchConfig, run_bench
-    from client.bench_report import summary_table, write_results
-    from client.dataset import DatasetError
-    from client.params import ClientError, ServerUnreachable
-    from client.target import resolve_target
-    from client.tokenizer import load_tokenizer
+    from enginesmith.client.bench import BenchConfig, run_bench
+    from enginesmith.client.bench_report import summary_table, write_results
+    from enginesmith.client.dataset import DatasetError
+    from enginesmith.client.params import ClientError, ServerUnreachable
+    from enginesmith.client.target import resolve_target
+    from enginesmith.client.tokenizer import load_tokenizer
 
     try:
         tgt = resolve_target(target, out)
@@ -213,9 +213,9 @@ def bench(
     written = write_results(runs, dest, config, plots=plots)
     (console if console.is_terminal else Console(highlight=False, width=160, markup=False)).print(summary_table(runs))
     if analyze_after:
-        from client.analysis_report import render_markdown
-        from client.analyze import analyze_runs
-        from builders.manifest import atomic_write_text
+        from enginesmith.client.analysis_report import render_markdown
+        from enginesmith.client.analyze import analyze_runs
+        from enginesmith.builders.manifest import atomic_write_text
 
         ref = _plan_ref(tgt.recipe_path)
         analyses = analyze_runs(runs, ref)
@@ -236,10 +236,10 @@ def analyze(
     as_json: Annotated[bool, Opt("--json", help="Print the analysis as JSON.")] = False,
 ) -> None:
     """Split time into queueing / prefill / decode, compare with the plan's roofline, name what binds."""
-    from builders.manifest import atomic_write_text
-    from client.analysis_report import render_markdown, render_text
-    from client.analyze import analyze_runs
-    from client.bench_report import load_runs
+    from enginesmith.builders.manifest import atomic_write_text
+    from enginesmith.client.analysis_report import render_markdown, render_text
+    from enginesmith.client.analyze import analyze_runs
+    from enginesmith.client.bench_report import load_runs
 
     try:
         runs = load_runs(bench_json)
@@ -251,7 +251,7 @@ def analyze(
         try:
             atomic_write_text(markdown, render_markdown(analyses, ref))
         except OSError as e:
-            from builders.cli.errors import write_error
+            from enginesmith.builders.cli.errors import write_error
 
             raise _fail(write_error(e, "--markdown", markdown)) from None
     if as_json:

@@ -17,12 +17,12 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
-from client.bench import BenchConfig, _Runner
-from client.dataset import Prompt
-from client.params import ClientError
-from client.record import RequestRecord
-from client.server_stats import stats_snapshot
-from client.target import openai_base
+from enginesmith.client.bench import BenchConfig, _Runner
+from enginesmith.client.dataset import Prompt
+from enginesmith.client.params import ClientError
+from enginesmith.client.record import RequestRecord
+from enginesmith.client.server_stats import stats_snapshot
+from enginesmith.client.target import openai_base
 
 
 class OpenAIRunner(_Runner):

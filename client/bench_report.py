@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from builders.manifest import atomic_write_text
+from enginesmith.builders.manifest import atomic_write_text
 
 BENCH_FILE = "bench.json"
 
@@ -24,7 +24,7 @@ def write_results(runs: list[dict[str, Any]], out_dir: str | Path, config: dict[
     atomic_write_text(out / BENCH_FILE, json.dumps({"config": config or {}, "runs": runs}, indent=1))
     written["bench"] = out / BENCH_FILE
     if plots and runs:
-        from client.plots import latency_distributions, throughput_latency
+        from enginesmith.client.plots import latency_distributions, throughput_latency
 
         written["throughput_latency"] = throughput_latency(runs, out / "throughput_latency.png")
         written["latency_distributions"] = latency_distributions(runs, out / "latency_distributions.png")

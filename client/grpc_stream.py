@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from client.model_info import ModelInfo, grpc_model_info
-from client.params import ClientError, GenerateParams, build_inputs
-from client.result import Chunk, GenerateResult, chunk_from_outputs
-from client.tokenizer import decoder, with_token_ids
+from enginesmith.client.model_info import ModelInfo, grpc_model_info
+from enginesmith.client.params import ClientError, GenerateParams, build_inputs
+from enginesmith.client.result import Chunk, GenerateResult, chunk_from_outputs
+from enginesmith.client.tokenizer import decoder, with_token_ids
 
 
 def infer_inputs(tensors: dict[str, np.ndarray]) -> list[Any]:

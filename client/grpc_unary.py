@@ -6,11 +6,11 @@ import time
 import uuid
 from typing import Any
 
-from client.grpc_stream import infer_inputs, prepare, result_outputs
-from client.model_info import grpc_model_info
-from client.params import ClientError, GenerateParams
-from client.result import GenerateResult, chunk_from_outputs
-from client.tokenizer import decoder
+from enginesmith.client.grpc_stream import infer_inputs, prepare, result_outputs
+from enginesmith.client.model_info import grpc_model_info
+from enginesmith.client.params import ClientError, GenerateParams
+from enginesmith.client.result import GenerateResult, chunk_from_outputs
+from enginesmith.client.tokenizer import decoder
 
 
 def grpc_generate(url: str, model: str, params: GenerateParams, tokenizer: Any = None,

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from client.grpc_stream import with_count_request
-from client.model_info import ModelInfo
-from client.params import ClientError, GenerateParams, ServerUnreachable, build_inputs
-from client.result import Chunk, GenerateResult, chunk_from_outputs
-from client.tokenizer import decoder, with_token_ids
+from enginesmith.client.grpc_stream import with_count_request
+from enginesmith.client.model_info import ModelInfo
+from enginesmith.client.params import ClientError, GenerateParams, ServerUnreachable, build_inputs
+from enginesmith.client.result import Chunk, GenerateResult, chunk_from_outputs
+from enginesmith.client.tokenizer import decoder, with_token_ids
 
 _LIST_INPUTS = {"stop_words", "bad_words", "input_ids", "sampling_param_stop", "stop_words_list", "bad_words_list"}
 _NOT_OUTPUTS = {"model_name", "model_version", "id", "sequence_id", "sequence_start", "sequence_end"}

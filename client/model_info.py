@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from client.params import ClientError, ServerUnreachable, contract_of
+from enginesmith.client.params import ClientError, ServerUnreachable, contract_of
 
 UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 

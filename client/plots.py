@@ -21,7 +21,7 @@ def _save(fig: Any, path: Path) -> Path:
     """Write through a temporary name so a PNG is never half-written under its final name."""
     import io
 
-    from builders.manifest import atomic_write_bytes
+    from enginesmith.builders.manifest import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

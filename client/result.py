@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from client.params import TIME_OUTPUTS, ClientError
+from enginesmith.client.params import TIME_OUTPUTS, ClientError
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from client.record import RequestRecord
+from enginesmith.client.record import RequestRecord
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 METRICS = ("ttft", "tpot", "itl", "e2el")

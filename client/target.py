@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.params import ClientError
+from enginesmith.client.params import ClientError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -55,7 +55,7 @@ def _host(bind: str) -> str:
 
 
 def from_recipe(path: str | Path, out: Path) -> Target:
-    from builders.recipe import load_recipe
+    from enginesmith.builders.recipe import load_recipe
 
     r = load_recipe(path, check_model=False)
     host, s, sla = _host(r.serve.bind_address), r.serve, r.sla

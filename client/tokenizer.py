@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from client.params import ClientError, GenerateParams
+from enginesmith.client.params import ClientError, GenerateParams
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -44,7 +44,7 @@ class Served:
 
 
 def tiny_recipe(hf: Path):
-    from builders.recipe import parse_recipe
+    from enginesmith.builders.recipe import parse_recipe
 
     data = yaml.safe_load((REPO_ROOT / "recipes" / "tiny-llama.yaml").read_text())
     data["model"]["source"] = str(hf)
@@ -57,12 +57,12 @@ def tiny_recipe(hf: Path):
 @functools.lru_cache(maxsize=None)
 def served_tiny() -> Served:
     """Build and start once; stopped when the test process exits."""
-    from builders.build.reference import build_reference
-    from builders.convert import convert_checkpoint
-    from builders.model_spec import ModelSpec
-    from builders.planner.plan import make_plan
-    from triton_repo.repository import write_repo
-    from triton_repo.server import TritonServer
+    from enginesmith.builders.build.reference import build_reference
+    from enginesmith.builders.convert import convert_checkpoint
+    from enginesmith.builders.model_spec import ModelSpec
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.triton_repo.repository import write_repo
+    from enginesmith.triton_repo.server import TritonServer
 
     root = Path(tempfile.mkdtemp(prefix="enginesmith-served-"))
     hf = tiny_hf_model("llama")

@@ -59,7 +59,7 @@ class ToyServer:
     """The toy models in `<root>/repo`, served by a real tritonserver; start() / stop()."""
 
     def __init__(self, root: Path, models: list[ToyModel]):
-        from triton_repo.server import TritonServer
+        from enginesmith.triton_repo.server import TritonServer
 
         self.root, self.repo = root, root / "repo"
         self.repo.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,6 @@ def served():
 @pytest.fixture(scope="module")
 def tok(served):
     """The served model's tokenizer (test modules with a tokenizer of their own define `tok` themselves)."""
-    from client.tokenizer import load_tokenizer
+    from enginesmith.client.tokenizer import load_tokenizer
 
     return load_tokenizer(served.tokenizer_dir)

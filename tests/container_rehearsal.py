@@ -88,8 +88,8 @@ def install(root: Path, report: Report) -> Path:
     py = venv / "bin" / "python"
     if "--without-pip" not in out or '"torch==' in out or "base-constraints.txt" not in out:
         raise RehearsalError(f"make venv did not take the base-Python path:\n{out}")
-    facts = json.loads(run([py, "-c", "import json, builders, torch; print(json.dumps("
-                                      "[torch.__file__, builders.__file__]))"], cwd=root).splitlines()[-1])
+    facts = json.loads(run([py, "-c", "import json, enginesmith.builders, torch; print(json.dumps("
+                                      "[torch.__file__, enginesmith.builders.__file__]))"], cwd=root).splitlines()[-1])
     if Path(facts[0]).resolve().is_relative_to(venv.resolve()):
         raise RehearsalError(f"torch was installed into the venv ({facts[0]})")
     if not Path(facts[1]).resolve().is_relative_to(REPO_ROOT):
@@ -103,7 +103,7 @@ def install(root: Path, report: Report) -> Path:
 def dry_runs(py: Path, out: Path, report: Report) -> None:
     for recipe in engine_recipes():
         rel = recipe.relative_to(REPO_ROOT)
-        es = [py, "-m", "builders.cli"]
+        es = [py, "-m", "enginesmith.builders.cli"]
         run([*es, "plan", rel])
         conv = run([*es, "convert", rel, "--out", out, "--dry-run"])
         build = run([*es, "build", rel, "--out", out, "--dry-run"])
@@ -116,9 +116,9 @@ def dry_runs(py: Path, out: Path, report: Report) -> None:
 def stand_in_engine(recipe, plan, engine_dir: Path, ranks) -> None:
     """What trtllm-build leaves in --output_dir, as far as the repository reads it: config.json (marked as a
     stand-in) and one placeholder file per rank. Not an engine, and no manifest claims it was built."""
-    from builders.build.engine_check import LIMIT_KEYS
-    from builders.build.engine_target import plan_engine_build
-    from builders.build.flags import build_options
+    from enginesmith.builders.build.engine_check import LIMIT_KEYS
+    from enginesmith.builders.build.engine_target import plan_engine_build
+    from enginesmith.builders.build.flags import build_options
 
     bp = plan_engine_build(recipe, plan, "ckpt", engine_dir)
     asked = build_options(bp.choices)
@@ -139,10 +139,10 @@ def stand_in_engine(recipe, plan, engine_dir: Path, ranks) -> None:
 def repositories(py: Path, out: Path, report: Report) -> Path:
     """Every trtllm-engine recipe's repository (one directory; per node for a multi-node layout) and the
     LLM-API recipe's build + repository. Returns a single-node engine repository for the serving step."""
-    from builders.build.flags import node_ranks
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
-    from builders.tiny_model import make_tokenizer
+    from enginesmith.builders.build.flags import node_ranks
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
+    from enginesmith.builders.tiny_model import make_tokenizer
 
     tokenizer = out / "stand-in-tokenizer"
     make_tokenizer(tokenizer)
@@ -150,7 +150,7 @@ def repositories(py: Path, out: Path, report: Report) -> Path:
     for path in engine_recipes():
         rel, recipe = path.relative_to(REPO_ROOT), load_recipe(path)
         plan = make_plan(recipe, with_options=False)
-        es = [py, "-m", "builders.cli"]
+        es = [py, "-m", "enginesmith.builders.cli"]
         if recipe.build.target == "trtllm-llmapi":
             shutil.copytree(tokenizer, out / "llmapi" / recipe.name / "checkpoint" / "tokenizer")
             run([*es, "build", rel, "--out", out / "llmapi"])
@@ -168,8 +168,8 @@ def repositories(py: Path, out: Path, report: Report) -> Path:
             flags = ["--ranks", ",".join(map(str, ranks))] if ranks else []
             said = run([*es, "repo", rel, "--out", root, *flags])
             manifest = json.loads((stage / "repo" / "manifest.json").read_text())
-            missing = [f"{m}/1/triton_repo" for m in SELF_CONTAINED if not (stage / "repo" / m / "1" / "triton_repo"
-                                                                            / "__init__.py").is_file()]
+            missing = [f"{m}/1/enginesmith/triton_repo" for m in SELF_CONTAINED
+                       if not (stage / "repo" / m / "1" / "enginesmith" / "triton_repo" / "__init__.py").is_file()]
             if missing:
                 raise RehearsalError(f"{stage / 'repo'} lacks {', '.join(missing)}: not self-contained")
             where = next((x for x in said.splitlines() if "nodes," in x), "")
@@ -187,7 +187,7 @@ def clean_stub_env(root: Path, stub: Path, libs: str, first: Path | None = None)
     """A venv-like folder for the Python-backend stub: the stub's own standard library, and this
     environment's site-packages as plain paths (numpy, transformers: yes; enginesmith's import hook: no).
     `first`: the private numpy < 2 the bundled stub needs under numpy 2 (triton_repo/discovery.py), ahead of them."""
-    from triton_repo.discovery import NUMPY_COMPAT, PY, installation_prefix, linked_libpython
+    from enginesmith.triton_repo.discovery import NUMPY_COMPAT, PY, installation_prefix, linked_libpython
 
     prefix = installation_prefix(linked_libpython(stub, libs))
     env = root / "stub-env"
@@ -217,13 +217,13 @@ def free_ports(n: int) -> list[int]:
 def plain_tritonserver(repo: Path, models, work: Path, timeout_s: float = 180.0):
     """`tritonserver --model-repository=REPO` loading `models`, in an environment without enginesmith.
     Yields (http url, env); stops the server's whole process group on exit."""
-    from triton_repo.discovery import find_server
+    from enginesmith.triton_repo.discovery import find_server
 
     b = find_server(work / "triton-cache")
     env = {"HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != Path(sys.executable).parent]
     if b.bundled:
-        from triton_repo.discovery import NUMPY_GUARD_ENV
+        from enginesmith.triton_repo.discovery import NUMPY_GUARD_ENV
 
         stub = b.backend_dir / "python" / "triton_python_backend_stub"
         libs = b.env["LD_LIBRARY_PATH"]
@@ -300,7 +300,8 @@ def serve_without_enginesmith(repo: Path, work: Path, report: Report) -> None:
     tokenizer_dir = Path(json.loads((repo / "manifest.json").read_text())["tokenizer_dir"])
     work.mkdir(parents=True, exist_ok=True)
     with plain_tritonserver(repo, SELF_CONTAINED, work) as (url, env):
-        probe = "import importlib.util as u; print([m for m in ('triton_repo', 'builders') if u.find_spec(m)])"
+        probe = ("import importlib.util as u; print([m for m in ('enginesmith', 'triton_repo', 'builders') "
+                 "if u.find_spec(m)])")
         leaked = run([Path(env["PATH"].split(os.pathsep)[0]) / "python3", "-c", probe], cwd=work, env=env).strip()
         if "stub-env" in env["PATH"] and leaked != "[]":
             raise RehearsalError(f"the stub's Python can import {leaked}: the environment is not clean")
@@ -311,7 +312,7 @@ def serve_without_enginesmith(repo: Path, work: Path, report: Report) -> None:
         if not _ready(url, "tensorrt_llm_bls"):
             raise RehearsalError("tensorrt_llm_bls is not ready")
     report.say(f"serve: plain tritonserver on {repo} without enginesmith (stub Python imports neither "
-               f"triton_repo nor builders): preprocessing 'Hello world' -> {ids}, postprocessing -> {text!r}; "
+               f"enginesmith nor builders): preprocessing 'Hello world' -> {ids}, postprocessing -> {text!r}; "
                "tensorrt_llm_bls ready")
 
 
@@ -369,9 +370,9 @@ def upstream_cases(script: Path | None) -> list[dict]:
 
 
 def launch_lines(report: Report, script: Path | None = None) -> None:
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
-    from triton_repo.launch import Endpoints, build_mpirun_argv
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
+    from enginesmith.triton_repo.launch import Endpoints, build_mpirun_argv
 
     cases = upstream_cases(script)
     for path in engine_recipes():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builders.tiny_model import _CORPUS
+from enginesmith.builders.tiny_model import _CORPUS
 
 UNSEEN = "Жук ест €5 — naïve 🙂!"
 """Has characters the tokenizer only knows as bytes (Ж, у, €, —) and multi-byte ones it learned (ï, 🙂)."""

@@ -6,8 +6,8 @@ import functools
 import tempfile
 from pathlib import Path
 
-from builders.mapping import Mapping
-from builders.tiny_model import make_tiny_model
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.tiny_model import make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,8 @@ def tiny_hf_model(arch: str = "llama", seed: int = 0) -> Path:
 def convert_tiny(tmp_path: Path, arch: str, mapping: Mapping, dtype: str = "float32",
                  quantization: str = "none") -> Path:
     """Convert the session's tiny `arch` model for `mapping` into `tmp_path/ckpt`."""
-    from builders.convert import convert_checkpoint
-    from builders.model_spec import ModelSpec
+    from enginesmith.builders.convert import convert_checkpoint
+    from enginesmith.builders.model_spec import ModelSpec
 
     hf = tiny_hf_model(arch)
     out = tmp_path / "ckpt"

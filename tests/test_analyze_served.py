@@ -10,13 +10,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from builders.cli import app
-from client.analyze import analyze_run
-from client.bench import BenchConfig, LoadPoint, run_bench
-from client.bench_report import write_results
-from client.dataset import random_prompts
-from client.roofline_check import PlanRef
-from client.tokenizer import load_tokenizer
+from enginesmith.builders.cli import app
+from enginesmith.client.analyze import analyze_run
+from enginesmith.client.bench import BenchConfig, LoadPoint, run_bench
+from enginesmith.client.bench_report import write_results
+from enginesmith.client.dataset import random_prompts
+from enginesmith.client.roofline_check import PlanRef
+from enginesmith.client.tokenizer import load_tokenizer
 from tests.client_served import MAX_BATCH
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]

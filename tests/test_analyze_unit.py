@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from client.analysis_report import render_markdown, render_text
-from client.analyze import analyze_run
-from client.record import RequestRecord
-from client.roofline_check import PlanRef, check_decode, check_prefill
-from client.stats import per_request_arrays, summarize
-from client.timesplit import split_time
+from enginesmith.client.analysis_report import render_markdown, render_text
+from enginesmith.client.analyze import analyze_run
+from enginesmith.client.record import RequestRecord
+from enginesmith.client.roofline_check import PlanRef, check_decode, check_prefill
+from enginesmith.client.stats import per_request_arrays, summarize
+from enginesmith.client.timesplit import split_time
 
 MS = 1_000_000
 
@@ -131,8 +131,8 @@ def test_roofline_checks_by_hand():
 
 
 def test_plan_ref_from_the_tiny_recipe_plan():
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
     from tests.support import REPO_ROOT
 
     plan = make_plan(load_recipe(REPO_ROOT / "recipes" / "tiny-llama.yaml"))
@@ -154,8 +154,8 @@ def test_analyze_command_leaves_the_bench_report_alone(tmp_path):
     """`bench` writes analysis.md with the recipe's plan; `analyze` prints, and writes markdown only when asked."""
     from typer.testing import CliRunner
 
-    from builders.cli import app
-    from client.bench_report import write_results
+    from enginesmith.builders.cli import app
+    from enginesmith.client.bench_report import write_results
 
     written = write_results([crafted_run(label="c1"), crafted_run(label="c8", queue_ms=300, series=series())],
                             tmp_path, plots=False)
@@ -204,8 +204,8 @@ def test_with_reuse_on_the_prefill_check_counts_only_computed_tokens():
 
 
 def test_plan_ref_carries_the_plans_kv_reuse():
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe, parse_recipe
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe, parse_recipe
     from tests.support import REPO_ROOT
 
     data = load_recipe(REPO_ROOT / "recipes" / "tiny-llama.yaml").model_dump()

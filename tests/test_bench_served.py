@@ -10,10 +10,10 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from builders.cli import app
-from client.bench import BenchConfig, LoadPoint, run_bench
-from client.bench_report import load_runs, write_results
-from client.dataset import random_prompts
+from enginesmith.builders.cli import app
+from enginesmith.client.bench import BenchConfig, LoadPoint, run_bench
+from enginesmith.client.bench_report import load_runs, write_results
+from enginesmith.client.dataset import random_prompts
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 ISL, OSL, N = 12, 6, 5
@@ -103,7 +103,7 @@ def _perf_metrics(served, ids: list[int]) -> dict[str, int]:
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from client.grpc_stream import infer_inputs
+    from enginesmith.client.grpc_stream import infer_inputs
 
     client = grpcclient.InferenceServerClient(served.grpc_url)
     results: queue.Queue = queue.Queue()

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from client.bench import LoadPoint, _prompts_for
-from client.dataset import Prompt
-from client.record import RequestRecord
-from client.stats import describe_ms, per_request_arrays, summarize
+from enginesmith.client.bench import LoadPoint, _prompts_for
+from enginesmith.client.dataset import Prompt
+from enginesmith.client.record import RequestRecord
+from enginesmith.client.stats import describe_ms, per_request_arrays, summarize
 
 MS = 1_000_000
 

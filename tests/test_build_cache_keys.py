@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from builders.build.cache import EngineManifest, changed_factors, rank_keys, stale_ranks
-from builders.manifest import sha256_file
+from enginesmith.builders.build.cache import EngineManifest, changed_factors, rank_keys, stale_ranks
+from enginesmith.builders.manifest import sha256_file
 
 COMMON = {"target": "trtllm-engine", "checkpoint_config": "c0", "build_options": {"max_batch_size": "64"},
           "tensorrt_llm": "1.2.1", "gpu_arch": "9.0"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from builders.cli import app
+from enginesmith.builders.cli import app
 from tests.test_build_flags import GOLDEN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def test_dry_run_prints_the_exact_command_and_where_the_checkpoint_would_be():
     assert (f"#     node 1: enginesmith convert {RECIPE_70B} --ranks 2,3 && enginesmith build {RECIPE_70B} --ranks 2,3"
             f" && enginesmith repo {RECIPE_70B} --ranks 2,3") in lines
     golden = GOLDEN["llama3-70b-tp2-pp2.yaml"]
-    runs = f"#       (build runs: python -m builders.build.trtllm_engine --ranks 2,3 -- {golden})"
+    runs = f"#       (build runs: python -m enginesmith.builders.build.trtllm_engine --ranks 2,3 -- {golden})"
     assert runs in lines
     assert any("shared filesystem: node 0 runs convert, build and repo for all ranks" in line for line in lines)
     assert f"#   then on node 0: enginesmith serve {RECIPE_70B} --hosts NODE0,NODE1,...  (add --ranks 0,1 with " \
@@ -49,7 +49,8 @@ def test_explain_gives_a_reason_per_choice():
 def test_ranks_dry_run_prints_the_node_command():
     r = _run(RECIPE_70B, "--dry-run", "--ranks", "2,3")
     assert r.exit_code == 0, r.output
-    assert f"python -m builders.build.trtllm_engine --ranks 2,3 -- {GOLDEN['llama3-70b-tp2-pp2.yaml']}" in r.stdout
+    golden = GOLDEN["llama3-70b-tp2-pp2.yaml"]
+    assert f"python -m enginesmith.builders.build.trtllm_engine --ranks 2,3 -- {golden}" in r.stdout
 
 
 def test_bad_ranks_are_refused_naming_the_valid_range():
@@ -76,10 +77,10 @@ def test_llmapi_dry_run_prints_both_files_and_the_serve_command():
 
 
 def test_reference_build_then_up_to_date(tmp_path):
-    from builders.convert import convert_checkpoint
-    from builders.model_spec import ModelSpec
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
+    from enginesmith.builders.convert import convert_checkpoint
+    from enginesmith.builders.model_spec import ModelSpec
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
     from tests.support import tiny_hf_model
 
     recipe_path = REPO / "recipes" / "tiny-llama.yaml"

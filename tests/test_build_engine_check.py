@@ -10,15 +10,15 @@ import json
 
 import pytest
 
-from builders.build.cache import EngineManifest
-from builders.build.engine_check import (
+from enginesmith.builders.build.cache import EngineManifest
+from enginesmith.builders.build.engine_check import (
     EngineCheckError,
     EngineCompatibilityError,
     build_config_differences,
     check_engine_compatible,
     verify_engine_dir,
 )
-from builders.mapping import Mapping
+from enginesmith.builders.mapping import Mapping
 
 ASKED = {"max_batch_size": "64", "max_input_len": "1024", "max_seq_len": "2048", "max_num_tokens": "8192",
          "max_beam_width": "1", "kv_cache_type": "paged", "tokens_per_block": "32",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from builders.build.engine_target import plan_engine_build
-from builders.build.flags import (
+from enginesmith.builders.build.engine_target import plan_engine_build
+from enginesmith.builders.build.flags import (
     DEPRECATED_FLAGS,
     REMOVED_FLAGS,
     BuildFlagError,
@@ -20,9 +20,9 @@ from builders.build.flags import (
     parse_ranks,
     shell_line,
 )
-from builders.build.trtllm_engine import runner_argv
-from builders.planner.plan import make_plan
-from builders.recipe import load_recipe
+from enginesmith.builders.build.trtllm_engine import runner_argv
+from enginesmith.builders.planner.plan import make_plan
+from enginesmith.builders.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -101,7 +101,7 @@ def test_golden_per_node_commands_of_the_multi_node_recipe():
     bp, plan = _engine(REPO / "recipes" / "llama3-70b-tp2-pp2.yaml")
     assert [(c.node, c.ranks) for c in bp.per_node] == [(0, (0, 1)), (1, (2, 3))]
     node1 = runner_argv(bp.per_node[1])
-    assert node1[:6] == ["python", "-m", "builders.build.trtllm_engine", "--ranks", "2,3", "--"]
+    assert node1[:6] == ["python", "-m", "enginesmith.builders.build.trtllm_engine", "--ranks", "2,3", "--"]
     assert shell_line(node1[6:]) == GOLDEN["llama3-70b-tp2-pp2.yaml"]
 
 

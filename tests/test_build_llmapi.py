@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builders.build.llmapi import (
+from enginesmith.builders.build.llmapi import (
     KV_CACHE_CONFIG_KEYS,
     LLMAPI_KEYS,
     MODEL_YAML,
@@ -16,8 +16,8 @@ from builders.build.llmapi import (
     build_llmapi,
     llmapi_files,
 )
-from builders.planner.plan import make_plan
-from builders.recipe import load_recipe
+from enginesmith.builders.planner.plan import make_plan
+from enginesmith.builders.recipe import load_recipe
 from tests.test_build_flags import RECIPES, _reference_dir, _variant
 
 REPO = Path(__file__).resolve().parents[1]

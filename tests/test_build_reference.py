@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from builders.build.cache import EngineManifest
-from builders.build.checkpoint import CheckpointError
-from builders.build.llmapi import MODEL_YAML, OPTIONS_FILE
-from builders.build.reference import ENGINE_CONFIG
-from builders.build.stage import StageDirs, run_build_stage
-from builders.convert import convert_checkpoint
-from builders.model_spec import ModelSpec
-from builders.planner.plan import make_plan
-from builders.recipe import load_recipe
+from enginesmith.builders.build.cache import EngineManifest
+from enginesmith.builders.build.checkpoint import CheckpointError
+from enginesmith.builders.build.llmapi import MODEL_YAML, OPTIONS_FILE
+from enginesmith.builders.build.reference import ENGINE_CONFIG
+from enginesmith.builders.build.stage import StageDirs, run_build_stage
+from enginesmith.builders.convert import convert_checkpoint
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.planner.plan import make_plan
+from enginesmith.builders.recipe import load_recipe
 from tests.support import tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_first_build_writes_engine_config_and_manifest(converted):
 
 
 def test_engine_dir_loads_in_the_reference_runtime(converted):
-    from runtime.engine.engine_config import read_engine_dir
+    from enginesmith.runtime.engine.engine_config import read_engine_dir
 
     out, recipe, plan = converted
     run_build_stage(recipe, plan, out)

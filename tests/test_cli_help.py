@@ -11,8 +11,8 @@ from importlib.metadata import PackageNotFoundError
 import pytest
 from typer.testing import CliRunner
 
-from builders.cli import app, version
-from builders.cli.help_format import PIPELINE_ORDER
+from enginesmith.builders.cli import app, version
+from enginesmith.builders.cli.help_format import PIPELINE_ORDER
 from tests.support import REPO_ROOT
 
 runner = CliRunner()
@@ -43,9 +43,9 @@ def test_pyproject_version_reads_the_project_table_only(tmp_path):
     assert version.pyproject_version(tmp_path / "absent.toml") == "unknown"
 
 
-def test_python_m_builders_cli_runs_the_same_app():
-    r = subprocess.run([sys.executable, "-m", "builders.cli", "--version"], cwd=REPO_ROOT, capture_output=True,
-                       text=True, timeout=120)
+def test_python_m_enginesmith_builders_cli_runs_the_same_app():
+    r = subprocess.run([sys.executable, "-m", "enginesmith.builders.cli", "--version"], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"enginesmith {version.package_version()}\n"
 
@@ -80,4 +80,5 @@ def test_license_is_the_apache_2_text_pyproject_declares():
     text = (REPO_ROOT / "LICENSE").read_text()
     assert text.lstrip().startswith("Apache License\n                           Version 2.0, January 2004")
     assert "END OF TERMS AND CONDITIONS" in text
-    assert 'license = { text = "Apache-2.0" }' in (REPO_ROOT / "pyproject.toml").read_text()
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in pyproject and 'license-files = ["LICENSE"]' in pyproject

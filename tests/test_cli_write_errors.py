@@ -7,7 +7,7 @@ import errno
 
 from typer.testing import CliRunner
 
-from builders.cli import app
+from enginesmith.builders.cli import app
 from tests.support import REPO_ROOT, tiny_hf_model
 from tests.test_convert_cli import write_recipe
 
@@ -45,10 +45,10 @@ def test_tiny_model_into_an_unwritable_folder():
 
 def converted(tmp_path):
     """The tiny-llama recipe converted under `tmp_path` (the --out of the build and repo commands)."""
-    from builders.convert import convert_checkpoint
-    from builders.model_spec import ModelSpec
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
+    from enginesmith.builders.convert import convert_checkpoint
+    from enginesmith.builders.model_spec import ModelSpec
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
 
     recipe = load_recipe(TINY)
     hf = tiny_hf_model("llama")
@@ -74,7 +74,7 @@ def test_repo_into_an_unwritable_folder(tmp_path, monkeypatch):
     def refused(prefix, suffix, dir):  # root may write anywhere on this disk: the refusal is simulated here
         raise PermissionError(errno.EACCES, "Permission denied", str(dir))
 
-    monkeypatch.setattr("triton_repo.repository.tempfile.mkdtemp", refused)
+    monkeypatch.setattr("enginesmith.triton_repo.repository.tempfile.mkdtemp", refused)
     r = runner.invoke(app, ["repo", TINY, "--out", str(tmp_path)])
     assert r.exit_code == 1
     assert error_line(r) == (f"error: --out {tmp_path}: cannot write {root} (Permission denied); "

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from builders.tiny_model import make_tokenizer
-from client.dataset import DatasetError, load_sharegpt, random_prompts
-from client.http import sse_events
-from client.params import ClientError, GenerateParams, build_inputs, contract_of, pack_words
-from client.target import resolve_target
-from client.tokenizer import with_token_ids
+from enginesmith.builders.tiny_model import make_tokenizer
+from enginesmith.client.dataset import DatasetError, load_sharegpt, random_prompts
+from enginesmith.client.http import sse_events
+from enginesmith.client.params import ClientError, GenerateParams, build_inputs, contract_of, pack_words
+from enginesmith.client.target import resolve_target
+from enginesmith.client.tokenizer import with_token_ids
 from tests.support import REPO_ROOT
 
 
@@ -135,7 +135,7 @@ def test_random_prompts_with_a_shared_prefix_start_with_the_same_tokens(tok):
 
 
 def test_prefix_cache_hits_count_blocks_like_the_runtime():
-    from client.dataset import prefix_cache_hits
+    from enginesmith.client.dataset import prefix_cache_hits
 
     system = tuple(range(100, 108))  # two blocks of 4
     prompts = [system + (1,), system + (2, 3), system, (9,) + system[1:] + (4,), system[:4] + (5, 6, 7, 8, 9)]

@@ -8,11 +8,11 @@ import time
 import httpx
 import pytest
 
-from client.grpc_stream import GrpcStreamClient
-from client.grpc_unary import grpc_generate
-from client.http import HttpClient
-from client.params import ClientError, GenerateParams
-from client.server_stats import metric_total, metrics_sample
+from enginesmith.client.grpc_stream import GrpcStreamClient
+from enginesmith.client.grpc_unary import grpc_generate
+from enginesmith.client.http import HttpClient
+from enginesmith.client.params import ClientError, GenerateParams
+from enginesmith.client.server_stats import metric_total, metrics_sample
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -239,7 +239,7 @@ def test_outputs_have_upstreams_shapes(served, model, stream):
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from client.grpc_stream import infer_inputs, is_final, result_outputs
+    from enginesmith.client.grpc_stream import infer_inputs, is_final, result_outputs
 
     tensors = {"text_input": np.array([[PROMPT.encode()]], dtype=object), "max_tokens": np.array([[5]], np.int32),
                "min_tokens": np.array([[5]], np.int32), "stream": np.array([[stream]]),

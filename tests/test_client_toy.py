@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from client.grpc_stream import GrpcStreamClient
-from client.grpc_unary import grpc_generate
-from client.http import HttpClient
-from client.params import GenerateParams
+from enginesmith.client.grpc_stream import GrpcStreamClient
+from enginesmith.client.grpc_unary import grpc_generate
+from enginesmith.client.http import HttpClient
+from enginesmith.client.params import GenerateParams
 from tests.client_toy import ToyModel, ToyServer
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]

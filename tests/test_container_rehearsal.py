@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.container_rehearsal import REPO_ROOT, UPSTREAM_CASES, compare_launch, rehearse, upstream_cases
-from triton_repo.launch import Endpoints, build_mpirun_argv
+from enginesmith.triton_repo.launch import Endpoints, build_mpirun_argv
 
 
 def _ours(case: dict) -> list[str]:
@@ -90,7 +90,7 @@ def test_plain_tritonserver_gives_the_bundled_stub_its_private_numpy_under_numpy
 
     from tests.container_rehearsal import plain_tritonserver
     from tests.test_stub_numpy import echo_repo
-    from triton_repo import discovery
+    from enginesmith.triton_repo import discovery
 
     monkeypatch.setattr(discovery, "numpy_major", lambda: 2)
     with plain_tritonserver(echo_repo(tmp_path), ["echo"], tmp_path / "work") as (url, env):
@@ -115,7 +115,7 @@ def test_the_rehearsal_runs_every_step(tmp_path):
     assert "dry runs: llama3-70b-tp2-pp2.yaml: plan, convert (4 rank files listed)" in text
     assert "repo: llama3-70b-tp2-pp2.yaml (node 1): " in text and "per-node directories" in text
     assert "repo: kimi-k2-16xa100.yaml: LLM-API model.yaml built" in text
-    assert "without enginesmith (stub Python imports neither triton_repo nor builders)" in text
+    assert "without enginesmith (stub Python imports neither enginesmith nor builders)" in text
     assert "launch: llama3-70b-tp2-pp2.yaml: --world_size 4: same ranks, flags and shm prefixes" in text
     assert lines[-1].startswith("stopped where TensorRT-LLM itself runs")
     venv_site = next((tmp_path / "check" / "env" / "venv" / "lib").glob("python*/site-packages"))

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from builders.cli import app
-from builders.convert import CheckpointManifest
+from enginesmith.builders.cli import app
+from enginesmith.builders.convert import CheckpointManifest
 from tests.support import REPO_ROOT, tiny_hf_model
 
 runner = CliRunner()

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from builders.convert import ConvertError, convert_checkpoint
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec, ModelSpecError
+from enginesmith.builders.convert import ConvertError, convert_checkpoint
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec, ModelSpecError
 from tests.support import tiny_hf_model
 
 

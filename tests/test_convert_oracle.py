@@ -15,12 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from builders.convert import convert_checkpoint
-from builders.convert.quantize import dequantize_weight_only, quantize_weight_only
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec
-from builders.tiny_model import ARCH_DEFAULTS, MODEL_VOCAB
-from runtime.model.emulate import emulate_logits
+from enginesmith.builders.convert import convert_checkpoint
+from enginesmith.builders.convert.quantize import dequantize_weight_only, quantize_weight_only
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.tiny_model import ARCH_DEFAULTS, MODEL_VOCAB
+from enginesmith.runtime.model.emulate import emulate_logits
 from tests.support import tiny_hf_model
 
 ARCHS = ("llama", "qwen2", "mixtral")

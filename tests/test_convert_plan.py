@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from builders.convert.config import trtllm_config
-from builders.convert.rank_plan import Read, Zeros, plan_rank, referenced_sources
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec
-from builders.tiny_model import ARCH_DEFAULTS, MODEL_VOCAB
+from enginesmith.builders.convert.config import trtllm_config
+from enginesmith.builders.convert.rank_plan import Read, Zeros, plan_rank, referenced_sources
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.tiny_model import ARCH_DEFAULTS, MODEL_VOCAB
 
 
 def spec_of(arch: str, **overrides) -> ModelSpec:

@@ -16,14 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from builders.convert import CheckpointManifest, convert_checkpoint
-from builders.convert.memory_gate import MemoryGate
-from builders.convert.rank_plan import plan_rank
-from builders.convert.rank_writer import write_rank
-from builders.convert.safetensors_stream import StreamingFileWriter, write_streaming
-from builders.convert.source import HFSource
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec
+from enginesmith.builders.convert import CheckpointManifest, convert_checkpoint
+from enginesmith.builders.convert.memory_gate import MemoryGate
+from enginesmith.builders.convert.rank_plan import plan_rank
+from enginesmith.builders.convert.rank_writer import write_rank
+from enginesmith.builders.convert.safetensors_stream import StreamingFileWriter, write_streaming
+from enginesmith.builders.convert.source import HFSource
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec
 from tests.support import REPO_ROOT, tiny_hf_model
 
 
@@ -162,9 +162,9 @@ def test_rerun_skips_matching_ranks_and_rewrites_damaged_or_stale_ones(tmp_path,
 
 KILL_SCRIPT = """
 import sys, time
-from builders.convert import convert_checkpoint, rank_writer
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec
+from enginesmith.builders.convert import convert_checkpoint, rank_writer
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec
 
 real = rank_writer.rank_chunks
 
@@ -234,7 +234,7 @@ def test_rerun_writes_nothing_only_when_the_whole_folder_is_this_conversion(tmp_
     still get their files and manifest rewritten, with every rank file reused."""
     import shutil
 
-    from builders.convert import convert
+    from enginesmith.builders.convert import convert
 
     hf, out = tmp_path / "hf", tmp_path / "ckpt"
     shutil.copytree(llama, hf)

@@ -14,13 +14,13 @@ import os
 import pytest
 import torch
 
-from runtime.fast import decode_layers
-from runtime.fast.decode_attention import check_against_gather
-from runtime.fast.decode_rope_write import RopeWriter, check_rope_write, rope_cache_write_ref
-from runtime.fast.fast_decode import FastDecoder
-from runtime.model.layers import rope_cos_sin
-from runtime.model.paged_attention import SeqSpan
-from runtime.model.plain_step import plain_forward
+from enginesmith.runtime.fast import decode_layers
+from enginesmith.runtime.fast.decode_attention import check_against_gather
+from enginesmith.runtime.fast.decode_rope_write import RopeWriter, check_rope_write, rope_cache_write_ref
+from enginesmith.runtime.fast.fast_decode import FastDecoder
+from enginesmith.runtime.model.layers import rope_cos_sin
+from enginesmith.runtime.model.paged_attention import SeqSpan
+from enginesmith.runtime.model.plain_step import plain_forward
 from tests.test_fast_decode import assert_close, prefilled, tiny
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
@@ -120,7 +120,7 @@ def test_unusable_rope_kernel_is_a_recorded_fallback_with_plain_results():
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_rope_write_kernel_matches_reference(dtype):
-    from runtime.kernels.triton_rope_write import rope_write
+    from enginesmith.runtime.kernels.triton_rope_write import rope_write
 
     if dtype == torch.bfloat16 and KERNEL_DEVICE == "cpu":
         pytest.skip("bf16 under the interpreter is not a target")
@@ -136,7 +136,7 @@ def test_triton_rope_write_kernel_matches_reference(dtype):
 @pytest.mark.parametrize("splits", [None, 1, 2, 32])
 @pytest.mark.parametrize("min_chunk", [64, 128])
 def test_triton_attention_split_and_merge_paths_match_gather(fused, splits, min_chunk):
-    from runtime.kernels.triton_decode_attention import TritonDecodeAttention
+    from enginesmith.runtime.kernels.triton_decode_attention import TritonDecodeAttention
 
     k_layer = torch.zeros(8, 16, NKV, D, device=KERNEL_DEVICE)  # contexts up to 384 keys: up to 6 live splits
     impl = TritonDecodeAttention(NQ, NKV, D, torch.float32, 8, KERNEL_DEVICE, fused_merge=fused, min_chunk=min_chunk)
@@ -148,7 +148,7 @@ def test_triton_attention_split_and_merge_paths_match_gather(fused, splits, min_
 
 @needs_triton
 def test_triton_split_count_respects_the_longest_context():
-    from runtime.kernels.triton_decode_attention import TritonDecodeAttention
+    from enginesmith.runtime.kernels.triton_decode_attention import TritonDecodeAttention
 
     impl = TritonDecodeAttention(32, 8, 128, torch.bfloat16, 1, KERNEL_DEVICE, min_chunk=128)
     impl.num_sms = 132

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builders.tiny_model import make_tokenizer
+from enginesmith.builders.tiny_model import make_tokenizer
 from tests.sp_tokenizer import UNSEEN, make_sp_tokenizer
-from triton_repo.detokenize import (
+from enginesmith.triton_repo.detokenize import (
     GRACE_S,
     SEVERAL_GRACE_S,
     UNCLAIMED_S,
@@ -21,7 +21,7 @@ from triton_repo.detokenize import (
     LedgerWriter,
     stream_key,
 )
-from triton_repo.text_tensors import (
+from enginesmith.triton_repo.text_tensors import (
     RequestInputError,
     embedding_bias,
     encode_prompts,
@@ -143,7 +143,7 @@ def ledger(tmp_path):
 def test_a_new_ledger_removes_those_of_servers_that_are_gone(tmp_path, monkeypatch):
     import os
 
-    from triton_repo import detokenize
+    from enginesmith.triton_repo import detokenize
 
     monkeypatch.setattr(detokenize, "_ledger_dir", lambda: tmp_path)
     mine = detokenize.server_ledger_path(os.getpid())  # a live "server": this process

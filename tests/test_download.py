@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from builders.download import DownloadError, fetch_model, weight_kind
+from enginesmith.builders.download import DownloadError, fetch_model, weight_kind
 from tests.support import tiny_hf_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -9,11 +9,11 @@ import threading
 import pytest
 import torch
 
-from builders.mapping import Mapping
-from runtime.engine.engine import Engine
-from runtime.engine.engine_config import EngineConfigError
-from runtime.engine.request import FinishReason, Request, RequestError, TokenUpdate
-from runtime.engine.sampler import SamplingParams
+from enginesmith.builders.mapping import Mapping
+from enginesmith.runtime.engine.engine import Engine
+from enginesmith.runtime.engine.engine_config import EngineConfigError
+from enginesmith.runtime.engine.request import FinishReason, Request, RequestError, TokenUpdate
+from enginesmith.runtime.engine.sampler import SamplingParams
 from tests.support import convert_tiny, tiny_hf_model
 
 PROMPTS = ["Hello world!", "The quick brown fox jumps", "Triton", "Once upon a time there was a little robot",
@@ -68,7 +68,7 @@ def test_greedy_matches_transformers_generate(tmp_path, ckpt, tokenizer):
 
 def test_bfloat16_engine_follows_the_bfloat16_oracle(tmp_path, ckpt):
     """bf16 weights, activations and KV cache: the first token of each prompt is the dense oracle's argmax."""
-    from runtime.model.emulate import emulate_logits
+    from enginesmith.runtime.model.emulate import emulate_logits
 
     engine = make_engine(tmp_path, ckpt, {"dtype": "bfloat16"})
     assert engine.cache.k.dtype == torch.bfloat16

@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from builders.mapping import Mapping
-from runtime.engine.request import FinishReason, Request, TokenUpdate
-from runtime.engine.sampler import SamplingParams
+from enginesmith.builders.mapping import Mapping
+from enginesmith.runtime.engine.request import FinishReason, Request, TokenUpdate
+from enginesmith.runtime.engine.sampler import SamplingParams
 from tests.support import convert_tiny
 from tests.test_engine import make_engine, run_alone, run_concurrently
 
@@ -135,11 +135,11 @@ def test_reused_and_missed_blocks_reach_the_metrics_hook(tmp_path, ckpt):
 def test_fast_decode_and_graphed_prefill_hooks_read_shared_blocks_like_the_plain_engine(monkeypatch):
     """The CUDA fast paths, on the CPU: decode tokens through FastDecoder (a whole-prompt hit leaves one token,
     which it runs as a decode), prefill chunks of mixed steps through GraphedPrefill, starting mid-sequence."""
-    from runtime.engine.engine import Engine
-    from runtime.engine.engine_config import EngineConfig
-    from runtime.fast.fast_decode import FAST_DECODE_ENV
-    from runtime.fast.prefill_graphs import GraphedPrefill
-    from runtime.fast.prefill_layers import PrefillLayers
+    from enginesmith.runtime.engine.engine import Engine
+    from enginesmith.runtime.engine.engine_config import EngineConfig
+    from enginesmith.runtime.fast.fast_decode import FAST_DECODE_ENV
+    from enginesmith.runtime.fast.prefill_graphs import GraphedPrefill
+    from enginesmith.runtime.fast.prefill_layers import PrefillLayers
     from tests.test_fast_decode import TPB as FAST_TPB
     from tests.test_fast_decode import tiny
 
@@ -173,7 +173,7 @@ def test_fast_decode_and_graphed_prefill_hooks_read_shared_blocks_like_the_plain
 
 def test_ranks_read_the_shared_blocks_of_the_drivers_tables(tmp_path, ckpt):
     """tp=2 over gloo: the driver sends block tables with shared blocks; each rank's cache holds their K/V."""
-    from runtime.engine.engine import Engine
+    from enginesmith.runtime.engine.engine import Engine
     from tests.test_engine import write_engine_dir
 
     specs = [(p, n, SamplingParams()) for p, n, _ in shared_prefix_requests(8, seed=2)]

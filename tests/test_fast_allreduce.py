@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from builders.mapping import Mapping
-from runtime.parallel.fast_allreduce import FastAllReduce
-from runtime.parallel.groups import ParallelGroups
+from enginesmith.builders.mapping import Mapping
+from enginesmith.runtime.parallel.fast_allreduce import FastAllReduce
+from enginesmith.runtime.parallel.groups import ParallelGroups
 
 
 @pytest.fixture

@@ -12,17 +12,17 @@ import copy
 import pytest
 import torch
 
-from runtime.fast.decode_attention import DecodeBatch, check_against_gather, gather_attention
-from runtime.fast.decode_layers import moe_mlp
-from runtime.engine.engine import Engine
-from runtime.engine.engine_config import EngineConfig
-from runtime.fast.fast_decode import FAST_DECODE_ENV, FastDecoder, buckets
-from runtime.engine.kv_cache import PagedKVCache
-from runtime.model.layers import rms_norm
-from runtime.model.paged_attention import SeqSpan
-from runtime.model.plain_step import plain_forward
-from runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
-from runtime.engine.request import Request
+from enginesmith.runtime.fast.decode_attention import DecodeBatch, check_against_gather, gather_attention
+from enginesmith.runtime.fast.decode_layers import moe_mlp
+from enginesmith.runtime.engine.engine import Engine
+from enginesmith.runtime.engine.engine_config import EngineConfig
+from enginesmith.runtime.fast.fast_decode import FAST_DECODE_ENV, FastDecoder, buckets
+from enginesmith.runtime.engine.kv_cache import PagedKVCache
+from enginesmith.runtime.model.layers import rms_norm
+from enginesmith.runtime.model.paged_attention import SeqSpan
+from enginesmith.runtime.model.plain_step import plain_forward
+from enginesmith.runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
+from enginesmith.runtime.engine.request import Request
 
 TPB = 4
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.kernels.gemv_ref import gemv_ref
+from enginesmith.runtime.kernels.gemv_ref import gemv_ref
 from tests.test_decode_kernels import KERNEL_DEVICE, needs_triton
 
 CASES = [  # (m, n, k, norm, swiglu, bias, residual, out_f32)
@@ -26,7 +26,7 @@ CASES = [  # (m, n, k, norm, swiglu, bias, residual, out_f32)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("cfg", [(16, 32, 4, 1), (32, 64, 4, 2)])
 def test_rows_variants_match_the_unfused_arithmetic_row_by_row(case, cfg):
-    from runtime.kernels.triton_rows import RowsConfig, gemm_rows
+    from enginesmith.runtime.kernels.triton_rows import RowsConfig, gemm_rows
 
     m, n, k, norm, swiglu, bias, residual, out_f32 = case
     gen = torch.Generator().manual_seed(m * n * k)
@@ -48,7 +48,7 @@ def test_rows_variants_match_the_unfused_arithmetic_row_by_row(case, cfg):
 
 @needs_triton
 def test_rows_kernel_in_bf16_stays_within_the_steps_tolerance():
-    from runtime.kernels.triton_rows import gemm_rows
+    from enginesmith.runtime.kernels.triton_rows import gemm_rows
 
     if KERNEL_DEVICE == "cpu":
         pytest.skip("bf16 tensor-core products: CUDA only (the interpreter runs float32 above)")
@@ -62,7 +62,7 @@ def test_rows_kernel_in_bf16_stays_within_the_steps_tolerance():
 
 
 def test_rows_kernel_refuses_bad_shapes_with_the_reason():
-    from runtime.kernels.triton_rows import MAX_ROWS, gemm_rows
+    from enginesmith.runtime.kernels.triton_rows import MAX_ROWS, gemm_rows
 
     with pytest.raises(ValueError, match="1 <= M <= 64"):
         gemm_rows(torch.zeros(MAX_ROWS + 1, 8), torch.zeros(4, 8))
@@ -75,8 +75,8 @@ def test_rows_kernel_refuses_bad_shapes_with_the_reason():
 def test_rows_configs_file_overrides_the_table_by_row_bucket(tmp_path, monkeypatch):
     import json
 
-    tr = pytest.importorskip("runtime.kernels.triton_rows")  # dev extra; nothing here launches a kernel
-    from runtime.kernels.triton_gemv import configs_from_env
+    tr = pytest.importorskip("enginesmith.runtime.kernels.triton_rows")  # dev extra; nothing here launches a kernel
+    from enginesmith.runtime.kernels.triton_gemv import configs_from_env
 
     path = tmp_path / "rows.json"
     path.write_text(json.dumps({"best": {"m32-swiglu-7168x4096": dict(block_n=64, block_k=64, num_warps=4,

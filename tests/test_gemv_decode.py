@@ -12,12 +12,12 @@ import copy
 import pytest
 import torch
 
-from runtime.fast.decode_gemv_step import GemvDecode, check_on_model
-from runtime.fast.fast_decode import FastDecoder
-from runtime.kernels.gemv_ref import gemv_ref
-from runtime.model.paged_attention import SeqSpan
-from runtime.model.plain_step import plain_forward
-from runtime.model.random_model import TINY_MIXTRAL
+from enginesmith.runtime.fast.decode_gemv_step import GemvDecode, check_on_model
+from enginesmith.runtime.fast.fast_decode import FastDecoder
+from enginesmith.runtime.kernels.gemv_ref import gemv_ref
+from enginesmith.runtime.model.paged_attention import SeqSpan
+from enginesmith.runtime.model.plain_step import plain_forward
+from enginesmith.runtime.model.random_model import TINY_MIXTRAL
 from tests.test_decode_kernels import INTERPRET, KERNEL_DEVICE, needs_triton
 from tests.test_fast_decode import assert_close, prefilled, tiny
 
@@ -34,7 +34,7 @@ CASES = [  # (n, k, norm, swiglu, bias, residual, out_f32)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("cfg", [(8, 32, 4), (16, 64, 4), (4, 128, 2), (8, 32, 4, 1, True), (4, 64, 2, 1, True)])
 def test_gemv_variants_match_the_unfused_arithmetic(case, cfg):
-    from runtime.kernels.triton_gemv import GemvConfig, gemv
+    from enginesmith.runtime.kernels.triton_gemv import GemvConfig, gemv
 
     n, k, norm, swiglu, bias, residual, out_f32 = case
     gen = torch.Generator().manual_seed(n * k)
@@ -56,9 +56,9 @@ def test_gemv_variants_match_the_unfused_arithmetic(case, cfg):
 @pytest.mark.parametrize("block_n", [2, 8, 16, 64])
 @pytest.mark.parametrize("bias", [False, True])
 def test_qkv_rope_kernel_writes_rotated_q_and_the_cache_like_the_unfused_ops(block_n, bias):
-    from runtime.fast.decode_rope_write import rope_cache_write_ref
-    from runtime.model.layers import rope_cos_sin
-    from runtime.kernels.triton_gemv import GemvConfig, qkv_rope_gemv
+    from enginesmith.runtime.fast.decode_rope_write import rope_cache_write_ref
+    from enginesmith.runtime.model.layers import rope_cos_sin
+    from enginesmith.runtime.kernels.triton_gemv import GemvConfig, qkv_rope_gemv
 
     nq, nkv, d, hid = 4, 2, 16, 48
     gen = torch.Generator().manual_seed(block_n)
@@ -83,7 +83,7 @@ def test_qkv_rope_kernel_writes_rotated_q_and_the_cache_like_the_unfused_ops(blo
 
 @needs_triton
 def test_gemv_refuses_a_batch_and_a_mismatched_weight():
-    from runtime.kernels.triton_gemv import gemv
+    from enginesmith.runtime.kernels.triton_gemv import gemv
 
     with pytest.raises(ValueError, match="one row"):
         gemv(torch.zeros(2, 8), torch.zeros(4, 8))
@@ -147,7 +147,8 @@ def test_moe_model_decodes_through_the_moe_kernels_like_the_plain_path():
 def test_without_triton_the_step_stays_on_the_regions_path_with_the_reason(monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "runtime.kernels.triton_gemv", None)  # import fails as if triton were missing
+    # The import fails as if triton were missing.
+    monkeypatch.setitem(sys.modules, "enginesmith.runtime.kernels.triton_gemv", None)
     step, why = GemvDecode.try_build(tiny(TINY_MIXTRAL), None, None, lambda x: x, lambda x: x)
     assert step is None and "triton is not importable" in why
 
@@ -159,9 +160,9 @@ def test_failed_self_check_leaves_the_regions_path_with_a_recorded_reason(monkey
     def wrong(x, w, **kw):  # a "kernel" that forgets the norm
         return gemv_ref(x, w, **{k: v for k, v in kw.items() if k not in ("norm", "eps")})
 
-    fake = types.ModuleType("runtime.kernels.triton_gemv")
+    fake = types.ModuleType("enginesmith.runtime.kernels.triton_gemv")
     fake.gemv = wrong
-    monkeypatch.setitem(sys.modules, "runtime.kernels.triton_gemv", fake)
+    monkeypatch.setitem(sys.modules, "enginesmith.runtime.kernels.triton_gemv", fake)
     model = tiny()
     cache, seqs = prefilled(model, [4])
     ref = plain_forward(model, copy.deepcopy(cache), [SeqSpan(seqs[0], 4, 1)], [3])
@@ -174,14 +175,15 @@ def test_rows_kernels_failing_their_check_leave_larger_batches_on_the_regions_pa
     import sys
     import types
 
-    exact = types.ModuleType("runtime.kernels.triton_gemv")  # the batch-1 kernels: the reference arithmetic itself
+    # The batch-1 kernels: the reference arithmetic itself.
+    exact = types.ModuleType("enginesmith.runtime.kernels.triton_gemv")
     exact.gemv = lambda x, w, recv=None, **kw: gemv_ref(x, w, **kw)
     exact.rope_unsupported = lambda *a: "not under test"
-    rows = types.ModuleType("runtime.kernels.triton_rows")
+    rows = types.ModuleType("enginesmith.runtime.kernels.triton_rows")
     rows.MAX_ROWS = 64
     rows.gemm_rows = lambda x, w, **kw: gemv_ref(x, w, **{k: v for k, v in kw.items() if k != "residual"})
-    monkeypatch.setitem(sys.modules, "runtime.kernels.triton_gemv", exact)
-    monkeypatch.setitem(sys.modules, "runtime.kernels.triton_rows", rows)
+    monkeypatch.setitem(sys.modules, "enginesmith.runtime.kernels.triton_gemv", exact)
+    monkeypatch.setitem(sys.modules, "enginesmith.runtime.kernels.triton_rows", rows)
     model = tiny()
     cache, seqs = prefilled(model, [4, 6])
     ref = plain_forward(model, copy.deepcopy(cache), [SeqSpan(s, p, 1) for s, p in zip(seqs, [4, 6], strict=True)],
@@ -200,9 +202,9 @@ def test_self_check_measures_the_reference_against_itself_as_exact():
 @pytest.mark.parametrize("first_expert, e_local", [(0, 4), (2, 2), (1, 2)])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_moe_kernels_match_the_grouped_moe_block(first_expert, e_local, renormalize):
-    from runtime.fast.decode_layers import moe_mlp
-    from runtime.model.layers import rms_norm
-    from runtime.kernels.triton_moe_gemv import moe_down, moe_router, moe_up
+    from enginesmith.runtime.fast.decode_layers import moe_mlp
+    from enginesmith.runtime.model.layers import rms_norm
+    from enginesmith.runtime.kernels.triton_moe_gemv import moe_down, moe_router, moe_up
 
     gen = torch.Generator().manual_seed(first_expert * 7 + e_local)
     hid, inter, experts, top_k = 64, 48, 4, 2
@@ -227,7 +229,7 @@ def test_moe_kernels_match_the_grouped_moe_block(first_expert, e_local, renormal
 def test_configs_file_overrides_the_tuned_table_and_moe_and_rope_entries_come_first(tmp_path, monkeypatch):
     import json
 
-    tg = pytest.importorskip("runtime.kernels.triton_gemv")  # dev extra; nothing here launches a kernel
+    tg = pytest.importorskip("enginesmith.runtime.kernels.triton_gemv")  # dev extra; nothing here launches a kernel
     path = tmp_path / "gemv.json"
     path.write_text(json.dumps({"best": {"6144x4096": dict(block_n=32, block_k=128, num_warps=2, num_stages=1,
                                                            prefetch=False)}}))
@@ -248,7 +250,7 @@ def test_configs_file_overrides_the_tuned_table_and_moe_and_rope_entries_come_fi
 
 
 def test_pdl_is_on_only_for_hopper_cuda_outside_the_interpreter(monkeypatch):
-    from runtime.kernels import pdl
+    from enginesmith.runtime.kernels import pdl
 
     monkeypatch.delenv("ENGINESMITH_PDL", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import runtime_hf
-from runtime.model.random_model import TINY_LLAMA, checkpoint_config, random_rank_model
+from enginesmith.runtime.model.random_model import TINY_LLAMA, checkpoint_config, random_rank_model
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.model.attention import DenseCausalAttention
-from runtime.engine.kv_cache import BlockPool, KVCacheFullError, PagedKVCache, kv_cache_num_blocks
-from runtime.model.paged_attention import PagedAttention, SeqSpan
+from enginesmith.runtime.model.attention import DenseCausalAttention
+from enginesmith.runtime.engine.kv_cache import BlockPool, KVCacheFullError, PagedKVCache, kv_cache_num_blocks
+from enginesmith.runtime.model.paged_attention import PagedAttention, SeqSpan
 
 
 def test_block_pool_is_all_or_nothing_and_returns_blocks():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from triton_repo.launch import Endpoints, build_mpirun_argv, build_server_argv
+from enginesmith.triton_repo.launch import Endpoints, build_mpirun_argv, build_server_argv
 
 EP = Endpoints(9000, 9001, 9002)
 PORTS = ["--http-address=127.0.0.1", "--http-port=9000", "--grpc-address=127.0.0.1", "--grpc-port=9001",
@@ -84,7 +84,7 @@ def test_serve_restricts_shared_memory_whenever_it_listens_beyond_loopback():
 
     from typer.testing import CliRunner
 
-    from builders.cli import app
+    from enginesmith.builders.cli import app
     from tests.support import REPO_ROOT
 
     def command(*flags: str) -> str:

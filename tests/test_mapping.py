@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from builders.mapping import (
+from enginesmith.builders.mapping import (
     Mapping,
     MappingError,
     ep_experts,

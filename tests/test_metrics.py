@@ -1,5 +1,5 @@
-"""runtime.engine.metrics.TritonMetrics: family names and labels (with a small fake pb_utils), and /metrics scraped
-from the real served tiny model while a benchmark runs."""
+"""enginesmith.runtime.engine.metrics.TritonMetrics: family names and labels (with a small fake pb_utils), and
+/metrics scraped from the real served tiny model while a benchmark runs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from client.server_stats import metric_total, metrics_sample, parse_prometheus
-from runtime.engine.metrics import TOKEN_LEN_BUCKETS, TritonMetrics
+from enginesmith.client.server_stats import metric_total, metrics_sample, parse_prometheus
+from enginesmith.runtime.engine.metrics import TOKEN_LEN_BUCKETS, TritonMetrics
 
 
 class FakeMetric:
@@ -180,9 +180,9 @@ def _totals(text: str) -> dict[str, float]:
 @pytest.mark.server
 @pytest.mark.timeout(300)
 def test_metrics_of_the_served_model_during_and_after_a_bench_run():
-    from client.bench import BenchConfig, LoadPoint, run_bench
-    from client.dataset import random_prompts
-    from client.tokenizer import load_tokenizer
+    from enginesmith.client.bench import BenchConfig, LoadPoint, run_bench
+    from enginesmith.client.dataset import random_prompts
+    from enginesmith.client.tokenizer import load_tokenizer
     from tests.client_served import MAX_BATCH, served_tiny
 
     served = served_tiny()

@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from builders.mapping import Mapping
+from enginesmith.builders.mapping import Mapping
 from tests.test_build_flags import _reference_dir
-from triton_repo import model_config as mc
-from triton_repo.repository import model_parameters, tensorrt_llm_parameters
+from enginesmith.triton_repo import model_config as mc
+from enginesmith.triton_repo.repository import model_parameters, tensorrt_llm_parameters
 
 # Upstream's templates (byte copies, see SOURCES.md there) from the shared reference folder (tests/data).
 UPSTREAM = _reference_dir() / "upstream-templates/TensorRT-LLM-triton_backend/all_models"

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from builders.model_spec import ModelSpec, ModelSpecError
-from builders.specs import load_shipped, name_for_repo, resolve_spec, resolve_spec_offline, shipped_entry, shipped_names
-from builders.planner.weights import param_counts
+from enginesmith.builders.model_spec import ModelSpec, ModelSpecError
+from enginesmith.builders.specs import (load_shipped, name_for_repo, resolve_spec, resolve_spec_offline, shipped_entry,
+                                        shipped_names)
+from enginesmith.builders.planner.weights import param_counts
 
 # (spec, relative tolerance on total, on active). The three reference models must be within 0.5%.
 PUBLISHED_TOLERANCE = {
@@ -83,7 +84,7 @@ def test_kv_bytes_per_token_bf16(name, kv_bytes):
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    from builders.tiny_model import make_tiny_model
+    from enginesmith.builders.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_model(root / arch, arch) for arch in ("llama", "mixtral")}
@@ -130,7 +131,7 @@ def test_missing_keys_and_folders(tmp_path):
 
 
 def test_spec_resolution_without_network(tmp_path, monkeypatch):
-    from builders.recipe import ModelSection
+    from enginesmith.builders.recipe import ModelSection
 
     assert name_for_repo("META-LLAMA/Llama-2-13b-hf") == "llama-2-13b"
     assert resolve_spec(ModelSection(source="meta-llama/Llama-2-13b-hf")).num_hidden_layers == 40

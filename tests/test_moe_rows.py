@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.fast.decode_layers import moe_mlp
-from runtime.fast.fast_decode import FastDecoder
-from runtime.model.layers import swiglu
-from runtime.model.paged_attention import SeqSpan
-from runtime.model.plain_step import plain_forward
-from runtime.model.random_model import TINY_MIXTRAL
+from enginesmith.runtime.fast.decode_layers import moe_mlp
+from enginesmith.runtime.fast.fast_decode import FastDecoder
+from enginesmith.runtime.model.layers import swiglu
+from enginesmith.runtime.model.paged_attention import SeqSpan
+from enginesmith.runtime.model.plain_step import plain_forward
+from enginesmith.runtime.model.random_model import TINY_MIXTRAL
 from tests.test_decode_kernels import INTERPRET, KERNEL_DEVICE, needs_triton
 from tests.test_fast_decode import assert_close, prefilled, tiny
 
@@ -39,7 +39,7 @@ def _per_group(x: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> torch.Tens
 @pytest.mark.parametrize("block", [None, (32, 32, 4, 1)])  # default BLOCK_K 128 > K: the masked K loop
 def test_grouped_rows_give_each_groups_rows_times_its_weights(sizes, block):
     """Empty groups write nothing and read nothing, a group of 70 rows takes two 64-row passes."""
-    from runtime.kernels.triton_moe_rows import RowsConfig, grouped, grouped_swiglu
+    from enginesmith.runtime.kernels.triton_moe_rows import RowsConfig, grouped, grouped_swiglu
 
     block = RowsConfig(*block) if block else None
     k, n = 96, 40
@@ -56,7 +56,7 @@ def test_grouped_rows_give_each_groups_rows_times_its_weights(sizes, block):
 
 @needs_triton
 def test_grouped_rows_refuse_mismatched_weights_and_group_ends():
-    from runtime.kernels.triton_moe_rows import grouped
+    from enginesmith.runtime.kernels.triton_moe_rows import grouped
 
     x, w, offs = _groups([2, 3], 32, 16)
     with pytest.raises(ValueError, match="do not match"):
@@ -67,7 +67,7 @@ def test_grouped_rows_refuse_mismatched_weights_and_group_ends():
 
 @needs_triton
 def test_moe_block_through_the_rows_kernels_matches_the_grouped_gemm():
-    from runtime.kernels import triton_moe_rows
+    from enginesmith.runtime.kernels import triton_moe_rows
 
     model = tiny(TINY_MIXTRAL, device=KERNEL_DEVICE)
     w, cfg = model.layers[0], model.cfg
@@ -100,7 +100,7 @@ def test_moe_rows_stay_off_on_cpu_unless_asked_and_failures_keep_the_grouped_gem
     def broken(*a, **k):
         raise RuntimeError("no kernel for this card")
 
-    monkeypatch.setattr("runtime.kernels.triton_moe_rows.grouped_swiglu", broken, raising=False)
+    monkeypatch.setattr("enginesmith.runtime.kernels.triton_moe_rows.grouped_swiglu", broken, raising=False)
     dec = FastDecoder(model, copy.deepcopy(cache), max_batch_size=2, max_seq_len=64, compile=False, gemv=False,
                       cuda_graphs=False, moe_rows=True)
     assert dec.step.moe_rows is None
@@ -108,7 +108,7 @@ def test_moe_rows_stay_off_on_cpu_unless_asked_and_failures_keep_the_grouped_gem
 
 
 def test_moe_rows_configs_come_from_the_tuned_table_unless_a_file_overrides_them(tmp_path, monkeypatch):
-    from runtime.kernels import triton_gemv, triton_moe_rows
+    from enginesmith.runtime.kernels import triton_gemv, triton_moe_rows
 
     assert triton_moe_rows.config_for(14336, 4096, True) == triton_moe_rows.TUNED.get(
         "moe-swiglu-14336x4096", triton_moe_rows.DEFAULT)
@@ -126,7 +126,7 @@ def test_moe_rows_configs_come_from_the_tuned_table_unless_a_file_overrides_them
 
 
 def test_configs_shrink_to_fit_shared_memory_for_float32_weights():
-    from runtime.kernels.triton_moe_rows import SMEM_BUDGET, TUNED, RowsConfig, fit_smem, smem_bytes
+    from enginesmith.runtime.kernels.triton_moe_rows import SMEM_BUDGET, TUNED, RowsConfig, fit_smem, smem_bytes
 
     for key, cfg in TUNED.items():  # the tuned bf16 configs fit at the 32-row blocks they were tuned with
         assert fit_smem(cfg, 32, 2, key.startswith("moe-swiglu")) == cfg

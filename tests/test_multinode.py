@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from builders.build.checkpoint import CheckpointError, validate_checkpoint
-from builders.cli import app
-from builders.mapping import Mapping
-from builders.tiny_model import make_tokenizer
+from enginesmith.builders.build.checkpoint import CheckpointError, validate_checkpoint
+from enginesmith.builders.cli import app
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.tiny_model import make_tokenizer
 from tests.support import tiny_hf_model
 from tests.test_repository import engine_recipe, recipe, reference_engine, trtllm_engine, write
-from triton_repo.repository import RepoError
+from enginesmith.triton_repo.repository import RepoError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_70B = REPO / "recipes" / "llama3-70b-tp2-pp2.yaml"
@@ -29,8 +29,8 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def test_convert_writes_only_the_nodes_ranks(tmp_path):
-    from builders.convert import convert_checkpoint
-    from builders.model_spec import ModelSpec
+    from enginesmith.builders.convert import convert_checkpoint
+    from enginesmith.builders.model_spec import ModelSpec
 
     hf, mapping = tiny_hf_model("llama"), Mapping.create(2, 2)
     node1 = convert_checkpoint(hf, tmp_path / "ckpt", mapping, ModelSpec.from_pretrained_dir(hf), "float32",
@@ -50,8 +50,8 @@ def test_convert_writes_only_the_nodes_ranks(tmp_path):
 
 
 def test_convert_of_a_nodes_ranks_says_what_it_wrote(tmp_path):
-    from builders.convert import convert
-    from builders.model_spec import ModelSpec
+    from enginesmith.builders.convert import convert
+    from enginesmith.builders.model_spec import ModelSpec
 
     hf, mapping = tiny_hf_model("llama"), Mapping.create(2, 2)
     spec = ModelSpec.from_pretrained_dir(hf)

@@ -17,12 +17,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from builders.cli import app
-from client.bench_report import load_runs
-from client.grpc_stream import GrpcStreamClient
-from client.http import HttpClient
-from client.params import GenerateParams
-from client.server_stats import metric_total, metrics_sample
+from enginesmith.builders.cli import app
+from enginesmith.client.bench_report import load_runs
+from enginesmith.client.grpc_stream import GrpcStreamClient
+from enginesmith.client.http import HttpClient
+from enginesmith.client.params import GenerateParams
+from enginesmith.client.server_stats import metric_total, metrics_sample
 from tests.client_served import MAX_BATCH
 from tests.support import REPO_ROOT, tiny_hf_model
 
@@ -46,7 +46,7 @@ def recipe_yaml(path, grpc_port: int):
 @pytest.fixture(scope="module")
 def chat_tok(served, tmp_path_factory):
     """The served tokenizer plus a chat template (the tiny model's has none)."""
-    from client.tokenizer import load_tokenizer
+    from enginesmith.client.tokenizer import load_tokenizer
 
     t = load_tokenizer(served.tokenizer_dir)
     t.chat_template = TEMPLATE
@@ -59,7 +59,7 @@ def chat_tok(served, tmp_path_factory):
 @pytest.fixture(scope="module")
 def front(served, chat_tok, tmp_path_factory):
     """`enginesmith openai RECIPE` as a child process, fronting the served Triton."""
-    from triton_repo.openai_api.runner import FrontProcess
+    from enginesmith.triton_repo.openai_api.runner import FrontProcess
 
     root = tmp_path_factory.mktemp("openai-front")
     recipe = recipe_yaml(root / "tiny.yaml", int(served.grpc_url.rsplit(":", 1)[1]))
@@ -76,9 +76,9 @@ def oai(front):
 @pytest.fixture(scope="module")
 def plain_front(served):
     """The front in a thread of this process, over the served tokenizer as it is (no chat template)."""
-    from triton_repo.openai_api.app import FrontConfig, create_app
-    from triton_repo.openai_api.prompts import Limits
-    from triton_repo.openai_api.runner import FrontServer
+    from enginesmith.triton_repo.openai_api.app import FrontConfig, create_app
+    from enginesmith.triton_repo.openai_api.prompts import Limits
+    from enginesmith.triton_repo.openai_api.runner import FrontServer
 
     cfg = FrontConfig(MODEL, served.grpc_url, served.tokenizer_dir, Limits(256, 512))
     server = FrontServer(create_app(cfg), "127.0.0.1", 0).start()
@@ -230,9 +230,9 @@ def test_chat_without_a_template_is_a_400_and_completions_still_work(plain_front
 
 def test_the_front_can_sit_on_the_ensemble_instead(served, tok, chat_tok):
     """Text in and out through Triton's pre/postprocessing models (the benchmark's comparison path)."""
-    from triton_repo.openai_api.app import FrontConfig, create_app
-    from triton_repo.openai_api.prompts import Limits
-    from triton_repo.openai_api.runner import FrontServer
+    from enginesmith.triton_repo.openai_api.app import FrontConfig, create_app
+    from enginesmith.triton_repo.openai_api.prompts import Limits
+    from enginesmith.triton_repo.openai_api.runner import FrontServer
 
     cfg = FrontConfig(MODEL, served.grpc_url, chat_tok.path, Limits(256, 512), triton_model="ensemble")
     server = FrontServer(create_app(cfg), "127.0.0.1", 0).start()
@@ -315,8 +315,8 @@ def test_bench_targets_the_front(front, served, tmp_path):
 def test_bench_reads_triton_statistics_through_the_front(front, served, tok):
     import asyncio
 
-    from client.bench import BenchConfig, LoadPoint, run_bench
-    from client.dataset import random_prompts
+    from enginesmith.client.bench import BenchConfig, LoadPoint, run_bench
+    from enginesmith.client.dataset import random_prompts
 
     cfg = BenchConfig(served.grpc_url, "", None, [LoadPoint("concurrency", 2)], num_prompts=3, warmup=0,
                       backend="openai", openai_url=front)
@@ -327,10 +327,10 @@ def test_bench_reads_triton_statistics_through_the_front(front, served, tok):
 
 def test_serve_starts_the_front_beside_tritonserver(tmp_path):
     from tests.test_server_pipeline import tiny_layout
-    from triton_repo.server import free_port
+    from enginesmith.triton_repo.server import free_port
 
     recipe, port = tiny_layout(tmp_path, "tiny-front"), free_port()
-    cmd = [sys.executable, "-m", "builders.cli", "serve", str(recipe), "--out", str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "enginesmith.builders.cli", "serve", str(recipe), "--out", str(tmp_path / "out"),
            "--openai-port", str(port)]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from builders.tiny_model import make_tokenizer
-from client.target import resolve_target
-from triton_repo.openai_api.errors import ApiError
-from triton_repo.openai_api.generation import sampling_fields
-from triton_repo.openai_api.prompts import Limits, Prompter
-from triton_repo.openai_api.schemas import ChatCompletionRequest, CompletionRequest, parse
-from triton_repo.openai_api.stops import StopText
+from enginesmith.builders.tiny_model import make_tokenizer
+from enginesmith.client.target import resolve_target
+from enginesmith.triton_repo.openai_api.errors import ApiError
+from enginesmith.triton_repo.openai_api.generation import sampling_fields
+from enginesmith.triton_repo.openai_api.prompts import Limits, Prompter
+from enginesmith.triton_repo.openai_api.schemas import ChatCompletionRequest, CompletionRequest, parse
+from enginesmith.triton_repo.openai_api.stops import StopText
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -177,7 +177,7 @@ def test_the_fast_batch_decoder_decodes_as_the_tokenizer_does(kind, tmp_path):
     import random
 
     from tests.sp_tokenizer import make_sp_tokenizer
-    from triton_repo.openai_api.generation import batch_decoder
+    from enginesmith.triton_repo.openai_api.generation import batch_decoder
 
     t = make_tokenizer(tmp_path) if kind == "bytelevel" else make_sp_tokenizer(tmp_path)
     decode, rng = batch_decoder(t), random.Random(0)
@@ -187,7 +187,7 @@ def test_the_fast_batch_decoder_decodes_as_the_tokenizer_does(kind, tmp_path):
 
 
 def test_a_text_event_is_the_whole_chunk_encoded():
-    from triton_repo.openai_api.streaming import Shape, sse
+    from enginesmith.triton_repo.openai_api.streaming import Shape, sse
 
     for chat in (False, True):
         shape = Shape(chat, "cmpl-1", "m", 5)
@@ -201,9 +201,9 @@ def test_the_openai_command_reports_what_it_cannot_reach(tmp_path):
     import yaml
     from typer.testing import CliRunner
 
-    from builders.cli import app
+    from enginesmith.builders.cli import app
     from tests.support import REPO_ROOT
-    from triton_repo.server import free_port
+    from enginesmith.triton_repo.server import free_port
 
     data = yaml.safe_load((REPO_ROOT / "recipes" / "tiny-llama.yaml").read_text())
     data["model"]["source"] = str(tmp_path / "no-model")
@@ -215,7 +215,7 @@ def test_the_openai_command_reports_what_it_cannot_reach(tmp_path):
     r = CliRunner().invoke(app, ["openai", str(recipe), "--tokenizer", str(tmp_path / "tok"),
                                  "--triton-grpc", f"127.0.0.1:{free_port()}"])
     assert r.exit_code == 2 and "is it running? (`enginesmith serve" in r.output
-    from triton_repo.openai_api.runner import FrontError, listen_socket
+    from enginesmith.triton_repo.openai_api.runner import FrontError, listen_socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

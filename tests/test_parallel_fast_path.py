@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from builders.mapping import Mapping
-from runtime.engine.engine import Engine
-from runtime.fast.fast_decode import FAST_DECODE_ENV, fast_path_enabled
+from enginesmith.builders.mapping import Mapping
+from enginesmith.runtime.engine.engine import Engine
+from enginesmith.runtime.fast.fast_decode import FAST_DECODE_ENV, fast_path_enabled
 from tests.test_parallel_serving import BASELINE, LAYOUTS, _engine_dir, _generate_batched
 
 pytestmark = pytest.mark.timeout(600)

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from builders.mapping import Mapping
-from runtime.model.attention import DenseCausalAttention
-from runtime.model.emulate import emulate_logits
+from enginesmith.builders.mapping import Mapping
+from enginesmith.runtime.model.attention import DenseCausalAttention
+from enginesmith.runtime.model.emulate import emulate_logits
 from tests.support import convert_tiny
 
 PROMPTS = [[5, 17, 33, 2, 99], [120, 7, 8, 250, 311, 42, 3], [9, 9, 1], [64, 65, 66, 67]]
@@ -29,10 +29,10 @@ def _free_port() -> int:
 def _worker(rank: int, ckpt: str, world: int, port: int, n_micro: int, queue) -> None:
     import torch.distributed as dist
 
-    from runtime.model.checkpoint import CheckpointConfig
-    from runtime.model.model import RankModel
-    from runtime.parallel.groups import init_parallel
-    from runtime.parallel.pipeline import MicroBatch, rank_forward
+    from enginesmith.runtime.model.checkpoint import CheckpointConfig
+    from enginesmith.runtime.model.model import RankModel
+    from enginesmith.runtime.parallel.groups import init_parallel
+    from enginesmith.runtime.parallel.pipeline import MicroBatch, rank_forward
 
     torch.set_num_threads(1)
     cfg = CheckpointConfig.from_dir(ckpt)

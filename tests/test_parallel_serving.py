@@ -20,11 +20,11 @@ import numpy as np
 import psutil
 import pytest
 
-from builders.mapping import Mapping
-from runtime.engine.engine import Engine
-from runtime.parallel.liveness import Liveness
-from runtime.engine.request import Request
-from runtime.engine.sampler import SamplingParams
+from enginesmith.builders.mapping import Mapping
+from enginesmith.runtime.engine.engine import Engine
+from enginesmith.runtime.parallel.liveness import Liveness
+from enginesmith.runtime.engine.request import Request
+from enginesmith.runtime.engine.sampler import SamplingParams
 from tests.support import REPO_ROOT, convert_tiny
 from tests.test_engine import write_engine_dir
 
@@ -133,7 +133,7 @@ def test_dead_or_hung_rank_is_named_within_the_timeout(engine_dirs, how):
 @pytest.fixture(scope="module")
 def server(engine_dirs, tmp_path_factory):
     from tests.test_serve_reference import tensorrt_llm_config
-    from triton_repo.server import TritonServer
+    from enginesmith.triton_repo.server import TritonServer
 
     repo = tmp_path_factory.mktemp("ranks-repo")
     for name, engine_dir in engine_dirs.items():

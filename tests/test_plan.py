@@ -12,11 +12,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from builders.cli.commands_plan import register
-from builders.planner.perf_constants import LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
-from builders.planner.plan import make_plan
-from builders.recipe import ParallelSection, load_recipe, parse_recipe
-from builders.planner.roofline import best_micro_batches, bubble_fraction
+from enginesmith.builders.cli.commands_plan import register
+from enginesmith.builders.planner.perf_constants import LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
+from enginesmith.builders.planner.plan import make_plan
+from enginesmith.builders.recipe import ParallelSection, load_recipe, parse_recipe
+from enginesmith.builders.planner.roofline import best_micro_batches, bubble_fraction
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def test_reference_runtime_sends_the_logits_to_rank0_with_pp():
 def test_rendered_plan_names_the_target_of_its_communication_and_no_expert_split_for_dense_models():
     from rich.console import Console
 
-    from builders.planner.plan_render import render
+    from enginesmith.builders.planner.plan_render import render
 
     def text(plan) -> str:
         console = Console(width=400, record=True, file=io.StringIO())
@@ -184,7 +184,7 @@ def test_fp8_runs_only_where_the_gpu_has_it():
 
 
 def test_make_plan_uses_a_given_spec_without_lookup():
-    from builders.specs import load_shipped
+    from enginesmith.builders.specs import load_shipped
 
     r = parse_recipe({"name": "x", "model": {"source": "nobody/not-on-the-hub"},
                       "parallel": {"tp_size": 2}, "build": {"max_seq_len": 512, "max_input_len": 256}})
@@ -237,7 +237,7 @@ def test_cli_recipe_schema(cli, tmp_path):
 
 
 def test_the_real_cli_registers_plan_and_recipe():
-    from builders.cli import app
+    from enginesmith.builders.cli import app
 
     res = CliRunner().invoke(app, ["plan", str(REPO / "recipes" / "tiny-llama.yaml"), "--json"])
     assert res.exit_code == 0, res.output

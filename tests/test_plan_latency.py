@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from builders.planner.hardware import Link
-from builders.planner.perf_constants import HBM_EFFICIENCY, LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
-from builders.planner.plan import make_plan
-from builders.recipe import parse_recipe
+from enginesmith.builders.planner.hardware import Link
+from enginesmith.builders.planner.perf_constants import HBM_EFFICIENCY, LAYER_FIXED_US, MULTI_TOKEN_LAYER_FIXED_US
+from enginesmith.builders.planner.plan import make_plan
+from enginesmith.builders.recipe import parse_recipe
 
 H, LAYERS, V, KV_PER_TOKEN = 4096, 32, 128256, 32 * 2 * 8 * 128 * 2  # K and V, 8 heads of 128, bf16
 

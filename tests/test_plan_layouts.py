@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-from builders.planner.layout_rules import candidate_mappings, mapping_violations, valid_mappings
-from builders.mapping import Mapping, ep_experts, pad_vocab_size, pp_layers
-from builders.model_spec import ModelSpec
-from builders.specs import load_shipped, shipped_names
-from builders.planner.weights import global_shards, layer_shards
+from enginesmith.builders.planner.layout_rules import candidate_mappings, mapping_violations, valid_mappings
+from enginesmith.builders.mapping import Mapping, ep_experts, pad_vocab_size, pp_layers
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.specs import load_shipped, shipped_names
+from enginesmith.builders.planner.weights import global_shards, layer_shards
 
 MAX_WORLD = 16
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from builders.planner.plan import make_plan
-from builders.recipe import load_recipe
+from enginesmith.builders.planner.plan import make_plan
+from enginesmith.builders.recipe import load_recipe
 
 GIB = 1 << 30
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -21,7 +21,7 @@ def kv_tokens(gpu_bytes: int, weights: int, workspace: int, per_token: int, frac
 
 
 def explicit(recipe, **parallel):
-    from builders.recipe import ParallelSection
+    from enginesmith.builders.recipe import ParallelSection
 
     return recipe.model_copy(update={"parallel": ParallelSection(**parallel)})
 
@@ -128,9 +128,9 @@ def test_mixtral_8x22b_memory_by_hand(mixtral):
 
 
 def test_mixtral_auto_picks_the_cheapest_layout_that_meets_the_sla(mixtral):
-    from builders.planner.hardware import resolve_hardware
-    from builders.planner.layout_rules import valid_mappings
-    from builders.planner.plan_eval import evaluate
+    from enginesmith.builders.planner.hardware import resolve_hardware
+    from enginesmith.builders.planner.layout_rules import valid_mappings
+    from enginesmith.builders.planner.plan_eval import evaluate
 
     hw = resolve_hardware(mixtral.recipe.hardware)
     plans = [evaluate(mixtral.recipe, mixtral.spec, hw, m) for m in valid_mappings(mixtral.spec, 16, 8)]
@@ -187,7 +187,7 @@ def test_kv_reuse_of_a_shared_prefix_by_hand(llama13):
     data = base.model_dump()
     data["serve"]["enable_kv_cache_reuse"] = True
     data["sla"]["shared_prefix_tokens"] = 1000
-    from builders.recipe import parse_recipe
+    from enginesmith.builders.recipe import parse_recipe
 
     p = make_plan(parse_recipe(data), with_options=False)
     isl, osl, conc, cached = 1024, 256, 8, 992

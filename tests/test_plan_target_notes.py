@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from builders.planner.plan import make_plan
+from enginesmith.builders.planner.plan import make_plan
 from tests.test_plan import recipe_of, variant
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from benchmarks.planner_check import CALIBRATION, MULTI_TOKEN_CALIBRATION, RESULTS, compare, main
-from builders.planner.perf_constants import COLLECTIVE_LATENCY_US, HOP_LATENCY_US
+from enginesmith.builders.planner.perf_constants import COLLECTIVE_LATENCY_US, HOP_LATENCY_US
 
 
 @pytest.fixture(scope="module")

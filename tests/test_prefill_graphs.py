@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.fast import prefill_graphs
-from runtime.parallel.pipeline import run_layers
-from runtime.fast.prefill_graphs import GraphedPrefill, _Bucket, layer_runner
-from runtime.fast.prefill_layers import PrefillLayers
-from runtime.model.random_model import TINY_MIXTRAL
+from enginesmith.runtime.fast import prefill_graphs
+from enginesmith.runtime.parallel.pipeline import run_layers
+from enginesmith.runtime.fast.prefill_graphs import GraphedPrefill, _Bucket, layer_runner
+from enginesmith.runtime.fast.prefill_layers import PrefillLayers
+from enginesmith.runtime.model.random_model import TINY_MIXTRAL
 from tests.test_fast_decode import assert_close, tiny
 from tests.test_prefill_layers import _micro_batch
 
@@ -115,9 +115,9 @@ def test_cuda_graphs_match_the_compiled_regions_on_a_gpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_the_engine_decoder_captures_the_prefill_graphs_at_start_on_a_gpu(monkeypatch):
-    from runtime.engine.engine_config import EngineConfig
-    from runtime.fast.fast_decode import FastDecoder
-    from runtime.engine.kv_cache import PagedKVCache
+    from enginesmith.runtime.engine.engine_config import EngineConfig
+    from enginesmith.runtime.fast.fast_decode import FastDecoder
+    from enginesmith.runtime.engine.kv_cache import PagedKVCache
 
     monkeypatch.setattr(prefill_graphs, "_runner", None)
     model = tiny(device="cuda")

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from runtime.model.attention import DenseCausalAttention
-from runtime.parallel.pipeline import MicroBatch, run_layers
-from runtime.fast.prefill_layers import PrefillLayers
-from runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL
+from enginesmith.runtime.model.attention import DenseCausalAttention
+from enginesmith.runtime.parallel.pipeline import MicroBatch, run_layers
+from enginesmith.runtime.fast.prefill_layers import PrefillLayers
+from enginesmith.runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL
 from tests.test_fast_decode import assert_close, tiny
 
 

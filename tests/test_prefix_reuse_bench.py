@@ -42,11 +42,11 @@ def test_in_process_tiny_run_writes_results_and_plot(tmp_path):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The tiny recipe converted and built into <out>/tiny-llama: (recipe path, out root, engine root)."""
-    from builders.build.reference import build_reference
-    from builders.convert import convert_checkpoint
-    from builders.model_spec import ModelSpec
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
+    from enginesmith.builders.build.reference import build_reference
+    from enginesmith.builders.convert import convert_checkpoint
+    from enginesmith.builders.model_spec import ModelSpec
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
 
     tmp = tmp_path_factory.mktemp("prefix-reuse")
     hf = tiny_hf_model("llama")

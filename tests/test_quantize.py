@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from builders.convert.quantize import dequantize_weight_only, quantize_weight_only, quantized_shapes
+from enginesmith.builders.convert.quantize import dequantize_weight_only, quantize_weight_only, quantized_shapes
 
 
 def test_int8_layout_is_transposed_with_per_output_channel_scale():

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from builders.recipe import Recipe, RecipeError, load_recipe, parse_recipe
-from builders.recipe_errors import _model_of
+from enginesmith.builders.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from enginesmith.builders.recipe_errors import _model_of
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
 BASE = {"name": "t", "model": {"source": "org/model"}}

@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from builders.build.cache import EngineManifest
-from builders.planner.plan import make_plan
-from builders.recipe import parse_recipe
-from builders.tiny_model import make_tokenizer
-from triton_repo import repo_checks
-from triton_repo.model_config import parse_pbtxt
-from triton_repo.repository import RepoError, RepoManifest, write_repo
+from enginesmith.builders.build.cache import EngineManifest
+from enginesmith.builders.planner.plan import make_plan
+from enginesmith.builders.recipe import parse_recipe
+from enginesmith.builders.tiny_model import make_tokenizer
+from enginesmith.triton_repo import repo_checks
+from enginesmith.triton_repo.model_config import parse_pbtxt
+from enginesmith.triton_repo.repository import RepoError, RepoManifest, write_repo
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-llama.yaml"
 INFLIGHT = ["ensemble", "postprocessing", "preprocessing", "tensorrt_llm", "tensorrt_llm_bls"]
@@ -132,7 +132,7 @@ def test_failed_write_leaves_the_old_repository(tmp_path, tokenizer_dir, monkeyp
     def broken_copy(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("triton_repo.repository.shutil.copyfile", broken_copy)
+    monkeypatch.setattr("enginesmith.triton_repo.repository.shutil.copyfile", broken_copy)
     with pytest.raises(OSError, match="disk full"):
         write(recipe(serve={"triton_max_batch_size": 8}), engine, tokenizer_dir, out)
     assert RepoManifest.read(out).key == old.key and not old.mismatched_outputs(out)

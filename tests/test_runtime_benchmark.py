@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from runtime.model.emulate import emulate_logits
-from runtime.engine.kv_cache import PagedKVCache
-from runtime.model.paged_attention import SeqSpan
-from runtime.model.plain_step import plain_forward
-from runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
+from enginesmith.runtime.model.emulate import emulate_logits
+from enginesmith.runtime.engine.kv_cache import PagedKVCache
+from enginesmith.runtime.model.paged_attention import SeqSpan
+from enginesmith.runtime.model.plain_step import plain_forward
+from enginesmith.runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
 from tests.support import REPO_ROOT
 
 PROMPTS = [[5, 17, 33, 2, 99], [120, 7, 8, 250, 1, 42, 3]]

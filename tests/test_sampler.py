@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from runtime.engine.sampler import NO_TOKEN, SamplingError, SamplingParams, SequenceSampler, ends_with_stop_word, sample
+from enginesmith.runtime.engine.sampler import (NO_TOKEN, SamplingError, SamplingParams, SequenceSampler,
+                                                ends_with_stop_word, sample)
 
 V = 10
 

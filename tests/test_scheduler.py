@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.engine.kv_cache import PagedKVCache
-from runtime.engine.request import Request, Status
-from runtime.engine.scheduler import Schedule, Scheduler
+from enginesmith.runtime.engine.kv_cache import PagedKVCache
+from enginesmith.runtime.engine.request import Request, Status
+from enginesmith.runtime.engine.scheduler import Schedule, Scheduler
 
 
 def _scheduler(num_blocks=32, tpb=4, **kw) -> Scheduler:

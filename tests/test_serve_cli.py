@@ -8,13 +8,14 @@ import socket
 import pytest
 from typer.testing import CliRunner
 
-from builders.cli import app
+from enginesmith.builders.cli import app
 from tests.support import REPO_ROOT
 
 GLOO = "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:47495"
 
 
-@pytest.mark.parametrize("module", ["builders.cli.commands_repo", "builders.cli.commands_client", "client.bench_cli"])
+@pytest.mark.parametrize("module", ["enginesmith.builders.cli.commands_repo",
+                                    "enginesmith.builders.cli.commands_client", "enginesmith.client.bench_cli"])
 def test_errors_print_bracketed_text_as_it_is(module, capsys):
     """A gloo message's `[/...]` read as a rich closing tag raised MarkupError and hid the real error."""
     import importlib
@@ -23,9 +24,9 @@ def test_errors_print_bracketed_text_as_it_is(module, capsys):
 
     mod = importlib.import_module(module)
     with pytest.raises(typer.Exit):
-        if module == "builders.cli.commands_repo":
+        if module == "enginesmith.builders.cli.commands_repo":
             mod._fail(2, GLOO)
-        elif module == "builders.cli.commands_client":
+        elif module == "enginesmith.builders.cli.commands_client":
             raise mod._fail(2, GLOO)
         else:
             raise mod._fail(GLOO)

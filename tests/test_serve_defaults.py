@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builders.cli.commands_repo import _ready_timeout
-from builders.planner.plan import make_plan
-from builders.recipe import parse_recipe
-from builders.tiny_model import make_tokenizer
+from enginesmith.builders.cli.commands_repo import _ready_timeout
+from enginesmith.builders.planner.plan import make_plan
+from enginesmith.builders.recipe import parse_recipe
+from enginesmith.builders.tiny_model import make_tokenizer
 from tests.test_repository import config, reference_engine
-from triton_repo.readiness import FLOOR_S, LOAD_GBPS, STARTUP_S, default_ready_timeout
-from triton_repo.repository import write_repo
+from enginesmith.triton_repo.readiness import FLOOR_S, LOAD_GBPS, STARTUP_S, default_ready_timeout
+from enginesmith.triton_repo.repository import write_repo
 
 REPO = Path(__file__).resolve().parents[1]
 

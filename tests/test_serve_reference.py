@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from builders.mapping import Mapping
-from runtime.engine.iteration_log import read_iteration_log
+from enginesmith.builders.mapping import Mapping
+from enginesmith.runtime.engine.iteration_log import read_iteration_log
 from tests.support import REPO_ROOT, convert_tiny, tiny_hf_model
 from tests.test_engine import PROMPTS, write_engine_dir
 
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 MODEL = "tensorrt_llm"
 def tensorrt_llm_config(engine_dir: Path) -> str:
     """The upstream tensorrt_llm config (part A's protobuf builder), backend python, over our engine dir."""
-    from triton_repo import model_config as mc
+    from enginesmith.triton_repo import model_config as mc
 
     options = mc.RepoOptions(triton_max_batch_size=16, decoupled=True, tensorrt_llm_backend="python")
     params = {"gpt_model_path": str(engine_dir), "gpt_model_type": "inflight_fused_batching",
@@ -42,7 +42,7 @@ def tensorrt_llm_config(engine_dir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from triton_repo.server import TritonServer
+    from enginesmith.triton_repo.server import TritonServer
 
     root = tmp_path_factory.mktemp("serve")
     engine_dir = write_engine_dir(root / "engine", convert_tiny(root, "llama", Mapping.create(1, 1)))
@@ -76,14 +76,14 @@ class Stream:
         self.client.start_stream(callback=lambda result, error: self.events.put((result, error)))
 
     def send(self, rid: str, inputs: dict[str, np.ndarray], model: str = MODEL) -> None:
-        from client.grpc_stream import infer_inputs
+        from enginesmith.client.grpc_stream import infer_inputs
 
         self.client.async_stream_infer(model, infer_inputs(inputs), request_id=rid, enable_empty_final_response=True)
 
     def collect(self, n: int, timeout: float = 120) -> dict[str, dict]:
         """Wait for `n` requests to end: id -> {"tokens": [...], "error": str | None, "responses": k (with tokens),
         "empty": k (responses whose output_ids hold no token)}."""
-        from client.grpc_stream import is_final
+        from enginesmith.client.grpc_stream import is_final
 
         out: dict[str, dict] = {}
         done = 0
@@ -266,7 +266,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, what
 
 def test_batch_of_two_rows_streams_each_row_with_its_batch_index(server):
     """One Triton request holding two padded prompts: each row equals the same prompt sent alone."""
-    from client.grpc_stream import is_final
+    from enginesmith.client.grpc_stream import is_final
 
     rows = [[11, 12, 13, 14, 15], [21, 22]]
     s = Stream(server.grpc_url)
@@ -335,7 +335,7 @@ def test_log_probs_and_perf_metrics_are_returned_as_upstream(server, streaming):
 
 
 def is_final_of(result) -> bool:
-    from client.grpc_stream import is_final
+    from enginesmith.client.grpc_stream import is_final
 
     return is_final(result)
 
@@ -373,14 +373,14 @@ def test_metrics_hook_reports_the_kv_pool_and_iterations(server):
 
 # ---- the tensor contract in plain numpy (no server) ----
 def _rows(decoupled=True, **extra):
-    from runtime.engine.tensor_contract import parse_rows
+    from enginesmith.runtime.engine.tensor_contract import parse_rows
 
     return parse_rows(tensors([5, 6, 7], 4, **extra), decoupled=decoupled, exclude_input_default=False)
 
 
 def test_word_lists_use_upstreams_ids_and_offsets_rows():
-    from runtime.engine.request import RequestError
-    from runtime.engine.tensor_contract import parse_word_list
+    from enginesmith.runtime.engine.request import RequestError
+    from enginesmith.runtime.engine.tensor_contract import parse_word_list
 
     arr = np.array([[10, 11, 12, 13, 0], [2, 3, 4, -1, -1]], np.int32)
     assert parse_word_list(arr) == ((10, 11), (12,), (13,))
@@ -407,7 +407,7 @@ def test_rows_carry_upstream_defaults_and_overrides():
     ({"input_lengths": np.int32(9)}, True, "input_lengths=9 is outside [0, 3]"),
 ])
 def test_contract_errors_name_the_input(extra, decoupled, message):
-    from runtime.engine.request import RequestError
+    from enginesmith.runtime.engine.request import RequestError
 
     with pytest.raises(RequestError, match=message.replace("[", r"\[")):
         _rows(decoupled=decoupled, **extra)

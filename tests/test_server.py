@@ -20,9 +20,9 @@ import pytest
 
 from tests.sp_tokenizer import UNSEEN, make_sp_tokenizer
 from tests.support import REPO_ROOT
-from triton_repo import model_config as mc
-from triton_repo.repository import MODELS_DIR, model_parameters
-from triton_repo.server import ServerError, TritonServer, free_endpoints
+from enginesmith.triton_repo import model_config as mc
+from enginesmith.triton_repo.repository import MODELS_DIR, model_parameters
+from enginesmith.triton_repo.server import ServerError, TritonServer, free_endpoints
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 
@@ -110,7 +110,7 @@ def test_streamed_chunks_are_detokenized_per_stream_from_the_ledger(text_server,
     import tritonclient.grpc as grpc
     import tritonclient.http as http
 
-    from triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
+    from enginesmith.triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
 
     mod = http if protocol == "http" else grpc
     url = text_server.http_url.removeprefix("http://") if protocol == "http" else text_server.grpc_url
@@ -186,7 +186,7 @@ def test_startup_failure_reports_the_log_tail(tmp_path, sp_tok):
 
 # ---- discovery and ports ------------------------------------------------------------------------------------
 def test_tritonserver_on_path_wins(tmp_path, monkeypatch):
-    from triton_repo.discovery import find_server
+    from enginesmith.triton_repo.discovery import find_server
 
     fake = tmp_path / "bin" / "tritonserver"
     fake.parent.mkdir()
@@ -198,7 +198,7 @@ def test_tritonserver_on_path_wins(tmp_path, monkeypatch):
 
 
 def test_bundled_server_environment(tmp_path):
-    from triton_repo.discovery import PY, bundled_server, installation_prefix, linked_libpython
+    from enginesmith.triton_repo.discovery import PY, bundled_server, installation_prefix, linked_libpython
 
     b = bundled_server(tmp_path)
     assert b.bundled and b.path.name == "tritonserver" and b.path.is_file()
@@ -210,7 +210,7 @@ def test_bundled_server_environment(tmp_path):
     assert (first / "python3").exists()  # the stub's embedded Python finds its prefix here
     prefix = installation_prefix(linked_libpython(backend / "triton_python_backend_stub", b.env["LD_LIBRARY_PATH"]))
     cfg = first.parent / "pyvenv.cfg"
-    from triton_repo.discovery import numpy_major
+    from enginesmith.triton_repo.discovery import numpy_major
 
     if prefix.resolve() == Path(sys.base_prefix).resolve() and (numpy_major() or 0) < 2:
         assert first == Path(sys.executable).parent

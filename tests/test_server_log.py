@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from tests.support import REPO_ROOT
-from triton_repo.ports import port_holder, port_taken
-from triton_repo.server import PortInUse, TritonServer, free_endpoints
-from triton_repo.server_log import error_lines, failure_report
+from enginesmith.triton_repo.ports import port_holder, port_taken
+from enginesmith.triton_repo.server import PortInUse, TritonServer, free_endpoints
+from enginesmith.triton_repo.server_log import error_lines, failure_report
 
 LOG = (REPO_ROOT / "tests" / "data" / "tritonserver-failure.log").read_text()
 """Lines of real logs of the bundled server on a host without GPUs: a rank that died, a model that failed."""

@@ -25,7 +25,7 @@ import yaml
 
 from tests.support import REPO_ROOT, convert_tiny, tiny_hf_model
 from tests.test_server import array_input, bytes_input
-from triton_repo.server import TritonServer, free_endpoints
+from enginesmith.triton_repo.server import TritonServer, free_endpoints
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 PROMPTS = ["Hello world!", "Unicode: café, naïve, 東京", "The quick brown fox"]
@@ -34,7 +34,7 @@ PROMPTS = ["Hello world!", "Unicode: café, naïve, 東京", "The quick brown fo
 # ---- the whole repository of the tiny llama ----------------------------------------------------------------
 def tiny_layout(root: Path, name: str) -> Path:
     """<root>/out/<name>/{checkpoint, engine} (what convert + build make) and the recipe file."""
-    from builders.mapping import Mapping
+    from enginesmith.builders.mapping import Mapping
 
     stage = root / "out" / name
     ckpt = convert_tiny(stage, "llama", Mapping.create(1, 1))
@@ -59,9 +59,9 @@ def tiny_layout(root: Path, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def llm_server(tmp_path_factory):
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
-    from triton_repo.repository import write_repo
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
+    from enginesmith.triton_repo.repository import write_repo
 
     root = tmp_path_factory.mktemp("llm-server")
     recipe_path = tiny_layout(root, "tiny-serve")
@@ -144,7 +144,7 @@ def recipe_on_ports(recipe_path: Path, tmp_path: Path, ep) -> Path:
 
 def start_serve(recipe: Path, out: Path, ep) -> tuple[subprocess.Popen, list[psutil.Process]]:
     """`enginesmith serve` in a subprocess, once its server is ready; the processes it runs."""
-    cmd = [sys.executable, "-m", "builders.cli", "serve", str(recipe), "--out", str(out)]
+    cmd = [sys.executable, "-m", "enginesmith.builders.cli", "serve", str(recipe), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -182,7 +182,7 @@ def test_serve_command_stops_on_sigterm(llm_server, tmp_path):
 
 def test_serve_killed_takes_its_server_along(llm_server, tmp_path):
     """SIGKILL gives `serve` no chance to stop anything: tritonserver and its stubs used to stay on the ports."""
-    from triton_repo.ports import port_taken
+    from enginesmith.triton_repo.ports import port_taken
 
     _, recipe_path = llm_server
     ep = free_endpoints()
@@ -205,7 +205,7 @@ def test_serve_refuses_a_taken_port_naming_its_holder(llm_server, tmp_path):
     """It used to print "serving ..." (the old server answered the health check) and fail 15 s later."""
     from typer.testing import CliRunner
 
-    from builders.cli import app
+    from enginesmith.builders.cli import app
 
     _, recipe_path = llm_server
     script = tmp_path / "holder.py"

@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks.kernels.step_configs import parse_variant
-from runtime.kernels.triton_gemv import GemvConfig
+from enginesmith.runtime.kernels.triton_gemv import GemvConfig
 
 
 def test_variant_with_overrides():

@@ -12,7 +12,7 @@ import pytest
 
 from tests.sp_tokenizer import make_sp_tokenizer
 from tests.test_server import text_repo
-from triton_repo.server import TritonServer
+from enginesmith.triton_repo.server import TritonServer
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 

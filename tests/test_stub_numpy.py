@@ -16,9 +16,9 @@ import pytest
 
 from tests.test_server import text_repo
 from tests.sp_tokenizer import make_sp_tokenizer
-from triton_repo import discovery
-from triton_repo.discovery import PY, ServerNotFound, bundled_server
-from triton_repo.server import ServerError, TritonServer
+from enginesmith.triton_repo import discovery
+from enginesmith.triton_repo.discovery import PY, ServerNotFound, bundled_server
+from enginesmith.triton_repo.server import ServerError, TritonServer
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from runtime.kernels.gemv_ref import gemv_ref
-from runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
-from runtime.parallel.tp_exchange import TPExchange
+from enginesmith.runtime.kernels.gemv_ref import gemv_ref
+from enginesmith.runtime.model.random_model import TINY_LLAMA, TINY_MIXTRAL, checkpoint_config, random_rank_model
+from enginesmith.runtime.parallel.tp_exchange import TPExchange
 from tests.test_decode_kernels import INTERPRET, KERNEL_DEVICE, needs_triton
 
 H, K, V = 64, 96, 40  # hidden, o_proj input, vocab slice
@@ -52,7 +52,7 @@ POLLS = ["seq", "vec", "handoff"]  # runtime/triton_gemv.x_poll: how the consume
 @pytest.mark.parametrize("poll", POLLS)
 @pytest.mark.parametrize("tp", [2, 3])
 def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp, poll, monkeypatch):
-    from runtime.kernels.triton_gemv import POLL_ENV, gemv
+    from enginesmith.runtime.kernels.triton_gemv import POLL_ENV, gemv
 
     monkeypatch.setenv(POLL_ENV, poll)
     gen = torch.Generator().manual_seed(tp)
@@ -88,7 +88,7 @@ def test_exchange_sums_partials_and_gathers_logits_like_the_collectives(tp, poll
 @needs_triton
 def test_a_partial_that_rounds_to_minus_zero_still_arrives_as_plus_zero():
     """-0.0 is the "not landed" mark, so a producer stores a -0.0 result as +0.0 instead of hanging its peers."""
-    from runtime.kernels.triton_gemv import gemv
+    from enginesmith.runtime.kernels.triton_gemv import gemv
 
     exs = _ranks(dtype=torch.bfloat16, spin=50)
     x = torch.full((1, K), 1e-22, device=KERNEL_DEVICE).to(torch.bfloat16)
@@ -108,7 +108,7 @@ def test_a_partial_that_rounds_to_minus_zero_still_arrives_as_plus_zero():
 @needs_triton
 @pytest.mark.parametrize("poll", POLLS)
 def test_a_wait_for_a_peer_that_never_sends_gives_up_and_reports_it(poll, monkeypatch):
-    from runtime.kernels.triton_gemv import POLL_ENV, gemv
+    from enginesmith.runtime.kernels.triton_gemv import POLL_ENV, gemv
 
     monkeypatch.setenv(POLL_ENV, poll)
     gen = torch.Generator().manual_seed(0)
@@ -147,7 +147,7 @@ def test_reduce_kernel_sums_every_ranks_partial_in_rank_order_and_empties_the_ne
 @needs_triton
 def test_split_mode_sums_what_the_producer_gemvs_stored():
     """Mode "split": the residual GEMVs store into the slots (send), a small kernel per point sums them."""
-    from runtime.kernels.triton_gemv import gemv
+    from enginesmith.runtime.kernels.triton_gemv import gemv
 
     gen = torch.Generator().manual_seed(4)
     exs = _ranks()
@@ -178,8 +178,8 @@ def test_reduce_kernel_gives_up_on_a_peer_that_never_sends():
 
 
 def test_poll_modes_map_to_the_kernel_switches(monkeypatch):
-    from runtime.parallel.tp_signal import HANDOFF
-    from runtime.kernels.triton_gemv import POLL_ENV, x_poll
+    from enginesmith.runtime.parallel.tp_signal import HANDOFF
+    from enginesmith.runtime.kernels.triton_gemv import POLL_ENV, x_poll
 
     recv = _ranks(points=1)[0].recv(0)
     assert x_poll(None, 4096, 512) == dict(XCHUNKS=1, XHANDOFF=0)  # no exchange: unused
@@ -244,12 +244,12 @@ def _step_rank(rank: int, port: int, bufs: list[torch.Tensor], queue, moe: bool)
 
     import torch.distributed as dist
 
-    from builders.mapping import Mapping
-    from runtime.fast.fast_decode import FastDecoder
-    from runtime.engine.kv_cache import PagedKVCache
-    from runtime.model.paged_attention import SeqSpan
-    from runtime.parallel.groups import init_parallel
-    from runtime.model.plain_step import plain_forward
+    from enginesmith.builders.mapping import Mapping
+    from enginesmith.runtime.fast.fast_decode import FastDecoder
+    from enginesmith.runtime.engine.kv_cache import PagedKVCache
+    from enginesmith.runtime.model.paged_attention import SeqSpan
+    from enginesmith.runtime.parallel.groups import init_parallel
+    from enginesmith.runtime.model.plain_step import plain_forward
 
     torch.set_num_threads(1)
     groups = init_parallel(Mapping.create(tp_size=2), rank, f"tcp://127.0.0.1:{port}", "gloo")
@@ -288,9 +288,9 @@ PROMPT, NEXT = [5, 17, 33, 2, 99], [7, 250]
 def test_two_ranks_step_through_the_exchange_like_the_collective_path_and_tp1(moe):
     """Every mode against the collective path and tp=1; the tiny Mixtral (its experts split over the ranks) takes
     the exchange kernels after its MoE blocks (the fused mode covers dense layers only)."""
-    from runtime.engine.kv_cache import PagedKVCache
-    from runtime.model.paged_attention import SeqSpan
-    from runtime.model.plain_step import plain_forward
+    from enginesmith.runtime.engine.kv_cache import PagedKVCache
+    from enginesmith.runtime.model.paged_attention import SeqSpan
+    from enginesmith.runtime.model.plain_step import plain_forward
 
     shape = TINY_MIXTRAL if moe else TINY_LLAMA
     cfg = checkpoint_config(shape, tp_size=2)

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from builders.build.cache import EngineManifest
-from builders.build.engine_check import EngineCompatibilityError, check_engine_compatible, installed_trtllm_version
-from builders.build.trtllm_engine import PINNED_VERSION, TensorRTLLMUnavailable, require_trtllm
-from builders.cli import app
+from enginesmith.builders.build.cache import EngineManifest
+from enginesmith.builders.build.engine_check import (EngineCompatibilityError, check_engine_compatible,
+                                                     installed_trtllm_version)
+from enginesmith.builders.build.trtllm_engine import PINNED_VERSION, TensorRTLLMUnavailable, require_trtllm
+from enginesmith.builders.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_13B = str(REPO / "recipes" / "llama2-13b-tp2-24gb.yaml")
@@ -111,8 +112,8 @@ def test_repo_of_an_engine_needs_the_serving_trtllm(tmp_path, on_path):
     """`enginesmith repo` of a built engine checks the TensorRT-LLM here, never the pin."""
     from tests.test_repository import engine_recipe, trtllm_engine, write
 
-    from builders.tiny_model import make_tokenizer
-    from triton_repo.repository import RepoError
+    from enginesmith.builders.tiny_model import make_tokenizer
+    from enginesmith.triton_repo.repository import RepoError
 
     tok = tmp_path / "tok"
     make_tokenizer(tok)

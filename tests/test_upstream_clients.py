@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from client.grpc_stream import GrpcStreamClient
-from client.params import GenerateParams
+from enginesmith.client.grpc_stream import GrpcStreamClient
+from enginesmith.client.params import GenerateParams
 from tests.support import REPO_ROOT
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]

@@ -33,7 +33,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import enginesmith
+
+IMPORT_ROOT = Path(enginesmith.__file__).resolve().parents[1]
+"""The folder the stubs import `enginesmith` from: the checkout root, or where it is installed."""
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 STUB_NUMPY = "numpy>=1.21,<2"
 WHEELS_ENV = "ENGINESMITH_STUB_WHEELS"
@@ -173,13 +176,13 @@ def stub_environment(prefix: Path, root: Path, first: Path | None = None) -> Pat
     lines = [f"import sys; sys.path.insert(0, {str(first)!r}); import {NUMPY_COMPAT}"] if first is not None else []
     lines += [f"import site; site.addsitedir({d!r})" for d in site.getsitepackages()]
     lines += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    _atomic_text(sp / "_enginesmith_site.pth", "\n".join([*lines, str(REPO_ROOT)]) + "\n")
+    _atomic_text(sp / "_enginesmith_site.pth", "\n".join([*lines, str(IMPORT_ROOT)]) + "\n")
     return bin_dir
 
 
 def python_path_env(python_bin: Path) -> dict[str, str]:
     path = os.pathsep.join([str(python_bin), os.environ.get("PATH", "")])
-    pythonpath = [str(REPO_ROOT), *site.getsitepackages(), os.environ.get("PYTHONPATH", "")]
+    pythonpath = [str(IMPORT_ROOT), *site.getsitepackages(), os.environ.get("PYTHONPATH", "")]
     return {"PATH": path, "PYTHONPATH": os.pathsep.join(p for p in pythonpath if p)}
 
 

@@ -141,7 +141,7 @@ def check_engine_target(engine_dir: str | Path, target: str, gpu_compute_capabil
 
     The manifest is optional (an engine built by hand has none); when present it must agree.
     """
-    from builders.build.cache import EngineManifest
+    from enginesmith.builders.build.cache import EngineManifest
 
     manifest = EngineManifest.read(engine_dir)
     if manifest is None:
@@ -151,7 +151,7 @@ def check_engine_target(engine_dir: str | Path, target: str, gpu_compute_capabil
                         f"build.target is {target}; run `enginesmith build RECIPE`")
     if target != "trtllm-engine":
         return
-    from builders.build.engine_check import EngineCompatibilityError, check_engine_compatible
+    from enginesmith.builders.build.engine_check import EngineCompatibilityError, check_engine_compatible
 
     try:
         check_engine_compatible(engine_dir, gpu_compute_capability, None, trtllm_version)
@@ -161,6 +161,6 @@ def check_engine_target(engine_dir: str | Path, target: str, gpu_compute_capabil
 
 def serving_trtllm_version() -> str | None:
     """TensorRT-LLM of the serving side: the installed one (None when this Python has none)."""
-    from builders.build.engine_check import installed_trtllm_version
+    from enginesmith.builders.build.engine_check import installed_trtllm_version
 
     return installed_trtllm_version()

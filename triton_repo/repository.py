@@ -7,10 +7,11 @@ tensorrt_llm_reference.py as tensorrt_llm/1/model.py). Target trtllm-llmapi gets
 model. Everything is checked first (triton_repo/repo_checks.py), written into a temporary directory, and
 renamed into place, so a reader never sees a half-written repository.
 
-The repository is self-contained: the `triton_repo` modules preprocessing, postprocessing and the BLS import
-are copied next to each `model.py` (`<model>/1/triton_repo/...`, found by reading their imports), and the
-models put their own folder first on `sys.path`, so a plain `tritonserver --model-repository` (or upstream's
-launch_triton_server.py) serves them without enginesmith installed. The reference target's `tensorrt_llm`
+The repository is self-contained: the `enginesmith.triton_repo` modules preprocessing, postprocessing and the
+BLS import are copied next to each `model.py` (`<model>/1/enginesmith/triton_repo/...` under a plain
+`<model>/1/enginesmith/__init__.py`, found by reading their imports), and the models put their own folder first
+on `sys.path`, so a plain `tritonserver --model-repository` (or upstream's launch_triton_server.py) serves them
+without enginesmith installed. The reference target's `tensorrt_llm`
 model runs the reference runtime, so it needs enginesmith (and torch) installed where it is served.
 """
 
@@ -23,13 +24,19 @@ from pathlib import Path
 
 from pydantic import Field
 
-from builders.manifest import StageManifest, sha256_file, sha256_json, tool_versions
-from triton_repo import model_config as mc
-from triton_repo import repo_checks as checks
-from triton_repo.repo_checks import RepoError
-from triton_repo.tensor_specs import TENSORRT_LLM_PARAMETERS
+from enginesmith.builders.manifest import StageManifest, sha256_file, sha256_json, tool_versions
+from enginesmith.triton_repo import model_config as mc
+from enginesmith.triton_repo import repo_checks as checks
+from enginesmith.triton_repo.repo_checks import RepoError
+from enginesmith.triton_repo.tensor_specs import TENSORRT_LLM_PARAMETERS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+ROOT_PACKAGE = "enginesmith"
+PACKAGES = ("builders", "runtime", "triton_repo", "client")
+"""The import root's packages (`enginesmith.<name>`)."""
+COPIED_ROOT_INIT = ('"""Import root of the enginesmith modules copied beside model.py by enginesmith\'s repository '
+                    'writer."""\n')
+"""The copy's `enginesmith/__init__.py`: a plain package (it does not extend `__path__` as the checkout's does)."""
 MODELS_DIR = PACKAGE_DIR / "models"
 SELF_CONTAINED = ("preprocessing", "postprocessing", "tensorrt_llm_bls")
 """Python models that must run with nothing of enginesmith installed (their helpers are copied beside them)."""
@@ -111,11 +118,11 @@ def repo_options(recipe) -> mc.RepoOptions:
 
 
 def _module_file(name: str) -> Path | None:
-    """Source file of `triton_repo[.x.y]`, or None when `name` is not one of this package's modules."""
+    """Source file of `enginesmith.triton_repo[.x.y]`, or None when `name` is not one of this package's modules."""
     parts = name.split(".")
-    if parts[0] != PACKAGE_DIR.name:
+    if parts[:2] != [ROOT_PACKAGE, PACKAGE_DIR.name]:
         return None
-    base = PACKAGE_DIR.joinpath(*parts[1:])
+    base = PACKAGE_DIR.joinpath(*parts[2:])
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
             return path
@@ -134,19 +141,21 @@ def _imported(path: Path) -> set[str]:
     return out
 
 
-def helper_files(model_file: Path) -> dict[str, Path]:
-    """`triton_repo/...` path -> source of every module of this package `model_file` needs, transitively
-    (with the `__init__.py` of each package on the way)."""
-    found: dict[str, Path] = {}
+def helper_files(model_file: Path) -> dict[str, Path | str]:
+    """`enginesmith/...` path -> source of every module of this package `model_file` needs, transitively (with
+    the `__init__.py` of each package on the way), or the text of the copy's own `enginesmith/__init__.py`."""
+    found: dict[str, Path | str] = {f"{ROOT_PACKAGE}/__init__.py": COPIED_ROOT_INIT}
     todo = [model_file]
     while todo:
         for name in sorted(_imported(todo.pop())):
-            if name.split(".")[0] in ("builders", "runtime", "client"):
-                raise RepoError(f"{model_file.name} needs {name}, which a self-contained repository cannot hold")
             parts = name.split(".")
-            for depth in range(1, len(parts) + 1):
+            if parts[0] in PACKAGES:
+                raise RepoError(f"{model_file.name} imports {name}: import it as {ROOT_PACKAGE}.{name}")
+            if parts[0] == ROOT_PACKAGE and len(parts) > 1 and parts[1] != PACKAGE_DIR.name:
+                raise RepoError(f"{model_file.name} needs {name}, which a self-contained repository cannot hold")
+            for depth in range(2, len(parts) + 1):
                 path = _module_file(".".join(parts[:depth]))
-                rel = path and path.relative_to(PACKAGE_DIR.parent).as_posix()
+                rel = path and f"{ROOT_PACKAGE}/{PACKAGE_DIR.name}/{path.relative_to(PACKAGE_DIR).as_posix()}"
                 if path is not None and rel not in found:
                     found[rel] = path
                     todo.append(path)
@@ -221,7 +230,7 @@ def check_inputs(recipe, plan, engine_dir: Path, tokenizer_dir: Path, streaming:
                  gpu_compute_capability: str | None = None, trtllm_version: str | None = None,
                  ranks: tuple[int, ...] | None = None):
     """Every cross-check of `write_repo`; returns the engine facts (raises RepoError)."""
-    from builders.build.gpu import gpu_arch_of
+    from enginesmith.builders.build.gpu import gpu_arch_of
 
     target = recipe.build.target
     if ranks is not None and target != "trtllm-engine":

@@ -25,10 +25,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from triton_repo.discovery import ServerBinary, ServerNotFound, find_server
-from triton_repo.launch import Endpoints, build_mpirun_argv, build_server_argv
-from triton_repo.ports import port_holder, port_taken
-from triton_repo.server_log import error_lines, failure_report
+from enginesmith.triton_repo.discovery import ServerBinary, ServerNotFound, find_server
+from enginesmith.triton_repo.launch import Endpoints, build_mpirun_argv, build_server_argv
+from enginesmith.triton_repo.ports import port_holder, port_taken
+from enginesmith.triton_repo.server_log import error_lines, failure_report
 
 __all__ = ["TritonServer", "ServerError", "PortInUse", "ServerNotFound", "free_endpoints", "find_server"]
 ADDRESS_IN_USE = ("already in use",)  # "failed to start HTTP service: ... Socket '...' already in use"

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.kernels.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
-from runtime.kernels.triton_decode_attention import TritonDecodeAttention
+from enginesmith.runtime.kernels.triton_decode_attention import TritonDecodeAttention
 
 NQ, NKV, D, TPB, LAYERS = 32, 8, 128, 32, 8
 MIN_CHUNKS = (64, 128, 256, 512)

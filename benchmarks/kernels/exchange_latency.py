@@ -42,7 +42,7 @@ import triton.language as tl
 from benchmarks.kernels.graph_timing import time_graph
 from benchmarks.runtime import write_atomic
 from benchmarks.runtime_hw import card_slug
-from runtime.parallel import tp_signal
+from enginesmith.runtime.parallel import tp_signal
 
 HID, O_IN, GU_ROWS = 4096, 2048, 2 * 7168  # Llama-3-8B at tp=2: o_proj's K slice, gate/up's rows (both halves)
 REPLAYS, ROUNDS, PINGS = 20, 5, 2000
@@ -143,9 +143,9 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     import torch.distributed as dist
 
     from benchmarks.runtime_parallel import _join
-    from runtime.kernels import pdl as pdl_mod
-    from runtime.parallel.tp_exchange import TPExchange
-    from runtime.kernels.triton_gemv import POLL_ENV, gemv, poll_switches
+    from enginesmith.runtime.kernels import pdl as pdl_mod
+    from enginesmith.runtime.parallel.tp_exchange import TPExchange
+    from enginesmith.runtime.kernels.triton_gemv import POLL_ENV, gemv, poll_switches
 
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
     group = groups.tp_group
@@ -279,7 +279,7 @@ def main() -> None:
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         raise SystemExit("exchange_latency needs 2 CUDA GPUs with peer access (nvidia-h100-x2)")
     from benchmarks.runtime_parallel import _spawn
-    from runtime.parallel.tp_exchange import ENV_SWITCH
+    from enginesmith.runtime.parallel.tp_exchange import ENV_SWITCH
 
     os.environ[ENV_SWITCH] = "1"  # the spawned ranks read it when they set the exchange up
     r = _spawn(_rank, 2, dict(cuda=True, points=a.points), timeout_s=400)

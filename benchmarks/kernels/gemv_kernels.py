@@ -30,9 +30,9 @@ import torch
 
 from benchmarks.kernels.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
-from runtime.kernels import triton_rows
-from runtime.kernels.gemv_ref import gemv_ref, rel_err
-from runtime.kernels.triton_gemv import GemvConfig, config_for, gemv, qkv_rope_gemv, shape_key
+from enginesmith.runtime.kernels import triton_rows
+from enginesmith.runtime.kernels.gemv_ref import gemv_ref, rel_err
+from enginesmith.runtime.kernels.triton_gemv import GemvConfig, config_for, gemv, qkv_rope_gemv, shape_key
 
 HID, INTER, VOCAB, NQ, NKV, D = 4096, 14336, 128256, 32, 8, 128
 COPIES = 16
@@ -128,8 +128,8 @@ def _pick_best(res: dict) -> dict:
 def bench_rope(tp: int, cfgs: list[GemvConfig], gen: torch.Generator) -> dict:
     """The qkv projection of one of tp ranks: qkv_rope_gemv (norm, rotary, KV write) against the unfused
     arithmetic, then per config its time next to the plain fused GEMV's (norm only) in the same config."""
-    from runtime.fast.decode_rope_write import rope_cache_write_ref
-    from runtime.model.layers import rope_cos_sin
+    from enginesmith.runtime.fast.decode_rope_write import rope_cache_write_ref
+    from enginesmith.runtime.model.layers import rope_cos_sin
 
     nq, nkv, n, k = NQ // tp, NKV // tp, (NQ + 2 * NKV) * D // tp, HID
     dev, dt = "cuda", torch.bfloat16

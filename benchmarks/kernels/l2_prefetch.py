@@ -26,7 +26,7 @@ import triton.language as tl
 
 from benchmarks.kernels.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
-from runtime.kernels.triton_gemv import gemv
+from enginesmith.runtime.kernels.triton_gemv import gemv
 
 HID, INTER, NQ, NKV, D = 4096, 14336, 32, 8, 128
 SHAPES = {  # the tp=2 projections that follow an all-reduce: gate/up (after o_proj's), qkv (after down's)

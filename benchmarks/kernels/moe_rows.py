@@ -20,9 +20,9 @@ import torch
 
 from benchmarks.kernels.graph_timing import time_graph
 from benchmarks.runtime_hw import card_slug
-from runtime.kernels.gemv_ref import check_tol, rel_err
-from runtime.model.layers import swiglu
-from runtime.kernels.triton_moe_rows import DEFAULT, TUNED, RowsConfig, grouped, grouped_swiglu, shape_key
+from enginesmith.runtime.kernels.gemv_ref import check_tol, rel_err
+from enginesmith.runtime.model.layers import swiglu
+from enginesmith.runtime.kernels.triton_moe_rows import DEFAULT, TUNED, RowsConfig, grouped, grouped_swiglu, shape_key
 
 HID, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
 CONFIGS = [RowsConfig(bn, bk, w, s) for bn, bk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4, 8),

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from runtime.model.attention import DenseCausalAttention
-from runtime.kernels.gemv_ref import rel_err
-from runtime.parallel.pipeline import MicroBatch, run_layers
-from runtime.fast.prefill_graphs import GraphedPrefill
-from runtime.fast.prefill_layers import PrefillLayers
-from runtime.model.random_model import LLAMA_3_8B, TINY_LLAMA, checkpoint_config, random_rank_model
+from enginesmith.runtime.model.attention import DenseCausalAttention
+from enginesmith.runtime.kernels.gemv_ref import rel_err
+from enginesmith.runtime.parallel.pipeline import MicroBatch, run_layers
+from enginesmith.runtime.fast.prefill_graphs import GraphedPrefill
+from enginesmith.runtime.fast.prefill_layers import PrefillLayers
+from enginesmith.runtime.model.random_model import LLAMA_3_8B, TINY_LLAMA, checkpoint_config, random_rank_model
 
 RUNNERS = ("graphed", "compiled", "eager")
 

@@ -30,8 +30,8 @@ import torch
 
 from benchmarks.runtime_hw import card_slug
 from benchmarks.runtime_parallel import _no_allreduce
-from runtime.kernels import pdl
-from runtime.model.random_model import LLAMA_3_8B, MIXTRAL_8X7B, checkpoint_config, random_rank_model
+from enginesmith.runtime.kernels import pdl
+from enginesmith.runtime.model.random_model import LLAMA_3_8B, MIXTRAL_8X7B, checkpoint_config, random_rank_model
 
 PROMPT_LEN = 512
 TP_PATHS = ("exchange", "collectives", "no-allreduce")
@@ -98,7 +98,7 @@ def profile_rank(rank: int, world: int, port: int, p: dict, tp_size: int | None 
     logits repeated for the gather)."""
     from benchmarks.runtime_decode import make_cache
     from benchmarks.runtime_parallel import _join
-    from runtime.fast.fast_decode import FastDecoder
+    from enginesmith.runtime.fast.fast_decode import FastDecoder
 
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
     tp = tp_size or world
@@ -108,7 +108,7 @@ def profile_rank(rank: int, world: int, port: int, p: dict, tp_size: int | None 
     if groups is None and tp > 1:
         reduce, gather = rank_alone_collectives(tp)
     if groups is not None:
-        from runtime.parallel.tp_exchange import for_model
+        from enginesmith.runtime.parallel.tp_exchange import for_model
 
         reduce, gather = groups.all_reduce_tp, groups.gather_tp_last_dim
         groups.enable_fast_all_reduce(p["batch"] * cfg.hidden_size * 2, model.dtype, device)

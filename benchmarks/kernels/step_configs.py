@@ -25,9 +25,9 @@ import torch
 
 from benchmarks.runtime import write_atomic
 from benchmarks.runtime_hw import card_slug
-from runtime.kernels import triton_gemv
-from runtime.kernels.triton_gemv import GemvConfig
-from runtime.model.random_model import LLAMA_3_8B, checkpoint_config, random_rank_model
+from enginesmith.runtime.kernels import triton_gemv
+from enginesmith.runtime.kernels.triton_gemv import GemvConfig
+from enginesmith.runtime.model.random_model import LLAMA_3_8B, checkpoint_config, random_rank_model
 
 PROMPT_LEN = 512
 _CONFIG = re.compile(r"^(pf-)?n(\d+)-k(\d+)-w(\d+)$")
@@ -82,7 +82,7 @@ def run(variants: list[tuple[str, dict[str, GemvConfig]]], tp: int, layers: int 
         steps: int) -> dict:
     from benchmarks.kernels.profile_decode import rank_alone_collectives
     from benchmarks.runtime_decode import greedy_batch, make_cache
-    from runtime.fast.fast_decode import FastDecoder
+    from enginesmith.runtime.fast.fast_decode import FastDecoder
 
     device = torch.device("cuda", 0)
     cfg = checkpoint_config(LLAMA_3_8B, num_layers=layers, dtype="bfloat16", tp_size=tp)

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.runtime import write_atomic
 from benchmarks.runtime_parallel import _join, _need_gpus, _spawn
-from runtime.model.random_model import LLAMA_3_8B, checkpoint_config, random_rank_model
+from enginesmith.runtime.model.random_model import LLAMA_3_8B, checkpoint_config, random_rank_model
 
 PROMPT, FORCED, TIMED = 64, 16, 64
 PATHS = (("collectives", None), ("exchange", "fused"), ("kernel", "kernel"), ("split", "split"))
@@ -33,10 +33,10 @@ def _rank(rank: int, world: int, port: int, p: dict) -> dict | None:
     import torch.distributed as dist
 
     from benchmarks.runtime_decode import greedy_batch, make_cache
-    from runtime.fast.fast_decode import FastDecoder
-    from runtime.model.paged_attention import SeqSpan
-    from runtime.model.plain_step import plain_forward
-    from runtime.parallel.tp_exchange import for_model
+    from enginesmith.runtime.fast.fast_decode import FastDecoder
+    from enginesmith.runtime.model.paged_attention import SeqSpan
+    from enginesmith.runtime.model.plain_step import plain_forward
+    from enginesmith.runtime.parallel.tp_exchange import for_model
 
     device, groups = _join(rank, world, port, p, tp_size=world, pp_size=1)
     cfg = checkpoint_config(LLAMA_3_8B, num_layers=p["layers"], dtype="bfloat16", tp_size=world)

@@ -7,7 +7,7 @@ Targets: `trtllm-engine` (trtllm-build engines, TensorRT-LLM 1.2.x; `engine_targ
 The serving side calls `check_engine_compatible(engine_dir)` before launch.
 """
 
-from builders.build.cache import BuildResult, EngineManifest
-from builders.build.engine_check import EngineCompatibilityError, check_engine_compatible
+from enginesmith.builders.build.cache import BuildResult, EngineManifest
+from enginesmith.builders.build.engine_check import EngineCompatibilityError, check_engine_compatible
 
 __all__ = ["BuildResult", "EngineCompatibilityError", "EngineManifest", "check_engine_compatible"]

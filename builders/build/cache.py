@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
-from builders.manifest import StageManifest, sha256_file, sha256_json
+from enginesmith.builders.manifest import StageManifest, sha256_file, sha256_json
 
 # Recipe sections / inputs each target leaves out of its key, and why they cannot change its outputs.
 IGNORED_FACTORS: dict[str, dict[str, str]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builders.manifest import MANIFEST_NAME, StageManifest, sha256_file
+from enginesmith.builders.manifest import MANIFEST_NAME, StageManifest, sha256_file
 
 MAPPING_KEYS = ("world_size", "tp_size", "pp_size", "moe_tp_size", "moe_ep_size")
 

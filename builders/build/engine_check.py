@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from builders.build.cache import EngineManifest
+from enginesmith.builders.build.cache import EngineManifest
 
 TRTLLM_DISTRIBUTIONS = ("tensorrt_llm", "tensorrt-llm")
 LIMIT_KEYS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width")

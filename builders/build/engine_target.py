@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builders.build.cache import (
+from enginesmith.builders.build.cache import (
     IGNORED_FACTORS,
     BuildResult,
     EngineManifest,
@@ -15,9 +15,9 @@ from builders.build.cache import (
     remove_stale_outputs,
     stale_ranks,
 )
-from builders.build.checkpoint import validate_checkpoint
-from builders.build.engine_check import installed_trtllm_version, local_gpus, verify_engine_dir
-from builders.build.flags import (
+from enginesmith.builders.build.checkpoint import validate_checkpoint
+from enginesmith.builders.build.engine_check import installed_trtllm_version, local_gpus, verify_engine_dir
+from enginesmith.builders.build.flags import (
     BuildCommand,
     FlagChoice,
     build_command,
@@ -25,9 +25,9 @@ from builders.build.flags import (
     choose_flags,
     per_node_commands,
 )
-from builders.build.gpu import GpuArch, gpu_arch_of
-from builders.build.trtllm_engine import require_trtllm, run_build, runner_argv
-from builders.manifest import sha256_file, tool_versions
+from enginesmith.builders.build.gpu import GpuArch, gpu_arch_of
+from enginesmith.builders.build.trtllm_engine import require_trtllm, run_build, runner_argv
+from enginesmith.builders.manifest import sha256_file, tool_versions
 
 TARGET = "trtllm-engine"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from builders.build.gpu import GpuArch
+from enginesmith.builders.build.gpu import GpuArch
 
 TRTLLM_BUILD = "trtllm-build"
 # Flags that old tutorials pass but the 1.2.x parser no longer has ...

@@ -32,7 +32,7 @@ class GpuArch:
 
 def gpu_arch_of(hardware) -> GpuArch:
     """The target GPU of a recipe's `hardware` section, resolved against the catalogue."""
-    from builders.planner.hardware import resolve_hardware
+    from enginesmith.builders.planner.hardware import resolve_hardware
 
     hw = resolve_hardware(hardware)
     return GpuArch(kind=hw.gpu, sm=hw.sm, fp8=hw.fp8)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from builders.build.cache import (
+from enginesmith.builders.build.cache import (
     IGNORED_FACTORS,
     BuildResult,
     EngineManifest,
@@ -27,7 +27,7 @@ from builders.build.cache import (
     is_fresh,
     remove_stale_outputs,
 )
-from builders.manifest import atomic_write_text, sha256_file, sha256_json, tool_versions
+from enginesmith.builders.manifest import atomic_write_text, sha256_file, sha256_json, tool_versions
 
 TARGET = "trtllm-llmapi"
 OPTIONS_FILE = "llm_api_options.yaml"

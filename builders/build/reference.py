@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builders.build.cache import (
+from enginesmith.builders.build.cache import (
     IGNORED_FACTORS,
     BuildResult,
     EngineManifest,
@@ -18,8 +18,8 @@ from builders.build.cache import (
     is_fresh,
     remove_stale_outputs,
 )
-from builders.build.checkpoint import validate_checkpoint
-from builders.manifest import atomic_write_text, sha256_file, tool_versions
+from enginesmith.builders.build.checkpoint import validate_checkpoint
+from enginesmith.builders.manifest import atomic_write_text, sha256_file, tool_versions
 
 TARGET = "reference"
 ENGINE_CONFIG = "engine_config.json"

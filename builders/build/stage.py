@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from builders.build.cache import BuildResult
+from enginesmith.builders.build.cache import BuildResult
 
 TARGETS = ("trtllm-engine", "trtllm-llmapi", "reference")
 
@@ -30,15 +30,15 @@ def run_build_stage(recipe, plan, out: str | Path, ranks=None, workers: int | No
     dirs = StageDirs.of(out, recipe.name)
     target = recipe.build.target
     if target == "reference":
-        from builders.build.reference import build_reference
+        from enginesmith.builders.build.reference import build_reference
 
         return build_reference(recipe, plan, dirs.checkpoint, dirs.engine)
     if target == "trtllm-llmapi":
-        from builders.build.llmapi import build_llmapi
+        from enginesmith.builders.build.llmapi import build_llmapi
 
         return build_llmapi(recipe, plan, dirs.hf, dirs.engine)
     if target == "trtllm-engine":
-        from builders.build.engine_target import build_trtllm_engine
+        from enginesmith.builders.build.engine_target import build_trtllm_engine
 
         return build_trtllm_engine(recipe, plan, dirs.checkpoint, dirs.engine, ranks, workers)
     raise ValueError(f"build.target: {target!r} is not one of {', '.join(TARGETS)}")

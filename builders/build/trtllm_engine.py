@@ -1,7 +1,7 @@
 """The only module that runs TensorRT-LLM: `trtllm-build`, whole or for a subset of ranks.
 
 All ranks: the exact `trtllm-build ...` command from `builders.build.flags`.
-Some ranks (one node of a multi-node layout): `python -m builders.build.trtllm_engine --ranks 2,3 --
+Some ranks (one node of a multi-node layout): `python -m enginesmith.builders.build.trtllm_engine --ranks 2,3 --
 trtllm-build ...` runs trtllm-build's own `main()` with the same arguments, replacing only its
 `parallel_build` loop by one over the chosen ranks (rank r on local GPU i % workers). The engine
 config.json, which upstream writes only from rank 0, is written from the first chosen rank.
@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 
-from builders.build.flags import TRTLLM_BUILD, BuildCommand, shell_line
+from enginesmith.builders.build.flags import TRTLLM_BUILD, BuildCommand, shell_line
 
 PINNED_VERSION = "1.2.1"
 INSTALL_HELP = f"""TensorRT-LLM is not installed here, so the engines cannot be built on this machine.
@@ -52,7 +52,7 @@ def runner_argv(cmd: BuildCommand, python: str = "python") -> list[str]:
     if cmd.all_ranks:
         return list(cmd.argv)
     ranks = ",".join(str(r) for r in cmd.ranks)
-    return [python, "-m", "builders.build.trtllm_engine", "--ranks", ranks, "--", *cmd.argv]
+    return [python, "-m", "enginesmith.builders.build.trtllm_engine", "--ranks", ranks, "--", *cmd.argv]
 
 
 def run_build(cmd: BuildCommand) -> None:
@@ -96,7 +96,8 @@ def _build_subset(ranks: list[int], trtllm_args: list[str]) -> None:  # pragma: 
 
 def _main(argv: list[str]) -> None:  # pragma: no cover - needs TensorRT-LLM
     if len(argv) < 4 or argv[0] != "--ranks" or argv[2] != "--" or argv[3] != TRTLLM_BUILD:
-        raise SystemExit("usage: python -m builders.build.trtllm_engine --ranks 2,3 -- trtllm-build ARGS...")
+        raise SystemExit("usage: python -m enginesmith.builders.build.trtllm_engine --ranks 2,3 -- "
+                         "trtllm-build ARGS...")
     _build_subset([int(r) for r in argv[1].split(",")], argv[4:])
 
 

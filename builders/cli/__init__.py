@@ -1,5 +1,5 @@
 """The `enginesmith` CLI: one typer app (`app.py`), one module per sub-command."""
 
-from builders.cli.app import app, main
+from enginesmith.builders.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -1,5 +1,5 @@
-"""`python -m builders.cli`: the `enginesmith` command."""
+"""`python -m enginesmith.builders.cli`: the `enginesmith` command."""
 
-from builders.cli.app import main
+from enginesmith.builders.cli.app import main
 
 main()

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from builders.cli.help_format import PipelineGroup
-from builders.cli.version import package_version
+from enginesmith.builders.cli.help_format import PipelineGroup
+from enginesmith.builders.cli.version import package_version
 
 app = typer.Typer(
     name="enginesmith",
@@ -34,13 +34,13 @@ def _root(
 
 # Each module defines `register(app)`; a sub-command exists only once its module is here.
 COMMAND_MODULES: list[str] = [
-    "builders.cli.commands_build",
-    "builders.cli.commands_client",
-    "builders.cli.commands_convert",
-    "builders.cli.commands_demo",
-    "builders.cli.commands_openai",
-    "builders.cli.commands_plan",
-    "builders.cli.commands_repo",
+    "enginesmith.builders.cli.commands_build",
+    "enginesmith.builders.cli.commands_client",
+    "enginesmith.builders.cli.commands_convert",
+    "enginesmith.builders.cli.commands_demo",
+    "enginesmith.builders.cli.commands_openai",
+    "enginesmith.builders.cli.commands_plan",
+    "enginesmith.builders.cli.commands_repo",
 ]
 
 

@@ -11,9 +11,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from builders.build.flags import shell_line
-from builders.build.stage import StageDirs
-from builders.build.trtllm_engine import runner_argv
+from enginesmith.builders.build.flags import shell_line
+from enginesmith.builders.build.stage import StageDirs
+from enginesmith.builders.build.trtllm_engine import runner_argv
 
 console = Console(highlight=False, soft_wrap=True, markup=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
@@ -24,8 +24,8 @@ OUT = Path("out")
 
 
 def _load(recipe_path: Path):
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     return recipe, make_plan(recipe)
@@ -43,8 +43,8 @@ def _trtllm_found() -> str:
     """The TensorRT-LLM this Python would run (the installed version, never the pin)."""
     import shutil
 
-    from builders.build.engine_check import installed_trtllm_version, trtllm_location
-    from builders.build.trtllm_engine import PINNED_VERSION
+    from enginesmith.builders.build.engine_check import installed_trtllm_version, trtllm_location
+    from enginesmith.builders.build.trtllm_engine import PINNED_VERSION
 
     found = installed_trtllm_version()
     if found is None:
@@ -72,8 +72,8 @@ def _show_nodes(recipe_path: Path, out: Path, per_node) -> None:
 
 
 def _show_engine_plan(recipe, plan, recipe_path: Path, dirs: StageDirs, ranks, workers, explain: bool):
-    from builders.build.engine_target import plan_engine_build
-    from builders.planner.layout_search import layout_sizes
+    from enginesmith.builders.build.engine_target import plan_engine_build
+    from enginesmith.builders.planner.layout_search import layout_sizes
 
     bp = plan_engine_build(recipe, plan, dirs.checkpoint, dirs.engine, ranks, workers)
     m = plan.mapping
@@ -92,8 +92,8 @@ def _show_engine_plan(recipe, plan, recipe_path: Path, dirs: StageDirs, ranks, w
 
 
 def _show_llmapi(recipe, plan, dirs: StageDirs) -> None:
-    from builders.build.flags import shell_line
-    from builders.build.llmapi import OPTIONS_FILE, llmapi_files, model_source, serve_command
+    from enginesmith.builders.build.flags import shell_line
+    from enginesmith.builders.build.llmapi import OPTIONS_FILE, llmapi_files, model_source, serve_command
 
     for name, text in llmapi_files(recipe, plan, dirs.hf).items():
         console.print(f"# ---- {dirs.engine / name}")
@@ -104,7 +104,7 @@ def _show_llmapi(recipe, plan, dirs: StageDirs) -> None:
 
 
 def _show_reference(recipe, plan, dirs: StageDirs) -> None:
-    from builders.build.reference import ENGINE_CONFIG, reference_engine_config
+    from enginesmith.builders.build.reference import ENGINE_CONFIG, reference_engine_config
 
     console.print(f"# checkpoint: {dirs.checkpoint}; would write {dirs.engine / ENGINE_CONFIG}:")
     console.print(json.dumps(reference_engine_config(recipe, dirs.checkpoint, plan.pipeline.micro_batches), indent=2))
@@ -126,12 +126,12 @@ def build(
         "--workers", help="Parallel build workers (default: GPUs of one node that the ranks use).")] = None,
 ) -> None:
     """Build the recipe's target from its converted checkpoint (cached: an unchanged build is skipped)."""
-    from builders.build.checkpoint import CheckpointError
-    from builders.build.engine_check import EngineCheckError
-    from builders.build.engine_target import GpuMismatchError
-    from builders.build.flags import parse_ranks
-    from builders.build.stage import run_build_stage
-    from builders.build.trtllm_engine import TensorRTLLMUnavailable
+    from enginesmith.builders.build.checkpoint import CheckpointError
+    from enginesmith.builders.build.engine_check import EngineCheckError
+    from enginesmith.builders.build.engine_target import GpuMismatchError
+    from enginesmith.builders.build.flags import parse_ranks
+    from enginesmith.builders.build.stage import run_build_stage
+    from enginesmith.builders.build.trtllm_engine import TensorRTLLMUnavailable
 
     try:
         recipe, plan = _load(recipe_path)
@@ -154,7 +154,7 @@ def build(
     except subprocess.CalledProcessError as e:
         _fail(EXIT_TOOL_FAILED, f"{e.cmd[0]} failed with exit code {e.returncode}")
     except OSError as e:
-        from builders.cli.errors import fs_error
+        from enginesmith.builders.cli.errors import fs_error
 
         _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
     if result.skipped:

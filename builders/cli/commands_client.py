@@ -25,7 +25,7 @@ def _fail(code: int, msg: str) -> typer.Exit:
 
 
 def _params(prompt: str, max_tokens, stream, sampling: dict, stop, bad, request_id, include_input):
-    from client.params import GenerateParams
+    from enginesmith.client.params import GenerateParams
 
     return GenerateParams(text=prompt, max_tokens=max_tokens, stream=stream, stop_words=list(stop or []),
                           bad_words=list(bad or []), request_id=request_id,
@@ -34,9 +34,9 @@ def _params(prompt: str, max_tokens, stream, sampling: dict, stop, bad, request_
 
 
 def _run_client(protocol: str, url: str, model: str, params, tokenizer, as_json: bool, timeout: float):
-    from client.grpc_stream import GrpcStreamClient
-    from client.grpc_unary import grpc_generate
-    from client.http import HttpClient
+    from enginesmith.client.grpc_stream import GrpcStreamClient
+    from enginesmith.client.grpc_unary import grpc_generate
+    from enginesmith.client.http import HttpClient
 
     printed = [0]
 
@@ -95,9 +95,9 @@ def _client_command(protocol: str):
         as_json: Annotated[bool, Opt("--json", help="Print the whole result as JSON.")] = False,
         timeout: Annotated[float, Opt(help="Seconds to wait for the last token.")] = 300.0,
     ) -> None:
-        from client.params import ClientError, ServerUnreachable
-        from client.target import resolve_target
-        from client.tokenizer import load_tokenizer
+        from enginesmith.client.params import ClientError, ServerUnreachable
+        from enginesmith.client.target import resolve_target
+        from enginesmith.client.tokenizer import load_tokenizer
 
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -128,7 +128,7 @@ def _client_command(protocol: str):
 
 
 def register(app: typer.Typer) -> None:
-    from client.bench_cli import analyze, bench
+    from enginesmith.client.bench_cli import analyze, bench
 
     client_app = typer.Typer(help="Send one request to a served model: text in, text out.", no_args_is_help=True)
     for protocol in ("stream", "grpc", "http"):

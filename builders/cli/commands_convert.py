@@ -25,13 +25,13 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool, 
     """Recipe -> Plan -> fetch -> convert; returns (ConvertResult, checkpoint folder).
 
     `ranks` ("2,3" or "4-7"): write only those rank files (one node of a multi-node layout)."""
-    from builders.build.flags import parse_ranks
-    from builders.convert import convert
-    from builders.download import fetch_model
-    from builders.planner.layout_search import layout_sizes
-    from builders.model_spec import ModelSpec
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
+    from enginesmith.builders.build.flags import parse_ranks
+    from enginesmith.builders.convert import convert
+    from enginesmith.builders.download import fetch_model
+    from enginesmith.builders.planner.layout_search import layout_sizes
+    from enginesmith.builders.model_spec import ModelSpec
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     plan = make_plan(recipe)
@@ -54,9 +54,9 @@ def run_convert(recipe_path: Path, out: Path, workers: int, allow_pickle: bool, 
 
 def show_convert(recipe_path: Path, out: Path, ranks: str | None) -> None:
     """What `convert` would fetch and write, from the recipe and plan alone (no network, no weights)."""
-    from builders.build.flags import parse_ranks
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
+    from enginesmith.builders.build.flags import parse_ranks
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     plan = make_plan(recipe, with_options=False)
@@ -79,16 +79,16 @@ def show_convert(recipe_path: Path, out: Path, ranks: str | None) -> None:
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
-    from builders.convert import ConvertError
-    from builders.download import DownloadError
-    from builders.mapping import MappingError
-    from builders.model_spec import ModelSpecError
+    from enginesmith.builders.convert import ConvertError
+    from enginesmith.builders.download import DownloadError
+    from enginesmith.builders.mapping import MappingError
+    from enginesmith.builders.model_spec import ModelSpecError
 
-    from builders.build.flags import BuildFlagError
+    from enginesmith.builders.build.flags import BuildFlagError
 
     errors: list[type[Exception]] = [ConvertError, DownloadError, MappingError, ModelSpecError, BuildFlagError]
     try:
-        from builders.recipe import RecipeError
+        from enginesmith.builders.recipe import RecipeError
 
         errors.append(RecipeError)
     except ImportError:
@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
             err_console.print(Text.assemble(("error:", "red"), " ", str(e)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except OSError as e:
-            from builders.cli.errors import fs_error
+            from enginesmith.builders.cli.errors import fs_error
 
             err_console.print(Text.assemble(("error:", "red"), " ", fs_error(e, "--out", out)))
             raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option("--seed", help="Random seed of the weights.")] = 0,
     ) -> None:
         """Write a tiny random Hugging Face model + tokenizer (no network) for demos and tests."""
-        from builders.tiny_model import ARCH_DEFAULTS, make_tiny_model
+        from enginesmith.builders.tiny_model import ARCH_DEFAULTS, make_tiny_model
 
         if arch not in ARCH_DEFAULTS:
             err_console.print(Text.assemble(("error:", "red"), f" --arch {arch!r}: choose one of "
@@ -150,7 +150,7 @@ def register(app: typer.Typer) -> None:
         try:
             path = make_tiny_model(out_dir, arch, seed=seed)
         except OSError as e:
-            from builders.cli.errors import write_error
+            from enginesmith.builders.cli.errors import write_error
 
             err_console.print(Text.assemble(("error:", "red"), " ", write_error(e, "OUT_DIR", out_dir)))
             raise typer.Exit(EXIT_BAD_INPUT) from None

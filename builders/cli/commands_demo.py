@@ -26,10 +26,10 @@ def demo(
     model: Annotated[str, typer.Option(help="ensemble | tensorrt_llm_bls")] = "ensemble",
 ) -> None:
     """Serve the recipe's repository, stream one request through it, stop the server."""
-    from builders.recipe import load_recipe
-    from client.grpc_stream import GrpcStreamClient
-    from client.params import GenerateParams
-    from triton_repo.server import TritonServer
+    from enginesmith.builders.recipe import load_recipe
+    from enginesmith.client.grpc_stream import GrpcStreamClient
+    from enginesmith.client.params import GenerateParams
+    from enginesmith.triton_repo.server import TritonServer
 
     recipe = load_recipe(recipe_path)
     repo_dir = out / recipe.name / "repo"

@@ -32,9 +32,9 @@ def _fail(code: int, message: str):
 def front_config(recipe: Any, out: Path, triton_grpc: str | None = None, triton_model: str = "tensorrt_llm",
                  tokenizer: Path | None = None):
     """The front of `recipe`: its name, its engine limits, its tokenizer, its Triton gRPC endpoint."""
-    from client.target import recipe_tokenizer
-    from triton_repo.openai_api.app import FrontConfig
-    from triton_repo.openai_api.prompts import Limits
+    from enginesmith.client.target import recipe_tokenizer
+    from enginesmith.triton_repo.openai_api.app import FrontConfig
+    from enginesmith.triton_repo.openai_api.prompts import Limits
 
     tok = tokenizer or recipe_tokenizer(recipe, out)
     if tok is None or not Path(tok).is_dir():
@@ -51,11 +51,11 @@ def start_for_serve(recipe: Any, out: Path, grpc_url: str, port: int | None, pub
     Failures are ServerError, which `serve` reports like a server that did not start."""
     if port is None:
         return None
-    from triton_repo.server import ServerError
+    from enginesmith.triton_repo.server import ServerError
 
     try:
-        from triton_repo.openai_api.app import create_app
-        from triton_repo.openai_api.runner import FrontError, FrontServer
+        from enginesmith.triton_repo.openai_api.app import create_app
+        from enginesmith.triton_repo.openai_api.runner import FrontError, FrontServer
 
         cfg = front_config(recipe, out, grpc_url)
         front = FrontServer(create_app(cfg), "0.0.0.0" if public else "127.0.0.1", port).start()
@@ -86,9 +86,9 @@ def openai(
 ) -> None:
     """Serve the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions) in front of a running
     Triton deployment of RECIPE, until Ctrl-C / SIGTERM."""
-    from builders.recipe import load_recipe
-    from client.model_info import grpc_model_info
-    from client.params import ClientError, ServerUnreachable
+    from enginesmith.builders.recipe import load_recipe
+    from enginesmith.client.model_info import grpc_model_info
+    from enginesmith.client.params import ClientError, ServerUnreachable
 
     try:
         recipe = load_recipe(recipe_path, check_model=False)
@@ -103,8 +103,8 @@ def openai(
     except (ClientError, ServerUnreachable) as e:
         _fail(EXIT_UNREACHABLE, f"Triton at {cfg.triton_grpc_url}: {e}; is it running? "
                                 f"(`enginesmith serve {recipe_path}`)")
-    from triton_repo.openai_api.app import create_app
-    from triton_repo.openai_api.runner import FrontError, FrontServer
+    from enginesmith.triton_repo.openai_api.app import create_app
+    from enginesmith.triton_repo.openai_api.runner import FrontError, FrontServer
 
     try:
         front = FrontServer(create_app(cfg), "0.0.0.0" if public else "127.0.0.1", port).start()

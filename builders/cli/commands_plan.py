@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
-from builders.cli.errors import write_error
-from builders.manifest import atomic_write_text
-from builders.model_spec import ModelSpecError
-from builders.recipe import Recipe, RecipeError, load_recipe
+from enginesmith.builders.cli.errors import write_error
+from enginesmith.builders.manifest import atomic_write_text
+from enginesmith.builders.model_spec import ModelSpecError
+from enginesmith.builders.recipe import Recipe, RecipeError, load_recipe
 
 
 def plan_command(
@@ -21,7 +21,7 @@ def plan_command(
     check: Annotated[bool, typer.Option("--check", help="Exit 1 when the plan misses its SLA.")] = False,
 ) -> None:
     """Resolve a recipe into a layout with memory, roofline, communication and an SLA verdict."""
-    from builders.planner.plan import make_plan
+    from enginesmith.builders.planner.plan import make_plan
 
     try:
         plan = make_plan(load_recipe(recipe))
@@ -31,7 +31,7 @@ def plan_command(
     if as_json:
         typer.echo(json.dumps(plan.to_dict(), indent=2))
     else:
-        from builders.planner.plan_render import render
+        from enginesmith.builders.planner.plan_render import render
 
         render(plan)
     if out is not None:

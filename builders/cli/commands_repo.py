@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from builders.cli.errors import fs_error
+from enginesmith.builders.cli.errors import fs_error
 
 # No markup: paths, server logs and gloo messages carry `[...]` of their own.
 console = Console(highlight=False, soft_wrap=True, markup=False)
@@ -36,16 +36,16 @@ def _fail(code: int, message: str):
 
 
 def _load(recipe_path: Path):
-    from builders.planner.plan import make_plan
-    from builders.recipe import load_recipe
+    from enginesmith.builders.planner.plan import make_plan
+    from enginesmith.builders.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     return recipe, make_plan(recipe, with_options=False)
 
 
 def _write(recipe, plan, out: Path, llmapi_model_py: Path | None, ranks: str | None):
-    from builders.build.flags import parse_ranks
-    from triton_repo.repository import write_repo
+    from enginesmith.builders.build.flags import parse_ranks
+    from enginesmith.triton_repo.repository import write_repo
 
     root = out / recipe.name
     manifest = write_repo(recipe, plan, root / "engine", root / "checkpoint" / "tokenizer", root / "repo",
@@ -69,7 +69,7 @@ def _where(plan, repo_dir: Path, manifest) -> str | None:
 
 def repo(recipe_path: RecipeArg, out: OutOpt = OUT, llmapi_model_py: LlmapiOpt = None, ranks: RanksOpt = None) -> None:
     """Write the Triton model repository (ensemble, pre/postprocessing, tensorrt_llm, BLS) of a built recipe."""
-    from triton_repo.repo_checks import RepoError
+    from enginesmith.triton_repo.repo_checks import RepoError
 
     try:
         recipe, plan = _load(recipe_path)
@@ -117,8 +117,8 @@ def _placeholder_hosts(nodes: int) -> str:
 def _server(recipe, repo_dir: Path, ranks: int, public: bool, http_address, grpc_address, hosts, hostfile,
             ready_timeout: float, dry: bool = False):
     """`dry` (printing the command): a multi-node layout without hosts gets placeholders instead."""
-    from triton_repo.launch import Endpoints
-    from triton_repo.server import TritonServer
+    from enginesmith.triton_repo.launch import Endpoints
+    from enginesmith.triton_repo.server import TritonServer
 
     s = recipe.serve
     default = "0.0.0.0" if public else s.bind_address
@@ -138,7 +138,7 @@ def _server(recipe, repo_dir: Path, ranks: int, public: bool, http_address, grpc
 
 
 def _ready_timeout(plan, given: float | None) -> float:
-    from triton_repo.readiness import default_ready_timeout, explain
+    from enginesmith.triton_repo.readiness import default_ready_timeout, explain
 
     if given is not None:
         return given
@@ -149,7 +149,7 @@ def _ready_timeout(plan, given: float | None) -> float:
 
 def _print_command(recipe_path: Path, out: Path, server_args: dict) -> None:
     """The command `serve` would run (works without an engine: the layout comes from the plan)."""
-    from triton_repo.repository import launch_ranks
+    from enginesmith.triton_repo.repository import launch_ranks
 
     recipe, plan = _load(recipe_path)
     ranks = launch_ranks(recipe.build.target, plan.mapping)
@@ -190,8 +190,8 @@ def serve(
         "--openai-port", help="Also serve the OpenAI API (/v1/...) on this port (127.0.0.1 unless --public).")] = None,
 ) -> None:
     """Serve a recipe's repository with tritonserver until Ctrl-C / SIGTERM (then stop it gracefully)."""
-    from triton_repo.repo_checks import RepoError
-    from triton_repo.server import PortInUse, ServerError, ServerNotFound
+    from enginesmith.triton_repo.repo_checks import RepoError
+    from enginesmith.triton_repo.server import PortInUse, ServerError, ServerNotFound
 
     server_args = dict(public=public, http_address=http_address, grpc_address=grpc_address, hosts=hosts,
                        hostfile=hostfile, ready_timeout=ready_timeout)
@@ -208,7 +208,7 @@ def serve(
         _fail(EXIT_BAD_INPUT, str(e))
     except OSError as e:
         _fail(EXIT_BAD_INPUT, fs_error(e, "--out", out))
-    from builders.cli.commands_openai import start_for_serve, stop_for_serve
+    from enginesmith.builders.cli.commands_openai import start_for_serve, stop_for_serve
 
     previous, front = signal.signal(signal.SIGTERM, _on_sigterm), None
     try:

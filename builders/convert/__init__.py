@@ -5,8 +5,8 @@ source (lazy HF reader), safetensors_stream + rank_writer (streaming output), qu
 config (config.json), validate (checks before writing), manifest, pipeline (`convert` / `convert_checkpoint`).
 """
 
-from builders.convert.errors import ConvertError
-from builders.convert.manifest import CheckpointManifest
-from builders.convert.pipeline import ConvertResult, convert, convert_checkpoint
+from enginesmith.builders.convert.errors import ConvertError
+from enginesmith.builders.convert.manifest import CheckpointManifest
+from enginesmith.builders.convert.pipeline import ConvertResult, convert, convert_checkpoint
 
 __all__ = ["CheckpointManifest", "ConvertError", "ConvertResult", "convert", "convert_checkpoint"]

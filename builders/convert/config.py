@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec
 
 MOE_RENORMALIZE, MOE_NONE = 1, 0
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import Field
 
-from builders.convert.source import INDEX_NAME
-from builders.manifest import StageManifest, sha256_json
+from enginesmith.builders.convert.source import INDEX_NAME
+from enginesmith.builders.manifest import StageManifest, sha256_json
 
 FORMAT_VERSION = 1
 """Bump when the converter's output for the same inputs changes."""

@@ -16,20 +16,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from builders.convert import validate
-from builders.convert.config import trtllm_config
-from builders.convert.errors import ConvertError
-from builders.convert.manifest import CheckpointManifest, convert_key, read_json, source_fingerprint
-from builders.convert.progress import ByteProgress
-from builders.convert.quantize import ALGOS, RECIPE_ALGOS
-from builders.convert.rank_plan import plan_rank
-from builders.convert.memory_gate import MemoryGate
-from builders.convert.rank_writer import max_cost, write_rank
-from builders.convert.source import HFSource, weight_files
-from builders.convert.tokenizer import copy_tokenizer, tokenizer_digests
-from builders.manifest import atomic_write_text, sha256_bytes, sha256_file, sha256_json, tool_versions
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec
+from enginesmith.builders.convert import validate
+from enginesmith.builders.convert.config import trtllm_config
+from enginesmith.builders.convert.errors import ConvertError
+from enginesmith.builders.convert.manifest import CheckpointManifest, convert_key, read_json, source_fingerprint
+from enginesmith.builders.convert.progress import ByteProgress
+from enginesmith.builders.convert.quantize import ALGOS, RECIPE_ALGOS
+from enginesmith.builders.convert.rank_plan import plan_rank
+from enginesmith.builders.convert.memory_gate import MemoryGate
+from enginesmith.builders.convert.rank_writer import max_cost, write_rank
+from enginesmith.builders.convert.source import HFSource, weight_files
+from enginesmith.builders.convert.tokenizer import copy_tokenizer, tokenizer_digests
+from enginesmith.builders.manifest import atomic_write_text, sha256_bytes, sha256_file, sha256_json, tool_versions
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec
 
 PROGRESS_NAME = ".convert-progress.json"
 MIN_GATE_BYTES = 256 << 20
@@ -122,7 +122,7 @@ def single_threaded_torch() -> Iterator[None]:
 
 
 def _plan_bytes(plans) -> int:
-    from builders.convert.safetensors_stream import entry_nbytes
+    from enginesmith.builders.convert.safetensors_stream import entry_nbytes
 
     return sum(entry_nbytes(e) for p in plans for e in p.entries())
 

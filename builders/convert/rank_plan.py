@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from builders.convert import quantize, split
-from builders.convert.weight_map import (
+from enginesmith.builders.convert import quantize, split
+from enginesmith.builders.convert.weight_map import (
     FIRST_STAGE,
     HF_LAYER_PREFIX,
     TRT_LAYER_PREFIX,
@@ -19,8 +19,8 @@ from builders.convert.weight_map import (
     hf_shape,
     layer_rules,
 )
-from builders.mapping import Mapping, RankCoords, ep_experts, pp_layers
-from builders.model_spec import ModelSpec
+from enginesmith.builders.mapping import Mapping, RankCoords, ep_experts, pp_layers
+from enginesmith.builders.model_spec import ModelSpec
 
 Span = tuple[int, int]
 

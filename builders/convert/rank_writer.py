@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from builders.convert import quantize
-from builders.convert.errors import ConvertError
-from builders.convert.memory_gate import MemoryGate
-from builders.convert.rank_plan import Read, TensorPlan, Zeros
-from builders.convert.safetensors_stream import DTYPE_SIZES, DTYPE_TAGS, SourceRange, write_streaming
-from builders.convert.source import FLOAT_DTYPES, HFSource
+from enginesmith.builders.convert import quantize
+from enginesmith.builders.convert.errors import ConvertError
+from enginesmith.builders.convert.memory_gate import MemoryGate
+from enginesmith.builders.convert.rank_plan import Read, TensorPlan, Zeros
+from enginesmith.builders.convert.safetensors_stream import DTYPE_SIZES, DTYPE_TAGS, SourceRange, write_streaming
+from enginesmith.builders.convert.source import FLOAT_DTYPES, HFSource
 
 if TYPE_CHECKING:
     import torch

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from builders.convert.errors import ConvertError
+from enginesmith.builders.convert.errors import ConvertError
 
 if TYPE_CHECKING:
     import torch

@@ -7,7 +7,7 @@ Sources: `tensorrt_llm/layers/{linear,attention,moe}.py`, `models/convert_utils.
 
 from __future__ import annotations
 
-from builders.mapping import kv_head_of_rank, pad_vocab_size
+from enginesmith.builders.mapping import kv_head_of_rank, pad_vocab_size
 
 Span = tuple[int, int]
 

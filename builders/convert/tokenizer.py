@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from builders.manifest import sha256_file
+from enginesmith.builders.manifest import sha256_file
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",

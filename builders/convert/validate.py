@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from builders.convert.errors import ConvertError
-from builders.convert.rank_plan import referenced_sources
-from builders.convert.source import FLOAT_DTYPES, HFSource, expected_size
-from builders.convert.weight_map import IGNORED_SUFFIXES
-from builders.mapping import Mapping
-from builders.model_spec import SUPPORTED_ARCHITECTURES, ModelSpec
+from enginesmith.builders.convert.errors import ConvertError
+from enginesmith.builders.convert.rank_plan import referenced_sources
+from enginesmith.builders.convert.source import FLOAT_DTYPES, HFSource, expected_size
+from enginesmith.builders.convert.weight_map import IGNORED_SUFFIXES
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import SUPPORTED_ARCHITECTURES, ModelSpec
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_LISTED = 8

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from builders.model_spec import ModelSpec
+from enginesmith.builders.model_spec import ModelSpec
 
 RuleKind = Literal["replicate", "column", "row", "qkv", "vocab", "router", "expert_fc", "expert_proj"]
 

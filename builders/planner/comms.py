@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from builders.planner.hardware import HardwareSpec
-from builders.mapping import Mapping, pad_vocab_size
-from builders.model_spec import ModelSpec
+from enginesmith.builders.planner.hardware import HardwareSpec
+from enginesmith.builders.mapping import Mapping, pad_vocab_size
+from enginesmith.builders.model_spec import ModelSpec
 
 _EVERY_TARGET = ("per layer two all-reduces over the TP group (after attention; after the MLP or MoE block: one "
                  "whatever the EP/TP split), the lm_head all-gather, PP sends of the hidden states")

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from builders.planner.perf_constants import COLLECTIVE_LATENCY_US, HOP_LATENCY_US
+from enginesmith.builders.planner.perf_constants import COLLECTIVE_LATENCY_US, HOP_LATENCY_US
 
 if TYPE_CHECKING:
-    from builders.recipe import HardwareSection
+    from enginesmith.builders.recipe import HardwareSection
 
 GIB = 1 << 30
 ComputeDtype = Literal["float32", "float16", "bfloat16", "fp8", "int8"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec
-from builders.recipe import ParallelSection, Recipe, RecipeError
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.recipe import ParallelSection, Recipe, RecipeError
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,14 +3,14 @@ fastest (lowest TPOT, then TTFT), and explain the runners-up."""
 
 from __future__ import annotations
 
-from builders.planner.hardware import HardwareSpec
-from builders.planner.layout_rules import candidate_mappings, mapping_violations
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec
-from builders.planner.plan_eval import evaluate
-from builders.planner.plan_types import Candidate, Plan, SearchResult
-from builders.recipe import Recipe
-from builders.planner.sla import CHECK_ORDER
+from enginesmith.builders.planner.hardware import HardwareSpec
+from enginesmith.builders.planner.layout_rules import candidate_mappings, mapping_violations
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.planner.plan_eval import evaluate
+from enginesmith.builders.planner.plan_types import Candidate, Plan, SearchResult
+from enginesmith.builders.recipe import Recipe
+from enginesmith.builders.planner.sla import CHECK_ORDER
 
 MAX_CHEAPER_SHOWN = 5
 MAX_SAME_SIZE_SHOWN = 3

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from builders.planner.hardware import GIB
-from builders.mapping import Mapping, kv_heads_per_rank, pad_vocab_size
-from builders.model_spec import DTYPE_BYTES, ModelSpec
-from builders.planner.weights import Shard, global_shards, layer_shards
+from enginesmith.builders.planner.hardware import GIB
+from enginesmith.builders.mapping import Mapping, kv_heads_per_rank, pad_vocab_size
+from enginesmith.builders.model_spec import DTYPE_BYTES, ModelSpec
+from enginesmith.builders.planner.weights import Shard, global_shards, layer_shards
 
 RUNTIME_RESERVED_BYTES = 1 * GIB
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from builders.planner.hardware import resolve_hardware
-from builders.planner.layout_rules import check_recipe_layout, recipe_mapping
-from builders.planner.layout_search import search_layouts
-from builders.model_spec import ModelSpec
-from builders.planner.plan_eval import evaluate
-from builders.planner.plan_types import (
+from enginesmith.builders.planner.hardware import resolve_hardware
+from enginesmith.builders.planner.layout_rules import check_recipe_layout, recipe_mapping
+from enginesmith.builders.planner.layout_search import search_layouts
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.planner.plan_eval import evaluate
+from enginesmith.builders.planner.plan_types import (
     Candidate,
     MemorySummary,
     PipelineInfo,
@@ -21,8 +21,8 @@ from builders.planner.plan_types import (
     RankPlan,
     SearchResult,
 )
-from builders.planner.quant_options import quantization_options
-from builders.recipe import ParallelSection, Recipe
+from enginesmith.builders.planner.quant_options import quantization_options
+from enginesmith.builders.recipe import ParallelSection, Recipe
 
 __all__ = ["make_plan", "Plan", "RankPlan", "MemorySummary", "PipelineInfo", "SearchResult", "Candidate",
            "QuantOption"]
@@ -34,7 +34,7 @@ def make_plan(recipe: Recipe, spec: ModelSpec | None = None, with_options: bool 
     `with_options=False` skips the what-if table of other weight quantizations (faster).
     """
     if spec is None:
-        from builders.specs import resolve_spec
+        from enginesmith.builders.specs import resolve_spec
 
         spec = resolve_spec(recipe.model)
     check_recipe_layout(recipe, spec)

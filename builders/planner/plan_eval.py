@@ -6,15 +6,15 @@ from dataclasses import asdict
 
 import math
 
-from builders.planner.hardware import HardwareSpec
-from builders.mapping import Mapping, ep_experts, pad_vocab_size, pp_layers
-from builders.planner.memory import MemoryInputs, RankMemory, rank_memory, stage_totals
-from builders.model_spec import ModelSpec
-from builders.planner.plan_types import MemorySummary, PipelineInfo, Plan, RankPlan
-from builders.recipe import ParallelSection, Recipe
-from builders.planner.roofline import PerfModel, StageShape, best_micro_batches, bubble_fraction
-from builders.planner.sla import sla_checks, verdict
-from builders.planner.target_notes import runtime_micro_batches, target_notes
+from enginesmith.builders.planner.hardware import HardwareSpec
+from enginesmith.builders.mapping import Mapping, ep_experts, pad_vocab_size, pp_layers
+from enginesmith.builders.planner.memory import MemoryInputs, RankMemory, rank_memory, stage_totals
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.planner.plan_types import MemorySummary, PipelineInfo, Plan, RankPlan
+from enginesmith.builders.recipe import ParallelSection, Recipe
+from enginesmith.builders.planner.roofline import PerfModel, StageShape, best_micro_batches, bubble_fraction
+from enginesmith.builders.planner.sla import sla_checks, verdict
+from enginesmith.builders.planner.target_notes import runtime_micro_batches, target_notes
 
 
 def memory_inputs(recipe: Recipe, hw: HardwareSpec) -> MemoryInputs:

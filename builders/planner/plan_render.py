@@ -7,10 +7,10 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from builders.planner.comms import TARGET_COMMS
-from builders.planner.hardware import GIB
-from builders.planner.plan_types import Plan
-from builders.planner.roofline import PhaseEstimate
+from enginesmith.builders.planner.comms import TARGET_COMMS
+from enginesmith.builders.planner.hardware import GIB
+from enginesmith.builders.planner.plan_types import Plan
+from enginesmith.builders.planner.roofline import PhaseEstimate
 
 MAX_RANK_ROWS = 32
 

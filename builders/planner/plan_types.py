@@ -8,13 +8,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from builders.planner.hardware import HardwareSpec
-from builders.mapping import Mapping
-from builders.planner.memory import RankMemory
-from builders.model_spec import ModelSpec
-from builders.recipe import Recipe
-from builders.planner.roofline import PhaseEstimate
-from builders.planner.sla import SlaVerdict
+from enginesmith.builders.planner.hardware import HardwareSpec
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.planner.memory import RankMemory
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.recipe import Recipe
+from enginesmith.builders.planner.roofline import PhaseEstimate
+from enginesmith.builders.planner.sla import SlaVerdict
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from builders.planner.hardware import GIB, HardwareSpec, quantization_refusal
-from builders.planner.layout_search import layout_name, search_layouts
-from builders.model_spec import ModelSpec
-from builders.planner.plan_eval import evaluate
-from builders.planner.plan_types import Plan, QuantOption
-from builders.recipe import ParallelSection, Recipe
+from enginesmith.builders.planner.hardware import GIB, HardwareSpec, quantization_refusal
+from enginesmith.builders.planner.layout_search import layout_name, search_layouts
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.planner.plan_eval import evaluate
+from enginesmith.builders.planner.plan_types import Plan, QuantOption
+from enginesmith.builders.recipe import ParallelSection, Recipe
 
 WEIGHT_KINDS = ("none", "fp8", "int8_weight_only", "int4_weight_only")
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from builders.planner.comms import CommFigure, merge, p2p_comm, stage_comm
-from builders.planner.hardware import HardwareSpec
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec
-from builders.planner.perf_constants import (
+from enginesmith.builders.planner.comms import CommFigure, merge, p2p_comm, stage_comm
+from enginesmith.builders.planner.hardware import HardwareSpec
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.planner.perf_constants import (
     COMPUTE_EFFICIENCY,
     HBM_EFFICIENCY,
     LAYER_FIXED_US,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from builders.planner.hardware import GIB
-from builders.recipe_sections import SlaSection
-from builders.planner.roofline import PhaseEstimate
+from enginesmith.builders.planner.hardware import GIB
+from enginesmith.builders.recipe_sections import SlaSection
+from enginesmith.builders.planner.roofline import PhaseEstimate
 
 # Checked in this order; the first failing one is the binding constraint.
 CHECK_ORDER = ("memory", "kv_capacity", "batch", "tpot", "ttft", "e2e")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 
-from builders.planner.hardware import HardwareSpec
-from builders.mapping import Mapping
-from builders.model_spec import ModelSpec
-from builders.recipe import ParallelSection, Recipe
+from enginesmith.builders.planner.hardware import HardwareSpec
+from enginesmith.builders.mapping import Mapping
+from enginesmith.builders.model_spec import ModelSpec
+from enginesmith.builders.recipe import ParallelSection, Recipe
 
 TRTLLM_TARGETS = ("trtllm-engine", "trtllm-llmapi")
 
@@ -28,7 +28,7 @@ def runtime_micro_batches(recipe: Recipe, pp_size: int) -> int | None:
 
 def custom_code(recipe: Recipe) -> str | None:
     """What code the checkpoint runs through `trust_remote_code` (shipped spec or local tokenizer), if any."""
-    from builders.specs import name_for_repo, shipped_entry
+    from enginesmith.builders.specs import name_for_repo, shipped_entry
 
     name = recipe.model.spec or name_for_repo(recipe.model.source)
     if name and (what := shipped_entry(name).get("remote_code")):
@@ -73,7 +73,7 @@ def _warnings(recipe: Recipe, spec: ModelSpec, hw: HardwareSpec) -> list[str]:
                    f"{hw.gpu} (SM{hw.sm}) has no FP8: it cannot be served as published; convert it to "
                    f"{recipe.model.dtype} first and quantize from that copy")
     if recipe.build.target == "trtllm-llmapi":
-        from builders.build.llmapi import prequantized_checkpoint_note
+        from enginesmith.builders.build.llmapi import prequantized_checkpoint_note
 
         if note := prequantized_checkpoint_note(recipe):
             out.append(note)

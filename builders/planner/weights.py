@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from builders.mapping import Mapping, kv_heads_per_rank, pad_vocab_size
-from builders.model_spec import ModelSpec
+from enginesmith.builders.mapping import Mapping, kv_heads_per_rank, pad_vocab_size
+from enginesmith.builders.model_spec import ModelSpec
 
 ShardKind = Literal["linear", "embedding", "head", "norm", "bias", "router"]
 QUANT_WEIGHT_BYTES = {"fp8": 1.0, "int8_weight_only": 1.0, "int4_weight_only": 0.5}

@@ -12,10 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from builders.model_spec import ModelSpec, ModelSpecError
+from enginesmith.builders.model_spec import ModelSpec, ModelSpecError
 
 if TYPE_CHECKING:
-    from builders.recipe import ModelSection
+    from enginesmith.builders.recipe import ModelSection
 
 SPEC_DIR = Path(__file__).parent
 
@@ -52,7 +52,7 @@ def resolve_spec(model: ModelSection) -> ModelSpec:
     """Spec for a recipe's model: shipped by name or repo id, else local config.json, else the Hub."""
     if model.spec:
         return load_shipped(model.spec)
-    from builders.model_source import classify_source
+    from enginesmith.builders.model_source import classify_source
 
     ref = classify_source(model.source)
     if ref.local:

@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from runtime.engine.engine_config import EngineConfig, read_engine_dir
-from runtime.fast.fast_decode import FastDecoder
-from runtime.engine.iteration_log import IterationLog, IterationStats
-from runtime.engine.kv_cache import PagedKVCache, kv_cache_num_blocks
-from runtime.model.paged_attention import PagedAttention, SeqSpan
-from runtime.parallel.pipeline import MicroBatch
-from runtime.fast.prefill_graphs import layer_runner
-from runtime.engine.request import FinishReason, Request, RequestError, Status, TokenUpdate
-from runtime.engine.sampler import (
+from enginesmith.runtime.engine.engine_config import EngineConfig, read_engine_dir
+from enginesmith.runtime.fast.fast_decode import FastDecoder
+from enginesmith.runtime.engine.iteration_log import IterationLog, IterationStats
+from enginesmith.runtime.engine.kv_cache import PagedKVCache, kv_cache_num_blocks
+from enginesmith.runtime.model.paged_attention import PagedAttention, SeqSpan
+from enginesmith.runtime.parallel.pipeline import MicroBatch
+from enginesmith.runtime.fast.prefill_graphs import layer_runner
+from enginesmith.runtime.engine.request import FinishReason, Request, RequestError, Status, TokenUpdate
+from enginesmith.runtime.engine.sampler import (
     NO_TOKEN,
     NOTHING_TO_SAMPLE,
     SamplingError,
@@ -32,7 +32,7 @@ from runtime.engine.sampler import (
     ends_with_stop_word,
     sample,
 )
-from runtime.engine.scheduler import Schedule, Scheduler
+from enginesmith.runtime.engine.scheduler import Schedule, Scheduler
 
 log = logging.getLogger(__name__)
 INT32_MAX = 2**31 - 1
@@ -75,15 +75,15 @@ class Engine:
         """Load the model named by `engine_dir/engine_config.json`; a multi-rank checkpoint spawns its
         other ranks (`on_rank_failure(rank, reason)` is called if one dies or hangs; `liveness`: a
         runtime.parallel.liveness.Liveness, default from the environment)."""
-        from runtime.model.checkpoint import CheckpointConfig
-        from runtime.model.model import RankModel
+        from enginesmith.runtime.model.checkpoint import CheckpointConfig
+        from enginesmith.runtime.model.model import RankModel
 
         config, ckpt_dir = read_engine_dir(engine_dir, **overrides)
         mapping = CheckpointConfig.from_dir(ckpt_dir).mapping
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if mapping.world_size == 1:
             return cls(RankModel.load(ckpt_dir, 0, device=device, dtype=config.dtype), config, metrics=metrics)
-        from runtime.parallel.workers import RankWorkers, free_init_method
+        from enginesmith.runtime.parallel.workers import RankWorkers, free_init_method
 
         model = RankModel.load(ckpt_dir, 0, device=device, dtype=config.dtype)
         num_blocks = kv_cache_blocks(model, config)
@@ -235,7 +235,7 @@ class Engine:
                 last_rows.append(row - 1)
         m, device = self.model, self.cache.k.device
         if self.workers is not None:
-            from runtime.parallel.workers import MicroBatchSpec
+            from enginesmith.runtime.parallel.workers import MicroBatchSpec
 
             spec = MicroBatchSpec(ids, positions, [(s.seq_id, s.start, s.num_tokens) for s in spans], last_rows)
             return self.workers.forward(m, self.cache, spec, self.config.pp_micro_batches)

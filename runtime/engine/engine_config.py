@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from runtime.engine.scheduler import POLICIES
+from enginesmith.runtime.engine.scheduler import POLICIES
 
 ENGINE_CONFIG_NAME = "engine_config.json"
 

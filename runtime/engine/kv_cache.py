@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from runtime.engine.block_pool import BlockPool, KVCacheFullError, block_hash
+from enginesmith.runtime.engine.block_pool import BlockPool, KVCacheFullError, block_hash
 
 __all__ = ["BlockPool", "KVCacheFullError", "PagedKVCache", "block_hash", "blocks_for", "kv_cache_num_blocks"]
 

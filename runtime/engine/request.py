@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from runtime.engine.sampler import SamplingParams
+from enginesmith.runtime.engine.sampler import SamplingParams
 
 _seq_ids = itertools.count()
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from runtime.engine.kv_cache import PagedKVCache
-from runtime.engine.request import Request, Status
+from enginesmith.runtime.engine.kv_cache import PagedKVCache
+from enginesmith.runtime.engine.request import Request, Status
 
 POLICIES = ("guaranteed_no_evict", "max_utilization")
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.engine.request import Request, RequestError
-from runtime.engine.sampler import SamplingParams
+from enginesmith.runtime.engine.request import Request, RequestError
+from enginesmith.runtime.engine.sampler import SamplingParams
 
 # Inputs that would change the result if ignored, and which the reference runtime does not implement.
 UNSUPPORTED = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config", "draft_input_ids",

@@ -92,7 +92,7 @@ def _try_triton(q_heads: int, kv_cache: torch.Tensor, max_batch_size: int, pdl: 
     if kv_cache.device.type != "cuda":
         return None, "the Triton kernel needs a CUDA device"
     try:
-        from runtime.kernels.triton_decode_attention import TritonDecodeAttention
+        from enginesmith.runtime.kernels.triton_decode_attention import TritonDecodeAttention
     except ImportError as e:
         return None, f"triton is not importable ({e})"
     why = ""

@@ -30,8 +30,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from runtime.kernels.gemv_ref import check_tol, gemv_ref, rel_err
-from runtime.model.model import RankModel
+from enginesmith.runtime.kernels.gemv_ref import check_tol, gemv_ref, rel_err
+from enginesmith.runtime.model.model import RankModel
 
 log = logging.getLogger(__name__)
 Collective = Callable[[torch.Tensor], torch.Tensor]
@@ -51,7 +51,8 @@ class GemvDecode:
         self._gemv = partial(gemv, pdl=True) if pdl else gemv
         self._moe, self.pdl, self.exchange = moe_kernels, pdl, exchange
         self._rows = (partial(rows, pdl=True) if pdl else rows) if rows is not None else None
-        self.max_rows = importlib.import_module("runtime.kernels.triton_rows").MAX_ROWS if rows is not None else 1
+        self.max_rows = (importlib.import_module("enginesmith.runtime.kernels.triton_rows").MAX_ROWS
+                         if rows is not None else 1)
         self.add_residual = model.coords.tp_rank == 0
         if exchange is not None and exchange.mode == "fused" and any(w.router is not None for w in model.layers):
             raise ValueError("the fused TP exchange covers dense layers only")
@@ -70,8 +71,8 @@ class GemvDecode:
             return None, "pp_size > 1"
         moe = any(w.router is not None for w in model.layers)
         try:
-            triton_gemv = importlib.import_module("runtime.kernels.triton_gemv")
-            moe_kernels = importlib.import_module("runtime.kernels.triton_moe_gemv") if moe else None
+            triton_gemv = importlib.import_module("enginesmith.runtime.kernels.triton_gemv")
+            moe_kernels = importlib.import_module("enginesmith.runtime.kernels.triton_moe_gemv") if moe else None
         except ImportError as e:
             return None, f"triton is not importable ({e})"
         try:
@@ -220,8 +221,8 @@ def check_on_model(model: RankModel, gemv, gemv_ref, moe_kernels=None, rows: int
 
 
 def _check_moe(model: RankModel, kernels, h: torch.Tensor, res: torch.Tensor) -> float:
-    from runtime.fast.decode_layers import moe_mlp
-    from runtime.model.layers import rms_norm
+    from enginesmith.runtime.fast.decode_layers import moe_mlp
+    from enginesmith.runtime.model.layers import rms_norm
 
     w, cfg = next(lw for lw in model.layers if lw.router is not None), model.cfg
     eps, k, renorm, first = cfg.norm_epsilon, cfg.moe_top_k, cfg.moe_normalization_mode == 1, model.experts.start
@@ -237,7 +238,7 @@ def _check_moe(model: RankModel, kernels, h: torch.Tensor, res: torch.Tensor) ->
 def _try_rows(model: RankModel, tol: float):
     """(gemm_rows, note) if the small-batch kernels match the unfused arithmetic on layer 0, else (None, why)."""
     try:
-        triton_rows = importlib.import_module("runtime.kernels.triton_rows")
+        triton_rows = importlib.import_module("enginesmith.runtime.kernels.triton_rows")
         err = check_on_model(model, triton_rows.gemm_rows, gemv_ref, rows=3)
     except Exception as e:  # the batch-1 kernels still serve; larger batches stay on the cuBLAS regions
         log.warning("small-batch GEMM kernels unusable: %s", e)
@@ -249,7 +250,7 @@ def _try_rows(model: RankModel, tol: float):
 
 def _try_qkv_rope(model: RankModel, triton_gemv, tol: float):
     """(qkv_rope_gemv, note) if it handles this model and matches the unfused ops on layer 0, else (None, why)."""
-    from runtime.fast.decode_rope_write import rope_cache_write_ref
+    from enginesmith.runtime.fast.decode_rope_write import rope_cache_write_ref
 
     w, dev, dt = model.layers[0], model.device, model.dtype
     nq, nkv, d = model.num_heads, model.num_kv_heads, model.head_size

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime.fast.decode_rope_write import rope_cache_write_ref
-from runtime.model.layers import rms_norm, swiglu
+from enginesmith.runtime.fast.decode_rope_write import rope_cache_write_ref
+from enginesmith.runtime.model.layers import rms_norm, swiglu
 
 
 def pre_attention_qkv(h: torch.Tensor, m: torch.Tensor, ln: torch.Tensor, wqkv: torch.Tensor,

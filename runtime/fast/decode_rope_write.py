@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from runtime.model.layers import apply_rope, rope_cos_sin
+from enginesmith.runtime.model.layers import apply_rope, rope_cos_sin
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
                      kernel: bool) -> torch.Tensor:
     """rope_cache_write_ref's contract; `kernel` runs the Triton kernel (CUDA or TRITON_INTERPRET=1)."""
     if kernel:
-        from runtime.kernels.triton_rope_write import rope_write
+        from enginesmith.runtime.kernels.triton_rope_write import rope_write
 
         return rope_write(qkv, cos, sin, k_cache, v_cache, slots, src_rows, nq, nkv, d)
     return rope_cache_write_ref(qkv, cos, sin, k_cache, v_cache, slots, src_rows, nq, nkv, d)
@@ -71,7 +71,7 @@ class RopeWriter:
 
 def _try_kernel(k_layer: torch.Tensor, nq: int, nkv: int, d: int) -> tuple[bool, str]:
     try:
-        from runtime.kernels.triton_rope_write import rope_write, supported
+        from enginesmith.runtime.kernels.triton_rope_write import rope_write, supported
     except ImportError as e:
         return False, f"triton is not importable ({e})"
     qkv = k_layer.new_empty(1, (nq + 2 * nkv) * d)

@@ -16,14 +16,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from runtime.fast import decode_layers
-from runtime.fast.decode_attention import DecodeAttention, DecodeBatch
-from runtime.fast.decode_gemv_step import GemvDecode
-from runtime.fast.decode_rope_write import RopeWriter
-from runtime.kernels.gemv_ref import check_tol, rel_err
-from runtime.engine.kv_cache import PagedKVCache
-from runtime.model.layers import rms_norm
-from runtime.model.model import RankModel
+from enginesmith.runtime.fast import decode_layers
+from enginesmith.runtime.fast.decode_attention import DecodeAttention, DecodeBatch
+from enginesmith.runtime.fast.decode_gemv_step import GemvDecode
+from enginesmith.runtime.fast.decode_rope_write import RopeWriter
+from enginesmith.runtime.kernels.gemv_ref import check_tol, rel_err
+from enginesmith.runtime.engine.kv_cache import PagedKVCache
+from enginesmith.runtime.model.layers import rms_norm
+from enginesmith.runtime.model.model import RankModel
 
 log = logging.getLogger(__name__)
 Collective = Callable[[torch.Tensor], torch.Tensor]
@@ -135,7 +135,7 @@ def _moe_block_err(model: RankModel, seed: int, grouped: bool = True, rows_kerne
 def _try_moe_rows(model: RankModel, grouped: bool):
     """(runtime.kernels.triton_moe_rows, note) if its kernels pass `_moe_block_err`, else (None, why not)."""
     try:
-        kernels = importlib.import_module("runtime.kernels.triton_moe_rows")
+        kernels = importlib.import_module("enginesmith.runtime.kernels.triton_moe_rows")
         err = _moe_block_err(model, 1, grouped, kernels)
     except Exception as e:  # no triton, or a compile error: the grouped GEMM still serves
         log.warning("MoE grouped rows kernels unusable: %s", e)

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from runtime.fast.decode_attention import DecodeAttention, DecodeBatch
-from runtime.fast.decode_step import Collective, DecodeStep
-from runtime.engine.kv_cache import PagedKVCache
-from runtime.model.model import RankModel
-from runtime.model.paged_attention import SeqSpan
-from runtime.kernels.pdl import enabled as pdl_enabled
-from runtime.model.plain_step import plain_forward
-from runtime.fast.prefill_graphs import layer_runner
+from enginesmith.runtime.fast.decode_attention import DecodeAttention, DecodeBatch
+from enginesmith.runtime.fast.decode_step import Collective, DecodeStep
+from enginesmith.runtime.engine.kv_cache import PagedKVCache
+from enginesmith.runtime.model.model import RankModel
+from enginesmith.runtime.model.paged_attention import SeqSpan
+from enginesmith.runtime.kernels.pdl import enabled as pdl_enabled
+from enginesmith.runtime.model.plain_step import plain_forward
+from enginesmith.runtime.fast.prefill_graphs import layer_runner
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def tp_options(model: RankModel, groups, max_batch_size: int, device: torch.devi
     log.info("rank %d all-reduce: %s", groups.rank, status)
     exchange = None
     if device.type == "cuda":
-        from runtime.parallel.tp_exchange import for_model
+        from enginesmith.runtime.parallel.tp_exchange import for_model
 
         exchange = for_model(groups, model, device)
         exchange = exchange if exchange.serves(model.cfg.is_moe) else None

@@ -27,11 +27,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from runtime.model.attention import DenseCausalAttention
-from runtime.kernels.gemv_ref import rel_err
-from runtime.model.model import RankModel
-from runtime.parallel.pipeline import MicroBatch, run_layers
-from runtime.fast.prefill_layers import LayerRunner, PrefillLayers
+from enginesmith.runtime.model.attention import DenseCausalAttention
+from enginesmith.runtime.kernels.gemv_ref import rel_err
+from enginesmith.runtime.model.model import RankModel
+from enginesmith.runtime.parallel.pipeline import MicroBatch, run_layers
+from enginesmith.runtime.fast.prefill_layers import LayerRunner, PrefillLayers
 
 log = logging.getLogger(__name__)
 BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)

@@ -24,11 +24,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from runtime.fast import decode_layers
-from runtime.kernels.gemv_ref import rel_err
-from runtime.model.layers import apply_rope, rms_norm
-from runtime.model.model import RankModel
-from runtime.parallel.pipeline import MicroBatch, run_layers
+from enginesmith.runtime.fast import decode_layers
+from enginesmith.runtime.kernels.gemv_ref import rel_err
+from enginesmith.runtime.model.layers import apply_rope, rms_norm
+from enginesmith.runtime.model.model import RankModel
+from enginesmith.runtime.parallel.pipeline import MicroBatch, run_layers
 
 log = logging.getLogger(__name__)
 LayerRunner = Callable[[RankModel, Callable | None, torch.Tensor, MicroBatch], torch.Tensor]

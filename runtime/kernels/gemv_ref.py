@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime.model.layers import rms_norm
-from runtime.model.layers import swiglu as swiglu_fn
+from enginesmith.runtime.model.layers import rms_norm
+from enginesmith.runtime.model.layers import swiglu as swiglu_fn
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6,

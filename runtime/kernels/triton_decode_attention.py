@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.pdl import wait_then_release
+from enginesmith.runtime.kernels.pdl import wait_then_release
 
 
 @triton.jit

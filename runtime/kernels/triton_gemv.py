@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.pdl import wait_then_release
-from runtime.parallel.tp_signal import HANDOFF, await_landed, clear, scatter
+from enginesmith.runtime.kernels.pdl import wait_then_release
+from enginesmith.runtime.parallel.tp_signal import HANDOFF, await_landed, clear, scatter
 
 POLL_ENV = "ENGINESMITH_TP_EXCHANGE_POLL"
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.triton_gemv import _row_dots, _silu_mul, config_for
+from enginesmith.runtime.kernels.triton_gemv import _row_dots, _silu_mul, config_for
 
 
 @triton.jit

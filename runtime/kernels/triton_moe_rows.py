@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.triton_gemv import _silu_mul, configs_from_env
-from runtime.kernels.triton_rows import RowsConfig, k_loop
+from enginesmith.runtime.kernels.triton_gemv import _silu_mul, configs_from_env
+from enginesmith.runtime.kernels.triton_rows import RowsConfig, k_loop
 
 MAX_ROWS = 512
 """Routed (token, choice) rows up to which moe_mlp takes these kernels (256 tokens at top-2)."""

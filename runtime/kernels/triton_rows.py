@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.pdl import wait_then_release
-from runtime.kernels.triton_gemv import _silu_mul, configs_from_env, residual_store
+from enginesmith.runtime.kernels.pdl import wait_then_release
+from enginesmith.runtime.kernels.triton_gemv import _silu_mul, configs_from_env, residual_store
 
 MAX_ROWS = 64
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builders.mapping import Mapping
+from enginesmith.builders.mapping import Mapping
 
 
 class CheckpointError(ValueError):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.model.attention import DenseCausalAttention
-from runtime.model.checkpoint import CheckpointConfig
-from runtime.model.model import RankModel
+from enginesmith.runtime.model.attention import DenseCausalAttention
+from enginesmith.runtime.model.checkpoint import CheckpointConfig
+from enginesmith.runtime.model.model import RankModel
 
 
 def load_all_ranks(ckpt_dir: str | Path, dtype: torch.dtype | str | None = torch.float32) -> list[RankModel]:

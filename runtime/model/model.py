@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from builders.mapping import RankCoords, ep_experts, pp_layers
-from runtime.model.checkpoint import CheckpointConfig, CheckpointError
-from runtime.model.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from enginesmith.builders.mapping import RankCoords, ep_experts, pp_layers
+from enginesmith.runtime.model.checkpoint import CheckpointConfig, CheckpointError
+from enginesmith.runtime.model.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LAYER_KEY = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
@@ -170,7 +170,7 @@ def _dequantize(raw: dict[str, torch.Tensor], quant_algo: str | None) -> dict[st
     """Turn weight-only quantized tensors (int8 weight + per_channel_scale) back into float weights."""
     if quant_algo not in ("W8A16", "W4A16"):
         return raw
-    from builders.convert.quantize import dequantize_weight_only
+    from enginesmith.builders.convert.quantize import dequantize_weight_only
 
     out: dict[str, torch.Tensor] = {}
     for k, t in raw.items():

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runtime.model.attention import causal_sdpa
-from runtime.engine.kv_cache import PagedKVCache
+from enginesmith.runtime.model.attention import causal_sdpa
+from enginesmith.runtime.engine.kv_cache import PagedKVCache
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import torch
 
-from runtime.engine.kv_cache import PagedKVCache
-from runtime.model.model import RankModel
-from runtime.model.paged_attention import PagedAttention, SeqSpan
-from runtime.parallel.pipeline import MicroBatch, run_layers
+from enginesmith.runtime.engine.kv_cache import PagedKVCache
+from enginesmith.runtime.model.model import RankModel
+from enginesmith.runtime.model.paged_attention import PagedAttention, SeqSpan
+from enginesmith.runtime.parallel.pipeline import MicroBatch, run_layers
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from builders.mapping import RankCoords, ep_experts, kv_head_of_rank, pad_vocab_size, pp_layers
-from runtime.model.checkpoint import CheckpointConfig
-from runtime.model.model import RankModel
+from enginesmith.builders.mapping import RankCoords, ep_experts, kv_head_of_rank, pad_vocab_size, pp_layers
+from enginesmith.runtime.model.checkpoint import CheckpointConfig
+from enginesmith.runtime.model.model import RankModel
 
 TensorFactory = Callable[[str, tuple[int, ...]], torch.Tensor]
 """(name, full shape) -> tensor; names are TensorRT-LLM's with the global layer index."""

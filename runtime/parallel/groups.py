@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from builders.mapping import Mapping, RankCoords
+from enginesmith.builders.mapping import Mapping, RankCoords
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ParallelGroups:
     control: object
     """gloo group over all ranks, for pickled step descriptions."""
     fast_ar: object | None = None
-    """runtime.parallel.fast_allreduce.FastAllReduce for small CUDA tensors (see enable_fast_all_reduce);
+    """enginesmith.runtime.parallel.fast_allreduce.FastAllReduce for small CUDA tensors (see enable_fast_all_reduce);
     None: NCCL/gloo."""
 
     @property
@@ -60,7 +60,7 @@ class ParallelGroups:
         if self.mapping.tp_size == 1 or torch.device(device).type != "cuda":
             return dict(enabled=False, reason=f"tp_size {self.mapping.tp_size} on {torch.device(device).type}: "
                                               "plain all-reduce")
-        from runtime.parallel.fast_allreduce import FastAllReduce
+        from enginesmith.runtime.parallel.fast_allreduce import FastAllReduce
 
         ar = FastAllReduce(self.tp_group, device, dtype, max_bytes)
         self.fast_ar = ar if ar.enabled else None

@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from runtime.model.model import RankModel
-from runtime.parallel.groups import ParallelGroups
+from enginesmith.runtime.model.model import RankModel
+from enginesmith.runtime.parallel.groups import ParallelGroups
 
 
 @dataclass

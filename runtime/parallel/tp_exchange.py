@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from runtime.parallel import tp_signal
-from runtime.parallel.fast_allreduce import all_ranks_ok
+from enginesmith.runtime.parallel import tp_signal
+from enginesmith.runtime.parallel.fast_allreduce import all_ranks_ok
 
 log = logging.getLogger(__name__)
 ENV_SWITCH = "ENGINESMITH_TP_EXCHANGE"
@@ -289,8 +289,8 @@ class TPExchange:
         """One exchange step on random weights: a residual GEMV into point 0, an RMSNorm GEMV out of it into
         the logits, and the partial through point 1's reduce kernel, against the same arithmetic with
         dist.all_reduce / all_gather; then every slot emptied."""
-        from runtime.kernels import triton_gemv
-        from runtime.kernels.gemv_ref import check_tol, gemv_ref, rel_err
+        from enginesmith.runtime.kernels import triton_gemv
+        from enginesmith.runtime.kernels.gemv_ref import check_tol, gemv_ref, rel_err
 
         h, v, dev, dt = self.hidden, self.vocab_local, self.device, self.dtype
         gen = torch.Generator(device="cpu").manual_seed(7 + self.rank)
@@ -352,7 +352,7 @@ class TPExchange:
 
 def for_model(groups, model, device: torch.device) -> TPExchange:
     """The exchange a single-stage TP rank's batch-1 decode step needs (collective over the TP group)."""
-    from runtime.kernels import pdl
+    from enginesmith.runtime.kernels import pdl
 
     return TPExchange(groups.tp_group, groups.coords.tp_rank, groups.mapping.tp_size, device, model.dtype,
                       model.cfg.hidden_size, model.lm_head.shape[0], 2 * model.num_local_layers,

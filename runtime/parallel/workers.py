@@ -6,7 +6,8 @@ every rank then runs its share through `runtime.parallel.pipeline.rank_forward` 
 full logits come back to rank 0. While idle, rank 0 broadcasts heartbeats instead, and every rank
 reports its own heartbeat to rank 0's store (`runtime.parallel.liveness`): idling never times out, and a dead or hung
 rank is named within the liveness timeout. Ranks of the first node are spawned here; ranks on other nodes
-join the same rendezvous with `python -m runtime.parallel.workers --rank R --init-method tcp://HOST:PORT ...`.
+join the same rendezvous with
+`python -m enginesmith.runtime.parallel.workers --rank R --init-method tcp://HOST:PORT ...`.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from builders.mapping import Mapping
-from runtime.engine.engine_config import EngineConfig
-from runtime.fast.fast_decode import FastDecoder, FastStep
-from runtime.engine.kv_cache import PagedKVCache
-from runtime.parallel.liveness import HEARTBEAT, Liveness, RankMonitor, start_heartbeat
-from runtime.model.model import RankModel
-from runtime.model.paged_attention import PagedAttention, SeqSpan
-from runtime.parallel.groups import ParallelGroups, init_parallel
-from runtime.parallel.pipeline import MicroBatch, rank_forward
-from runtime.fast.prefill_graphs import layer_runner
+from enginesmith.builders.mapping import Mapping
+from enginesmith.runtime.engine.engine_config import EngineConfig
+from enginesmith.runtime.fast.fast_decode import FastDecoder, FastStep
+from enginesmith.runtime.engine.kv_cache import PagedKVCache
+from enginesmith.runtime.parallel.liveness import HEARTBEAT, Liveness, RankMonitor, start_heartbeat
+from enginesmith.runtime.model.model import RankModel
+from enginesmith.runtime.model.paged_attention import PagedAttention, SeqSpan
+from enginesmith.runtime.parallel.groups import ParallelGroups, init_parallel
+from enginesmith.runtime.parallel.pipeline import MicroBatch, rank_forward
+from enginesmith.runtime.fast.prefill_graphs import layer_runner
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def main() -> None:
     ap.add_argument("--num-blocks", type=int, required=True)
     ap.add_argument("--tokens-per-block", type=int, default=32)
     a = ap.parse_args()
-    from runtime.model.checkpoint import CheckpointConfig
+    from enginesmith.runtime.model.checkpoint import CheckpointConfig
 
     mapping = CheckpointConfig.from_dir(a.checkpoint).mapping
     try:

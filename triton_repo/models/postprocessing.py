@@ -23,8 +23,8 @@ import triton_python_backend_utils as pb_utils
 # put it first, so the models run without enginesmith installed and never mix with another version.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from triton_repo.detokenize import WHOLE, LedgerReader, server_ledger_path, stream_key
-from triton_repo.models.model_args import (
+from enginesmith.triton_repo.detokenize import WHOLE, LedgerReader, server_ledger_path, stream_key
+from enginesmith.triton_repo.models.model_args import (
     ModelArgsError,
     check_stub_numpy,
     load_tokenizer,
@@ -32,7 +32,7 @@ from triton_repo.models.model_args import (
     param_str,
     read_parameters,
 )
-from triton_repo.text_tensors import text_array, token_rows
+from enginesmith.triton_repo.text_tensors import text_array, token_rows
 
 class TritonPythonModel:
     def initialize(self, args):

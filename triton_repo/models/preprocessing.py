@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 # put it first, so the models run without enginesmith installed and never mix with another version.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from triton_repo.models.model_args import (
+from enginesmith.triton_repo.models.model_args import (
     ModelArgsError,
     check_stub_numpy,
     load_tokenizer,
@@ -28,7 +28,7 @@ from triton_repo.models.model_args import (
     read_parameters,
     special_id,
 )
-from triton_repo.text_tensors import (
+from enginesmith.triton_repo.text_tensors import (
     RequestInputError,
     embedding_bias,
     encode_prompts,

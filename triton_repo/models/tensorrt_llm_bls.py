@@ -21,11 +21,12 @@ import triton_python_backend_utils as pb_utils
 # put it first, so the models run without enginesmith installed and never mix with another version.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from triton_repo.detokenize import WHOLE, IncrementalDetokenizer
-from triton_repo.model_config import PREPROCESSING_IN, PREPROCESSING_OUT, TENSORRT_LLM_IN
-from triton_repo.models.model_args import ModelArgsError, check_stub_numpy, param_bool, param_str, read_parameters
-from triton_repo.tensor_specs import PASSTHROUGH_OUTPUTS
-from triton_repo.text_tensors import text_array, token_rows
+from enginesmith.triton_repo.detokenize import WHOLE, IncrementalDetokenizer
+from enginesmith.triton_repo.model_config import PREPROCESSING_IN, PREPROCESSING_OUT, TENSORRT_LLM_IN
+from enginesmith.triton_repo.models.model_args import (ModelArgsError, check_stub_numpy, param_bool, param_str,
+                                                       read_parameters)
+from enginesmith.triton_repo.tensor_specs import PASSTHROUGH_OUTPUTS
+from enginesmith.triton_repo.text_tensors import text_array, token_rows
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 UNSUPPORTED = ("image_input", "image_bytes_input", "image_url_input", "image_sizes_input", "video_bytes_input",

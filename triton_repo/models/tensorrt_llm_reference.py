@@ -8,8 +8,8 @@ Cancellation: Triton's request cancellation (polled every cancellation_check_per
 request with the same request id and `stop=true`, and, for a streamed ensemble request whose client left
 (which Triton does not cancel here), the stream ledger showing that postprocessing stopped taking its
 chunks (triton_repo/detokenize.py). A bad request gets an error response; the model keeps serving.
-The stub must import this project's packages: triton_repo/discovery.py gives it an environment with the
-virtualenv's site-packages and the repository root.
+The stub must import enginesmith: triton_repo/discovery.py gives it an environment with the virtualenv's
+site-packages and the folder `enginesmith` imports from (the checkout root, or where it is installed).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from runtime.engine.engine import Engine
-from runtime.engine.engine_config import EngineConfigError
-from runtime.engine.request import Request, RequestError, TokenUpdate
-from runtime.engine.tensor_contract import RowSpec, parse_rows, response_arrays
-from triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
-from triton_repo.models.model_args import check_stub_numpy
+from enginesmith.runtime.engine.engine import Engine
+from enginesmith.runtime.engine.engine_config import EngineConfigError
+from enginesmith.runtime.engine.request import Request, RequestError, TokenUpdate
+from enginesmith.runtime.engine.tensor_contract import RowSpec, parse_rows, response_arrays
+from enginesmith.triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
+from enginesmith.triton_repo.models.model_args import check_stub_numpy
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 IN_FLIGHT_TYPES = ("inflight_fused_batching", "inflight_batching")
@@ -272,7 +272,7 @@ class TritonPythonModel:
 
     def _metrics(self, args: dict, config: dict):
         try:
-            from runtime.engine.metrics import TritonMetrics
+            from enginesmith.runtime.engine.metrics import TritonMetrics
         except ImportError:
             return None
         c = self.engine.config

@@ -21,12 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from triton_repo.openai_api.errors import ApiError, bad_request, model_not_found
-from triton_repo.openai_api.generation import Generation, Prompt, batch_decoder, sampling_fields
-from triton_repo.openai_api.prompts import Limits, Prompter
-from triton_repo.openai_api.schemas import ChatCompletionRequest, CompletionRequest, parse
-from triton_repo.openai_api.streaming import EventStream, Shape, sse_events
-from triton_repo.openai_api.upstream import TritonUpstream, UpstreamError
+from enginesmith.triton_repo.openai_api.errors import ApiError, bad_request, model_not_found
+from enginesmith.triton_repo.openai_api.generation import Generation, Prompt, batch_decoder, sampling_fields
+from enginesmith.triton_repo.openai_api.prompts import Limits, Prompter
+from enginesmith.triton_repo.openai_api.schemas import ChatCompletionRequest, CompletionRequest, parse
+from enginesmith.triton_repo.openai_api.streaming import EventStream, Shape, sse_events
+from enginesmith.triton_repo.openai_api.upstream import TritonUpstream, UpstreamError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the room left
 
@@ -44,7 +44,7 @@ class FrontConfig:
 
 def create_app(cfg: FrontConfig, tokenizer: Any = None) -> Starlette:
     if tokenizer is None:
-        from client.tokenizer import load_tokenizer
+        from enginesmith.client.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer_dir)
     prompter, decode = Prompter(tokenizer, cfg.limits), batch_decoder(tokenizer)

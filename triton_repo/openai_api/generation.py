@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from client.grpc_stream import prepare
-from client.params import ClientError, GenerateParams
-from triton_repo.detokenize import BatchDecode, IncrementalDetokenizer
-from triton_repo.openai_api.errors import bad_request
-from triton_repo.openai_api.schemas import _Common
-from triton_repo.openai_api.stops import StopText
-from triton_repo.openai_api.upstream import TritonUpstream
+from enginesmith.client.grpc_stream import prepare
+from enginesmith.client.params import ClientError, GenerateParams
+from enginesmith.triton_repo.detokenize import BatchDecode, IncrementalDetokenizer
+from enginesmith.triton_repo.openai_api.errors import bad_request
+from enginesmith.triton_repo.openai_api.schemas import _Common
+from enginesmith.triton_repo.openai_api.stops import StopText
+from enginesmith.triton_repo.openai_api.upstream import TritonUpstream
 
 
 def batch_decoder(tokenizer: Any) -> BatchDecode:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from triton_repo.openai_api.errors import bad_request
+from enginesmith.triton_repo.openai_api.errors import bad_request
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 
+from enginesmith.triton_repo.discovery import IMPORT_ROOT
+
 
 class FrontError(RuntimeError):
     """The front could not start."""
@@ -101,7 +103,7 @@ class FrontProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout_s: float = 120.0) -> FrontProcess:
-        from triton_repo.server import free_port
+        from enginesmith.triton_repo.server import free_port
 
         for attempt in range(1 if self.requested_port else 3):
             self.port = self.requested_port or free_port()
@@ -117,9 +119,9 @@ class FrontProcess:
         raise AssertionError("unreachable")
 
     def _spawn(self) -> None:
-        root = Path(__file__).resolve().parents[2]
+        root = IMPORT_ROOT  # the checkout root, or where enginesmith is installed
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-        argv = [sys.executable, "-m", "builders.cli", *self.args, "--port", str(self.port)]
+        argv = [sys.executable, "-m", "enginesmith.builders.cli", *self.args, "--port", str(self.port)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=root, env=env)

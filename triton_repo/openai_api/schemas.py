@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from triton_repo.openai_api.errors import ApiError, bad_request
+from enginesmith.triton_repo.openai_api.errors import ApiError, bad_request
 
 
 class StreamOptions(BaseModel):

@@ -9,9 +9,9 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
-from triton_repo.openai_api.errors import ApiError
-from triton_repo.openai_api.generation import Generation
-from triton_repo.openai_api.upstream import UpstreamError
+from enginesmith.triton_repo.openai_api.errors import ApiError
+from enginesmith.triton_repo.openai_api.generation import Generation
+from enginesmith.triton_repo.openai_api.upstream import UpstreamError
 
 DONE = b"data: [DONE]\n\n"
 

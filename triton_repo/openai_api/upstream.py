@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from client.grpc_stream import infer_inputs, result_outputs
-from client.model_info import ModelInfo, grpc_aio_model_info
-from client.params import ClientError
+from enginesmith.client.grpc_stream import infer_inputs, result_outputs
+from enginesmith.client.model_info import ModelInfo, grpc_aio_model_info
+from enginesmith.client.params import ClientError
 
 CONTRACT_OUTPUTS = {"tokens": ("output_ids",), "text": ("text_output", "num_input_tokens", "num_output_tokens")}
 
