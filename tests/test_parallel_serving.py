@@ -2,7 +2,7 @@
 
 Greedy outputs of tp=2, pp=2, tp=2 x pp=2 and the tiny MoE with moe_ep=2 must equal tp=1 outputs
 token for token; each rank process loads only its own rank file. Idling for longer than the liveness
-timeout (a short one in-process, the default one served) changes nothing; a rank that dies or hangs is
+timeout (a short one in-process and served) changes nothing; a rank that dies or hangs is
 named within the timeout, and stops the server.
 """
 
@@ -141,8 +141,13 @@ def server(engine_dirs, tmp_path_factory):
         shutil.copy(REPO_ROOT / "triton_repo" / "models" / "tensorrt_llm_reference.py", repo / name / "1" / "model.py")
         (repo / name / "config.pbtxt").write_text(tensorrt_llm_config(engine_dir).replace(
             'name: "tensorrt_llm"', f'name: "{name}"'))
-    with TritonServer(repo, log_path=repo / "server.log", ready_timeout_s=240) as srv:
+    with TritonServer(repo, log_path=repo / "server.log", ready_timeout_s=240, env=SERVED_LIVENESS) as srv:
         yield srv
+
+
+# The served ranks' liveness, set the way a deployment sets it: rank 0's idle heartbeat every 1 s, a rank silent for
+# 5 s taken for hung (the control group's wait for rank 0's next message is bounded by the same 5 s).
+SERVED_LIVENESS = {"ENGINESMITH_RANK_HEARTBEAT_S": "1", "ENGINESMITH_RANK_TIMEOUT_S": "5"}
 
 
 def _served_greedy(url: str, model: str) -> list[list[int]]:
@@ -162,9 +167,10 @@ def test_served_ranks_equal_single_rank_idle_and_rank_death_stops_server(server)
     results = {name: _served_greedy(server.http_url, name) for name in LAYOUTS}
     for name, (arch, *_rest) in LAYOUTS.items():
         assert results[name] == results[BASELINE[arch]], name
-    # Idle past the default liveness timeout, and past the 30 s control-group timeout that used to make
-    # every rank > 0 give up waiting for its next step (and the server exit) after 30 s without requests.
-    time.sleep(max(Liveness().timeout_s, 30) + 5)
+    # Idle for 3x the served liveness timeout, which also bounds each rank's wait on the control group for rank 0's
+    # next message: before heartbeats, every rank > 0 gave up that wait (and the server exited) once it elapsed
+    # without requests (then 30 s).
+    time.sleep(3 * Liveness.from_env(SERVED_LIVENESS).timeout_s)
     assert server.proc.poll() is None and server.is_ready()
     assert _served_greedy(server.http_url, "llama_tp2_pp2") == results["llama_tp1"]
     # Kill one rank of the tp=2 x pp=2 model: the server must go unready and exit within 30 s.
