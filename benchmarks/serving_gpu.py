@@ -103,6 +103,7 @@ def write_recipe(path: Path, name: str, source: Path, args, gpu: str) -> None:
                   "tokens_per_block": 16 if args.tiny else 32},
         "serve": {"enable_chunked_context": True, "kv_cache_free_gpu_mem_fraction": 0.5 if args.tiny else 0.9,
                   "triton_max_batch_size": args.max_batch_size, "decoupled": True,
+                  "stream_interval": args.stream_interval,
                   "http_port": args.ports[0], "grpc_port": args.ports[1], "metrics_port": args.ports[2]},
         "sla": {"ttft_ms": 100000, "tpot_ms": 10000, "concurrency": max(args.concurrency), "isl": isl, "osl": osl},
     }
@@ -347,6 +348,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,256")
     ap.add_argument("--max-batch-size", type=int, default=256)
     ap.add_argument("--max-num-tokens", type=int, default=8192)
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="serve.stream_interval of the served recipe (1: a response per token)")
     ap.add_argument("--models", default="tensorrt_llm,ensemble")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: in_process,served")
     ap.add_argument("--results", type=Path, default=None, help="results JSON (default: results/serving-<card>.json)")
@@ -384,6 +387,7 @@ def main() -> None:
     res = dict(shape="tiny-llama" if args.tiny else args.shape, layers=cfg["num_hidden_layers"], card=hw["card"],
                hw=hw, isl=args.isl, osl=args.osl, num_prompts=args.num_prompts, concurrency=args.concurrency,
                max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens, models=args.models,
+               stream_interval=args.stream_interval,
                python=sys.version.split()[0])
     import numpy
 

@@ -65,6 +65,11 @@ class ServeSection(Section):
     """Split long prompts into chunks of at most max_num_tokens so they interleave with generation."""
     enable_kv_cache_reuse: bool = False
     """Reuse KV blocks of shared prompt prefixes across requests."""
+    stream_interval: int = Field(default=1, ge=1)
+    """Reference runtime: a streamed response carries the tokens of up to this many steps (the first token and the
+    end still go out at once). 1 streams every token; larger values cut the per-response work of the server and
+    its clients at high concurrency (TensorRT-LLM's LLM API has the same knob). The tensorrtllm backend streams
+    every token."""
     batch_scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] = "guaranteed_no_evict"
     """guaranteed_no_evict (admit only if the whole sequence fits) | max_utilization (pack, may pause)."""
     decoupled: bool = True

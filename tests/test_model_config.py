@@ -65,10 +65,10 @@ def fill(path: Path, values: dict[str, str]):
 
 
 def recipe_stub():
-    build = SimpleNamespace(max_beam_width=1)
+    build = SimpleNamespace(max_beam_width=1, target="trtllm-engine")
     serve = SimpleNamespace(batching_strategy="inflight_fused_batching", batch_scheduler_policy="max_utilization",
                             kv_cache_free_gpu_mem_fraction=0.85, enable_kv_cache_reuse=False,
-                            enable_chunked_context=True)
+                            enable_chunked_context=True, stream_interval=1)
     return SimpleNamespace(build=build, serve=serve)
 
 

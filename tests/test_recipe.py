@@ -61,6 +61,7 @@ FIELD_ERRORS: dict[str, tuple[object, str]] = {
     "serve.decoupled": ("x", "serve.decoupled: Input should be a valid boolean"),
     "serve.max_queue_delay_us": (-1, "serve.max_queue_delay_us: Input should be greater than or equal to 0"),
     "serve.max_queue_size": (-1, "serve.max_queue_size: Input should be greater than or equal to 0"),
+    "serve.stream_interval": (0, "serve.stream_interval: Input should be greater than or equal to 1"),
     "serve.triton_max_batch_size": (0, "serve.triton_max_batch_size: Input should be greater than or equal to 1"),
     "serve.preprocessing_instances": (0, "serve.preprocessing_instances: Input should be greater than or equal"),
     "serve.postprocessing_instances": (0, "serve.postprocessing_instances: Input should be greater than or equal"),

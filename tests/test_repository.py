@@ -253,3 +253,19 @@ def test_out_dir_parent_created(tmp_path, tokenizer_dir):
     write(recipe(), reference_engine(tmp_path / "engine"), tokenizer_dir, out)
     assert (out / "manifest.json").is_file()
     shutil.rmtree(out)
+
+
+def test_stream_interval_reaches_the_reference_model_and_is_named_elsewhere(tmp_path, tokenizer_dir):
+    engine = reference_engine(tmp_path / "engine")
+    trtllm_engine(engine)
+    write(recipe(), engine, tokenizer_dir, tmp_path / "default")
+    assert "stream_interval" not in config(tmp_path / "default", "tensorrt_llm").parameters  # upstream's keys only
+    m = write(recipe(serve={"stream_interval": 4}), engine, tokenizer_dir, tmp_path / "ref")
+    assert config(tmp_path / "ref", "tensorrt_llm").parameters["stream_interval"].string_value == "4"
+    assert not m.warnings
+    m = write(engine_recipe(serve={"stream_interval": 4}), engine, tokenizer_dir, tmp_path / "eng",
+              trtllm_version="1.2.1")
+    assert "stream_interval" not in config(tmp_path / "eng", "tensorrt_llm").parameters
+    assert any(w.startswith("serve.stream_interval=4 applies to the reference runtime only") for w in m.warnings)
+    with pytest.raises(ValueError, match="stream_interval"):
+        recipe(serve={"stream_interval": 0})

@@ -28,7 +28,8 @@ from tests.test_engine import PROMPTS, write_engine_dir
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 MODEL = "tensorrt_llm"
-def tensorrt_llm_config(engine_dir: Path) -> str:
+INTERVAL_MODEL = "tensorrt_llm_interval4"
+def tensorrt_llm_config(engine_dir: Path, **extra: str) -> str:
     """The upstream tensorrt_llm config (part A's protobuf builder), backend python, over our engine dir."""
     from enginesmith.triton_repo import model_config as mc
 
@@ -36,7 +37,7 @@ def tensorrt_llm_config(engine_dir: Path) -> str:
     params = {"gpt_model_path": str(engine_dir), "gpt_model_type": "inflight_fused_batching",
               "batch_scheduler_policy": "guaranteed_no_evict", "cancellation_check_period_ms": "5",
               "exclude_input_in_output": "true", "enable_kv_cache_reuse": "false", "max_beam_width": "1",
-              "kv_cache_free_gpu_mem_fraction": "0.9", "max_tokens_in_paged_kv_cache": ""}
+              "kv_cache_free_gpu_mem_fraction": "0.9", "max_tokens_in_paged_kv_cache": ""} | extra
     return mc.to_pbtxt(mc.tensorrt_llm_config(options, params))
 
 
@@ -50,6 +51,10 @@ def server(tmp_path_factory):
     (model_dir / "1").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "triton_repo" / "models" / "tensorrt_llm_reference.py", model_dir / "1" / "model.py")
     (model_dir / "config.pbtxt").write_text(tensorrt_llm_config(engine_dir))
+    interval_dir = root / "repo" / INTERVAL_MODEL  # the same engine, streamed 4 steps' tokens at a time
+    shutil.copytree(model_dir, interval_dir)
+    (interval_dir / "config.pbtxt").write_text(tensorrt_llm_config(engine_dir, stream_interval="4").replace(
+        f'name: "{MODEL}"', f'name: "{INTERVAL_MODEL}"'))
     log = root / "iterations.jsonl"
     with TritonServer(root / "repo", log_path=root / "server.log", ready_timeout_s=120,
                       env={"ENGINESMITH_ITERATION_LOG": str(log)}) as srv:
@@ -102,6 +107,7 @@ class Stream:
                 assert ids.shape[:2] == (1, 1) and result.as_numpy("sequence_length").shape == (1, 1)
                 entry["tokens"] += ids.reshape(-1).tolist()
                 entry["responses" if ids.size else "empty"] += 1
+                entry.setdefault("chunks", []).extend([ids.size] if ids.size else [])
             done += is_final(result)
         return out
 
@@ -143,6 +149,24 @@ def test_grpc_greedy_matches_transformers(server, expected, streaming):
         assert (1 <= got[f"p{i}"]["responses"] <= len(want)) if streaming else got[f"p{i}"]["responses"] == 1
         # a stream that ends at end_id ends with a response of no token (sequence_length 0), as upstream's does
         assert got[f"p{i}"]["empty"] == (streaming and len(want) < 12)
+
+
+def test_stream_interval_groups_the_tokens_after_the_first(server, expected):
+    """stream_interval=4: between a stream's first response and its last, each carries at least 4 tokens (more
+    only where the sender fell behind); the tokens are the same as streamed one at a time."""
+    s = Stream(server.grpc_url)
+    try:
+        for i, (ids, _, eos) in enumerate(expected):
+            s.send(f"i{i}", tensors(ids, 12, end_id=np.int32(eos), streaming=np.bool_(True)), model=INTERVAL_MODEL)
+        got = s.collect(len(expected))
+    finally:
+        s.close()
+    for i, (ids, want, _) in enumerate(expected):
+        entry = got[f"i{i}"]
+        assert entry["error"] is None and entry["tokens"] == want, ids
+        chunks = entry["chunks"]
+        assert all(n >= 4 for n in chunks[1:-1]), chunks
+        assert len(chunks) <= 2 + (len(want) - 1) // 4, chunks
 
 
 def test_http_generate_and_generate_stream_match_transformers(server, expected):

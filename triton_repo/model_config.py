@@ -113,7 +113,8 @@ def tensorrt_llm_config(o: RepoOptions, params: dict[str, str]) -> ModelConfig:
     _dynamic_batching(cfg, o)
     _add_tensors(cfg, o, ts.TENSORRT_LLM_INPUTS, ts.TENSORRT_LLM_OUTPUTS)
     _cpu_instances(cfg, 1)
-    _set_parameters(cfg, params, ts.TENSORRT_LLM_PARAMETERS)
+    reference = ts.REFERENCE_PARAMETERS if o.tensorrt_llm_backend == "python" else ()
+    _set_parameters(cfg, params, ts.TENSORRT_LLM_PARAMETERS + reference)
     return cfg
 
 

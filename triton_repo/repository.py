@@ -93,7 +93,10 @@ def tensorrt_llm_parameters(recipe, mapping, engine_dir: Path, tokenizer_dir: Pa
         "executor_worker_path": EXECUTOR_WORKER,
         "tokenizer_dir": str(tokenizer_dir),
     }
-    return {k: known.get(k, "") for k in TENSORRT_LLM_PARAMETERS if k in known or k not in OMITTED_WHEN_UNSET}
+    params = {k: known.get(k, "") for k in TENSORRT_LLM_PARAMETERS if k in known or k not in OMITTED_WHEN_UNSET}
+    if b.target == "reference" and s.stream_interval != 1:  # the reference runtime's own key (not upstream's)
+        params["stream_interval"] = str(s.stream_interval)
+    return params
 
 
 def model_parameters(engine_dir: Path, tokenizer_dir: Path) -> dict[str, dict[str, str]]:
@@ -202,6 +205,9 @@ def _warnings(recipe, files) -> list[str]:
                    "stream incrementally per request id inside one postprocessing process; with several "
                    "instances a character split across two responses may come out as U+FFFD. Use 1, or "
                    "stream through tensorrt_llm_bls (exact with any instance count).")
+    if s.stream_interval != 1 and recipe.build.target != "reference":
+        out.append(f"serve.stream_interval={s.stream_interval} applies to the reference runtime only: the "
+                   f"{recipe.build.target} model streams every token.")
     if recipe.build.target == "trtllm-llmapi" and "tensorrt_llm/1/model.py" not in files:
         out.append("tensorrt_llm/1/model.py is not written: copy TensorRT-LLM's triton_backend/all_models/"
                    "llmapi/tensorrt_llm/1/model.py there (or pass --llmapi-model-py) before serving.")

@@ -132,6 +132,9 @@ TENSORRT_LLM_PARAMETERS: tuple[str, ...] = (
     "guided_decoding_backend", "xgrammar_tokenizer_info_path",
 )
 
+# Keys only the reference runtime's tensorrt_llm model reads (set where a recipe asks for them).
+REFERENCE_PARAMETERS: tuple[str, ...] = ("stream_interval",)
+
 # ---- preprocessing / postprocessing --------------------------------------------------------------------
 PREPROCESSING_INPUTS: tuple[TensorSpec, ...] = (
     t("QUERY", "STRING", 1, opt=False),

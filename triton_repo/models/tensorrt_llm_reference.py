@@ -2,7 +2,8 @@
 
 It keeps upstream's tensor contract (runtime/engine/tensor_contract.py) and `parameters` keys, and runs the
 reference engine (runtime/engine/engine.py) in a background thread. Decoupled: every request gets a response
-sender; when streaming, each new token is sent as soon as it is sampled; the last response carries
+sender; when streaming, each new token is sent as soon as it is sampled (with the `stream_interval` parameter,
+the tokens of that many steps together after the first); the last response carries
 TRITONSERVER_RESPONSE_COMPLETE_FINAL (and no token when the row ended without one, as upstream's does).
 Cancellation: Triton's request cancellation (polled every cancellation_check_period_ms), a second
 request with the same request id and `stop=true`, and, for a streamed ensemble request whose client left
@@ -124,16 +125,45 @@ def merge_updates(batch: list[Pending]) -> list[Pending]:
     rows: dict[int, tuple[_Responder, RowSpec, list[TokenUpdate]]] = {}
     for responder, spec, u in batch:
         rows.setdefault(id(u.request), (responder, spec, []))[2].append(u)
-    out = []
-    for responder, spec, ups in rows.values():
-        if len(ups) == 1:
-            out.append((responder, spec, ups[0]))
-            continue
-        error = next((u.error for u in reversed(ups) if u.error is not None), None)
-        out.append((responder, spec, TokenUpdate(ups[0].request, [t for u in ups for t in u.new_tokens],
-                                                 [lp for u in ups for lp in u.new_log_probs],
-                                                 any(u.finished for u in ups), error)))
-    return out
+    return [(responder, spec, combine(ups)) for responder, spec, ups in rows.values()]
+
+
+def combine(ups: list[TokenUpdate]) -> TokenUpdate:
+    """Consecutive updates of one row as one."""
+    if len(ups) == 1:
+        return ups[0]
+    error = next((u.error for u in reversed(ups) if u.error is not None), None)
+    return TokenUpdate(ups[0].request, [t for u in ups for t in u.new_tokens],
+                       [lp for u in ups for lp in u.new_log_probs], any(u.finished for u in ups), error)
+
+
+class StreamInterval:
+    """`stream_interval` (a parameter of this model): a streamed row's tokens after its first are held until
+    `steps` of them are there; the end, an error, or a row's first token go out at once. Only the response thread
+    uses it."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self._held: dict[int, list[TokenUpdate]] = {}
+        self._started: set[int] = set()
+
+    def release(self, pending: list[Pending]) -> list[Pending]:
+        """What to send now of `pending` (one update per row): the rest is held for a later call."""
+        if self.steps == 1:
+            return pending
+        out = []
+        for responder, spec, u in pending:
+            key = id(u.request)
+            ups = [*self._held.pop(key, []), u]
+            if not spec.streaming or u.finished or u.error is not None:
+                self._started.discard(key)
+                out.append((responder, spec, combine(ups)))
+            elif key not in self._started or sum(len(x.new_tokens) for x in ups) >= self.steps:
+                self._started.add(key)
+                out.append((responder, spec, combine(ups)))
+            else:
+                self._held[key] = ups
+        return out
 
 
 class ResponseQueue:
@@ -142,8 +172,9 @@ class ResponseQueue:
     requests' cancellation (is_cancelled is a round trip to the server) every `poll_s`. At low load every token
     still goes out alone; under load the engine's step no longer waits for hundreds of sends."""
 
-    def __init__(self, poll_s: float):
+    def __init__(self, poll_s: float, stream_interval: int = 1):
         self.poll_s = poll_s
+        self.interval = StreamInterval(stream_interval)
         self._items: list[Pending] = []
         self._live: dict[int, tuple[Request, object]] = {}
         self._cv = threading.Condition()
@@ -184,7 +215,7 @@ class ResponseQueue:
                 batch, self._items = self._items, []
                 if self._stopping and not batch:
                     return True
-            for responder, spec, update in merge_updates(batch):
+            for responder, spec, update in self.interval.release(merge_updates(batch)):
                 if update.finished:
                     with self._cv:
                         self._live.pop(id(update.request), None)
@@ -222,7 +253,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"tensorrt_llm (reference): {e}") from None
         self.engine.metrics = self._metrics(args, config)
         self.ledger = self._ledger()
-        self.responses = ResponseQueue(self.engine.config.cancellation_check_period_ms / 1000)
+        self.responses = ResponseQueue(self.engine.config.cancellation_check_period_ms / 1000, self.stream_interval)
         self.engine.start()
 
     @staticmethod
@@ -250,6 +281,10 @@ class TritonPythonModel:
         if p("max_beam_width", int) not in (None, 1):
             raise ValueError(f"max_beam_width={p('max_beam_width')}: the reference runtime has no beam search")
         self.exclude_input = bool(p("exclude_input_in_output", bool))
+        interval = p("stream_interval", int)
+        self.stream_interval = 1 if interval is None else interval
+        if self.stream_interval < 1:
+            raise ValueError(f"parameter stream_interval={self.stream_interval} must be >= 1 (1: every token)")
         self.stats_period_s = (p("stats_check_period_ms", int) or 100) / 1000
         self.output_names = {o["name"] for o in config.get("output", [])}
         self.overrides = dict(
