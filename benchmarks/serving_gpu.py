@@ -231,9 +231,10 @@ def served(recipe: Path, out: Path, args, tokenizer_dir: Path, save) -> dict:
                 r = json.loads((dest / "bench.json").read_text())["runs"][0]
                 res[model].append(dict(concurrency=c, completed=r["completed"], failed=r.get("failed", 0),
                                        output_throughput=r["output_throughput"], median_ttft_ms=r["median_ttft_ms"],
-                                       median_tpot_ms=r["median_tpot_ms"], mean_tpot_ms=r.get("mean_tpot_ms")))
+                                       median_tpot_ms=r["median_tpot_ms"], mean_tpot_ms=r.get("mean_tpot_ms"),
+                                       client_cpu_utilization=r.get("client_cpu_utilization")))
                 log(f"served {model} c={c}: {r['output_throughput']:.0f} tok/s, TPOT p50 {r['median_tpot_ms']:.2f} ms, "
-                    f"failed {r.get('failed', 0)}")
+                    f"failed {r.get('failed', 0)}, bench client CPU {r.get('client_cpu_utilization', 0):.0%} of a core")
                 save(res)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
