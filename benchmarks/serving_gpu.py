@@ -227,9 +227,12 @@ def served(recipe: Path, out: Path, args, tokenizer_dir: Path, save) -> dict:
                 cli("bench", str(recipe), "--out", str(out), "--model", model, "--concurrency", str(c),
                     "--num-prompts", str(prompts_at(c, args.num_prompts)), "--isl", str(args.isl),
                     "--osl", str(args.osl), "--output-dir", str(dest), "--no-plots", "--no-progress",
-                    "--no-analyze", "--warmup", "4", "--tokenizer", str(tokenizer_dir))
+                    "--no-analyze", "--warmup", "4", "--tokenizer", str(tokenizer_dir),
+                    "--client-procs", str(1 if c == 1 else args.client_procs))
                 r = json.loads((dest / "bench.json").read_text())["runs"][0]
                 res[model].append(dict(concurrency=c, completed=r["completed"], failed=r.get("failed", 0),
+                                       client_procs=r.get("client_procs", 1),
+                                       client_cpu_utilization_max_proc=r.get("client_cpu_utilization_max_proc"),
                                        output_throughput=r["output_throughput"], median_ttft_ms=r["median_ttft_ms"],
                                        median_tpot_ms=r["median_tpot_ms"], mean_tpot_ms=r.get("mean_tpot_ms"),
                                        client_cpu_utilization=r.get("client_cpu_utilization")))
@@ -352,6 +355,8 @@ def main() -> None:
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="serve.stream_interval of the served recipe (1: a response per token)")
     ap.add_argument("--models", default="tensorrt_llm,ensemble")
+    ap.add_argument("--client-procs", type=int, default=4,
+                    help="bench --client-procs at the saturating concurrency (c=1 runs in one client process)")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: in_process,served")
     ap.add_argument("--results", type=Path, default=None, help="results JSON (default: results/serving-<card>.json)")
     ap.add_argument("--inprocess-child", nargs=2, metavar=("ENGINE_DIR", "OUT_JSON"), help=argparse.SUPPRESS)
@@ -393,6 +398,7 @@ def main() -> None:
     import numpy
 
     res["numpy"] = numpy.__version__
+    res["client_procs"] = args.client_procs  # the saturating points' bench --client-procs
     skip = set(args.skip.split(","))
     dest = args.results or RESULTS / f"serving-{slug}.json"
 

@@ -7,6 +7,8 @@ and optionally a duration (no new request after it; in-flight ones finish). Warm
 are excluded. Each point of a sweep also snapshots Triton's statistics and samples /metrics; the prefix
 cache's reused / missed block totals before and after the point give its measured hit rate, and the prompts
 sent so far give the hit rate an unbounded prefix cache would have had (what enabling reuse would gain).
+With `client_procs` > 1 each point is driven by that many worker processes (client/bench_procs.py); warm-up,
+statistics, /metrics and everything computed from the records stay in this process.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class BenchConfig:
     backend: str = "triton"
     """"triton" (gRPC streaming to `model`) or "openai" (streamed /v1/completions at `openai_url`)."""
     openai_url: str | None = None
+    client_procs: int = 1
+    """Client processes that drive each load point (client/bench_procs.py): one saturates a core at a few
+    thousand streamed responses a second."""
 
 
 def requested_outputs(info: ModelInfo) -> list[Any] | None:
@@ -216,19 +221,36 @@ def _prompts_for(prompts: list[Prompt], n: int, offset: int = 0) -> list[Prompt]
     return [prompts[(offset + i) % len(prompts)] for i in range(n)]
 
 
-async def _run_point(runner: _Runner, prompts: list[Prompt], point: LoadPoint) -> dict[str, Any]:
+async def _run_point(runner: _Runner, prompts: list[Prompt], point: LoadPoint,
+                     procs: Any = None) -> dict[str, Any]:
+    """One measured point; `procs` (a started ClientProcs) drives it when its share plan has several workers."""
+    from enginesmith.client.bench_procs import plan_shares
+
     cfg = runner.cfg
+    shares, note = plan_shares(point, len(prompts), cfg.client_procs) if cfg.client_procs > 1 else ([], None)
     before = await runner.stats()
     poller = MetricsPoller(cfg.metrics_url, cfg.model, cfg.metrics_period_s) if cfg.metrics_url else None
     if poller is not None:
         await poller.open()
     before_kv = metrics_sample(poller.last_text, cfg.model) if poller is not None else {}
     sent_before = len(runner.sent)
-    t0, t0_ns, cpu0 = time.monotonic(), time.monotonic_ns(), time.process_time()
-    if poller is not None:
-        poller.start(t0)
-    records = await runner.drive(prompts, point, cfg.duration_s, origin=t0)
-    duration, cpu = time.monotonic() - t0, time.process_time() - cpu0
+
+    def start(t0: float) -> None:
+        if poller is not None:
+            poller.start(t0)
+
+    if len(shares) > 1:
+        load = await procs.run_point(shares, prompts, cfg.duration_s, point.label, start, runner.on_done)
+        runner.sent.extend(p.input_ids for p in load.sent)
+        records, t0_ns, cpus, per_proc = load.records, load.origin_ns, load.cpu_s, load.requests
+        duration = (load.end_ns - t0_ns) / 1e9
+    else:
+        t0_ns, cpu0 = time.monotonic_ns(), time.process_time()
+        start(t0_ns / 1e9)
+        records = await runner.drive(prompts, point, cfg.duration_s, origin=t0_ns / 1e9)
+        duration, cpus = (time.monotonic_ns() - t0_ns) / 1e9, [time.process_time() - cpu0]
+        per_proc = [len(records)]
+    cpu = sum(cpus)
     after_kv = await poller.settled() if poller is not None else {}
     series = await poller.stop() if poller is not None else []
     after = await runner.stats()
@@ -244,7 +266,10 @@ async def _run_point(runner: _Runner, prompts: list[Prompt], point: LoadPoint) -
         "label": point.label, "load_mode": point.mode, "load_value": finite(point.value),
         "contract": runner.contract, "slo_ms": dict(cfg.slo_ms),
         **summarize(records, duration, cfg.slo_ms or None),
+        "client_procs": len(cpus), "client_procs_note": note, "client_requests_per_proc": per_proc,
+        # summed over the client processes; _max_proc: the busiest one's share of one core
         "client_cpu_s": cpu, "client_cpu_s_per_request": cpu / done, "client_cpu_utilization": cpu / duration,
+        "client_cpu_s_per_proc": cpus, "client_cpu_utilization_max_proc": max(cpus) / duration,
         "triton_stats": stats_delta(before, after), "metrics_series": series,
         **reuse_delta(before_kv, after_kv), **_prefix_hit_rate(runner.sent, sent_before, before_kv, cfg),
         **per_request_arrays(records, t0_ns),
@@ -267,24 +292,36 @@ async def run_bench(cfg: BenchConfig, prompts: list[Prompt], tokenizer: Any = No
     """Warm up, then run every load point in order; one vLLM-style result dict per point."""
     from enginesmith.client.bench_progress import progress_bar
 
+    from enginesmith.client.bench_procs import client_procs, plan_shares
+
     if not prompts:
         raise ValueError("no prompts to send")
+    if cfg.client_procs < 1:
+        raise ValueError(f"client_procs {cfg.client_procs}: at least 1 process must drive the load")
+    workers = max(len(plan_shares(p, cfg.num_prompts, cfg.client_procs)[0]) for p in cfg.points)
+    async with open_runner(cfg, tokenizer) as runner:
+        with client_procs(cfg, tokenizer, workers) as procs:  # they start while this process warms up
+            if cfg.warmup:
+                await runner.drive(_prompts_for(prompts, cfg.warmup), LoadPoint("concurrency", min(cfg.warmup, 4)),
+                                   None)
+            if procs is not None:
+                await procs.wait_up()
+            results = []
+            with progress_bar(show_progress) as bar:
+                for i, point in enumerate(cfg.points):
+                    runner.on_done = bar.task(f"{runner.model_name} {point.label}", cfg.num_prompts)
+                    batch = _prompts_for(prompts, cfg.num_prompts, cfg.warmup + i * cfg.num_prompts)
+                    results.append(await _run_point(runner, batch, point, procs))
+        return results
+
+
+def open_runner(cfg: BenchConfig, tokenizer: Any = None):
+    """The run's client as an async context manager: gRPC streaming to Triton, or the OpenAI front."""
     if cfg.backend == "openai":
         from enginesmith.client.bench_openai import openai_runner
 
-        opened = openai_runner(cfg)
-    else:
-        opened = _triton_runner(cfg, tokenizer)
-    async with opened as runner:
-        if cfg.warmup:
-            await runner.drive(_prompts_for(prompts, cfg.warmup), LoadPoint("concurrency", min(cfg.warmup, 4)), None)
-        results = []
-        with progress_bar(show_progress) as bar:
-            for i, point in enumerate(cfg.points):
-                runner.on_done = bar.task(f"{runner.model_name} {point.label}", cfg.num_prompts)
-                batch = _prompts_for(prompts, cfg.num_prompts, cfg.warmup + i * cfg.num_prompts)
-                results.append(await _run_point(runner, batch, point))
-        return results
+        return openai_runner(cfg)
+    return _triton_runner(cfg, tokenizer)
 
 
 @asynccontextmanager

@@ -151,6 +151,9 @@ def bench(
     num_prompts: Annotated[int, Opt(help="Requests per load point.")] = 64,
     duration: Annotated[Optional[float], Opt(help="Stop issuing after this many seconds per point.")] = None,
     warmup: Annotated[int, Opt(help="Warm-up requests before the sweep (not measured).")] = 2,
+    client_procs: Annotated[int, Opt(help="Client processes per load point, each driving a 1/N share of its "
+                                          "concurrency or rate: one process saturates a core at a few thousand "
+                                          "streamed responses/s.")] = 1,
     dataset: Annotated[str, Opt(help="random (exact ISL/OSL) or sharegpt.")] = "random",
     dataset_path: Annotated[Optional[Path], Opt(help="ShareGPT JSON file.")] = None,
     isl: Annotated[Optional[int], Opt(help="Input tokens per prompt (default: recipe sla.isl).")] = None,
@@ -173,6 +176,8 @@ def bench(
     from enginesmith.client.target import resolve_target
     from enginesmith.client.tokenizer import load_tokenizer
 
+    if client_procs < 1:
+        raise _fail(f"--client-procs {client_procs}: give 1 or more client processes per load point")
     try:
         tgt = resolve_target(target, out)
         backend = backend or ("openai" if tgt.openai_url else "triton")
@@ -200,7 +205,8 @@ def bench(
             cfg = BenchConfig(grpc_url=live.grpc_url, model=model, metrics_url=metrics_url or live.metrics_url,
                               points=points, num_prompts=num_prompts, duration_s=duration, warmup=warmup,
                               slo_ms=parse_goodput(goodput, tgt.slo_ms), seed=seed, tokenizer_id=str(tok_dir),
-                              tokens_per_block=tgt.tokens_per_block, backend=backend, openai_url=live.openai_url)
+                              tokens_per_block=tgt.tokens_per_block, backend=backend, openai_url=live.openai_url,
+                              client_procs=client_procs)
             runs = asyncio.run(run_bench(cfg, prompts, tok, show_progress=progress))
     except (ClientError, DatasetError, ValueError) as e:
         raise _fail(str(e)) from None
@@ -209,7 +215,11 @@ def bench(
     dest = output_dir or tgt.bench_dir
     config = {"target": target, "backend": backend, "model": model or runs[0]["model_id"], "dataset": dataset,
               "isl": n_isl, "osl": n_osl, "shared_prefix": n_shared,
-              "num_prompts": num_prompts, "points": [p.label for p in points], "slo_ms": cfg.slo_ms}
+              "num_prompts": num_prompts, "points": [p.label for p in points], "slo_ms": cfg.slo_ms,
+              "client_procs": client_procs}
+    for r in runs:
+        if r.get("client_procs_note"):
+            err.print(f"{r['label']}: {r['client_procs_note']}", style="dim")
     written = write_results(runs, dest, config, plots=plots)
     (console if console.is_terminal else Console(highlight=False, width=160, markup=False)).print(summary_table(runs))
     if analyze_after:

@@ -10,12 +10,12 @@ class _Bar:
     def __init__(self, progress):
         self._progress = progress
 
-    def task(self, description: str, total: int) -> Callable[[], None] | None:
-        """A callback that advances a new task by one (None when the bar is off)."""
+    def task(self, description: str, total: int) -> Callable[..., None] | None:
+        """A callback that advances a new task by one, or by its argument (None when the bar is off)."""
         if self._progress is None:
             return None
         tid = self._progress.add_task(description, total=total)
-        return lambda: self._progress.advance(tid)
+        return lambda n=1: self._progress.advance(tid, n)
 
 
 @contextmanager

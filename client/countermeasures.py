@@ -146,7 +146,8 @@ def countermeasures(bottleneck: str, resource: str, run: dict[str, Any], sp, pr,
     elif bottleneck == "prefill":
         out = _prefill(resource, run, sp, pre, ref)
     elif bottleneck == "client":
-        out = [Countermeasure("run the load generator in more processes or on another machine",
+        out = [Countermeasure(f"run the load generator in more processes (bench --client-procs "
+                              f"{2 * max(1, int(run.get('client_procs', 1)))}) or on another machine",
                               "the client saturates its core, so latencies include client delays", 0.9),
                Countermeasure("benchmark the tensorrt_llm model with token ids",
                               "no text decoding per response on the client", 0.3)]

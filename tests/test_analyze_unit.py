@@ -105,6 +105,16 @@ def test_client_cpu_saturation_wins_over_everything():
     assert (a.bottleneck, a.resource) == ("client", "client CPU")
 
 
+def test_client_saturation_is_judged_per_client_process():
+    """Four processes at 60% of a core each (2.4 cores summed) are not saturated; one of them at 95% is."""
+    run = {**crafted_run(queue_ms=300, cpu_util=2.4), "client_procs": 4, "client_cpu_utilization_max_proc": 0.6}
+    assert analyze_run(run, REF).bottleneck != "client"
+    a = analyze_run({**run, "client_cpu_utilization_max_proc": 0.95}, REF)
+    assert (a.bottleneck, a.resource) == ("client", "client CPU")
+    assert "the busiest of 4 client processes 95% of one core" in a.evidence[1]
+    assert "bench --client-procs 8" in a.countermeasures[0].action
+
+
 def test_tokenizer_models_taking_a_large_share_are_named():
     stats = {"preprocessing": {"requests": 8, "queue_ms_mean": 30.0, "compute_infer_ms_mean": 20.0},
              "postprocessing": {"requests": 64, "queue_ms_mean": 0.5, "compute_infer_ms_mean": 1.0}}

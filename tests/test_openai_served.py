@@ -312,17 +312,20 @@ def test_bench_targets_the_front(front, served, tmp_path):
     assert r.exit_code == 1 and "is an OpenAI API URL: use --backend openai" in r.output
 
 
-def test_bench_reads_triton_statistics_through_the_front(front, served, tok):
+@pytest.mark.parametrize("procs", [1, 2])
+def test_bench_reads_triton_statistics_through_the_front(front, served, tok, procs):
+    """Also from two client processes, each with its own HTTP client: the statistics count both."""
     import asyncio
 
     from enginesmith.client.bench import BenchConfig, LoadPoint, run_bench
     from enginesmith.client.dataset import random_prompts
 
     cfg = BenchConfig(served.grpc_url, "", None, [LoadPoint("concurrency", 2)], num_prompts=3, warmup=0,
-                      backend="openai", openai_url=front)
+                      backend="openai", openai_url=front, client_procs=procs)
     (r,) = asyncio.run(run_bench(cfg, random_prompts(tok, 3, 8, 5, seed=3), show_progress=False))
     assert r["completed"] == 3 and r["total_output_tokens"] == 15 and r["total_input_tokens"] == 24
     assert r["triton_stats"]["tensorrt_llm"]["requests"] == 3
+    assert r["client_procs"] == procs and sum(r["client_requests_per_proc"]) == 3
 
 
 def test_serve_starts_the_front_beside_tritonserver(tmp_path):
