@@ -210,11 +210,12 @@ class EngineProcess:
             log.error("engine process receiver: unknown message %r", msg[0])
 
     def _apply(self, rows: list[Row]) -> None:
-        for key, tokens, log_probs, finished, error, reason, t_sched, t_first, t_last, kv_new, kv_reused in rows:
-            with self._lock:
-                r = self._live.pop(key, None) if finished else self._live.get(key)
-                if finished:
-                    self._cancel_sent.discard(key)
+        with self._lock:
+            live = self._live
+            reqs = [live.pop(row[0], None) if row[3] else live.get(row[0]) for row in rows]
+            self._cancel_sent.difference_update(row[0] for row in rows if row[3])
+        for r, (_, tokens, log_probs, finished, error, reason, t_sched, t_first, t_last, kv_new, kv_reused) in zip(
+                reqs, rows, strict=True):
             if r is None:
                 continue
             r.tokens.extend(tokens)
