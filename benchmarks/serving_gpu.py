@@ -2,6 +2,7 @@
 
     python -m benchmarks.serving_gpu                      # Llama-3-8B shape, bf16, random weights (one GPU)
     python -m benchmarks.serving_gpu --tiny               # the pipeline on CPU with a tiny model (a check)
+    python -m benchmarks.serving_gpu --engine-process both --layers 16   # a server per variant (trimmed model)
 
 In one run, on one card: writes a random-weight Hugging Face checkpoint of the shape and a synthetic word-level
 tokenizer of its vocabulary, then `enginesmith plan -> convert -> build -> repo` on a recipe for it, and measures
@@ -9,7 +10,10 @@ the same workload (ISL/OSL exact, all requests greedy to their full length) thre
   (a) in process: `Engine.from_engine_dir` (the engine the server loads) driven by a closed loop,
   (b) `enginesmith serve` + `enginesmith bench --model tensorrt_llm` (token ids over gRPC),
   (c) the same server + `enginesmith bench --model ensemble` (text: preprocessing -> engine -> postprocessing),
-each at concurrency 1 and at a saturating concurrency. The physical limit of the workload on the card is computed
+each at concurrency 1 and at a saturating concurrency. `--engine-process on` serves the engine from a process of
+its own (recipe serve.engine_process), `both` runs the served stage once per variant (a server each: about twice
+its time); results keep them as `served` (the engine in the stub's thread) and `served_engine_process`, and the
+summary compares each with the in-process engine. The physical limit of the workload on the card is computed
 beside them: weights + KV bytes of every decode step at the measured copy bandwidth, prefill FLOPs at the measured
 bf16 matmul rate. Results: benchmarks/results/serving-<card>.json + .png.
 """
@@ -88,7 +92,7 @@ def make_checkpoint(out_dir: Path, shape: str, layers: int | None, tiny: bool) -
     return cfg
 
 
-def write_recipe(path: Path, name: str, source: Path, args, gpu: str) -> None:
+def write_recipe(path: Path, name: str, source: Path, args, gpu: str, engine_process: bool = False) -> None:
     import yaml
 
     isl, osl = args.isl, args.osl
@@ -104,7 +108,8 @@ def write_recipe(path: Path, name: str, source: Path, args, gpu: str) -> None:
         "serve": {"enable_chunked_context": True, "kv_cache_free_gpu_mem_fraction": 0.5 if args.tiny else 0.9,
                   "triton_max_batch_size": args.max_batch_size, "decoupled": True,
                   "stream_interval": args.stream_interval,
-                  "http_port": args.ports[0], "grpc_port": args.ports[1], "metrics_port": args.ports[2]},
+                  "http_port": args.ports[0], "grpc_port": args.ports[1], "metrics_port": args.ports[2],
+                  "engine_process": engine_process},
         "sla": {"ttft_ms": 100000, "tpot_ms": 10000, "concurrency": max(args.concurrency), "isl": isl, "osl": osl},
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -209,21 +214,28 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> float:
     raise RuntimeError(f"server not ready after {timeout_s:.0f} s")
 
 
-def served(recipe: Path, out: Path, args, tokenizer_dir: Path, save) -> dict:
-    """`enginesmith serve` in the background; one `enginesmith bench` per (model, concurrency) point against it."""
-    log_path = out / "serve.log"
+SERVED_KEYS = {False: "served", True: "served_engine_process"}
+"""Results key of each served variant: the engine in the stub's thread, or in a process of its own."""
+
+
+def served(recipe: Path, out: Path, args, tokenizer_dir: Path, save, engine_process: bool = False) -> dict:
+    """`enginesmith serve` in the background; one `enginesmith bench` per (model, concurrency) point against it.
+    The recipe's serve.engine_process decides where the engine runs (ENGINESMITH_ENGINE_PROCESS is unset)."""
+    tag = "-engine-process" if engine_process else ""
+    log_path = out / f"serve{tag}.log"
+    env = {k: v for k, v in os.environ.items() if k != "ENGINESMITH_ENGINE_PROCESS"}
     with open(log_path, "w") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "enginesmith.builders.cli", "serve", str(recipe),
                                  "--out", str(out), "--ready-timeout", "900"], cwd=REPO_ROOT, stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    res: dict = {}
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    res: dict = {"engine_process": engine_process}
     try:
         res["ready_s"] = wait_ready(args.ports[0], proc, 900)
-        log(f"enginesmith serve ready in {res['ready_s']:.0f} s")
+        log(f"enginesmith serve ready in {res['ready_s']:.0f} s ({SERVED_KEYS[engine_process]})")
         for model in args.models:
             res[model] = []
             for c in args.concurrency:
-                dest = out / f"bench-{model}-c{c}"
+                dest = out / f"bench{tag}-{model}-c{c}"
                 cli("bench", str(recipe), "--out", str(out), "--model", model, "--concurrency", str(c),
                     "--num-prompts", str(prompts_at(c, args.num_prompts)), "--isl", str(args.isl),
                     "--osl", str(args.osl), "--output-dir", str(dest), "--no-plots", "--no-progress",
@@ -236,8 +248,9 @@ def served(recipe: Path, out: Path, args, tokenizer_dir: Path, save) -> dict:
                                        output_throughput=r["output_throughput"], median_ttft_ms=r["median_ttft_ms"],
                                        median_tpot_ms=r["median_tpot_ms"], mean_tpot_ms=r.get("mean_tpot_ms"),
                                        client_cpu_utilization=r.get("client_cpu_utilization")))
-                log(f"served {model} c={c}: {r['output_throughput']:.0f} tok/s, TPOT p50 {r['median_tpot_ms']:.2f} ms, "
-                    f"failed {r.get('failed', 0)}, bench client CPU {r.get('client_cpu_utilization', 0):.0%} of a core")
+                log(f"{SERVED_KEYS[engine_process]} {model} c={c}: {r['output_throughput']:.0f} tok/s, TPOT p50 "
+                    f"{r['median_tpot_ms']:.2f} ms, failed {r.get('failed', 0)}, bench client CPU "
+                    f"{r.get('client_cpu_utilization_max_proc') or r.get('client_cpu_utilization') or 0:.0%} of a core")
                 save(res)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -298,7 +311,9 @@ def plot(res: dict, path: Path) -> Path | None:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     series = [("in-process engine", res["in_process"]["points"])]
-    series += [(f"served: {m}", res["served"][m]) for m in res["models"] if m in res["served"]]
+    for key in SERVED_KEYS.values():
+        label = "served" if key == "served" else "served, engine process"
+        series += [(f"{label}: {m}", res[key][m]) for m in res["models"] if m in res.get(key, {})]
     width = 0.8 / len(series)
     concs = sorted({p["concurrency"] for _, pts in series for p in pts})
     for k, (name, pts) in enumerate(series):
@@ -321,22 +336,29 @@ def plot(res: dict, path: Path) -> Path | None:
 
 
 def summarize(res: dict) -> dict:
-    """The issue's targets as ratios, from the measured points."""
+    """The issue's targets as ratios, from the measured points: each served variant against the in-process engine
+    (`served_*` keys: the engine in the stub's thread; `served_engine_process_*`: in its own process)."""
     inp = {p["concurrency"]: p for p in res["in_process"]["points"]}
     out = {}
-    trt = {p["concurrency"]: p for p in res["served"].get("tensorrt_llm", [])}
-    ens = {p["concurrency"]: p for p in res["served"].get("ensemble", [])}
     top = max(inp)
-    if top in trt:
-        out["served_vs_in_process_throughput"] = trt[top]["output_throughput"] / inp[top]["output_throughput"]
-    if top in trt and top in ens:
-        out["ensemble_vs_tensorrt_llm_throughput"] = ens[top]["output_throughput"] / trt[top]["output_throughput"]
-    if 1 in trt and 1 in inp:
-        out["served_c1_tpot_vs_in_process"] = trt[1]["median_tpot_ms"] / inp[1]["median_tpot_ms"]
-    if top in trt and res.get("physical_limit"):
-        out["served_vs_physical_limit"] = trt[top]["output_throughput"] / res["physical_limit"]["output_tok_s"]
+    for key in SERVED_KEYS.values():
+        if key not in res:
+            continue
+        trt = {p["concurrency"]: p for p in res[key].get("tensorrt_llm", [])}
+        ens = {p["concurrency"]: p for p in res[key].get("ensemble", [])}
+        ensemble = "ensemble" if key == "served" else "engine_process_ensemble"
+        if top in trt:
+            out[f"{key}_vs_in_process_throughput"] = trt[top]["output_throughput"] / inp[top]["output_throughput"]
+        if top in trt and top in ens:
+            out[f"{ensemble}_vs_tensorrt_llm_throughput"] = (ens[top]["output_throughput"]
+                                                            / trt[top]["output_throughput"])
+        if 1 in trt and 1 in inp:
+            out[f"{key}_c1_tpot_vs_in_process"] = trt[1]["median_tpot_ms"] / inp[1]["median_tpot_ms"]
+        if top in trt and res.get("physical_limit"):
+            out[f"{key}_vs_physical_limit"] = trt[top]["output_throughput"] / res["physical_limit"]["output_tok_s"]
     out["targets"] = dict(served_vs_in_process_throughput=">= 0.95", ensemble_vs_tensorrt_llm_throughput=">= 0.90",
-                          served_c1_tpot_vs_in_process="<= 1.05", saturated_output_tok_s=">= 8000 (H100, c=256)")
+                          served_c1_tpot_vs_in_process="<= 1.05", saturated_output_tok_s=">= 8000 (H100, c=256)",
+                          engine_process="the same targets for the served_engine_process_* ratios")
     return out
 
 
@@ -357,6 +379,9 @@ def main() -> None:
     ap.add_argument("--models", default="tensorrt_llm,ensemble")
     ap.add_argument("--client-procs", type=int, default=4,
                     help="bench --client-procs at the saturating concurrency (c=1 runs in one client process)")
+    ap.add_argument("--engine-process", choices=("off", "on", "both"), default="off",
+                    help="served stage with the engine in the stub's thread (off), in its own process (on), or "
+                         "both (a server each)")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: in_process,served")
     ap.add_argument("--results", type=Path, default=None, help="results JSON (default: results/serving-<card>.json)")
     ap.add_argument("--inprocess-child", nargs=2, metavar=("ENGINE_DIR", "OUT_JSON"), help=argparse.SUPPRESS)
@@ -384,8 +409,11 @@ def main() -> None:
     gpu = {"h100": "H100", "h200": "H200"}.get(slug, "H100")
     cfg = make_checkpoint(work / "hf", args.shape, args.layers, args.tiny)
     name = "serving-bench"
-    recipe = work / f"{name}.yaml"
-    write_recipe(recipe, name, work / "hf", args, gpu)
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.engine_process]
+    recipes = {ep: work / f"{name}{'-engine-process' if ep else ''}.yaml" for ep in variants}
+    for ep, path in recipes.items():  # one deployment (same name, so same folder); serve.engine_process differs
+        write_recipe(path, name, work / "hf", args, gpu, engine_process=ep)
+    recipe = recipes[variants[0]]
     out = work / "out"
     for stage in ("plan", "convert", "build", "repo"):
         cli(stage, str(recipe), *(("--out", str(out)) if stage != "plan" else ()))
@@ -393,7 +421,7 @@ def main() -> None:
     res = dict(shape="tiny-llama" if args.tiny else args.shape, layers=cfg["num_hidden_layers"], card=hw["card"],
                hw=hw, isl=args.isl, osl=args.osl, num_prompts=args.num_prompts, concurrency=args.concurrency,
                max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens, models=args.models,
-               stream_interval=args.stream_interval,
+               stream_interval=args.stream_interval, engine_process=args.engine_process,
                python=sys.version.split()[0])
     import numpy
 
@@ -414,16 +442,18 @@ def main() -> None:
                         "--inprocess-child", str(engine_dir), str(child)], cwd=REPO_ROOT, check=True, timeout=1800)
         res["in_process"] = json.loads(child.read_text())
         save()
-    if "served" not in skip:
-        def partial(served_res: dict) -> None:
-            res["served"] = served_res
+    for ep in variants if "served" not in skip else []:
+        key = SERVED_KEYS[ep]
+
+        def partial(served_res: dict, key: str = key) -> None:
+            res[key] = served_res
             save()
 
-        res["served"] = served(recipe, out, args, out / name / "checkpoint" / "tokenizer", partial)
+        res[key] = served(recipes[ep], out, args, out / name / "checkpoint" / "tokenizer", partial, ep)
     if hw.get("copy_gbps"):
         res["physical_limit"] = physical_limit(cfg, args.isl, args.osl, max(args.concurrency), hw["copy_gbps"],
                                                hw["matmul_tflops"])
-    if "in_process" in res and "served" in res:
+    if "in_process" in res and any(key in res for key in SERVED_KEYS.values()):
         res["summary"] = summarize(res)
         plot(res, dest.with_suffix(".png"))
     save()

@@ -1,9 +1,9 @@
 """The reference runtime across ranks (gloo on CPU): in-process engines and a real tritonserver.
 
 Greedy outputs of tp=2, pp=2, tp=2 x pp=2 and the tiny MoE with moe_ep=2 must equal tp=1 outputs
-token for token; each rank process loads only its own rank file. Idling for longer than the liveness
-timeout (a short one in-process and served) changes nothing; a rank that dies or hangs is
-named within the timeout, and stops the server.
+token for token, served also with the engine in a process of its own (tp=2, tp=2 x pp=2); each rank process
+loads only its own rank file. Idling for longer than the liveness timeout (a short one in-process and served)
+changes nothing; a rank that dies or hangs is named within the timeout, and stops the server.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import queue
 import re
-import shutil
 import signal
 import time
 
@@ -25,7 +24,7 @@ from enginesmith.runtime.engine.engine import Engine
 from enginesmith.runtime.parallel.liveness import Liveness
 from enginesmith.runtime.engine.request import Request
 from enginesmith.runtime.engine.sampler import SamplingParams
-from tests.support import REPO_ROOT, convert_tiny
+from tests.support import convert_tiny
 from tests.test_engine import write_engine_dir
 
 PROMPTS = [[5, 17, 33, 2, 99], [120, 7, 8, 250, 311, 42, 3, 19, 23], [9, 9, 1], [64, 65, 66, 67, 68, 69]]
@@ -130,18 +129,22 @@ def test_dead_or_hung_rank_is_named_within_the_timeout(engine_dirs, how):
     assert not victim.is_alive()
 
 
+PROCESS_LAYOUTS = {"llama_tp2_process": "llama_tp2", "llama_tp2_pp2_process": "llama_tp2_pp2"}
+"""Served models whose engine runs in a process of its own (engine_process: true) -> the layout they serve."""
+
+
 @pytest.fixture(scope="module")
 def server(engine_dirs, tmp_path_factory):
-    from tests.test_serve_reference import tensorrt_llm_config
+    from tests.test_serve_reference import add_model, tensorrt_llm_config
     from enginesmith.triton_repo.server import TritonServer
 
     repo = tmp_path_factory.mktemp("ranks-repo")
     for name, engine_dir in engine_dirs.items():
-        (repo / name / "1").mkdir(parents=True)
-        shutil.copy(REPO_ROOT / "triton_repo" / "models" / "tensorrt_llm_reference.py", repo / name / "1" / "model.py")
-        (repo / name / "config.pbtxt").write_text(tensorrt_llm_config(engine_dir).replace(
-            'name: "tensorrt_llm"', f'name: "{name}"'))
-    with TritonServer(repo, log_path=repo / "server.log", ready_timeout_s=240, env=SERVED_LIVENESS) as srv:
+        add_model(repo, name, tensorrt_llm_config(engine_dir, name))
+    for name, layout in PROCESS_LAYOUTS.items():
+        add_model(repo, name, tensorrt_llm_config(engine_dirs[layout], name, engine_process="true"))
+    env = SERVED_LIVENESS | {"ENGINESMITH_ENGINE_PROCESS": ""}
+    with TritonServer(repo, log_path=repo / "server.log", ready_timeout_s=240, env=env) as srv:
         yield srv
 
 
@@ -164,9 +167,11 @@ def _served_greedy(url: str, model: str) -> list[list[int]]:
 @pytest.mark.server
 @pytest.mark.timeout(600)
 def test_served_ranks_equal_single_rank_idle_and_rank_death_stops_server(server):
-    results = {name: _served_greedy(server.http_url, name) for name in LAYOUTS}
+    results = {name: _served_greedy(server.http_url, name) for name in [*LAYOUTS, *PROCESS_LAYOUTS]}
     for name, (arch, *_rest) in LAYOUTS.items():
         assert results[name] == results[BASELINE[arch]], name
+    for name in PROCESS_LAYOUTS:
+        assert results[name] == results["llama_tp1"], name
     # Idle for 3x the served liveness timeout, which also bounds each rank's wait on the control group for rank 0's
     # next message: before heartbeats, every rank > 0 gave up that wait (and the server exited) once it elapsed
     # without requests (then 30 s).
@@ -175,9 +180,10 @@ def test_served_ranks_equal_single_rank_idle_and_rank_death_stops_server(server)
     assert _served_greedy(server.http_url, "llama_tp2_pp2") == results["llama_tp1"]
     # Kill one rank of the tp=2 x pp=2 model: the server must go unready and exit within 30 s.
     server_proc = psutil.Process(server.proc.pid)
-    ranks = [p for p in server_proc.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
-    assert len(ranks) == 1 + 1 + 3 + 1, [p.cmdline() for p in ranks]
-    victim = next(p for p in ranks if p.parent().parent() and "llama_tp2_pp2" in " ".join(p.parent().cmdline()))
+    spawned = [p for p in server_proc.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    # the ranks > 0 of tp2, pp2, tp2_pp2, ep2, then the two engine processes and their ranks > 0
+    assert len(spawned) == (1 + 1 + 3 + 1) + (2 + 1 + 3), [p.cmdline() for p in spawned]
+    victim = next(p for p in spawned if "/llama_tp2_pp2/1/model.py" in " ".join(p.parent().cmdline()))
     os.kill(victim.pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while server.proc.poll() is None and time.monotonic() < deadline:

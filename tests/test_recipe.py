@@ -70,6 +70,7 @@ FIELD_ERRORS: dict[str, tuple[object, str]] = {
     "serve.grpc_port": (0, "serve.grpc_port: Input should be greater than or equal to 1"),
     "serve.metrics_port": (-1, "serve.metrics_port: Input should be greater than or equal to 1"),
     "serve.bind_address": ("my-host", "serve.bind_address: 'my-host' is not an IP address; use e.g. 127.0.0.1"),
+    "serve.engine_process": ("x", "serve.engine_process: Input should be a valid boolean"),
     "sla.ttft_ms": (0, "sla.ttft_ms: Input should be greater than 0"),
     "sla.tpot_ms": (-1, "sla.tpot_ms: Input should be greater than 0"),
     "sla.e2e_ms": (0, "sla.e2e_ms: Input should be greater than 0"),

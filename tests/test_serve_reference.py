@@ -1,18 +1,23 @@
 """The reference `tensorrt_llm` Python model served by a real tritonserver (bundled in nvidia-pytriton).
 
 One server for the module, serving the converted tiny llama through a minimal repository holding only
-the `tensorrt_llm` model (upstream's tensor contract, built by triton_repo.model_config). Checks:
-transformers parity over gRPC streaming, gRPC non-streaming, HTTP generate and generate_stream;
-32 concurrent requests equal to one at a time with real batching; cancellation frees the KV blocks;
-bad requests get clear errors and the server keeps serving.
+the `tensorrt_llm` model (upstream's tensor contract, built by triton_repo.model_config), and the same engine
+as `tensorrt_llm_process`, which runs it in a process of its own (engine_process: true). Checks, through
+both where marked by `model`: transformers parity over gRPC streaming, gRPC non-streaming, HTTP generate and
+generate_stream; 32 concurrent requests equal to one at a time with real batching; cancellation frees the KV
+blocks; bad requests get clear errors and the server keeps serving; metrics advance; a killed engine process
+stops the server (last: the module's server is gone after it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import random
+import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -28,17 +33,32 @@ from tests.test_engine import PROMPTS, write_engine_dir
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 MODEL = "tensorrt_llm"
+PROCESS_MODEL = "tensorrt_llm_process"
+"""The same engine, served from a process of its own (parameter engine_process: true)."""
+MODELS = [MODEL, PROCESS_MODEL]
 INTERVAL_MODEL = "tensorrt_llm_interval4"
-def tensorrt_llm_config(engine_dir: Path, **extra: str) -> str:
-    """The upstream tensorrt_llm config (part A's protobuf builder), backend python, over our engine dir."""
+"""The same engine, streamed 4 steps' tokens at a time after the first (parameter stream_interval)."""
+
+
+def tensorrt_llm_config(engine_dir: Path, name: str = MODEL, **params: str) -> str:
+    """The upstream tensorrt_llm config (part A's protobuf builder), backend python, over our engine dir;
+    `params`: more parameters (the reference runtime's own: engine_process, iteration_log_path)."""
     from enginesmith.triton_repo import model_config as mc
 
     options = mc.RepoOptions(triton_max_batch_size=16, decoupled=True, tensorrt_llm_backend="python")
     params = {"gpt_model_path": str(engine_dir), "gpt_model_type": "inflight_fused_batching",
               "batch_scheduler_policy": "guaranteed_no_evict", "cancellation_check_period_ms": "5",
               "exclude_input_in_output": "true", "enable_kv_cache_reuse": "false", "max_beam_width": "1",
-              "kv_cache_free_gpu_mem_fraction": "0.9", "max_tokens_in_paged_kv_cache": ""} | extra
-    return mc.to_pbtxt(mc.tensorrt_llm_config(options, params))
+              "kv_cache_free_gpu_mem_fraction": "0.9", "max_tokens_in_paged_kv_cache": ""} | params
+    cfg = mc.tensorrt_llm_config(options, params)
+    cfg.name = name
+    return mc.to_pbtxt(cfg)
+
+
+def add_model(repo: Path, name: str, config_text: str) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "triton_repo" / "models" / "tensorrt_llm_reference.py", repo / name / "1" / "model.py")
+    (repo / name / "config.pbtxt").write_text(config_text)
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +67,15 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     engine_dir = write_engine_dir(root / "engine", convert_tiny(root, "llama", Mapping.create(1, 1)))
-    model_dir = root / "repo" / MODEL
-    (model_dir / "1").mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "triton_repo" / "models" / "tensorrt_llm_reference.py", model_dir / "1" / "model.py")
-    (model_dir / "config.pbtxt").write_text(tensorrt_llm_config(engine_dir))
-    interval_dir = root / "repo" / INTERVAL_MODEL  # the same engine, streamed 4 steps' tokens at a time
-    shutil.copytree(model_dir, interval_dir)
-    (interval_dir / "config.pbtxt").write_text(tensorrt_llm_config(engine_dir, stream_interval="4").replace(
-        f'name: "{MODEL}"', f'name: "{INTERVAL_MODEL}"'))
-    log = root / "iterations.jsonl"
-    with TritonServer(root / "repo", log_path=root / "server.log", ready_timeout_s=120,
-                      env={"ENGINESMITH_ITERATION_LOG": str(log)}) as srv:
-        srv.iteration_log = log
+    logs = {m: root / f"iterations-{m}.jsonl" for m in MODELS}
+    add_model(root / "repo", MODEL, tensorrt_llm_config(engine_dir))  # its log: through the environment
+    add_model(root / "repo", PROCESS_MODEL, tensorrt_llm_config(engine_dir, PROCESS_MODEL, engine_process="true",
+                                                                iteration_log_path=str(logs[PROCESS_MODEL])))
+    add_model(root / "repo", INTERVAL_MODEL, tensorrt_llm_config(  # its own log, apart from MODEL's
+        engine_dir, INTERVAL_MODEL, stream_interval="4", iteration_log_path=str(root / "iterations-interval.jsonl")))
+    env = {"ENGINESMITH_ITERATION_LOG": str(logs[MODEL]), "ENGINESMITH_ENGINE_PROCESS": ""}
+    with TritonServer(root / "repo", log_path=root / "server.log", ready_timeout_s=120, env=env) as srv:
+        srv.iteration_logs = logs
         yield srv
 
 
@@ -133,12 +150,13 @@ def expected(server):
     return out
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("streaming", [True, False])
-def test_grpc_greedy_matches_transformers(server, expected, streaming):
+def test_grpc_greedy_matches_transformers(server, expected, streaming, model):
     s = Stream(server.grpc_url)
     try:
         for i, (ids, _, eos) in enumerate(expected):
-            s.send(f"p{i}", tensors(ids, 12, end_id=np.int32(eos), streaming=np.bool_(streaming)))
+            s.send(f"p{i}", tensors(ids, 12, end_id=np.int32(eos), streaming=np.bool_(streaming)), model=model)
         got = s.collect(len(expected))
     finally:
         s.close()
@@ -195,23 +213,25 @@ def _mixed(n=32, seed=1):
     return specs
 
 
-def test_32_concurrent_requests_equal_one_at_a_time_and_batch(server):
+@pytest.mark.parametrize("model", MODELS)
+def test_32_concurrent_requests_equal_one_at_a_time_and_batch(server, model):
     specs = _mixed()
+    log = server.iteration_logs[model]
     s = Stream(server.grpc_url)
     try:
         alone = []
         for i, (p, n, extra) in enumerate(specs):
-            s.send(f"a{i}", tensors(p, n, **extra))
+            s.send(f"a{i}", tensors(p, n, **extra), model=model)
             alone.append(s.collect(1)[f"a{i}"]["tokens"])
-        first_iter = len(read_iteration_log(server.iteration_log))
+        first_iter = len(read_iteration_log(log))
         for i, (p, n, extra) in enumerate(specs):
-            s.send(f"c{i}", tensors(p, n, **extra))
+            s.send(f"c{i}", tensors(p, n, **extra), model=model)
         together = s.collect(len(specs))
     finally:
         s.close()
     assert [together[f"c{i}"]["tokens"] for i in range(len(specs))] == alone
     assert [len(a) for a in alone] == [n for _, n, _ in specs]
-    iters = read_iteration_log(server.iteration_log)[first_iter:]
+    iters = read_iteration_log(log)[first_iter:]
     assert max(x.batch_size for x in iters) > 1
     assert any(x.num_context and x.num_generation for x in iters)
 
@@ -237,27 +257,29 @@ def _wait_for_idle_pool(log_path: Path, timeout: float = 30.0):
     raise AssertionError(f"KV pool not released: {read_iteration_log(log_path)[-1]}")
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("how", ["grpc_cancel", "stop_request"])
-def test_cancelled_stream_frees_its_kv_blocks(server, how):
-    start = len(read_iteration_log(server.iteration_log))
+def test_cancelled_stream_frees_its_kv_blocks(server, how, model):
+    log = server.iteration_logs[model]
+    start = len(read_iteration_log(log))
     s = Stream(server.grpc_url)
     prompt = list(range(3, 43))
-    s.send("victim", tensors(prompt, 80, streaming=np.bool_(True)))
+    s.send("victim", tensors(prompt, 80, streaming=np.bool_(True)), model=model)
     result, error = s.events.get(timeout=60)  # it is generating; stop it at once: the engine does not wait for
     assert error is None  # its responses, so a tiny model runs far ahead of what the client has seen
     seen = 1
-    busy = _wait_for_record(server.iteration_log, start, lambda x: x.kv_used_blocks > 0)
+    busy = _wait_for_record(log, start, lambda x: x.kv_used_blocks > 0)
     if how == "grpc_cancel":
         s.close(cancel=True)
     else:
-        s.send("victim", tensors([0], 1, stop=np.bool_(True)))
+        s.send("victim", tensors([0], 1, stop=np.bool_(True)), model=model)
         got = s.collect(2)
         assert got["victim"]["error"] is None and seen + len(got["victim"]["tokens"]) < 80  # stopped early
         s.close()
-    idle = _wait_for_idle_pool(server.iteration_log)
+    idle = _wait_for_idle_pool(log)
     assert idle.kv_free_blocks == busy.kv_free_blocks + busy.kv_used_blocks  # back to the starting size
     assert idle.released >= 1
-    decodes = sum(x.num_generation for x in read_iteration_log(server.iteration_log)[start:])
+    decodes = sum(x.num_generation for x in read_iteration_log(log)[start:])
     assert decodes < 79  # it stopped early instead of running to request_output_len
 
 
@@ -270,6 +292,10 @@ BAD = [
     ("wrong dtype", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=4, dtype=np.int64),
      "is 'INT64', but model 'tensorrt_llm' expects 'INT32'"),
     ("unknown model", "nope", dict(prompt=[5, 6], max_tokens=4), "nope"),
+    ("engine process: beyond max_seq_len", PROCESS_MODEL, dict(prompt=[5, 6], max_tokens=500),
+     "exceed max_seq_len=128"),
+    ("engine process: token outside the vocabulary", PROCESS_MODEL, dict(prompt=[5, 10**6], max_tokens=4),
+     "input_ids has token id 1000000, outside the vocabulary"),
 ]
 
 
@@ -282,13 +308,14 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, what
         s.send("bad", t, model=model)
         got = next(iter(s.collect(1).values()))
         assert got["error"] is not None and message in got["error"], got
-        s.send("good", tensors([5, 6, 7], 3))
+        s.send("good", tensors([5, 6, 7], 3), model=model if model in MODELS else MODEL)
         assert len(s.collect(1)["good"]["tokens"]) == 3
     finally:
         s.close()
 
 
-def test_batch_of_two_rows_streams_each_row_with_its_batch_index(server):
+@pytest.mark.parametrize("model", MODELS)
+def test_batch_of_two_rows_streams_each_row_with_its_batch_index(server, model):
     """One Triton request holding two padded prompts: each row equals the same prompt sent alone."""
     from enginesmith.client.grpc_stream import is_final
 
@@ -297,12 +324,12 @@ def test_batch_of_two_rows_streams_each_row_with_its_batch_index(server):
     try:
         alone = []
         for i, p in enumerate(rows):
-            s.send(f"r{i}", tensors(p, 6))
+            s.send(f"r{i}", tensors(p, 6), model=model)
             alone.append(s.collect(1)[f"r{i}"]["tokens"])
         batch = {"input_ids": np.array([rows[0], rows[1] + [0, 0, 0]], np.int32),
                  "input_lengths": np.array([[5], [2]], np.int32), "request_output_len": np.array([[6], [6]], np.int32),
                  "streaming": np.array([[True], [True]])}
-        s.send("both", batch)
+        s.send("both", batch, model=model)
         per_row: dict[int, list[int]] = {0: [], 1: []}
         while True:
             result, error = s.events.get(timeout=60)
@@ -323,15 +350,16 @@ PERF = {"kv_cache_alloc_new_blocks": np.int32, "kv_cache_reused_blocks": np.int3
         "total_accepted_draft_tokens": np.int32, "total_draft_tokens": np.int32}
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("streaming", [False, True])
-def test_log_probs_and_perf_metrics_are_returned_as_upstream(server, streaming):
+def test_log_probs_and_perf_metrics_are_returned_as_upstream(server, streaming, model):
     """return_perf_metrics gives every output upstream's clients read, each [1, 1]: real KV blocks and
     timings, zeros for speculative decoding (which the reference runtime does not do)."""
     s = Stream(server.grpc_url)
     try:
         s.send("lp", tensors([7, 8, 9], 20, return_log_probs=np.bool_(True), return_perf_metrics=np.bool_(True),
-                             streaming=np.bool_(streaming)))
-        s.send("plain", tensors([7, 8, 9], 2, streaming=np.bool_(streaming)))
+                             streaming=np.bool_(streaming)), model=model)
+        s.send("plain", tensors([7, 8, 9], 2, streaming=np.bool_(streaming)), model=model)
         results = {}
         while len(results) < 2 or not all(any(map(is_final_of, r)) for r in results.values()):
             result, error = s.events.get(timeout=60)
@@ -364,35 +392,65 @@ def is_final_of(result) -> bool:
     return is_final(result)
 
 
-def _gauges(text: str) -> dict[str, float]:
-    """'family:category' -> value of the nv_trt_llm_* gauges in Prometheus text."""
-    import re
-
+def _gauges(text: str, model: str = MODEL) -> dict[str, float]:
+    """'family:category' -> value of `model`'s nv_trt_llm_* gauges and counters in Prometheus text."""
     out = {}
     for m in re.finditer(r"^(nv_trt_llm_\w+)\{([^}]*)\} (\S+)$", text, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        if labels.get("model") != model:
+            continue
         category = next((v for k, v in labels.items() if k not in ("model", "version")), "")
         out[f"{m.group(1)}:{category}"] = float(m.group(3))
     return out
 
 
-def test_metrics_hook_reports_the_kv_pool_and_iterations(server):
+@pytest.mark.parametrize("model", MODELS)
+def test_metrics_hook_reports_the_kv_pool_and_iterations(server, model):
+    before = _gauges(httpx.get(server.metrics_url, timeout=5).text, model)
     s = Stream(server.grpc_url)
     try:
-        s.send("m", tensors([4, 5, 6], 5))
+        s.send("m", tensors([4, 5, 6], 5), model=model)
         assert len(s.collect(1)["m"]["tokens"]) == 5
     finally:
         s.close()
-    _wait_for_idle_pool(server.iteration_log)
+    _wait_for_idle_pool(server.iteration_logs[model])
     deadline, values = time.monotonic() + 10, {}
     while time.monotonic() < deadline:  # gauges are published at most every stats_check_period_ms
-        values = _gauges(httpx.get(server.metrics_url, timeout=5).text)
-        if values.get("nv_trt_llm_kv_cache_block_metrics:free") == values.get("nv_trt_llm_kv_cache_block_metrics:max"):
+        values = _gauges(httpx.get(server.metrics_url, timeout=5).text, model)
+        if (values.get("nv_trt_llm_kv_cache_block_metrics:free") == values.get("nv_trt_llm_kv_cache_block_metrics:max")
+                and values.get("nv_trt_llm_completed_requests_total:", 0) > before.get(
+                    "nv_trt_llm_completed_requests_total:", 0)):
             break
         time.sleep(0.2)
     assert values["nv_trt_llm_kv_cache_block_metrics:max"] > 0
     assert values["nv_trt_llm_kv_cache_block_metrics:free"] == values["nv_trt_llm_kv_cache_block_metrics:max"]
     assert values["nv_trt_llm_general_metrics:iteration_counter"] >= 5
+    for counter, grew in (("completed_requests", 1), ("output_tokens", 5), ("input_tokens", 3)):
+        name = f"nv_trt_llm_{counter}_total:"
+        assert values[name] - before.get(name, 0) == grew, (name, before, values)
+
+
+def _engine_process(server, model: str):
+    """The engine process of `model`: the spawned child of the stub that serves it."""
+    import psutil
+
+    stubs = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+             if f"/{model}/1/model.py" in " ".join(p.cmdline())]
+    assert len(stubs) == 1, [p.cmdline() for p in stubs]
+    (child,) = [p for p in stubs[0].children() if "spawn_main" in " ".join(p.cmdline())]
+    return child
+
+
+def test_killed_engine_process_stops_the_server_with_its_reason(server):
+    """Last of the module's server tests: the server is gone after it."""
+    engine = _engine_process(server, PROCESS_MODEL)
+    os.kill(engine.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server.proc.poll() is not None, "server still running 30 s after its engine process died"
+    assert server.failure_reason() == (f"tensorrt_llm (reference): the engine process (pid {engine.pid}) exited "
+                                       "with code -9; stopping the server")
 
 
 # ---- the tensor contract in plain numpy (no server) ----

@@ -2,7 +2,8 @@
 
 No text templates: each builder assembles the protobuf from `triton_repo.tensor_specs` and the resolved
 `RepoOptions`, and `to_pbtxt` writes it with `google.protobuf.text_format`. Parameter values are given as a
-dict; a key upstream's template does not have is refused, so a typo cannot pass silently.
+dict; a key upstream's template does not have (or, for the reference runtime's tensorrt_llm, one of its own:
+`tensor_specs.REFERENCE_PARAMETERS`) is refused, so a typo cannot pass silently.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ def tensorrt_llm_config(o: RepoOptions, params: dict[str, str]) -> ModelConfig:
     _dynamic_batching(cfg, o)
     _add_tensors(cfg, o, ts.TENSORRT_LLM_INPUTS, ts.TENSORRT_LLM_OUTPUTS)
     _cpu_instances(cfg, 1)
-    reference = ts.REFERENCE_PARAMETERS if o.tensorrt_llm_backend == "python" else ()
-    _set_parameters(cfg, params, ts.TENSORRT_LLM_PARAMETERS + reference)
+    own = ts.REFERENCE_PARAMETERS if o.tensorrt_llm_backend == "python" else ()
+    _set_parameters(cfg, params, ts.TENSORRT_LLM_PARAMETERS + own)
     return cfg
 
 

@@ -99,6 +99,11 @@ def tensorrt_llm_parameters(recipe, mapping, engine_dir: Path, tokenizer_dir: Pa
     return params
 
 
+def reference_parameters(recipe) -> dict[str, str]:
+    """The reference runtime's own tensorrt_llm parameters (backend python only)."""
+    return {"engine_process": _flag(recipe.serve.engine_process)}
+
+
 def model_parameters(engine_dir: Path, tokenizer_dir: Path) -> dict[str, dict[str, str]]:
     """Parameters of the three Python models we ship (upstream's keys)."""
     return {
@@ -169,11 +174,13 @@ def _inflight_files(recipe, mapping, engine_dir: Path, tokenizer_dir: Path) -> d
     """Relative path -> config text, or the source file to copy."""
     o = repo_options(recipe)
     params = model_parameters(engine_dir, tokenizer_dir)
+    core = tensorrt_llm_parameters(recipe, mapping, engine_dir, tokenizer_dir)
+    if o.tensorrt_llm_backend == "python":
+        core |= reference_parameters(recipe)
     configs = {
         "ensemble": mc.ensemble_config(o),
         "preprocessing": mc.preprocessing_config(o, params["preprocessing"]),
-        "tensorrt_llm": mc.tensorrt_llm_config(o, tensorrt_llm_parameters(recipe, mapping, engine_dir,
-                                                                           tokenizer_dir)),
+        "tensorrt_llm": mc.tensorrt_llm_config(o, core),
         "postprocessing": mc.postprocessing_config(o, params["postprocessing"]),
         "tensorrt_llm_bls": mc.bls_config(o, params["tensorrt_llm_bls"]),
     }

@@ -131,9 +131,8 @@ TENSORRT_LLM_PARAMETERS: tuple[str, ...] = (
     "cuda_graph_mode", "cuda_graph_cache_size", "speculative_decoding_fast_logits", "tokenizer_dir",
     "guided_decoding_backend", "xgrammar_tokenizer_info_path",
 )
-
-# Keys only the reference runtime's tensorrt_llm model reads (set where a recipe asks for them).
-REFERENCE_PARAMETERS: tuple[str, ...] = ("stream_interval",)
+# Keys of our own that the reference runtime's tensorrt_llm model (backend python) also reads.
+REFERENCE_PARAMETERS: tuple[str, ...] = ("engine_process", "iteration_log_path", "stream_interval")
 
 # ---- preprocessing / postprocessing --------------------------------------------------------------------
 PREPROCESSING_INPUTS: tuple[TensorSpec, ...] = (

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,10 +24,10 @@ from enginesmith.runtime.model.paged_attention import PagedAttention, SeqSpan
 from enginesmith.runtime.parallel.pipeline import MicroBatch
 from enginesmith.runtime.fast.prefill_graphs import layer_runner
 from enginesmith.runtime.engine.request import FinishReason, Request, RequestError, Status, TokenUpdate
+from enginesmith.runtime.engine.request_limits import RequestLimits
 from enginesmith.runtime.engine.sampler import (
     NO_TOKEN,
     NOTHING_TO_SAMPLE,
-    SamplingError,
     SequenceSampler,
     ends_with_stop_word,
     sample,
@@ -35,7 +35,6 @@ from enginesmith.runtime.engine.sampler import (
 from enginesmith.runtime.engine.scheduler import Schedule, Scheduler
 
 log = logging.getLogger(__name__)
-INT32_MAX = 2**31 - 1
 
 
 class Engine:
@@ -59,6 +58,7 @@ class Engine:
         self.scheduler = Scheduler(self.cache, max_batch_size=config.max_batch_size,
                                    max_num_tokens=config.max_num_tokens, policy=config.batch_scheduler_policy,
                                    enable_chunked_context=config.enable_chunked_context)
+        self.limits = RequestLimits(config, self.vocab_size, num_blocks)
         self.iteration_log = IterationLog(config.iteration_log_path)
         self._iteration = 0
         self._wake = threading.Condition()
@@ -67,6 +67,9 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._last_poll_ns = 0
+        self.on_step_end: Callable[[], None] | None = None
+        """Called from the loop after each iteration, and after the idle metrics hook (an engine in its own
+        process sends what the iteration's callbacks gathered as one message: runtime/engine/engine_process.py)."""
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, *, device: str | None = None, metrics: Any = None,
@@ -111,31 +114,8 @@ class Engine:
             self._wake.notify()
 
     def validate(self, r: Request) -> None:
-        c, n = self.config, len(r.prompt)
-        if n == 0:
-            raise RequestError("input_ids is empty: send at least one prompt token")
-        bad = next((t for t in r.prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestError(f"input_ids has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
-        if not 1 <= r.max_new_tokens <= INT32_MAX:
-            raise RequestError(f"request_output_len={r.max_new_tokens} is outside [1, {INT32_MAX}]: "
-                               "ask for at least 1 token")
-        if n > c.max_input_len:
-            raise RequestError(f"input_ids has {n} tokens, more than max_input_len={c.max_input_len}: "
-                               "shorten the prompt or rebuild with a larger max_input_len")
-        if r.max_total_len > c.max_seq_len:
-            raise RequestError(f"{n} input tokens + request_output_len={r.max_new_tokens} exceed "
-                               f"max_seq_len={c.max_seq_len}: ask for at most {c.max_seq_len - n} tokens")
-        if n > c.max_num_tokens and not c.enable_chunked_context:
-            raise RequestError(f"input_ids has {n} tokens, more than max_num_tokens={c.max_num_tokens}: "
-                               "enable_chunked_context or shorten the prompt")
-        if self.cache.blocks_for(r.max_total_len) > self.cache.num_blocks:
-            raise RequestError(f"the request needs {self.cache.blocks_for(r.max_total_len)} KV blocks but the "
-                               f"cache has {self.cache.num_blocks}: lower request_output_len or enlarge the cache")
-        try:
-            r.sampling.validate(self.vocab_size)
-        except SamplingError as e:
-            raise RequestError(str(e)) from None
+        """Raises RequestError naming the field and the fix (runtime/engine/request_limits.py)."""
+        self.limits.validate(r)
 
     # ---- the loop ----
     def start(self) -> Engine:
@@ -164,6 +144,7 @@ class Engine:
                 idle = getattr(self.metrics, "on_idle", None) or getattr(self.metrics, "flush", None)
                 if idle is not None:
                     _call(idle)  # going idle: nothing is scheduled any more; publish the final state now
+                self._step_ended()
             with self._wake:
                 while not self._has_input():
                     self._wake.wait()
@@ -179,6 +160,14 @@ class Engine:
                 log.exception("reference engine iteration failed")
                 for req in [*self.scheduler.running, *self.scheduler.waiting]:
                     self._finish(req, FinishReason.FAILED, error="internal error in the reference engine")
+            self._step_ended()
+
+    def _step_ended(self) -> None:
+        if self.on_step_end is not None:
+            try:
+                self.on_step_end()
+            except Exception:
+                log.exception("the engine's step-end hook failed")
 
     def _has_input(self) -> bool:
         return bool(self._stopping or self._inbox or self._cancel_ids or self.scheduler.has_work())

@@ -96,3 +96,17 @@ def read_engine_dir(engine_dir: str | Path, **overrides: Any) -> tuple[EngineCon
     if not ckpt.is_absolute():
         ckpt = (Path(engine_dir) / ckpt).resolve()
     return EngineConfig.from_dict(raw, **overrides), ckpt
+
+
+def serving_device(gpu_device_ids: str | None = None) -> str:
+    """The device a served engine runs on: the first of `gpu_device_ids` (the model parameter: "0", "0,1" or
+    "0;1") when CUDA is available, else the CPU. Call it in the process that will own the device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    ids = (gpu_device_ids or "0").replace(";", ",").split(",")
+    try:
+        return f"cuda:{int(ids[0])}"
+    except ValueError:
+        raise EngineConfigError(f"gpu_device_ids={gpu_device_ids!r}: give GPU indices such as 0 or 0,1") from None

@@ -64,6 +64,26 @@ def store_client(init_method: str, timeout_s: float) -> dist.TCPStore:
                          timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def exit_if_orphaned(parent_pid: int | None, who: str) -> None:
+    """Exit at once (code 1, one log line) when `parent_pid` is no longer this process's parent: the process that
+    spawned it is gone, and nothing would ever tell it to stop."""
+    if parent_pid is not None and os.getppid() != parent_pid:
+        log.error("%s: its parent process %d is gone; exiting", who, parent_pid)
+        os._exit(1)
+
+
+def watch_parent(parent_pid: int, who: str, period_s: float = 0.5) -> threading.Thread:
+    """A daemon thread calling exit_if_orphaned every `period_s` (a process with no heartbeat loop of its own)."""
+    def watch() -> None:
+        while True:
+            exit_if_orphaned(parent_pid, who)
+            time.sleep(period_s)
+
+    thread = threading.Thread(target=watch, name=f"{who}-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def start_heartbeat(rank: int, init_method: str, liveness: Liveness, parent_pid: int | None,
                     stopping: threading.Event) -> threading.Thread:
     """A rank > 0: bump this rank's counter every heartbeat_s. The process exits when rank 0's store stops
@@ -72,9 +92,7 @@ def start_heartbeat(rank: int, init_method: str, liveness: Liveness, parent_pid:
 
     def beat() -> None:
         while not stopping.is_set():
-            if parent_pid is not None and os.getppid() != parent_pid:
-                log.error("rank %d: its parent process %d is gone; exiting", rank, parent_pid)
-                os._exit(1)
+            exit_if_orphaned(parent_pid, f"rank {rank}")
             try:
                 store.add(alive_key(rank), 1)
             except Exception as e:  # noqa: BLE001 - whatever the store raises, rank 0 is unreachable

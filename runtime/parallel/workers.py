@@ -33,6 +33,7 @@ from enginesmith.runtime.model.model import RankModel
 from enginesmith.runtime.model.paged_attention import PagedAttention, SeqSpan
 from enginesmith.runtime.parallel.groups import ParallelGroups, init_parallel
 from enginesmith.runtime.parallel.pipeline import MicroBatch, rank_forward
+from enginesmith.runtime.parallel.spawn import python_executable
 from enginesmith.runtime.fast.prefill_graphs import layer_runner
 
 log = logging.getLogger(__name__)
@@ -85,17 +86,6 @@ def split_micro_batches(spec: MicroBatchSpec, count: int) -> list[MicroBatchSpec
         cur.spans.append((seq_id, start, n))
         cur.logit_rows += [base + (r - row) for r in range(row, row + n) if r in wanted]
     return out
-
-
-def _python_executable() -> str:
-    """The interpreter for spawned ranks: inside Triton's Python stub sys.executable is the stub binary."""
-    import os
-    import sys
-
-    exe = sys.executable or ""
-    if os.path.basename(exe).startswith("python"):
-        return exe
-    return os.environ.get("ENGINESMITH_PYTHON") or os.path.join(sys.prefix, "bin", "python3")
 
 
 def free_init_method(host: str = "127.0.0.1") -> str:
@@ -190,7 +180,7 @@ class RankWorkers:
         self.mapping, self.on_failure = mapping, on_failure
         self.liveness = liveness or Liveness.from_env()
         ctx = mp.get_context("spawn")
-        ctx.set_executable(_python_executable())
+        ctx.set_executable(python_executable())
         local = [r for r in range(1, mapping.world_size) if mapping.rank_coords(r).node == 0]
         self.procs = {r: ctx.Process(target=worker_main, name=f"enginesmith-rank{r}", daemon=True,
                                      args=(r, str(ckpt_dir), mapping, init_method, dtype, num_blocks,

@@ -1,9 +1,11 @@
 """Triton Python-backend `tensorrt_llm` model of the `reference` target (copied to tensorrt_llm/1/model.py).
 
 It keeps upstream's tensor contract (runtime/engine/tensor_contract.py) and `parameters` keys, and runs the
-reference engine (runtime/engine/engine.py) in a background thread. Decoupled: every request gets a response
-sender; when streaming, each new token is sent as soon as it is sampled (with the `stream_interval` parameter,
-the tokens of that many steps together after the first); the last response carries
+reference engine (runtime/engine/engine.py) in a background thread, or, with the parameter `engine_process: true`
+or ENGINESMITH_ENGINE_PROCESS=1 (the environment wins when set), in a process of its own
+(runtime/engine/engine_process.py) whose loop shares no GIL with this stub's response thread. Decoupled:
+every request gets a response sender; when streaming, each new token is sent as soon as it is sampled (with the
+`stream_interval` parameter, the tokens of that many steps together after the first); the last response carries
 TRITONSERVER_RESPONSE_COMPLETE_FINAL (and no token when the row ended without one, as upstream's does).
 Cancellation: Triton's request cancellation (polled every cancellation_check_period_ms), a second
 request with the same request id and `stop=true`, and, for a streamed ensemble request whose client left
@@ -23,8 +25,8 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from enginesmith.runtime.engine.engine import Engine
-from enginesmith.runtime.engine.engine_config import EngineConfigError
+from enginesmith.runtime.engine.engine_config import EngineConfigError, serving_device
+from enginesmith.runtime.engine.engine_process import EngineProcess, EngineProcessError, engine_process_wanted
 from enginesmith.runtime.engine.request import Request, RequestError, TokenUpdate
 from enginesmith.runtime.engine.tensor_contract import RowSpec, parse_rows, response_arrays
 from enginesmith.triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
@@ -247,9 +249,8 @@ class TritonPythonModel:
         try:
             check_stub_numpy()
             self._configure(config)
-            self.engine = Engine.from_engine_dir(self.engine_dir, device=self._device(config),
-                                                 on_rank_failure=self._on_rank_failure, **self.overrides)
-        except (ValueError, EngineConfigError) as e:
+            self.engine = self._load_engine(config)
+        except (ValueError, EngineConfigError, EngineProcessError) as e:
             raise pb_utils.TritonModelException(f"tensorrt_llm (reference): {e}") from None
         self.engine.metrics = self._metrics(args, config)
         self.ledger = self._ledger()
@@ -296,14 +297,18 @@ class TritonPythonModel:
             cancellation_check_period_ms=p("cancellation_check_period_ms", int),
             iteration_log_path=p("iteration_log_path") or os.environ.get(ITERATION_LOG_ENV) or None)
 
-    @staticmethod
-    def _device(config: dict) -> str:
-        import torch
+    def _load_engine(self, config: dict):
+        """The engine in a thread of this process, or in a process of its own (which then picks the device)."""
+        gpu_ids = read_parameter(config, "gpu_device_ids")
+        if engine_process_wanted(read_parameter(config, "engine_process", bool)):
+            engine = EngineProcess.from_engine_dir(self.engine_dir, gpu_device_ids=gpu_ids,
+                                                   on_rank_failure=self._on_rank_failure, **self.overrides)
+            pb_utils.Logger.log_info(f"tensorrt_llm (reference): the engine runs in process {engine.pid}")
+            return engine
+        from enginesmith.runtime.engine.engine import Engine
 
-        if not torch.cuda.is_available():
-            return "cpu"
-        ids = (read_parameter(config, "gpu_device_ids") or "0").replace(";", ",").split(",")
-        return f"cuda:{int(ids[0])}"
+        return Engine.from_engine_dir(self.engine_dir, device=serving_device(gpu_ids),
+                                      on_rank_failure=self._on_rank_failure, **self.overrides)
 
     def _metrics(self, args: dict, config: dict):
         try:
