@@ -150,16 +150,21 @@ def expected(server):
     return out
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("streaming", [True, False])
-def test_grpc_greedy_matches_transformers(server, expected, streaming, model):
+def _greedy_12(server, expected, streaming: bool, model: str) -> dict[str, dict]:
+    """Every expected prompt as request p<i>, 12 tokens with end_id, on one stream: what Stream.collect returns."""
     s = Stream(server.grpc_url)
     try:
         for i, (ids, _, eos) in enumerate(expected):
             s.send(f"p{i}", tensors(ids, 12, end_id=np.int32(eos), streaming=np.bool_(streaming)), model=model)
-        got = s.collect(len(expected))
+        return s.collect(len(expected))
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("streaming", [True, False])
+def test_grpc_greedy_matches_transformers(server, expected, streaming, model):
+    got = _greedy_12(server, expected, streaming, model)
     for i, (ids, want, _) in enumerate(expected):
         assert got[f"p{i}"]["error"] is None and got[f"p{i}"]["tokens"] == want, ids
         # streamed: at least one response per step's worth of tokens, several tokens in one where the sender fell
@@ -172,15 +177,9 @@ def test_grpc_greedy_matches_transformers(server, expected, streaming, model):
 def test_stream_interval_groups_the_tokens_after_the_first(server, expected):
     """stream_interval=4: between a stream's first response and its last, each carries at least 4 tokens (more
     only where the sender fell behind); the tokens are the same as streamed one at a time."""
-    s = Stream(server.grpc_url)
-    try:
-        for i, (ids, _, eos) in enumerate(expected):
-            s.send(f"i{i}", tensors(ids, 12, end_id=np.int32(eos), streaming=np.bool_(True)), model=INTERVAL_MODEL)
-        got = s.collect(len(expected))
-    finally:
-        s.close()
+    got = _greedy_12(server, expected, True, INTERVAL_MODEL)
     for i, (ids, want, _) in enumerate(expected):
-        entry = got[f"i{i}"]
+        entry = got[f"p{i}"]
         assert entry["error"] is None and entry["tokens"] == want, ids
         chunks = entry["chunks"]
         assert all(n >= 4 for n in chunks[1:-1]), chunks

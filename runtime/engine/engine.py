@@ -260,7 +260,7 @@ class Engine:
         if reason is not None:
             self._finish(req, reason, [token], [log_prob])
             return 1
-        self._emit(TokenUpdate(req, [token], [log_prob], False))
+        TokenUpdate(req, [token], [log_prob], False).deliver()
         return 0
 
     def _apply_cancellations(self, cancel_ids: set[str], now_ns: int) -> int:
@@ -283,16 +283,7 @@ class Engine:
         self.scheduler.release(req)
         if self.metrics is not None:
             _call(self.metrics.on_request_done, len(req.prompt), len(req.output))
-        self._emit(TokenUpdate(req, list(tokens), list(log_probs), True, error))
-
-    def _emit(self, update: TokenUpdate) -> None:
-        if update.request.on_update is None:
-            return
-        try:
-            update.request.on_update(update)
-        except Exception:  # the client is gone: stop working for it
-            log.exception("callback of request %r failed; cancelling it", update.request.request_id)
-            update.request.cancel_requested = True
+        TokenUpdate(req, list(tokens), list(log_probs), True, error).deliver()
 
     def _record(self, start_ns: int, sched: Schedule, released: int) -> IterationStats:
         s = self.scheduler

@@ -227,7 +227,7 @@ class EngineProcess:
                 r.finish_reason = FinishReason(reason) if reason else None
             else:
                 r.status = Status.RUNNING
-            _emit(TokenUpdate(r, tokens, log_probs, finished, error))
+            TokenUpdate(r, tokens, log_probs, finished, error).deliver()
 
     def _replay(self, metrics: tuple[list[float], list[float], list[Call]]) -> None:
         """The iteration's metrics calls: its first tokens and tokens (order among them does not matter to a
@@ -274,17 +274,7 @@ class EngineProcess:
             live, self._live = list(self._live.values()), {}
         for r in live:
             r.status, r.finish_reason, r.error = Status.FINISHED, FinishReason.FAILED, error
-            _emit(TokenUpdate(r, [], [], True, error))
-
-
-def _emit(update: TokenUpdate) -> None:
-    if update.request.on_update is None:
-        return
-    try:
-        update.request.on_update(update)
-    except Exception:  # the client is gone: stop working for it
-        log.exception("callback of request %r failed; cancelling it", update.request.request_id)
-        update.request.cancel_requested = True
+            TokenUpdate(r, [], [], True, error).deliver()
 
 
 def _safe(fn: Callable, *args: Any, **kwargs: Any) -> None:

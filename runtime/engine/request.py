@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,18 @@ class TokenUpdate:
     new_log_probs: list[float]
     finished: bool
     error: str | None = None
+
+    def deliver(self) -> None:
+        """Hand this update to its request's `on_update`; a callback that raises belongs to a client that is gone:
+        the request is marked for cancellation (the engine drops it at its next step)."""
+        if self.request.on_update is None:
+            return
+        try:
+            self.request.on_update(self)
+        except Exception:
+            logging.getLogger(__name__).exception("callback of request %r failed; cancelling it",
+                                                  self.request.request_id)
+            self.request.cancel_requested = True
 
 
 @dataclass(eq=False)
