@@ -134,6 +134,7 @@ def in_process(engine_dir: str, concurrency: list[int], num_prompts: int, isl: i
 
     from enginesmith.runtime.engine.engine import Engine
     from enginesmith.runtime.engine.request import FinishReason, Request
+    from enginesmith.runtime.engine.sampler import SamplingParams
 
     t0 = time.perf_counter()
     engine = Engine.from_engine_dir(engine_dir)
@@ -143,6 +144,9 @@ def in_process(engine_dir: str, concurrency: list[int], num_prompts: int, isl: i
     rng = random.Random(0)
     res = dict(setup_s=setup_s, kv_blocks=engine.cache.num_blocks,
                decoder=engine.fast_decoder.status() if engine.fast_decoder is not None else None, points=[])
+
+    # what the bench client sends: the tokenizer's end id, and min_tokens = the output length (ignore_eos)
+    sampling = SamplingParams(end_id=SPECIALS.index("</s>"), min_tokens=osl)
 
     def point(c: int, n: int) -> dict:
         prompts = [[rng.randrange(len(SPECIALS), vocab) for _ in range(isl)] for _ in range(n)]
@@ -154,7 +158,7 @@ def in_process(engine_dir: str, concurrency: list[int], num_prompts: int, isl: i
         def submit() -> None:
             i = state["next"]
             state["next"] += 1
-            r = Request(prompts[i], osl, request_id=f"p{c}-{i}", on_update=lambda u, i=i: update(i, u))
+            r = Request(prompts[i], osl, sampling, request_id=f"p{c}-{i}", on_update=lambda u, i=i: update(i, u))
             r.t_submit = time.perf_counter()
             reqs.append(r)
             engine.submit(r)

@@ -133,3 +133,24 @@ def test_sampled_log_prob_is_that_of_the_processed_distribution():
     (tok,), (lp,) = sample(logits[None], [r])
     assert lp == pytest.approx(torch.log_softmax(logits / 0.5, -1)[tok].item(), abs=1e-5)
     assert lp < 0 and not math.isnan(lp)
+
+
+def test_a_mixed_batch_gives_each_row_what_it_gets_alone():
+    """Greedy rows (min_tokens bans included) run as one batch, the others row by row: same tokens, same log-probs."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, V, generator=g)
+    logits[:, 3] += 5.0  # end_id 3 is every row's argmax
+    params = [SamplingParams(end_id=3, min_tokens=4), SamplingParams(temperature=0.5, top_k=3, seed=1),
+              SamplingParams(end_id=3, min_tokens=1), SamplingParams(temperature=0.7, top_k=1, end_id=3, min_tokens=9),
+              SamplingParams(bad_words=((3,),)), SamplingParams(repetition_penalty=1.3)]
+    rows = [_row(p, tokens=[1, 2], prompt_len=1) for p in params]  # one token generated so far
+    tokens, logp = sample(logits, rows)
+    alone = [sample(logits[i][None], [_row(p, tokens=[1, 2], prompt_len=1)]) for i, p in enumerate(params)]
+    assert tokens == [t[0][0] for t in alone]
+    assert logp == pytest.approx([t[1][0] for t in alone], abs=1e-5)
+    assert tokens[0] != 3 and tokens[2] == 3 and tokens[3] != 3 and tokens[4] != 3
+
+
+def test_a_one_token_vocabulary_with_its_end_id_banned_has_nothing_to_sample():
+    r = SequenceSampler(SamplingParams(end_id=0, min_tokens=2), [5], 1, 1)
+    assert sample(torch.zeros(1, 1), [r]) == ([NO_TOKEN], [float("-inf")])

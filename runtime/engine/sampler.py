@@ -107,6 +107,11 @@ class SequenceSampler:
             self._counted = len(self.tokens)
         return self._counts
 
+    def end_id_banned(self) -> bool:
+        """min_tokens not reached yet: end_id (when in the vocabulary) cannot be generated now."""
+        p = self.params
+        return p.end_id is not None and p.end_id < self.vocab_size and self.num_generated < p.min_tokens
+
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """(V,) float32 logits -> logits after temperature, penalties, min_tokens and bad words."""
         p, x = self.params, logits.float().clone()
@@ -118,7 +123,7 @@ class SequenceSampler:
             if p.repetition_penalty != 1.0:
                 x = torch.where(seen, torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty), x)
             x = x - p.presence_penalty * seen - p.frequency_penalty * counts
-        if p.end_id is not None and p.end_id < self.vocab_size and self.num_generated < p.min_tokens:
+        if self.end_id_banned():
             x[p.end_id] = float("-inf")
         for word in p.bad_words:
             head = word[:-1]
@@ -142,28 +147,52 @@ class SequenceSampler:
         return int(ids[choice])
 
 
+def _batched(row: SequenceSampler) -> bool:
+    """Rows whose whole processing is a temperature, an end_id ban and an argmax: they run as one batch."""
+    p = row.params
+    return p.is_greedy and not p.has_penalties and not p.bad_words
+
+
+def _sample_batched(logits: torch.Tensor, rows: list[SequenceSampler]) -> tuple[list[int], list[float]]:
+    """The batched rows in one pass (the same result as SequenceSampler.process + pick, row by row)."""
+    x = logits.float()
+    temps = [r.params.temperature or 1.0 for r in rows]
+    if any(t != 1.0 for t in temps):
+        x = x / torch.tensor(temps, device=x.device)[:, None]
+    banned = [(i, r.params.end_id) for i, r in enumerate(rows) if r.end_id_banned()]
+    if banned:  # min_tokens: end_id cannot come yet
+        x = x.clone() if x is logits else x
+        ii, cols = zip(*banned, strict=True)
+        x[torch.tensor(ii, device=x.device), torch.tensor(cols, device=x.device)] = float("-inf")
+    best, tokens = x.max(-1)
+    ok = torch.isfinite(best)  # false only where every token is banned (a one-token vocabulary)
+    logp = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])[:, 0]
+    logp = torch.where(ok, logp, float("-inf"))
+    tokens = torch.where(ok, tokens, NO_TOKEN)
+    return tokens.tolist(), logp.tolist()
+
+
 def sample(logits: torch.Tensor, rows: list[SequenceSampler]) -> tuple[list[int], list[float]]:
     """(B, V) logits, one sampler per row -> chosen tokens and their log-probabilities.
 
     The log-probability is that of the processed (temperature, penalties, bans) full distribution.
-    A row whose every token is banned (bad words, min_tokens) gets NO_TOKEN.
+    A row whose every token is banned (bad words, min_tokens) gets NO_TOKEN. Greedy rows without penalties or
+    bad words (min_tokens included: load tools ask for it on every request) run as one batch; the others row by row.
     """
-    plain = all(r.params.is_greedy and not r.params.has_penalties and not r.params.bad_words
-                and not (r.params.end_id is not None and r.params.end_id < r.vocab_size
-                         and r.num_generated < r.params.min_tokens) for r in rows)
-    if plain:  # one batched argmax
-        temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
-        logp = torch.log_softmax(logits.float() / temps[:, None], dim=-1)
-        tokens = logits.argmax(-1)
-        return tokens.tolist(), logp.gather(1, tokens[:, None])[:, 0].tolist()
-    out_tokens, out_logp = [], []
-    for row, sampler in zip(logits, rows, strict=True):
-        x = sampler.process(row)
+    batched = [i for i, r in enumerate(rows) if _batched(r)]
+    if len(batched) == len(rows):
+        return _sample_batched(logits, rows)
+    out_tokens, out_logp = [0] * len(rows), [0.0] * len(rows)
+    if batched:
+        index = torch.tensor(batched, device=logits.device)
+        toks, lps = _sample_batched(logits.index_select(0, index), [rows[i] for i in batched])
+        for i, tok, lp in zip(batched, toks, lps, strict=True):
+            out_tokens[i], out_logp[i] = tok, lp
+    for i in sorted(set(range(len(rows))) - set(batched)):
+        x = rows[i].process(logits[i])
         if not torch.isfinite(x.max()):  # every token banned: this row alone fails
-            out_tokens.append(NO_TOKEN)
-            out_logp.append(float("-inf"))
+            out_tokens[i], out_logp[i] = NO_TOKEN, float("-inf")
             continue
-        tok = sampler.pick(x)
-        out_tokens.append(tok)
-        out_logp.append(float(torch.log_softmax(x, dim=-1)[tok]))
+        tok = rows[i].pick(x)
+        out_tokens[i], out_logp[i] = tok, float(torch.log_softmax(x, dim=-1)[tok])
     return out_tokens, out_logp
