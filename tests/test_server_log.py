@@ -43,6 +43,16 @@ def test_failure_report_lists_the_errors_else_the_last_meaningful_lines():
     assert not [line for line in lines if "NVML" in line or "DCGM" in line or line.startswith("  +")]
 
 
+def test_a_models_stop_verdict_is_the_failure_reason(tmp_path):
+    """A request in flight when a rank died logs gloo's error first; the runtime's verdict names the rank."""
+    log = tmp_path / "server.log"
+    log.write_text(LOG)
+    assert TritonServer(tmp_path, log_path=log).failure_reason() == \
+        "tensorrt_llm (reference): rank 1 exited with code -9; stopping the server"
+    log.write_text("\n".join(line for line in LOG.splitlines() if "stopping the server" not in line))
+    assert TritonServer(tmp_path, log_path=log).failure_reason().startswith("RuntimeError: [/__w/pytorch/")
+
+
 @pytest.fixture
 def listener(tmp_path):
     """A listening socket held by another process, as a stale server would hold it."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from enginesmith.triton_repo.discovery import ServerBinary, ServerNotFound, find_server
 from enginesmith.triton_repo.launch import Endpoints, build_mpirun_argv, build_server_argv
 from enginesmith.triton_repo.ports import port_holder, port_taken
-from enginesmith.triton_repo.server_log import error_lines, failure_report, stop_signalled
+from enginesmith.triton_repo.server_log import failure_cause, failure_report, stop_signalled
 
 __all__ = ["TritonServer", "ServerError", "PortInUse", "ServerNotFound", "free_endpoints", "find_server"]
 ADDRESS_IN_USE = ("already in use",)  # "failed to start HTTP service: ... Socket '...' already in use"
@@ -197,9 +197,9 @@ class TritonServer:
             return ""
 
     def failure_reason(self) -> str:
-        """One line: the first error this run logged after it was ready, else the first since its start."""
-        errors = error_lines(self._log_text(self._ready_at)) or error_lines(self._log_text(self._log_start))
-        return errors[0] if errors else "no error in its log"
+        """One line: why this run failed after it was ready (`server_log.failure_cause`), else since its start."""
+        cause = failure_cause(self._log_text(self._ready_at)) or failure_cause(self._log_text(self._log_start))
+        return cause or "no error in its log"
 
     def failure_report(self) -> str:
         """This run's errors (else its last lines), and where the whole log is."""

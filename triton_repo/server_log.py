@@ -14,6 +14,9 @@ NOISE = ("NVML", "DCGM", "CudaDriverHelper", "pinned memory pool", "CUDA driver 
 _TRITON_LINE = re.compile(r"^([IWE])\d{4} [\d:.]+ +\d+ [^\]]*\] ?(.*)$")
 _UNPREFIXED_ERROR = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception)|error): ")
 _STOP_SIGNAL = re.compile(r"^Signal \(\d+\) received\.$", re.MULTILINE)
+STOP_VERDICT = "; stopping the server"
+"""How a model that stops the server ends its one-line reason (the reference tensorrt_llm model, whose rank or
+engine process died): the cause, where the requests that were in flight log only what they ran into."""
 
 
 def _message(text: str) -> str:
@@ -40,6 +43,12 @@ def error_lines(text: str) -> list[str]:
         if message and message not in out and not any(n in message for n in NOISE):
             out.append(message)
     return out
+
+
+def failure_cause(text: str) -> str | None:
+    """The error that says why the server failed: a model's stop verdict, else the first error; None without."""
+    errors = error_lines(text)
+    return next((e for e in errors if e.endswith(STOP_VERDICT)), errors[0] if errors else None)
 
 
 def stop_signalled(text: str) -> bool:
