@@ -169,6 +169,38 @@ def test_cancelling_a_streamed_ensemble_request_stops_its_generation(served, pro
     assert 3 <= generated < n - 100, generated  # stopped a fraction of a second after the client left
 
 
+@pytest.mark.parametrize("protocol", ["stream", "http"])
+def test_ctrl_c_in_the_client_command_stops_a_streamed_ensemble_request(served, protocol):
+    """`enginesmith client` interrupted by SIGINT once text arrives: exit 130, and the server stops generating."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support import REPO_ROOT
+
+    tokens_before = metric_total(httpx.get(served.metrics_url).text, "nv_trt_llm_output_tokens_total", "tensorrt_llm")
+    n = 400
+    url = served.grpc_url if protocol == "stream" else served.http_url
+    cmd = [sys.executable, "-m", "enginesmith.builders.cli", "client", protocol, PROMPT, "--url", url,
+           "--max-tokens", str(n), "--min-tokens", str(n), "--stream"]
+    # SIGINT at its default even where the tests run with it ignored (a background job), so Python maps it to
+    # KeyboardInterrupt as in a terminal
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.read(1), proc.stderr.read().decode()  # the first streamed text
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err.decode()
+    assert err.decode() == "error: cancelled (the request was cancelled on the server)\n"
+    generated = _wait_until_idle(served, tokens_before)
+    assert 1 <= generated < n - 100, generated
+
+
 def _stream_texts(served, prompts: list[str], request_id: str, n: int) -> list[str]:
     """Stream every prompt to the ensemble at once, all with the same request id."""
     import threading

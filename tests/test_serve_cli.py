@@ -15,7 +15,9 @@ GLOO = "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connectio
 
 
 @pytest.mark.parametrize("module", ["enginesmith.builders.cli.commands_repo",
-                                    "enginesmith.builders.cli.commands_client", "enginesmith.client.bench_cli"])
+                                    "enginesmith.builders.cli.commands_openai",
+                                    "enginesmith.builders.cli.commands_client",
+                                    "enginesmith.client.bench_cli"])
 def test_errors_print_bracketed_text_as_it_is(module, capsys):
     """A gloo message's `[/...]` read as a rich closing tag raised MarkupError and hid the real error."""
     import importlib
@@ -24,7 +26,7 @@ def test_errors_print_bracketed_text_as_it_is(module, capsys):
 
     mod = importlib.import_module(module)
     with pytest.raises(typer.Exit):
-        if module == "enginesmith.builders.cli.commands_repo":
+        if module in ("enginesmith.builders.cli.commands_repo", "enginesmith.builders.cli.commands_openai"):
             mod._fail(2, GLOO)
         elif module == "enginesmith.builders.cli.commands_client":
             raise mod._fail(2, GLOO)
@@ -37,6 +39,22 @@ def test_serve_reports_a_bracketed_path_as_it_is(tmp_path):
     recipe = tmp_path / "[/x]" / "r.yaml"
     r = CliRunner().invoke(app, ["serve", str(recipe)])
     assert r.exit_code == 1 and f"error: {recipe}: no such recipe file" in r.stderr
+
+
+def test_openai_reports_an_unreachable_triton_with_a_bracketed_path_as_it_is(tmp_path, dead_port):
+    """The message names the recipe's path; `[/x]` in it raised MarkupError with a traceback."""
+    import yaml
+
+    folder = tmp_path / "[/x]"
+    (folder / "tok").mkdir(parents=True)
+    recipe = folder / "r.yaml"
+    data = yaml.safe_load((REPO_ROOT / "recipes" / "tiny-llama.yaml").read_text())
+    data["serve"]["grpc_port"] = dead_port
+    recipe.write_text(yaml.safe_dump(data))
+    r = CliRunner().invoke(app, ["openai", str(recipe), "--tokenizer", str(folder / "tok")])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith(f"error: Triton at 127.0.0.1:{dead_port}: ") and r.stderr.count("\n") == 1
+    assert r.stderr.endswith(f"is it running? (`enginesmith serve {recipe}`)\n")
 
 
 def test_print_command_of_a_multi_node_layout_uses_host_placeholders():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from tests.support import REPO_ROOT
 from enginesmith.triton_repo.ports import port_holder, port_taken
 from enginesmith.triton_repo.server import PortInUse, TritonServer, free_endpoints
-from enginesmith.triton_repo.server_log import error_lines, failure_report
+from enginesmith.triton_repo.server_log import error_lines, failure_report, stop_signalled
 
 LOG = (REPO_ROOT / "tests" / "data" / "tritonserver-failure.log").read_text()
 """Lines of real logs of the bundled server on a host without GPUs: a rank that died, a model that failed."""
@@ -40,6 +41,16 @@ def test_failure_report_lists_the_errors_else_the_last_meaningful_lines():
     assert lines[-2] == '  I1207 15:46:40.803787 10599 server.cc:345] "Timeout 5: Found 1 live models and 0 ' \
                         'in-flight non-inference requests"'
     assert not [line for line in lines if "NVML" in line or "DCGM" in line or line.startswith("  +")]
+
+
+def test_a_models_stop_verdict_is_the_failure_reason(tmp_path):
+    """A request in flight when a rank died logs gloo's error first; the runtime's verdict names the rank."""
+    log = tmp_path / "server.log"
+    log.write_text(LOG)
+    assert TritonServer(tmp_path, log_path=log).failure_reason() == \
+        "tensorrt_llm (reference): rank 1 exited with code -9; stopping the server"
+    log.write_text("\n".join(line for line in LOG.splitlines() if "stopping the server" not in line))
+    assert TritonServer(tmp_path, log_path=log).failure_reason().startswith("RuntimeError: [/__w/pytorch/")
 
 
 @pytest.fixture
@@ -75,3 +86,37 @@ def test_a_free_port_is_not_taken():
     ep = free_endpoints()
     assert not port_taken("127.0.0.1", ep.http_port)
     assert port_holder(ep.http_port) == "no process this user can see"
+
+
+HUNG = "tensorrt_llm (reference): rank 1 sent no heartbeat in 20 s (hung, or its node is gone); stopping the server"
+RANK_HUNG = f'E1207 19:51:36.046296 25468 model.py:376] "{HUNG}"'
+
+
+@pytest.mark.parametrize("stopping", [True, False])
+def test_a_stub_that_ends_with_a_stopping_server_is_not_blamed(tmp_path, monkeypatch, stopping):
+    """A model that stops the server (a reference runtime whose rank hung) makes Triton unload the other models
+    while it waits out its exit timeout; `serve` then blamed the first stub that ended ("the Python-backend stub
+    of model 'tensorrt_llm_bls' died ...") instead of the rank the log names. Without a stop, a dead stub is one."""
+    log = tmp_path / "server.log"
+    log.write_text(f"{RANK_HUNG}\nSignal (15) received.\n" if stopping else f"{RANK_HUNG}\n")
+    assert stop_signalled(log.read_text()) == stopping
+    server = TritonServer(tmp_path, log_path=log)
+    stub = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    server.proc = fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the server
+    monkeypatch.setattr(server, "stubs", lambda: {stub.pid: "tensorrt_llm_bls"})
+    stub.kill()
+    stub.wait()
+    exits = threading.Timer(1.0, fake.terminate)  # the server outlives the stub a while, then exits
+    exits.start()
+    try:
+        result = server.watch(poll_s=0.05)
+    finally:
+        exits.cancel()
+        fake.kill()
+        fake.wait()
+    if stopping:
+        assert result is None  # `serve` reports the exit: the reason below
+        assert server.failure_reason() == HUNG
+    else:
+        assert result == (f"the Python-backend stub of model 'tensorrt_llm_bls' (pid {stub.pid}) died; Triton would "
+                          f"keep reporting ready while requests to it fail: {HUNG}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from enginesmith.triton_repo.discovery import ServerBinary, ServerNotFound, find_server
 from enginesmith.triton_repo.launch import Endpoints, build_mpirun_argv, build_server_argv
 from enginesmith.triton_repo.ports import port_holder, port_taken
-from enginesmith.triton_repo.server_log import error_lines, failure_report
+from enginesmith.triton_repo.server_log import failure_cause, failure_report, stop_signalled
 
 __all__ = ["TritonServer", "ServerError", "PortInUse", "ServerNotFound", "free_endpoints", "find_server"]
 ADDRESS_IN_USE = ("already in use",)  # "failed to start HTTP service: ... Socket '...' already in use"
@@ -197,9 +197,9 @@ class TritonServer:
             return ""
 
     def failure_reason(self) -> str:
-        """One line: the first error this run logged after it was ready, else the first since its start."""
-        errors = error_lines(self._log_text(self._ready_at)) or error_lines(self._log_text(self._log_start))
-        return errors[0] if errors else "no error in its log"
+        """One line: why this run failed after it was ready (`server_log.failure_cause`), else since its start."""
+        cause = failure_cause(self._log_text(self._ready_at)) or failure_cause(self._log_text(self._log_start))
+        return cause or "no error in its log"
 
     def failure_report(self) -> str:
         """This run's errors (else its last lines), and where the whole log is."""
@@ -236,7 +236,9 @@ class TritonServer:
     def watch(self, poll_s: float = 1.0) -> str | None:
         """Block while the server serves. Returns None when it exits (see `wait`), or a one-line reason as soon as
         a Python-backend stub present at readiness has died: Triton keeps reporting ready then, while every request
-        to that model fails, so a server that lost one must not go on as if healthy."""
+        to that model fails, so a server that lost one must not go on as if healthy. A stub that ends after the
+        server was told to stop (by a model whose rank died, say) is the shutdown's doing: the server's exit and
+        its log then tell why."""
         import psutil
 
         assert self.proc is not None, "start() first"
@@ -247,11 +249,14 @@ class TritonServer:
                     alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
                 except psutil.NoSuchProcess:
                     alive = False
-                if not alive and self.proc is not None and self.proc.poll() is None:
+                if not alive and self.proc is not None and self.proc.poll() is None and not self._stopping():
                     return (f"the Python-backend stub of model '{model}' (pid {pid}) died; Triton would keep "
                             f"reporting ready while requests to it fail: {self.failure_reason()}")
             time.sleep(poll_s)
         return None
+
+    def _stopping(self) -> bool:
+        return stop_signalled(self._log_text(self._ready_at))
 
     def stop(self) -> int | None:
         """SIGTERM, wait up to stop_timeout_s, then SIGKILL the whole process group; reap. Idempotent."""

@@ -13,6 +13,10 @@ NOISE = ("NVML", "DCGM", "CudaDriverHelper", "pinned memory pool", "CUDA driver 
 """Lines every server on a host without (usable) GPUs writes; they never say why it failed."""
 _TRITON_LINE = re.compile(r"^([IWE])\d{4} [\d:.]+ +\d+ [^\]]*\] ?(.*)$")
 _UNPREFIXED_ERROR = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception)|error): ")
+_STOP_SIGNAL = re.compile(r"^Signal \(\d+\) received\.$", re.MULTILINE)
+STOP_VERDICT = "; stopping the server"
+"""How a model that stops the server ends its one-line reason (the reference tensorrt_llm model, whose rank or
+engine process died): the cause, where the requests that were in flight log only what they ran into."""
 
 
 def _message(text: str) -> str:
@@ -39,6 +43,17 @@ def error_lines(text: str) -> list[str]:
         if message and message not in out and not any(n in message for n in NOISE):
             out.append(message)
     return out
+
+
+def failure_cause(text: str) -> str | None:
+    """The error that says why the server failed: a model's stop verdict, else the first error; None without."""
+    errors = error_lines(text)
+    return next((e for e in errors if e.endswith(STOP_VERDICT)), errors[0] if errors else None)
+
+
+def stop_signalled(text: str) -> bool:
+    """Whether the server was told to stop (`Signal (15) received.`, written before it unloads any model)."""
+    return _STOP_SIGNAL.search(text) is not None
 
 
 def last_lines(text: str, count: int = 10) -> list[str]:

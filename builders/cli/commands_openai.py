@@ -10,8 +10,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup: paths, server errors and URLs are printed as they are.
+console = Console(highlight=False, soft_wrap=True, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 EXIT_BAD_INPUT, EXIT_UNREACHABLE = 1, 2
 DEFAULT_PORT = 8003
 

@@ -31,6 +31,7 @@ from enginesmith.runtime.engine.request import Request, RequestError, TokenUpdat
 from enginesmith.runtime.engine.tensor_contract import RowSpec, parse_rows, response_arrays
 from enginesmith.triton_repo.detokenize import LedgerWriter, server_ledger_path, stream_key
 from enginesmith.triton_repo.models.model_args import check_stub_numpy
+from enginesmith.triton_repo.server_log import STOP_VERDICT
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 IN_FLIGHT_TYPES = ("inflight_fused_batching", "inflight_batching")
@@ -373,7 +374,7 @@ class TritonPythonModel:
         within --exit-timeout-secs) rather than hang on a collective; the launcher restarts or reports it."""
         import signal
 
-        pb_utils.Logger.log_error(f"tensorrt_llm (reference): {reason}; stopping the server")
+        pb_utils.Logger.log_error(f"tensorrt_llm (reference): {reason}{STOP_VERDICT}")
         threading.Thread(target=self.engine.shutdown, daemon=True).start()
         os.kill(os.getppid(), signal.SIGTERM)
 
