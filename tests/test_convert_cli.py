@@ -107,13 +107,16 @@ def test_convert_command_pickle_policy_and_quantization(tmp_path):
 
 def test_convert_from_another_directory_names_the_missing_model_folder(tmp_path, monkeypatch):
     """The README's example recipe (model.source: out/tiny-llama-hf) run where that folder does not exist."""
+    from types import SimpleNamespace
+
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from tests.test_download import fake_hub, hub_error
+    from tests.test_download import no_hub
 
     recipe = REPO_ROOT / "recipes" / "tiny-llama.yaml"
     monkeypatch.chdir(tmp_path)
-    calls = fake_hub(monkeypatch, error=hub_error(RepositoryNotFoundError, "404 Client Error.\n\nRepository Not Found"))
+    missing = RepositoryNotFoundError("401 Client Error.", response=SimpleNamespace(headers={}, request=None))
+    calls = no_hub(monkeypatch, missing)
     fresh = runner.invoke(app, ["convert", str(recipe), "--out", "out"])  # no out/ yet: it could be a Hub id
     assert fresh.exit_code == 1 and len(calls) == 1
     assert f"no local folder {tmp_path / 'out' / 'tiny-llama-hf'} either (resolved relative to the current directory " \
