@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from enginesmith.builders.convert.tokenizer import TOKENIZER_FILES
+from enginesmith.builders.hub_errors import first_line, hub_error_message
 from enginesmith.builders.model_source import SourceRef, classify_source
 
 WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
@@ -92,31 +93,33 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
-def _first_line(e: BaseException) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a Hub snapshot, as the repo's file metadata gives it."""
+
+    name: str
+    size: int
+    blob: str | None
+    """Name of its blob in the HF cache (the LFS sha256, or the git blob id), if the Hub gave one."""
 
 
-def _gated(repo_id: str) -> DownloadError:
-    from huggingface_hub import get_token
+def _repo_listing(ref: SourceRef, revision: str) -> tuple[str, list[RemoteFile]]:
+    """The commit `revision` resolves to and the snapshot's files with their sizes: one metadata call, which
+    every supported huggingface_hub makes alike and which raises the Hub's own errors (gated, not found)."""
+    from huggingface_hub import HfApi
 
-    token = "HF_TOKEN is not set" if get_token() is None else "the token in use has no access to it yet"
-    return DownloadError(f"{repo_id} is a gated repository ({token}): request access on "
-                         f"https://huggingface.co/{repo_id} (accept its terms while logged in), then set HF_TOKEN to "
-                         "a token of that account")
+    try:
+        info = HfApi().model_info(ref.text, revision=revision, files_metadata=True)
+    except Exception as e:  # the Hub's errors, or its HTTP library's when the network fails
+        raise DownloadError(hub_error_message(ref, revision, e, "list")) from None
+    siblings = info.siblings or []
+    return info.sha, [RemoteFile(s.rfilename, s.size or 0, (s.lfs or {}).get("sha256") or s.blob_id) for s in siblings]
 
 
-def _hub_failure(ref: SourceRef, revision: str, e: BaseException) -> DownloadError:
-    """A listing or download that failed for another reason than a gated repository."""
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    if isinstance(e, RevisionNotFoundError):
-        return DownloadError(f"model.revision={revision!r}: {ref.text} has no such branch, tag or commit on the Hub")
-    if isinstance(e, RepositoryNotFoundError):
-        return DownloadError(f"model.source={ref.text!r}: no Hub repo {ref.text} (a private one needs HF_TOKEN), "
-                             f"and {ref.not_local_either()}; fix the repo id or the path")
-    return DownloadError(f"model.source={ref.text!r}: cannot list {ref.text}@{revision} on the Hub "
-                         f"({type(e).__name__}: {_first_line(e)}), and {ref.not_local_either()}; check the network "
-                         "and HF_TOKEN, set HF_HUB_OFFLINE=1 to use the cache, or fix the path")
+def _cached(f: RemoteFile, repo_id: str, commit: str, cache: Path) -> bool:
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    return (folder / "snapshots" / commit / f.name).is_file() or (f.blob is not None and
+                                                                    (folder / "blobs" / f.blob).is_file())
 
 
 def _existing_parent(path: Path) -> Path:
@@ -125,27 +128,27 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def check_free_space(listing: list, patterns: list[str], where: Path, what: str) -> None:
-    """Refuse a download whose files (those not cached yet) need more bytes than `where`'s disk has free."""
-    todo = [f for f in listing if f.will_download and any(fnmatch.fnmatch(f.filename, p) for p in patterns)]
-    need = sum(f.file_size or 0 for f in todo)
-    disk = _existing_parent(where)
+def check_free_space(files: list[RemoteFile], repo_id: str, commit: str, cache: Path) -> None:
+    """Refuse a download whose files (those not in `cache` yet) need more bytes than its disk has free."""
+    todo = [f for f in files if not _cached(f, repo_id, commit, cache)]
+    need = sum(f.size for f in todo)
+    disk = _existing_parent(cache)
     free = shutil.disk_usage(disk).free
     if need > free:
-        raise DownloadError(f"{what} needs {_gb(need)} for {len(todo)} file(s) not in the cache yet, and {disk} has "
-                            f"{_gb(free)} free; free {_gb(need - free)} or more there, or point HF_HUB_CACHE (or "
-                            "HF_HOME) at a disk with room")
+        raise DownloadError(f"{repo_id}@{commit[:12]} needs {_gb(need)} for {len(todo)} file(s) not in the cache "
+                            f"yet, and {disk} has {_gb(free)} free; free {_gb(need - free)} or more there, or point "
+                            "HF_HUB_CACHE (or HF_HOME) at a disk with room")
 
 
 def _hub_snapshot(ref: SourceRef, revision: str, allow_pickle: bool, cache_dir) -> tuple[Path, str]:
     """Download (or, offline, locate) the snapshot; returns (folder, commit hash)."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id = ref.text
     kw = dict(repo_id=repo_id, cache_dir=cache_dir)
-    everything = WEIGHT_PATTERNS + PICKLE_PATTERNS + META_PATTERNS
     if is_offline():
+        everything = WEIGHT_PATTERNS + PICKLE_PATTERNS + META_PATTERNS
         try:
             path = Path(snapshot_download(revision=revision, local_files_only=True, allow_patterns=everything, **kw))
         except LocalEntryNotFoundError:
@@ -153,28 +156,23 @@ def _hub_snapshot(ref: SourceRef, revision: str, allow_pickle: bool, cache_dir) 
                                 f"({ref.not_local_either()}); download it once online or set model.source to a "
                                 "local folder") from None
         return path, path.name
-    try:
-        listing = snapshot_download(revision=revision, dry_run=True, allow_patterns=everything, **kw)
-    except GatedRepoError:
-        raise _gated(repo_id) from None
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise _hub_failure(ref, revision, e) from None
-    names = [f.filename for f in listing]
-    kind = weight_kind(names)
+    commit, files = _repo_listing(ref, revision)
+    kind = weight_kind([f.name for f in files])
     refuse_pickle(f"{repo_id}@{revision}", kind, allow_pickle)
-    commit = listing[0].commit_hash
     patterns = META_PATTERNS + (WEIGHT_PATTERNS if kind == "safetensors" else PICKLE_PATTERNS)
-    check_free_space(listing, patterns, Path(cache_dir or constants.HF_HUB_CACHE), f"{repo_id}@{commit[:12]}")
+    wanted = [f for f in files if any(fnmatch.fnmatch(f.name, p) for p in patterns)]
+    check_free_space(wanted, repo_id, commit, Path(cache_dir or constants.HF_HUB_CACHE))
     try:
         return Path(snapshot_download(revision=commit, allow_patterns=patterns, **kw)), commit
-    except GatedRepoError:
-        raise _gated(repo_id) from None
-    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
-        raise _hub_failure(ref, revision, e) from None
+    except (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError) as e:
+        raise DownloadError(hub_error_message(ref, revision, e, "download")) from None
     except OSError as e:
-        raise DownloadError(f"downloading {repo_id}@{commit[:12]} failed: {e.strerror or _first_line(e)}"
+        raise DownloadError(f"downloading {repo_id}@{commit[:12]} failed: {e.strerror or first_line(e)}"
                             f"{f' ({e.filename})' if e.filename else ''}; fix that and run again (finished files "
                             "stay in the cache)") from None
+    except Exception as e:  # the HTTP library's own (httpx), e.g. a connection dropped mid-file
+        raise DownloadError(f"downloading {repo_id}@{commit[:12]} failed: {type(e).__name__}: {first_line(e)}; "
+                            "run again (finished files stay in the cache)") from None
 
 
 def fetch_model(source: str, revision: str = "main", dest: str | Path | None = None, allow_pickle: bool = False,

@@ -153,6 +153,9 @@ class ModelSpec:
             )
         except KeyError as e:
             raise ModelSpecError(f"config.json of {name or arch} lacks required key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:  # a size that is not a number
+            raise ModelSpecError(f"config.json of {name or arch} has a setting of the wrong type ({e}); fix it or "
+                                 "download the model again") from None
 
     @classmethod
     def from_pretrained_dir(cls, path: str | Path, planning: bool = False) -> ModelSpec:
@@ -160,7 +163,15 @@ class ModelSpec:
         p = Path(path) / "config.json"
         if not p.is_file():
             raise ModelSpecError(f"no config.json in {path}")
-        return cls.from_hf_config(json.loads(p.read_text()), name=str(path), planning=planning)
+        try:
+            cfg = json.loads(p.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelSpecError(f"{p} is not valid JSON ({type(e).__name__}: {e}); the file is corrupted, download "
+                                 "it again") from None
+        if not isinstance(cfg, dict):
+            raise ModelSpecError(f"{p} holds a JSON {type(cfg).__name__}, not the model's settings (an object); "
+                                 "the file is corrupted, download it again")
+        return cls.from_hf_config(cfg, name=str(path), planning=planning)
 
 
 def _common_fields(cfg: dict[str, Any], arch: str, name: str) -> dict[str, Any]:

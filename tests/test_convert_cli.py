@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -107,13 +108,16 @@ def test_convert_command_pickle_policy_and_quantization(tmp_path):
 
 def test_convert_from_another_directory_names_the_missing_model_folder(tmp_path, monkeypatch):
     """The README's example recipe (model.source: out/tiny-llama-hf) run where that folder does not exist."""
+    from types import SimpleNamespace
+
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from tests.test_download import fake_hub, hub_error
+    from tests.test_download import no_hub
 
     recipe = REPO_ROOT / "recipes" / "tiny-llama.yaml"
     monkeypatch.chdir(tmp_path)
-    calls = fake_hub(monkeypatch, error=hub_error(RepositoryNotFoundError, "404 Client Error.\n\nRepository Not Found"))
+    missing = RepositoryNotFoundError("401 Client Error.", response=SimpleNamespace(headers={}, request=None))
+    calls = no_hub(monkeypatch, missing)
     fresh = runner.invoke(app, ["convert", str(recipe), "--out", "out"])  # no out/ yet: it could be a Hub id
     assert fresh.exit_code == 1 and len(calls) == 1
     assert f"no local folder {tmp_path / 'out' / 'tiny-llama-hf'} either (resolved relative to the current directory " \
@@ -123,3 +127,27 @@ def test_convert_from_another_directory_names_the_missing_model_folder(tmp_path,
     assert res.exit_code == 1 and len(calls) == 1 and "Traceback" not in res.output
     assert f"model.source='out/tiny-llama-hf': no folder {tmp_path / 'out' / 'tiny-llama-hf'} (a path: out/ is a " \
            "folder here; resolved relative to the current directory" in res.output.replace("\n", "")
+
+
+@pytest.mark.parametrize("content,says", [
+    (b'{"x": \xff', "is not valid JSON (UnicodeDecodeError: "),
+    (b'{"architectures": ["LlamaForCausalLM"], ', "is not valid JSON (JSONDecodeError: "),
+    (b"[1]", "holds a JSON list, not the model's settings (an object)"),
+])
+def test_a_corrupted_config_json_is_one_line_naming_it(tmp_path, content, says):
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf_model("llama"), hf)
+    (hf / "config.json").write_bytes(content)
+    recipe = write_recipe(tmp_path / "r.yaml", hf, parallel="{tp_size: 1}")
+    for command in (["plan", str(recipe)], ["convert", str(recipe), "--out", str(tmp_path / "out")]):
+        r = runner.invoke(app, command)
+        assert r.exit_code in (1, 2) and "Traceback" not in r.output and not isinstance(r.exception, ValueError)
+        assert f"{hf / 'config.json'} {says}" in r.output and "the file is corrupted, download it again" in r.output
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_hf_model("llama"), wrong)
+    cfg = json.loads((wrong / "config.json").read_text()) | {"hidden_size": "sixty-four"}
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["convert", str(write_recipe(tmp_path / "w.yaml", wrong, parallel="{tp_size: 1}")),
+                            "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"error: config.json of {wrong} has a setting of the wrong type (invalid literal for int()" in r.output

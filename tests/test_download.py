@@ -87,37 +87,20 @@ def test_weight_kind_and_missing_weights(tmp_path):
         fetch_model(str(tmp_path / "config.json"))
 
 
-# ---- model.source: local path or Hub id; the Hub mocked (no network) -------------------------------------------
+# ---- model.source: local path or Hub id (the Hub's answers: tests/test_download_hub.py) ----------------------
 
-def hub_error(cls, message: str):
-    from types import SimpleNamespace
+def no_hub(monkeypatch, error: Exception | None = None) -> list:
+    """Make any Hub call raise `error` (by default: fail the test); returns the calls it saw."""
+    calls: list = []
 
-    return cls(message, response=SimpleNamespace(headers={}, request=None))
+    def refuse(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise error or AssertionError("the Hub must not be asked")
 
-
-def fake_hub(monkeypatch, listing=None, error=None, snapshot: Path | None = None) -> list[dict]:
-    """Replace huggingface_hub.snapshot_download: the dry run returns `listing` (or raises `error`), the
-    download returns `snapshot`; returns the calls it saw."""
-    calls: list[dict] = []
-
-    def snapshot_download(**kw):
-        calls.append(kw)
-        if error is not None:
-            raise error
-        return listing if kw.get("dry_run") else str(snapshot)
-
-    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", refuse)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", refuse)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return calls
-
-
-def listing_of(folder: Path, sizes: dict[str, int] | None = None, cached: tuple[str, ...] = ()):
-    from huggingface_hub import DryRunFileInfo
-
-    sizes = sizes or {}
-    return [DryRunFileInfo(commit_hash=COMMIT, file_size=sizes.get(p.name, p.stat().st_size), filename=p.name,
-                           local_path=str(p), is_cached=p.name in cached, will_download=p.name not in cached)
-            for p in sorted(folder.iterdir())]
 
 
 @pytest.mark.parametrize("source,why", [
@@ -129,67 +112,10 @@ def listing_of(folder: Path, sizes: dict[str, int] | None = None, cached: tuple[
 def test_missing_local_path_names_the_folder_and_what_it_is_relative_to(tmp_path, monkeypatch, source, why):
     (tmp_path / "out").mkdir()
     monkeypatch.chdir(tmp_path)
-    calls = fake_hub(monkeypatch, error=AssertionError("the Hub must not be asked"))
+    calls = no_hub(monkeypatch)
     with pytest.raises(DownloadError) as e:
         fetch_model(source, dest=tmp_path / "hf")
     msg = str(e.value)
     assert f"model.source={source!r}: no folder {tmp_path / source.removeprefix('./')} (" in msg
     assert why in msg and f"relative to the current directory {tmp_path}, not the recipe's folder" in msg
     assert "\n" not in msg and not calls and not (tmp_path / "hf").exists()
-
-
-def test_org_name_shape_that_is_neither_folder_nor_repo(tmp_path, monkeypatch):
-    """A fresh clone has no out/ yet: `out/tiny-llama-hf` looks like org/name, so the Hub is asked; its answer
-    comes with the local folder that was not there."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
-    monkeypatch.chdir(tmp_path)
-    fake_hub(monkeypatch, error=hub_error(RepositoryNotFoundError, "404 Client Error.\n\nRepository Not Found"))
-    with pytest.raises(DownloadError) as e:
-        fetch_model("out/tiny-llama-hf")
-    assert str(e.value) == (f"model.source='out/tiny-llama-hf': no Hub repo out/tiny-llama-hf (a private one needs "
-                            f"HF_TOKEN), and no local folder {tmp_path / 'out' / 'tiny-llama-hf'} either (resolved "
-                            f"relative to the current directory {tmp_path}, not the recipe's folder); fix the repo id "
-                            "or the path")
-    fake_hub(monkeypatch, error=LocalEntryNotFoundError("cannot reach huggingface.co\nmore"))
-    with pytest.raises(DownloadError, match=r"cannot list out/tiny-llama-hf@main on the Hub \(LocalEntryNotFoundError: "
-                                            r"cannot reach huggingface.co\), and no local folder .*out/tiny-llama-hf "
-                                            r"either") as e:
-        fetch_model("out/tiny-llama-hf")
-    assert "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize("token", [None, "hf_test"])
-def test_gated_repository_says_how_to_get_access(tmp_path, monkeypatch, token):
-    from huggingface_hub.errors import GatedRepoError
-
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    if token:
-        monkeypatch.setenv("HF_TOKEN", token)
-    fake_hub(monkeypatch, error=hub_error(GatedRepoError, "403 Client Error.\n\nCannot access gated repo"))
-    with pytest.raises(DownloadError) as e:
-        fetch_model("meta-llama/Llama-3.1-8B", dest=tmp_path / "hf")
-    msg = str(e.value)
-    assert msg.startswith("meta-llama/Llama-3.1-8B is a gated repository (")
-    assert "request access on https://huggingface.co/meta-llama/Llama-3.1-8B" in msg and "set HF_TOKEN" in msg
-    assert ("HF_TOKEN is not set" in msg) == (token is None) and ("no access to it yet" in msg) == bool(token)
-
-
-def test_download_checks_free_disk_space_first(tmp_path, monkeypatch, llama):
-    import shutil as sh
-
-    free = sh.disk_usage(tmp_path).free
-    calls = fake_hub(monkeypatch, listing=listing_of(llama, {"model.safetensors": 2 * free + 10**9}))
-    with pytest.raises(DownloadError) as e:
-        fetch_model("tiny-org/tiny-llama", dest=tmp_path / "hf", cache_dir=tmp_path / "cache")
-    msg = str(e.value)
-    assert msg.startswith(f"tiny-org/tiny-llama@{COMMIT[:12]} needs ") and f"and {tmp_path} has " in msg
-    assert "file(s) not in the cache yet" in msg and "HF_HUB_CACHE" in msg
-    assert [c.get("dry_run") for c in calls] == [True]  # nothing was downloaded
-    # the same listing with the big file already cached fits: the download runs, pinned to the listed commit
-    cached = listing_of(llama, {"model.safetensors": 2 * free}, cached=("model.safetensors",))
-    calls = fake_hub(monkeypatch, listing=cached, snapshot=llama)
-    res = fetch_model("tiny-org/tiny-llama", dest=tmp_path / "hf", cache_dir=tmp_path / "cache")
-    assert res.revision == COMMIT and res.repo_id == "tiny-org/tiny-llama" and res.path.resolve() == llama.resolve()
-    assert calls[1]["revision"] == COMMIT and "*.safetensors" in calls[1]["allow_patterns"]

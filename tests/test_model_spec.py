@@ -148,8 +148,10 @@ def test_spec_resolution_without_network(tmp_path, monkeypatch):
         raise ConnectionError("no network here")
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
-    with pytest.raises(ModelSpecError, match="model.source: cannot fetch config.json of someone/unknown-model@main "
-                                             r"\(ConnectionError: no network here\), and no local folder "):
+    with pytest.raises(ModelSpecError, match="model.source='someone/unknown-model': cannot fetch config.json of "
+                                             r"someone/unknown-model@main on the Hub \(ConnectionError: no network "
+                                             r"here\), and no local folder .*; check the network and HF_TOKEN, .*set "
+                                             "model.spec to one of deepseek-v3, "):
         resolve_spec(ModelSection(source="someone/unknown-model"))
     with pytest.raises(ModelSpecError, match=f"model.source='./gone': no folder {tmp_path / 'gone'} .*relative to "
                                              f"the current directory {tmp_path}"):

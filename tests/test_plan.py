@@ -47,8 +47,8 @@ def test_every_recipe_plans_and_serialises(path):
     d = json.loads(json.dumps(plan.to_dict()))
     assert d["recipe"]["name"] == path.stem and d["spec"]["architecture"] == plan.spec.architecture
     assert d["mapping"]["world_size"] == len(d["ranks"]) == plan.world_size
-    assert {"rank", "tp_rank", "pp_rank", "moe_ep_rank", "moe_tp_rank", "node", "local_gpu", "layers",
-            "experts", "memory"} <= set(d["ranks"][0])
+    expert_split = {"moe_ep_rank", "moe_tp_rank", "experts"} if plan.spec.is_moe else set()
+    assert set(d["ranks"][0]) == {"rank", "tp_rank", "pp_rank", "node", "local_gpu", "layers", "memory"} | expert_split
     assert d["sla"]["binding"] in ("compute", "memory bandwidth", "communication", "KV capacity",
                                    "memory capacity", "max_batch_size")
     assert d["prefill"]["floor_ms"] > 0 and d["decode"]["floor_ms"] > 0
@@ -134,6 +134,28 @@ def test_rendered_plan_names_the_target_of_its_communication_and_no_expert_split
     assert "moe_ep_size 1 x moe_tp_size 4" in moe and "parallel: auto chose tp4 pp1 ep1 mtp4" in moe
     tie = next(line for line in moe.splitlines() if "tp4 pp1 ep2 mtp2" in line)
     assert "ties with the chosen layout (the MoE block is one TP all-reduce whatever the EP/TP split)" in tie
+
+
+def test_a_dense_models_plan_has_no_expert_split_in_json_or_search():
+    """The JSON (plan --json, plan --out) and `auto`'s search of a dense model name no moe_ep / moe_tp size: it
+    has one MLP split, the TP one; a MoE model's keep theirs."""
+    dense = variant(recipe_of("llama2-13b-tp2-24gb"), parallel="auto")
+    plan = make_plan(dense, with_options=False)
+    text = json.dumps(plan.to_dict())
+    assert "moe_tp" not in text.replace('"moe_tp_size": null', "") and "moe_ep" not in text.replace(
+        '"moe_ep_size": null', "")  # the recipe's own parallel fields stay, unset
+    assert plan.search.rejected_by_shape == 0 and not plan.search.shape_examples
+    assert {c.layout for c in plan.search.runners_up} <= {"tp1 pp1", "tp1 pp2", "tp2 pp1"}
+    from rich.console import Console
+
+    from enginesmith.builders.planner.plan_render import render
+
+    console = Console(width=400, record=True, file=io.StringIO())
+    render(plan, console)
+    shown = console.export_text()
+    assert "Scored 3 layouts" in shown and "moe_" not in shown and "rejected" not in shown
+    moe = make_plan(recipe_of("tiny-mixtral"), with_options=False).to_dict()
+    assert {"moe_tp_size", "moe_ep_size"} <= set(moe["mapping"]) and "moe_tp_rank" in moe["ranks"][0]
 
 
 def test_pipeline_bubble_and_micro_batches():

@@ -66,11 +66,12 @@ def mapping_violations(spec: ModelSpec, m: Mapping, max_gpus: int | None = None)
     return out
 
 
-def candidate_mappings(max_gpus: int, gpus_per_node: int = 8) -> Iterator[Mapping]:
-    """Every structurally valid (tp, pp, moe_ep, moe_tp) with tp*pp <= max_gpus, before model rules."""
+def candidate_mappings(max_gpus: int, gpus_per_node: int = 8, moe: bool = True) -> Iterator[Mapping]:
+    """Every structurally valid (tp, pp, moe_ep, moe_tp) with tp*pp <= max_gpus, before model rules; without
+    `moe` (a dense model) only moe_ep_size 1, the one split its MLP has."""
     for tp in range(1, max_gpus + 1):
         for pp in range(1, max_gpus // tp + 1):
-            for ep in (e for e in range(1, tp + 1) if tp % e == 0):
+            for ep in (e for e in range(1, tp + 1) if tp % e == 0 and (moe or e == 1)):
                 yield Mapping(world_size=tp * pp, tp_size=tp, pp_size=pp, moe_tp_size=tp // ep,
                               moe_ep_size=ep, gpus_per_node=gpus_per_node)
 

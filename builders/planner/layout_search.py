@@ -84,7 +84,7 @@ def _runners_up(plans: list[Plan], best: Plan) -> list[Plan]:
 def search_layouts(recipe: Recipe, spec: ModelSpec, hw: HardwareSpec) -> tuple[Plan, SearchResult]:
     """Evaluate every layout TensorRT-LLM can run on the recipe's hardware and choose one."""
     plans, rejected = [], []
-    for m in candidate_mappings(hw.total_gpus, hw.gpus_per_node):
+    for m in candidate_mappings(hw.total_gpus, hw.gpus_per_node, spec.is_moe):
         if problems := mapping_violations(spec, m, hw.total_gpus):
             rejected.append(f"{layout_name(m, spec.is_moe)}: {problems[0]}")
         else:

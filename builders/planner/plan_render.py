@@ -146,9 +146,10 @@ def _search(plan: Plan) -> Table | None:
     s = plan.search
     if s is None:
         return None
+    rejected = (f"; {s.rejected_by_shape} rejected by shape rules (e.g. {'; '.join(s.shape_examples)})"
+                if s.rejected_by_shape else "")
     t = Table(title=f"parallel: auto chose {s.chosen.layout} on {s.chosen.gpus} GPUs",
-              caption=f"{s.chosen_reason}. Scored {s.considered} layouts; {s.rejected_by_shape} rejected by shape "
-                      f"rules (e.g. {'; '.join(s.shape_examples) or '-'})")
+              caption=f"{s.chosen_reason}. Scored {s.considered} layouts{rejected}")
     for col in ("runner-up", "GPUs", "meets", "TPOT", "TTFT", "why not"):
         t.add_column(col, justify="right" if col in ("GPUs", "TPOT", "TTFT") else "left")
     for c in s.runners_up:

@@ -143,8 +143,15 @@ class Plan:
         return self.mapping.world_size
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of everything above."""
-        return _jsonable(self)
+        """Plain JSON-able dict of everything above; a dense model's has no expert split (mapping and ranks)."""
+        out = _jsonable(self)
+        if not self.spec.is_moe:
+            for key in ("moe_tp_size", "moe_ep_size"):
+                out["mapping"].pop(key)
+            for rank in out["ranks"]:
+                for key in ("moe_ep_rank", "moe_tp_rank", "experts"):
+                    rank.pop(key)
+        return out
 
 
 def _jsonable(obj: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from enginesmith.builders.model_spec import ModelSpec, ModelSpecError
 
 if TYPE_CHECKING:
+    from enginesmith.builders.model_source import SourceRef
     from enginesmith.builders.recipe import ModelSection
 
 SPEC_DIR = Path(__file__).parent
@@ -62,7 +63,7 @@ def resolve_spec(model: ModelSection) -> ModelSpec:
         return ModelSpec.from_pretrained_dir(ref.path.resolve(), planning=True)
     if name := name_for_repo(model.source):
         return load_shipped(name)
-    return _from_hub(model.source, model.revision, ref.not_local_either())
+    return _from_hub(ref, model.revision)
 
 
 def resolve_spec_offline(model: ModelSection) -> ModelSpec | None:
@@ -76,16 +77,14 @@ def resolve_spec_offline(model: ModelSection) -> ModelSpec | None:
     return load_shipped(name) if name else None
 
 
-def _from_hub(repo_id: str, revision: str, not_local: str) -> ModelSpec:
+def _from_hub(ref: SourceRef, revision: str) -> ModelSpec:
     from huggingface_hub import hf_hub_download
 
+    from enginesmith.builders.hub_errors import hub_error_message
+
     try:
-        path = hf_hub_download(repo_id, "config.json", revision=revision)
-    except Exception as e:  # network, auth, missing repo: all end the same way for the user
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-        raise ModelSpecError(
-            f"model.source: cannot fetch config.json of {repo_id}@{revision} ({type(e).__name__}: {first}), and "
-            f"{not_local}; set model.spec to one of {', '.join(shipped_names())} or point model.source at a local "
-            "folder"
-        ) from None
-    return ModelSpec.from_hf_config(json.loads(Path(path).read_text()), name=repo_id, planning=True)
+        path = hf_hub_download(ref.text, "config.json", revision=revision)
+    except Exception as e:  # the Hub's errors, or its HTTP library's when the network fails
+        raise ModelSpecError(hub_error_message(ref, revision, e, "fetch config.json of",
+                                               f"set model.spec to one of {', '.join(shipped_names())}")) from None
+    return ModelSpec.from_hf_config(json.loads(Path(path).read_text()), name=ref.text, planning=True)
