@@ -68,14 +68,15 @@ def engine_recipes() -> list[Path]:
 
 
 # ---- 1. install over a Python that already holds torch ------------------------------------------------------
-def base_python(root: Path) -> Path:
+def base_python(root: Path, extra: tuple[Path, ...] = ()) -> Path:
     """A Python that imports torch, numpy, transformers... from this environment, and nothing of enginesmith:
-    a bare venv whose site-packages lists this environment's as plain paths (no .pth files run)."""
+    a bare venv whose site-packages lists this environment's as plain paths (no .pth files run); `extra`
+    folders come first."""
     base = root / "base"
     run([sys.executable, "-m", "venv", "--without-pip", base])
     py = base / "bin" / "python"
     purelib = run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
-    (Path(purelib) / "_held.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    (Path(purelib) / "_held.pth").write_text("\n".join([*map(str, extra), *site.getsitepackages()]) + "\n")
     return py
 
 
