@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -68,14 +69,15 @@ def engine_recipes() -> list[Path]:
 
 
 # ---- 1. install over a Python that already holds torch ------------------------------------------------------
-def base_python(root: Path) -> Path:
+def base_python(root: Path, extra: tuple[Path, ...] = ()) -> Path:
     """A Python that imports torch, numpy, transformers... from this environment, and nothing of enginesmith:
-    a bare venv whose site-packages lists this environment's as plain paths (no .pth files run)."""
+    a bare venv whose site-packages lists this environment's as plain paths (no .pth files run); `extra`
+    folders come first."""
     base = root / "base"
     run([sys.executable, "-m", "venv", "--without-pip", base])
     py = base / "bin" / "python"
     purelib = run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
-    (Path(purelib) / "_held.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    (Path(purelib) / "_held.pth").write_text("\n".join([*map(str, extra), *site.getsitepackages()]) + "\n")
     return py
 
 
@@ -353,19 +355,44 @@ def compare_launch(upstream: list[str], ours: list[str]) -> list[str]:
     return diffs
 
 
+def command_line(args: dict) -> list[str]:
+    """The launch_triton_server.py options of a recorded case (the rest are the script's defaults)."""
+    argv = ["--world_size", str(args["world_size"]), "--tritonserver", args["tritonserver"], "--model_repo",
+            args["model_repo"], "--grpc_port", args["grpc_port"], "--http_port", args["http_port"],
+            "--metrics_port", args["metrics_port"]]
+    return argv + (["--exit_timeout", str(args["exit_timeout"])] if args["exit_timeout"] else [])
+
+
+def _script_keywords(module, options: list[str]) -> dict:
+    """What the script's `__main__` passes to get_cmd for these options, parsed by its own parse_arguments."""
+    saved = sys.argv
+    sys.argv = ["launch_triton_server.py", *options]
+    try:
+        module.args = module.parse_arguments()  # get_cmd also reads this module global
+    finally:
+        sys.argv = saved
+    return {name: getattr(module.args, name) for name in inspect.signature(module.get_cmd).parameters}
+
+
 def upstream_cases(script: Path | None) -> list[dict]:
-    """Recorded get_cmd cases; with the script at hand, re-derived from it (and checked against the record)."""
+    """Recorded get_cmd cases; with the script at hand, re-derived from it: each case's command line through
+    its argument parser, then its get_cmd (both checked against the record)."""
     cases = json.loads(UPSTREAM_CASES.read_text())["cases"]
     if script is None:
         return cases
     spec = importlib.util.spec_from_file_location("upstream_launch_triton_server", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.args = argparse.Namespace(multi_model=False, disable_spawn_processes=False)  # read by get_cmd
     for case in cases:
-        got = module.get_cmd(**case["args"])
+        options = command_line(case["args"])
+        keywords = _script_keywords(module, options)
+        if keywords != case["args"]:
+            raise RehearsalError(f"{script} parses `{' '.join(options)}` into {keywords}, not the recorded "
+                                 f"{case['args']}")
+        got = module.get_cmd(**keywords)
         if got != case["argv"]:
-            raise RehearsalError(f"{script} no longer builds the recorded command for {case['args']}:\n{got}")
+            raise RehearsalError(f"{script} no longer builds the recorded command for `{' '.join(options)}`:\n"
+                                 f"{got}")
     return cases
 
 

@@ -45,20 +45,39 @@ def test_a_difference_in_a_rank_is_reported():
                for d in compare_launch(case["argv"], renamed))
 
 
+STAND_IN_SCRIPT = """import argparse, json
+CASES = {cases!r}
+def parse_arguments():
+    p = argparse.ArgumentParser()
+    p.add_argument('--world_size', type=int, default=1)
+    for name in ('tritonserver', 'model_repo', 'grpc_port', 'http_port', 'metrics_port'):
+        p.add_argument('--' + name, type=str)
+    p.add_argument('--exit_timeout', type=int, default=None)
+    p.set_defaults(log=False, log_file='triton_log.txt', tensorrt_llm_model_name='tensorrt_llm', oversubscribe=False,
+                   multimodal_gpu0_cuda_mem_pool_bytes=0, no_mpi=False, trtllm_llmapi_launch=False, multi_model=False)
+    return p.parse_args()
+def get_cmd(world_size, tritonserver, grpc_port, http_port, metrics_port, model_repo, log, log_file,
+            tensorrt_llm_model_name, oversubscribe, multimodal_gpu0_cuda_mem_pool_bytes, no_mpi,
+            trtllm_llmapi_launch, exit_timeout=None):
+    assert args.multi_model is False  # upstream reads this module global
+    return CASES[json.dumps(dict(locals()), sort_keys=True)]
+"""
+
+
 def test_upstream_script_given_is_run_and_must_still_build_the_recorded_lines(tmp_path):
-    """A stand-in for upstream's script (the real one is not kept here): its get_cmd is called per case."""
+    """A stand-in for upstream's script (the real one is not kept here): each case's command line goes through its
+    parse_arguments, the result through its get_cmd."""
     from tests.container_rehearsal import RehearsalError
 
     cases = {json.dumps(c["args"], sort_keys=True): c["argv"] for c in upstream_cases(None)}
     script = tmp_path / "launch_triton_server.py"
-    script.write_text("import json\n"
-                      f"CASES = {cases!r}\n"
-                      "def get_cmd(**kw):\n"
-                      "    assert args.multi_model is False  # upstream reads this module global\n"
-                      "    return CASES[json.dumps(kw, sort_keys=True)]\n")
+    script.write_text(STAND_IN_SCRIPT.format(cases=cases))
     assert upstream_cases(script) == upstream_cases(None)
-    script.write_text(script.read_text().replace("return CASES[", "return ['changed'] + CASES["))
-    with pytest.raises(RehearsalError, match="no longer builds the recorded command"):
+    script.write_text(STAND_IN_SCRIPT.format(cases=cases).replace("log_file='triton_log.txt'", "log_file='t.log'"))
+    with pytest.raises(RehearsalError, match=r"parses `--world_size 1 --tritonserver .*` into .*'log_file': 't.log'"):
+        upstream_cases(script)
+    script.write_text(STAND_IN_SCRIPT.format(cases=cases).replace("return CASES[", "return ['changed'] + CASES["))
+    with pytest.raises(RehearsalError, match="no longer builds the recorded command for `--world_size 1 "):
         upstream_cases(script)
 
 

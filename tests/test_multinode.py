@@ -121,6 +121,31 @@ def test_repo_cli_on_each_node_and_what_it_says(tmp_path, tokenizer_dir):
     assert r.exit_code == 1 and "give --ranks" in " ".join(r.output.split())
 
 
+def test_serve_on_node0_takes_its_ranks_and_starts_every_rank_on_the_same_paths(tmp_path, tokenizer_dir,
+                                                                               monkeypatch):
+    """Per-node directories: node 0 serves with its own --ranks; mpirun then opens these paths on every node."""
+    from enginesmith.triton_repo.server import ServerError, TritonServer
+
+    launched = []
+
+    def start(self):  # the launch itself needs mpirun and the tensorrtllm backend: record it and stop there
+        launched.append(self.argv(dry=True))
+        raise ServerError("stopped before launch by the test")
+
+    monkeypatch.setattr(TritonServer, "start", start)
+    out = tmp_path / "node0"
+    _node_dir(out, tokenizer_dir, (0, 1))
+    r = runner.invoke(app, ["serve", str(RECIPE_70B), "--out", str(out), "--ranks", "0,1", "--hosts", "a,b"])
+    assert r.exit_code == 2 and "stopped before launch by the test" in r.stderr, r.output
+    assert "2 nodes, per-node directories: this node holds ranks 0,1" in " ".join(r.stdout.split())
+    argv, repo = launched[0], (out / "llama3-70b-tp2-pp2" / "repo").resolve()
+    assert argv[argv.index("-H") + 1] == "a:2,b:2" and argv.count("-n") == 4
+    assert argv.count(f"--model-repository={repo}") == 4
+    r = runner.invoke(app, ["serve", str(RECIPE_70B), "--out", str(out), "--hosts", "a,b"])
+    assert r.exit_code == 1 and "give --ranks with this node's ranks" in " ".join(r.stderr.split())
+    assert len(launched) == 1
+
+
 def test_serve_print_command_says_the_paths_must_match_on_every_node(tmp_path):
     r = runner.invoke(app, ["serve", str(RECIPE_70B), "--out", str(tmp_path), "--print-command", "--hosts", "a,b"],
                       catch_exceptions=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -125,3 +126,30 @@ def test_repo_of_an_engine_needs_the_serving_trtllm(tmp_path, on_path):
     m = write(engine_recipe(), engine, tok, tmp_path / "repo")
     assert m.tensorrt_llm_backend == "tensorrtllm"
     assert json.loads((tmp_path / "repo" / "manifest.json").read_text())["target"] == "trtllm-engine"
+
+
+def test_make_venv_over_a_container_python_finds_and_uses_its_trtllm(tmp_path):
+    """The container's case end to end: a Python holding torch and TensorRT-LLM, trtllm-build on PATH. `make venv`
+    over it installs neither, reports the TensorRT-LLM it found, and build passes the TensorRT-LLM check (it stops
+    at the missing checkpoint, exit 1, instead of exit 3 "not installed")."""
+    from tests.container_rehearsal import base_python, run
+
+    site_dir = fake_trtllm(tmp_path / "container-site", PINNED_VERSION)
+    base = base_python(tmp_path, extra=(site_dir,))
+    tool_dir = tmp_path / "container-bin"
+    tool_dir.mkdir()
+    (tool_dir / "trtllm-build").write_text("#!/bin/sh\necho stand-in >&2\nexit 99\n")
+    (tool_dir / "trtllm-build").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tool_dir}{os.pathsep}{os.environ['PATH']}"}
+    venv = tmp_path / "venv"
+    said = run(["make", "--no-print-directory", "venv", f"VENV={venv}", f"PYTHON={base}",
+                "PIP_FLAGS=--no-index --no-build-isolation"], env=env)
+    assert f"TensorRT-LLM {PINNED_VERSION} ({site_dir / 'tensorrt_llm'})" in said.splitlines()
+    assert f"tensorrt-llm=={PINNED_VERSION}" in (venv / "base-constraints.txt").read_text().splitlines()
+    assert not list(venv.glob("lib/python*/site-packages/torch"))
+    es = [venv / "bin" / "python", "-m", "enginesmith.builders.cli", "build", RECIPE_13B, "--out", tmp_path / "out"]
+    dry = run([*es, "--dry-run"], env=env)
+    assert f"# TensorRT-LLM {PINNED_VERSION} found ({site_dir / 'tensorrt_llm'}; {tool_dir / 'trtllm-build'})" \
+        in dry.splitlines()
+    proc = subprocess.run([str(a) for a in es], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "the checkpoint is missing or unfinished" in proc.stderr, proc.stderr
