@@ -131,7 +131,8 @@ bench: convert-tiny-llama
 # itself runs (tests/container_rehearsal.py): make venv over a Python that already has torch (offline, nothing
 # reinstalled), plan / convert / build dry runs, repositories over stand-in engine directories (one directory and
 # per node), pre/post/BLS on a plain tritonserver whose Python has no enginesmith, and upstream's
-# launch_triton_server.py command lines beside ours (UPSTREAM_LAUNCH_SCRIPT=path runs the script itself).
+# launch_triton_server.py (vendored in tests/data/upstream-launch/; UPSTREAM_LAUNCH_SCRIPT=path runs another
+# copy) beside ours.
 # It builds no engine. About a minute on 2 cores.
 check-container: venv
 	$(PY) -m tests.container_rehearsal --out $(OUT)/container-check $(if $(UPSTREAM_LAUNCH_SCRIPT),--upstream-script $(UPSTREAM_LAUNCH_SCRIPT))

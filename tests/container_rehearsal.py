@@ -9,8 +9,9 @@
    it, marked as a stand-in, and placeholder rank files), for one directory and for per-node directories;
 4. preprocessing, postprocessing and the BLS of such a repository on a plain `tritonserver --model-repository`
    whose Python has numpy and transformers but no enginesmith, with a request through pre- and postprocessing;
-5. upstream's launch_triton_server.py command lines (tests/data/upstream-launch/, or the script itself with
-   --upstream-script) beside our leader-mode mpirun lines, rank by rank.
+5. upstream's launch_triton_server.py (vendored in tests/data/upstream-launch/, or another copy with
+   --upstream-script) run on each recorded case's options, its command lines beside our leader-mode mpirun
+   lines, rank by rank.
 Nothing builds, runs or fakes an engine: trtllm-build and the tensorrtllm backend are where it stops.
 """
 
@@ -34,6 +35,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_CASES = REPO_ROOT / "tests" / "data" / "upstream-launch" / "get_cmd-cases.json"
+UPSTREAM_SCRIPT = REPO_ROOT / "tests" / "data" / "upstream-launch" / "launch_triton_server.py"
+"""Upstream's script as tensorrtllm_backend last kept it (vendored with its license; see SOURCE.md there)."""
 ENGINE_TARGETS = ("trtllm-engine", "trtllm-llmapi")
 SELF_CONTAINED = ("preprocessing", "postprocessing", "tensorrt_llm_bls")
 # Flags our leader-mode line adds to upstream's (bind addresses, the bundled server's backends, logging).
@@ -374,29 +377,45 @@ def _script_keywords(module, options: list[str]) -> dict:
     return {name: getattr(module.args, name) for name in inspect.signature(module.get_cmd).parameters}
 
 
-def upstream_cases(script: Path | None) -> list[dict]:
-    """Recorded get_cmd cases; with the script at hand, re-derived from it: each case's command line through
-    its argument parser, then its get_cmd (both checked against the record)."""
-    cases = json.loads(UPSTREAM_CASES.read_text())["cases"]
-    if script is None:
-        return cases
+def _load_script(script: Path):
     spec = importlib.util.spec_from_file_location("upstream_launch_triton_server", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def upstream_cases(script: Path | None = UPSTREAM_SCRIPT) -> list[dict]:
+    """Recorded get_cmd cases, each re-derived from the script (None: the record alone): the case's command
+    line through its argument parser, then its get_cmd, both checked against the record. A case whose options
+    the script does not have (an older script without --exit_timeout) stays checked by the record alone."""
+    cases = json.loads(UPSTREAM_CASES.read_text())["cases"]
+    if script is None:
+        return cases
+    module = _load_script(script)
+    params = inspect.signature(module.get_cmd).parameters
+    ran = 0
     for case in cases:
+        extra = {k: v for k, v in case["args"].items() if k not in params}
+        if any(v not in (None, False) for v in extra.values()):
+            continue  # an option this script predates
         options = command_line(case["args"])
         keywords = _script_keywords(module, options)
-        if keywords != case["args"]:
+        recorded = {k: v for k, v in case["args"].items() if k in params}
+        if keywords != recorded:
             raise RehearsalError(f"{script} parses `{' '.join(options)}` into {keywords}, not the recorded "
-                                 f"{case['args']}")
+                                 f"{recorded}")
         got = module.get_cmd(**keywords)
         if got != case["argv"]:
             raise RehearsalError(f"{script} no longer builds the recorded command for `{' '.join(options)}`:\n"
                                  f"{got}")
+        case["from_script"] = True
+        ran += 1
+    if not ran:
+        raise RehearsalError(f"{script} takes none of the recorded cases' options")
     return cases
 
 
-def launch_lines(report: Report, script: Path | None = None) -> None:
+def launch_lines(report: Report, script: Path | None = UPSTREAM_SCRIPT) -> None:
     from enginesmith.builders.planner.plan import make_plan
     from enginesmith.builders.recipe import load_recipe
     from enginesmith.triton_repo.launch import Endpoints, build_mpirun_argv
@@ -416,12 +435,17 @@ def launch_lines(report: Report, script: Path | None = None) -> None:
             if diffs:
                 raise RehearsalError(f"{path.name} world_size {n}: our launch differs from upstream's: {diffs}")
             more = f", --exit_timeout {timeout}" if timeout else ""
+            source = f"run from {_shown(script)}" if case.get("from_script") else "recorded"
             report.say(f"launch: {path.name}: --world_size {n}{more}: same ranks, flags and shm prefixes as "
-                       f"upstream's launch_triton_server.py{' (run from ' + str(script) + ')' if script else ''}; "
+                       f"upstream's launch_triton_server.py ({source}); "
                        "ours also binds addresses and states each port once")
 
 
-def rehearse(out: Path, upstream_script: Path | None = None) -> Report:
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def rehearse(out: Path, upstream_script: Path | None = UPSTREAM_SCRIPT) -> Report:
     out = out.resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -439,8 +463,10 @@ def rehearse(out: Path, upstream_script: Path | None = None) -> Report:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("out/container-check"))
-    ap.add_argument("--upstream-script", type=Path, default=None,
-                    help="upstream's launch_triton_server.py, to derive its command lines from the script itself")
+    ap.add_argument("--upstream-script", type=Path, default=UPSTREAM_SCRIPT,
+                    help="upstream's launch_triton_server.py whose command lines are compared (default: the copy in "
+                         "tests/data/upstream-launch/, from tensorrtllm_backend; a newer one, e.g. TensorRT-LLM's "
+                         "triton_backend/scripts/, runs every recorded case)")
     args = ap.parse_args(argv)
     try:
         rehearse(args.out, args.upstream_script)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.container_rehearsal import REPO_ROOT, UPSTREAM_CASES, compare_launch, rehearse, upstream_cases
+from tests.container_rehearsal import (REPO_ROOT, UPSTREAM_CASES, UPSTREAM_SCRIPT, compare_launch, rehearse,
+                                       upstream_cases)
 from enginesmith.triton_repo.launch import Endpoints, build_mpirun_argv
 
 
@@ -72,13 +74,26 @@ def test_upstream_script_given_is_run_and_must_still_build_the_recorded_lines(tm
     cases = {json.dumps(c["args"], sort_keys=True): c["argv"] for c in upstream_cases(None)}
     script = tmp_path / "launch_triton_server.py"
     script.write_text(STAND_IN_SCRIPT.format(cases=cases))
-    assert upstream_cases(script) == upstream_cases(None)
+    derived = upstream_cases(script)
+    assert all(c.pop("from_script") for c in derived) and derived == upstream_cases(None)
     script.write_text(STAND_IN_SCRIPT.format(cases=cases).replace("log_file='triton_log.txt'", "log_file='t.log'"))
     with pytest.raises(RehearsalError, match=r"parses `--world_size 1 --tritonserver .*` into .*'log_file': 't.log'"):
         upstream_cases(script)
     script.write_text(STAND_IN_SCRIPT.format(cases=cases).replace("return CASES[", "return ['changed'] + CASES["))
     with pytest.raises(RehearsalError, match="no longer builds the recorded command for `--world_size 1 "):
         upstream_cases(script)
+
+
+def test_the_vendored_upstream_script_builds_the_recorded_lines():
+    """tensorrtllm_backend's launch_triton_server.py (kept byte for byte) is run on every recorded case it has the
+    options for; the case it predates (--exit_timeout) stays checked by the record."""
+    text = (REPO_ROOT / "tests/data/upstream-launch/SOURCE.md").read_text()
+    digest = hashlib.sha256(UPSTREAM_SCRIPT.read_bytes()).hexdigest()
+    assert digest in text and "Apache License" in (UPSTREAM_SCRIPT.parent / "LICENSE").read_text()
+    cases = upstream_cases()
+    ran = sorted(c["args"]["world_size"] for c in cases if c.get("from_script"))
+    assert ran == [1, 2, 4] and all(not c["args"]["exit_timeout"] for c in cases if c.get("from_script"))
+    assert len(cases) == len(ran) + 1
 
 
 def _make_n(python: str) -> str:
