@@ -95,9 +95,10 @@ class ServeSection(Section):
     """Prometheus metrics port."""
     bind_address: str = "127.0.0.1"
     """Address the server listens on (an IP address or localhost); 0.0.0.0 exposes it to the network."""
-    engine_process: bool = False
+    engine_process: bool | None = None
     """Target reference: run the engine in a process of its own, whose loop shares no GIL with the Triton stub's
-    response and metrics threads (ENGINESMITH_ENGINE_PROCESS, when set, overrides it)."""
+    response and metrics threads; unset: where the engine gets a GPU (ENGINESMITH_ENGINE_PROCESS, when set,
+    overrides it)."""
 
     @field_validator("bind_address")
     @classmethod

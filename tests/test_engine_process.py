@@ -170,13 +170,23 @@ def test_bad_engine_dir_or_option_is_one_clear_error_before_any_spawn(engine_dir
     assert psutil.Process().children() == before
 
 
-@pytest.mark.parametrize("env,parameter,wanted", [
-    ({}, None, False), ({}, True, True), ({"ENGINESMITH_ENGINE_PROCESS": "1"}, False, True),
-    ({"ENGINESMITH_ENGINE_PROCESS": "0"}, True, False), ({"ENGINESMITH_ENGINE_PROCESS": ""}, True, True),
-    ({"ENGINESMITH_ENGINE_PROCESS": "off"}, None, False),
+@pytest.mark.parametrize("env,parameter,gpu,wanted", [
+    ({}, None, False, False), ({}, None, True, True), ({}, True, False, True), ({}, False, True, False),
+    ({"ENGINESMITH_ENGINE_PROCESS": "1"}, False, False, True), ({"ENGINESMITH_ENGINE_PROCESS": "0"}, True, True, False),
+    ({"ENGINESMITH_ENGINE_PROCESS": ""}, True, False, True), ({"ENGINESMITH_ENGINE_PROCESS": "off"}, None, True, False),
 ])
-def test_the_environment_wins_over_the_parameter(env, parameter, wanted):
-    assert engine_process_wanted(parameter, env) is wanted
+def test_the_environment_wins_over_the_parameter_and_auto_means_where_there_is_a_gpu(env, parameter, gpu, wanted):
+    assert engine_process_wanted(parameter, env, on_gpu=lambda: gpu) is wanted
+
+
+def test_asking_for_a_gpu_initialises_no_cuda_here():
+    """The stub asks through NVML; this machine (no GPU, or a GPU) answers, and torch's CUDA stays uninitialised."""
+    import torch
+
+    from enginesmith.runtime.engine.engine_process import cuda_visible
+
+    assert cuda_visible() in (True, False)
+    assert not torch.cuda.is_initialized() and "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ
 
 
 def test_a_bad_switch_value_names_the_variable():

@@ -109,17 +109,17 @@ def test_targets_differ_only_in_tensorrt_llm_backend(tmp_path, tokenizer_dir):
         if model == "tensorrt_llm":
             assert (a.backend, b.backend) == ("python", "tensorrtllm")
             b.backend = "python"
-            assert a.parameters["engine_process"].string_value == "false"  # the reference runtime's own key
+            assert a.parameters["engine_process"].string_value == ""  # the reference runtime's own key (auto)
             del a.parameters["engine_process"]
         assert a == b, model
 
 
-@pytest.mark.parametrize("engine_process", [True, False])
-def test_engine_process_recipe_field_becomes_the_reference_parameter(tmp_path, tokenizer_dir, engine_process):
-    write(recipe(serve={"engine_process": engine_process}), reference_engine(tmp_path / "engine"), tokenizer_dir,
-          tmp_path / "repo")
+@pytest.mark.parametrize("engine_process,value", [(True, "true"), (False, "false"), (None, "")])
+def test_engine_process_recipe_field_becomes_the_reference_parameter(tmp_path, tokenizer_dir, engine_process, value):
+    serve = {} if engine_process is None else {"engine_process": engine_process}
+    write(recipe(serve=serve), reference_engine(tmp_path / "engine"), tokenizer_dir, tmp_path / "repo")
     trt = config(tmp_path / "repo", "tensorrt_llm")
-    assert trt.parameters["engine_process"].string_value == ("true" if engine_process else "false")
+    assert trt.parameters["engine_process"].string_value == value
 
 
 def test_rewrite_is_skipped_when_nothing_changed_and_replaced_otherwise(tmp_path, tokenizer_dir):

@@ -101,7 +101,8 @@ def tensorrt_llm_parameters(recipe, mapping, engine_dir: Path, tokenizer_dir: Pa
 
 def reference_parameters(recipe) -> dict[str, str]:
     """The reference runtime's own tensorrt_llm parameters (backend python only)."""
-    return {"engine_process": _flag(recipe.serve.engine_process)}
+    engine_process = recipe.serve.engine_process
+    return {"engine_process": "" if engine_process is None else _flag(engine_process)}  # "": where there is a GPU
 
 
 def model_parameters(engine_dir: Path, tokenizer_dir: Path) -> dict[str, dict[str, str]]:

@@ -53,12 +53,31 @@ class EngineProcessError(RuntimeError):
     """The engine process could not load the engine, or is gone."""
 
 
-def engine_process_wanted(parameter: bool | None, env: Mapping[str, str] = os.environ) -> bool:
+def cuda_visible() -> bool:
+    """Whether this process could use a CUDA device, asked through NVML so that it initialises no CUDA (the stub
+    that asks leaves the GPU to the engine process)."""
+    import torch
+
+    saved = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    try:
+        return torch.cuda.is_available()
+    finally:
+        if saved is None:
+            del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        else:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = saved
+
+
+def engine_process_wanted(parameter: bool | None, env: Mapping[str, str] = os.environ,
+                          on_gpu: Callable[[], bool] = cuda_visible) -> bool:
     """Serve the engine from its own process: ENGINESMITH_ENGINE_PROCESS when set (1/0, true/false, on/off),
-    else the model parameter `engine_process` (default false). Raises ValueError for another value."""
+    else the model parameter `engine_process`; unset (auto), where the engine gets a GPU: there its loop is bound
+    by Python and kernel launches, and the stub's response threads would share its GIL. On a CPU the thread
+    starts faster and loses nothing. Raises ValueError for another value."""
     raw = env.get(ENGINE_PROCESS_ENV, "").strip().lower()
     if not raw:
-        return bool(parameter)
+        return on_gpu() if parameter is None else bool(parameter)
     if raw not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise ValueError(f"{ENGINE_PROCESS_ENV}={env[ENGINE_PROCESS_ENV]!r} is not a boolean: set 1 or 0")
     return raw in ("1", "true", "yes", "on")

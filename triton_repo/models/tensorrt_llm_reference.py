@@ -1,9 +1,9 @@
 """Triton Python-backend `tensorrt_llm` model of the `reference` target (copied to tensorrt_llm/1/model.py).
 
 It keeps upstream's tensor contract (runtime/engine/tensor_contract.py) and `parameters` keys, and runs the
-reference engine (runtime/engine/engine.py) in a background thread, or, with the parameter `engine_process: true`
-or ENGINESMITH_ENGINE_PROCESS=1 (the environment wins when set), in a process of its own
-(runtime/engine/engine_process.py) whose loop shares no GIL with this stub's response thread. Decoupled:
+reference engine (runtime/engine/engine.py) in a process of its own (runtime/engine/engine_process.py) whose loop
+shares no GIL with this stub's response thread, or in a background thread: the parameter `engine_process`
+(true / false; empty: the process where there is a GPU) or ENGINESMITH_ENGINE_PROCESS=1/0 (which wins). Decoupled:
 every request gets a response sender; when streaming, each new token is sent as soon as it is sampled (with the
 `stream_interval` parameter, the tokens of that many steps together after the first); the last response carries
 TRITONSERVER_RESPONSE_COMPLETE_FINAL (and no token when the row ended without one, as upstream's does).
