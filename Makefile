@@ -60,12 +60,15 @@ INTERPRETER_SKIP = $(foreach c,64-None-True 128-32-False 128-None-False 64-32-Tr
 # The interpreter pass (one CPU-bound process) runs beside the main suite, whose servers and subprocesses leave
 # about one of two cores idle on average; its report follows the main one. Either failing fails the target.
 INTERPRETER_LOG = $(OUT)/interpreter-tests.log
+# The main pass in TEST_WORKERS processes, a test file each at a time (pytest-xdist): most tests wait on servers,
+# subprocesses and sockets, so two cores keep three busy.
+TEST_WORKERS ?= 3
 test: venv
 	@mkdir -p $(OUT)
 	@TRITON_INTERPRET=1 $(PY) -m pytest -q -rs -p no:cacheprovider --basetemp=$(OUT)/.interpreter-tmp \
 		-W ignore::DeprecationWarning $(KERNEL_TESTS) $(INTERPRETER_SKIP) > $(INTERPRETER_LOG) 2>&1 & \
 	interp=$$!; \
-	$(PY) -m pytest -q -rs --durations=15 tests; main=$$?; \
+	$(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile tests; main=$$?; \
 	wait $$interp; kernels=$$?; \
 	echo "Triton kernels on CPU under Triton's interpreter (skipped above without a GPU; ran beside it):"; \
 	cat $(INTERPRETER_LOG); \
