@@ -250,13 +250,15 @@ def test_an_end_id_outside_the_vocabulary_means_no_end(served, tok):
 @pytest.mark.parametrize("max_tokens", [2**40, 2**31])
 def test_max_tokens_beyond_int32_is_refused_by_name(served, max_tokens):
     """Triton's HTTP generate endpoint stores a JSON number into the INT32 input modulo 2^32 (2^40 arrives as 0,
-    2^31 as -2^31): what arrives out of range is refused with the tensor's name and the valid range."""
+    2^31 as -2^31): what arrives out of range is refused with the tensor's name and the valid range (a number that
+    wraps into range, 2^32 + 5 arriving as 5, reaches no model as anything else); the BLS names the step once."""
     body = {"text_input": PROMPT, "max_tokens": max_tokens}
     for model in ("ensemble", "tensorrt_llm_bls"):
         r = httpx.post(f"{served.http_url}/v2/models/{model}/generate", json=body, timeout=60)
         assert r.status_code == 400, r.text
         message = r.json()["error"]
         assert "max_tokens" in message and "outside [1, 2147483647]" in message and "\n" not in message, message
+        assert message.count("preprocessing: ") == 1, message  # the step is named once
     with pytest.raises(ClientError, match=r"max_tokens=1099511627776: must be within \[1, 2147483647\]"):
         GenerateParams(text=PROMPT, max_tokens=2**40).validate()
 

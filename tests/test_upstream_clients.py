@@ -1,6 +1,8 @@
 """Upstream's example clients (tests/data/upstream-clients, byte for byte from tensorrtllm_backend) run unmodified,
 as subprocesses, against the served tiny model: end_to_end_grpc_client.py on the ensemble and the BLS,
 inflight_batcher_llm_client.py on tensorrt_llm. Their exit code is 0 and the outputs they print are the model's.
+The streaming deployment is decoupled; the clients' unary mode runs against the same engine deployed without
+streaming (serve.decoupled: false), as upstream serves it.
 
 The expected text is what tensorrt_llm generates greedily for the same token ids (the clients send temperature 1
 and no top-k / top-p, which is greedy decoding; end_id is the tokenizer's eos, as the preprocessing model or the
@@ -14,11 +16,14 @@ import re
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from enginesmith.client.grpc_stream import GrpcStreamClient
 from enginesmith.client.params import GenerateParams
+from enginesmith.client.server_stats import metric_total
 from tests.support import REPO_ROOT
+from tests.test_client_served import _wait_until_idle
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 CLIENTS = REPO_ROOT / "tests" / "data" / "upstream-clients"
@@ -46,6 +51,20 @@ def greedy(served, tok):
         for text in PROMPTS:
             out[text] = c.generate(GenerateParams(text=text, max_tokens=N)).token_ids
     return out
+
+
+@pytest.fixture(scope="module")
+def unary(served):
+    """The served engine deployed without streaming: every model of the repository is non-decoupled, so
+    inflight_batcher_llm_client.py without --streaming sends unary gRPC requests, as against upstream's."""
+    from enginesmith.triton_repo.repository import write_repo
+    from enginesmith.triton_repo.server import TritonServer
+
+    recipe = served.recipe.model_copy(update={"serve": served.recipe.serve.model_copy(update={"decoupled": False})})
+    root = served.root / "unary"
+    write_repo(recipe, served.plan, served.root / "engine", served.tokenizer_dir, root / "repo", streaming=False)
+    with TritonServer(root / "repo", log_path=root / "server.log") as server:
+        yield server
 
 
 def completion(tok, greedy, prompt: str) -> str:
@@ -120,11 +139,43 @@ def test_inflight_batcher_client_without_streaming(served, tok, greedy, tmp_path
     assert "PASS!" in out, out
 
 
-@pytest.mark.parametrize("how", [["--request-id", "stop-me"], ["--stop-via-request-cancel"]])
+STOPS = [["--request-id", "stop-me"], ["--stop-via-request-cancel"]]
+
+
+@pytest.mark.parametrize("how", STOPS)
 def test_inflight_batcher_client_stops_a_request_early(served, how):
     """--stop-after-ms: a stop request with the same id, or gRPC cancellation; the client itself asserts that
-    fewer than --request-output-len tokens came back."""
-    out = run_client("inflight_batcher_llm_client.py", "-u", served.grpc_url, "--tokenizer-dir",
-                     str(served.tokenizer_dir), "--text", PROMPT, "--request-output-len", "400", "--streaming",
-                     "--stop-after-ms", "300", *how)
+    fewer than --request-output-len tokens came back, and the runtime stopped generating them."""
+    _stop_early(served.server, served.tokenizer_dir, how, ["--streaming"])
+
+
+def test_inflight_batcher_client_unary_checks_the_output_ids(unary, served, greedy, tmp_path):
+    """Without --streaming: one unary gRPC request and its one response, compared id for id; perf metrics too."""
+    out = run_client("inflight_batcher_llm_client.py", "-u", unary.grpc_url, "--tokenizer-dir",
+                     str(served.tokenizer_dir), "--text", PROMPT, "--request-output-len", str(N),
+                     "--exclude-input-in-output", "--check-output", "--output-tokens-csv",
+                     _csv(tmp_path, greedy[PROMPT]), "--return-perf-metrics")
+    assert "PASS!" in out, out
+    for name in PERF_NAMES:
+        assert re.search(rf"^{name}: \S+$", out, re.M), (name, out)
+
+
+@pytest.mark.parametrize("how", STOPS)
+def test_inflight_batcher_client_unary_stops_a_request_early(unary, served, how):
+    _stop_early(unary, served.tokenizer_dir, how, [])
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_end_to_end_client_on_the_deployment_without_streaming(unary, tok, greedy, model):
+    want = completion(tok, greedy, PROMPT)
+    out = run_client("end_to_end_grpc_client.py", "-u", unary.grpc_url, "--model-name", model, "-p", PROMPT,
+                     "-o", str(N), "--return-perf-metrics", "--check-outputs", "--expected-outputs", json.dumps([want]))
+    assert int(re.findall(r"^kv_cache_alloc_total_blocks: (\d+)$", out, re.M)[-1]) >= 1
+
+
+def _stop_early(server, tokenizer_dir, how: list[str], streaming: list[str]) -> None:
+    before = metric_total(httpx.get(server.metrics_url).text, "nv_trt_llm_output_tokens_total", "tensorrt_llm")
+    out = run_client("inflight_batcher_llm_client.py", "-u", server.grpc_url, "--tokenizer-dir", str(tokenizer_dir),
+                     "--text", PROMPT, "--request-output-len", "400", *streaming, "--stop-after-ms", "300", *how)
     assert "Output sequence: " in out, out
+    assert _wait_until_idle(server, before) < 400  # stopped on the server, not only on the client

@@ -43,6 +43,11 @@ class BlsError(RuntimeError):
         self.code = pb_utils.TritonError.INVALID_ARG if code is None else code
 
 
+def step_message(model: str, message: str) -> str:
+    """A step's error, named by its model once (preprocessing's own messages start with its name)."""
+    return message if message.startswith(f"{model}: ") else f"{model}: {message}"
+
+
 def _column(arr: np.ndarray) -> np.ndarray:
     """A reshaped scalar input ([batch]) back to the [batch, 1] tensorrt_llm expects."""
     return arr.reshape(-1, 1) if arr.ndim == 1 else arr
@@ -132,7 +137,7 @@ class TritonPythonModel:
         stopped = False
         for resp in responses:
             if resp.has_error():
-                raise BlsError(f"{self.llm}: {resp.error().message()}", resp.error().code())
+                raise BlsError(step_message(self.llm, resp.error().message()), resp.error().code())
             if not stopped and request.is_cancelled():
                 self._stop(llm_id)
                 stopped = True
@@ -179,7 +184,7 @@ class TritonPythonModel:
             return req.exec(decoupled=True)
         resp = req.exec()
         if resp.has_error():
-            raise BlsError(f"{model}: {resp.error().message()}", resp.error().code())
+            raise BlsError(step_message(model, resp.error().message()), resp.error().code())
         return resp
 
     def _decode(self, seqs: list[list[int]]) -> list[str]:
