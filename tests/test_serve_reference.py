@@ -11,6 +11,7 @@ stops the server (last: the module's server is gone after it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -268,10 +269,12 @@ def test_cancelled_stream_frees_its_kv_blocks(server, how, model):
     assert error is None  # its responses, so a tiny model runs far ahead of what the client has seen
     seen = 1
     busy = _wait_for_record(log, start, lambda x: x.kv_used_blocks > 0)
-    if how == "grpc_cancel":
-        s.close(cancel=True)
-    else:
-        s.send("victim", tensors([0], 1, stop=np.bool_(True)), model=model)
+    with _paused(_engine_holder(server, model)):  # however loaded the machine, the stop comes before the end
+        if how == "grpc_cancel":
+            s.close(cancel=True)
+        else:
+            s.send("victim", tensors([0], 1, stop=np.bool_(True)), model=model)
+    if how == "stop_request":
         got = s.collect(2)
         assert got["victim"]["error"] is None and seen + len(got["victim"]["tokens"]) < n  # stopped early
         s.close()
@@ -429,15 +432,35 @@ def test_metrics_hook_reports_the_kv_pool_and_iterations(server, model):
         assert values[name] - before.get(name, 0) == grew, (name, before, values)
 
 
-def _engine_process(server, model: str):
-    """The engine process of `model`: the spawned child of the stub that serves it."""
+def _stub(server, model: str):
+    """The Python-backend stub process that serves `model`."""
     import psutil
 
     stubs = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
              if f"/{model}/1/model.py" in " ".join(p.cmdline())]
     assert len(stubs) == 1, [p.cmdline() for p in stubs]
-    (child,) = [p for p in stubs[0].children() if "spawn_main" in " ".join(p.cmdline())]
+    return stubs[0]
+
+
+def _engine_process(server, model: str):
+    """The engine process of `model`: the spawned child of the stub that serves it."""
+    (child,) = [p for p in _stub(server, model).children() if "spawn_main" in " ".join(p.cmdline())]
     return child
+
+
+def _engine_holder(server, model: str):
+    """The process whose threads run `model`'s engine loop: its engine process, or the stub itself."""
+    return _engine_process(server, model) if model == PROCESS_MODEL else _stub(server, model)
+
+
+@contextlib.contextmanager
+def _paused(proc):
+    """`proc` stopped (SIGSTOP) for the block: what the block sends waits for it, and nothing is generated."""
+    proc.suspend()
+    try:
+        yield
+    finally:
+        proc.resume()
 
 
 def test_killed_engine_process_stops_the_server_with_its_reason(server):

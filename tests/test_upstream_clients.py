@@ -175,7 +175,8 @@ def test_end_to_end_client_on_the_deployment_without_streaming(unary, tok, greed
 
 def _stop_early(server, tokenizer_dir, how: list[str], streaming: list[str]) -> None:
     before = metric_total(httpx.get(server.metrics_url).text, "nv_trt_llm_output_tokens_total", "tensorrt_llm")
+    n = 470  # with the prompt's 34 tokens, within max_seq_len 512; the stop follows 50 ms after the request
     out = run_client("inflight_batcher_llm_client.py", "-u", server.grpc_url, "--tokenizer-dir", str(tokenizer_dir),
-                     "--text", PROMPT, "--request-output-len", "400", *streaming, "--stop-after-ms", "300", *how)
+                     "--text", PROMPT, "--request-output-len", str(n), *streaming, "--stop-after-ms", "50", *how)
     assert "Output sequence: " in out, out
-    assert _wait_until_idle(server, before) < 400  # stopped on the server, not only on the client
+    assert _wait_until_idle(server, before) < n  # stopped on the server, not only on the client
