@@ -319,7 +319,7 @@ class TritonPythonModel:
         c = self.engine.config
         return TritonMetrics(pb_utils, args["model_name"], args.get("model_version", "1"),
                              max_batch_size=c.max_batch_size, tokens_per_block=c.tokens_per_block,
-                             period_s=self.stats_period_s)
+                             period_s=self.stats_period_s, publisher=True)
 
     def execute(self, requests):
         for request in requests:
@@ -382,6 +382,6 @@ class TritonPythonModel:
         self.engine.shutdown()
         self.responses.close()
         if self.engine.metrics is not None:
-            self.engine.metrics.flush()
+            self.engine.metrics.close()
         if self.ledger is not None:
             self.ledger.close()
