@@ -45,3 +45,28 @@ def test_perf_metrics_are_not_gathered_when_none_is_asked_for(monkeypatch):
     monkeypatch.setattr(tensor_contract, "perf_metrics", unexpected)
     assert list(response_arrays(spec, req, [6], [-0.25], {"output_ids", "num_output_tokens"})) == [
         "output_ids", "num_output_tokens"]
+
+
+def test_the_bench_clients_requests_are_sampled_as_one_batch(monkeypatch):
+    """What `enginesmith bench` sends (min_tokens = OSL with the tokenizer's end_id, which the ensemble's
+    preprocessing also fills in) must not send rows through per-row sampling: on a GPU each such row costs host
+    syncs, and at 256 rows they made a served decode step ~50 ms slower than in process."""
+    import torch
+
+    from enginesmith.client.params import GenerateParams, build_inputs
+    from enginesmith.runtime.engine.sampler import SequenceSampler, sample
+    from enginesmith.runtime.engine.tensor_contract import parse_rows
+
+    specs = [parse_rows(build_inputs(GenerateParams(input_ids=[5, 6, 7], max_tokens=8, stream=True, min_tokens=8,
+                                                    end_id=2, pad_id=0, return_perf_metrics=True), "tokens", True),
+                        decoupled=True, exclude_input_default=True)[0] for _ in range(4)]
+    rows = [SequenceSampler(s.sampling, list(s.prompt), len(s.prompt), 16) for s in specs]
+
+    def per_row(self, logits):
+        raise AssertionError("a row of the bench's requests took the per-row sampling path")
+
+    monkeypatch.setattr(SequenceSampler, "process", per_row)
+    logits = torch.arange(64, dtype=torch.float32).reshape(4, 16).flip(1)  # end_id 2 ranks third
+    logits[:, 2] = 100.0  # end_id is the most likely token, but min_tokens bans it
+    tokens, log_probs = sample(logits, rows)
+    assert tokens == [0, 0, 0, 0] and all(lp < 0 for lp in log_probs)
