@@ -188,6 +188,33 @@ def test_ledger_final_chunk_flushes_the_held_back_tail(tok, ledger):
     assert reader.take("other", ids, decoder(tok)) is None
 
 
+def test_a_batch_of_chunks_is_recorded_as_its_chunks_one_by_one(tmp_path):
+    """The response thread records a batch's chunks (one per row, some first, some final) in one transaction:
+    the ledger then holds what sending them one by one leaves, and the reader takes them alike."""
+    batches = [[("a", "ka", [1, 2], False), ("b", "kb", [3], False)],
+               [("a", "ka", [4], True), ("b", "kb", [5], False), ("c", "kc", [6], False)],
+               [("b", "kb", [], True), ("c", "kc", [7], True)]]
+    dumps = []
+    for how in ("one by one", "batched"):
+        clock = Clock()
+        writer = LedgerWriter(tmp_path / f"{how}.sqlite", clock=clock)
+        for batch in batches:
+            if how == "batched":
+                writer.sent_many(batch)
+            else:
+                for chunk in batch:
+                    writer.sent(*chunk)
+            clock.advance(0.001)
+        dumps.append([writer.conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in ("stream", "chunk")])
+        reader = LedgerReader(tmp_path / f"{how}.sqlite", clock=clock)
+        decode = lambda seqs: ["".join(chr(97 + t) for t in s) for s in seqs]  # noqa: E731
+        assert [reader.take(key, tokens, decode) for batch in batches for _, key, tokens, _ in batch] == [
+            "bc", "d", "e", "f", "g", "", "h"]
+        reader.close()
+        writer.close()
+    assert dumps[0] == dumps[1] and len(dumps[0][1]) == 7
+
+
 def test_ledger_tells_a_stream_whose_ensemble_request_is_gone(ledger):
     writer, reader, clock = ledger
     decode = lambda seqs: ["".join(chr(97 + t % 26) for t in s) for s in seqs]  # noqa: E731

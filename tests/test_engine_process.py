@@ -10,6 +10,7 @@ process stopping the server): tests/test_serve_reference.py and tests/test_paral
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import signal
@@ -21,9 +22,9 @@ import pytest
 
 from enginesmith.builders.mapping import Mapping
 from enginesmith.runtime.engine.engine import Engine
-from enginesmith.runtime.engine.engine_config import EngineConfigError
-from enginesmith.runtime.engine.engine_process import EngineProcess, engine_process_wanted
-from enginesmith.runtime.engine.request import FinishReason, Request, RequestError, Status
+from enginesmith.runtime.engine.engine_config import EngineConfig, EngineConfigError
+from enginesmith.runtime.engine.engine_process import EngineCore, EngineProcess, engine_process_wanted
+from enginesmith.runtime.engine.request import FinishReason, Request, RequestError, Status, TokenUpdate
 from enginesmith.runtime.engine.sampler import SamplingParams
 from enginesmith.runtime.parallel.liveness import Liveness
 from tests.support import convert_tiny
@@ -110,6 +111,66 @@ def test_outputs_timings_and_metrics_equal_the_in_process_engine(engine_dirs):
     done = sorted(args for name, args, _ in remote.metrics.calls if name == "on_request_done")
     assert done == sorted(args for name, args, _ in local.metrics.calls if name == "on_request_done")
     assert mine["on_iteration"] >= 12
+
+
+class _Sent:
+    """The engine process's end of the pipe: keeps the last message."""
+
+    def send(self, msg):
+        self.msg = msg
+
+
+def test_a_step_of_many_rows_leaves_the_garbage_collector_nothing_per_row():
+    """An iteration's updates wait in flat lists until the step is sent: with a tuple and two lists per row, a
+    256-row step made the engine process run a collection every step (in process it runs about none)."""
+    core = EngineCore(_Sent())
+    reqs = [Request([1, 2, 3], 8) for _ in range(256)]
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for key, r in enumerate(reqs):
+            core._updated(key, TokenUpdate(r, [7], [-1.5], False))
+        held = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert held < 16, f"{held} objects tracked by the garbage collector for 256 rows"
+
+
+def test_a_step_message_carries_each_rows_tokens_timings_and_end():
+    """What the serving side applies: several tokens in one update, a row with none, a finished and a failed row."""
+    core = EngineCore(_Sent())
+    engine_side = [Request([1, 2], 8, request_id=f"r{i}") for i in range(4)]
+    for i, r in enumerate(engine_side):
+        r.first_scheduled_ns, r.first_token_ns, r.last_token_ns = 10 + i, 20 + i, 30 + i
+        r.kv_new_blocks, r.kv_reused_blocks = 2 + i, i
+    done, failed = engine_side[2], engine_side[3]
+    done.finish_reason, failed.finish_reason = FinishReason.END_ID, FinishReason.FAILED
+    core._updated(0, TokenUpdate(engine_side[0], [5, 6], [-0.5, -0.25], False))
+    core._updated(1, TokenUpdate(engine_side[1], [], [], False))
+    core._updated(2, TokenUpdate(done, [9], [-1.0], True))
+    core._updated(3, TokenUpdate(failed, [], [], True, "boom"))
+    core.flush()
+    kind, rows, _ = core.conn.msg
+    assert kind == "step"
+
+    class Proc:
+        pid = 0
+
+    serving = EngineProcess(Proc(), None, EngineConfig(), vocab_size=100, num_blocks=10)
+    updates = []
+    mirrors = [Request([1, 2], 8, on_update=updates.append) for _ in range(4)]
+    serving._live = dict(enumerate(mirrors))
+    serving._apply(rows)
+    assert [(u.request, u.new_tokens, u.new_log_probs, u.finished, u.error) for u in updates] == [
+        (mirrors[0], [5, 6], [-0.5, -0.25], False, None), (mirrors[1], [], [], False, None),
+        (mirrors[2], [9], [-1.0], True, None), (mirrors[3], [], [], True, "boom")]
+    assert [m.output for m in mirrors] == [[5, 6], [], [9], []]
+    assert [(m.first_scheduled_ns, m.first_token_ns, m.last_token_ns, m.kv_new_blocks, m.kv_reused_blocks)
+            for m in mirrors] == [(10 + i, 20 + i, 30 + i, 2 + i, i) for i in range(4)]
+    assert [m.status for m in mirrors] == [Status.RUNNING, Status.RUNNING, Status.FINISHED, Status.FINISHED]
+    assert [m.finish_reason for m in mirrors[2:]] == [FinishReason.END_ID, FinishReason.FAILED]
+    assert mirrors[3].error == "boom" and list(serving._live) == [0, 1]  # finished rows leave the live set
 
 
 def test_killed_engine_process_fails_what_is_in_flight_and_is_reported(engine_dirs):

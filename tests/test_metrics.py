@@ -18,14 +18,19 @@ class FakeMetric:
     def __init__(self, labels, buckets=None):
         self.labels, self.buckets = labels, buckets
         self.sets, self.increments, self.observations = [], [], []
+        self.writers: set[str] = set()
+        """Names of the threads that wrote to it."""
 
     def set(self, v):
+        self.writers.add(threading.current_thread().name)
         self.sets.append(v)
 
     def increment(self, v):
+        self.writers.add(threading.current_thread().name)
         self.increments.append(v)
 
     def observe(self, v):
+        self.writers.add(threading.current_thread().name)
         self.observations.append(v)
 
 
@@ -155,6 +160,37 @@ def test_hooks_are_safe_from_several_threads(hook):
     m.flush()
     assert sum(metric("nv_trt_llm_output_tokens_total").increments) == 2000
     assert len(metric("nv_trt_llm_inter_token_latency_seconds").observations) == 2000
+
+
+def test_with_a_publisher_the_periods_writes_leave_the_hooks_caller(hook):
+    """Served, a period's writes (a round trip each, one per output token for the latency histograms) are made by
+    the publisher thread, so the engine's loop does not wait for them; idle and close still publish the end state."""
+    _, now = hook
+    FakeFamily.registry = {}
+    m = TritonMetrics(FakePbUtils, "tensorrt_llm", "1", max_batch_size=8, period_s=0.1, clock=lambda: now[0],
+                      publisher=True)
+    caller = threading.current_thread().name
+    m.on_iteration(2, 1, 1, kv_used_blocks=3, kv_free_blocks=13, active=2, queued=0)  # idle -> busy: at once
+    now[0] = 0.05
+    m.on_first_token(0.2)
+    for _ in range(300):
+        m.on_token(0.01)
+    now[0] = 0.2
+    m.on_token(0.03)  # the period is over
+    itl = metric("nv_trt_llm_inter_token_latency_seconds")
+    deadline = time.monotonic() + 10
+    while len(itl.observations) < 301 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert itl.observations == [0.01] * 300 + [0.03]
+    assert metric("nv_trt_llm_request_metrics", request_type="active").sets[-1] == 2.0
+    writers = set().union(*(x.writers for fam in FakeFamily.registry.values() for x in fam.metrics))
+    assert writers == {caller, "metrics-publisher"}  # the caller only wrote the start-up values
+    assert itl.writers == {"metrics-publisher"}
+    m.on_idle()
+    m.on_token(0.04)
+    m.close()
+    assert metric("nv_trt_llm_request_metrics", request_type="active").sets[-1] == 0.0
+    assert itl.observations[-1] == 0.04
 
 
 def test_prometheus_parsing_of_labels_and_values():

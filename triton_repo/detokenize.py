@@ -182,23 +182,40 @@ class LedgerWriter:
 
     def sent(self, stream: str, key: str, tokens: Sequence[int], final: bool) -> None:
         """A chunk of `stream` (request `key`) is about to be sent."""
+        self.sent_many([(stream, key, tokens, final)])
+
+    def sent_many(self, chunks: Sequence[tuple[str, str, Sequence[int], bool]]) -> None:
+        """Chunks (stream, request key, tokens, final) about to be sent, recorded in one transaction (a
+        transaction per chunk cost ~30 us each: a 256-row step's responses waited ~8 ms for the ledger)."""
         now = self.clock()
-        w = self.streams.setdefault(stream, _Written(first_ns=now))
-        if final:
-            self.streams.pop(stream, None)
-        if w.claimed is None and now - w.first_ns > UNCLAIMED_S * 1e9:
-            self._check_claimed(stream, w)
-        if w.claimed is False:
-            return
-        with self.lock:
-            if w.next_seq == 0:
-                self.conn.execute("INSERT OR IGNORE INTO stream(id, key, first_ns) VALUES (?, ?, ?)",
-                                  (stream, key, now))
-            self.conn.execute("INSERT INTO chunk VALUES (?, ?, ?, ?, ?, ?)",
-                              (stream, w.next_seq, key, _tokens(tokens), int(final), now))
+        streams, rows, ends = [], [], []
+        for stream, key, tokens, final in chunks:
+            w = self.streams.setdefault(stream, _Written(first_ns=now))
             if final:
-                self.conn.execute("UPDATE stream SET end_ns = ? WHERE id = ?", (now, stream))
-        w.next_seq += 1
+                self.streams.pop(stream, None)
+            if w.claimed is None and now - w.first_ns > UNCLAIMED_S * 1e9:
+                self._check_claimed(stream, w)
+            if w.claimed is False:
+                continue
+            if w.next_seq == 0:
+                streams.append((stream, key, now))
+            rows.append((stream, w.next_seq, key, _tokens(tokens), int(final), now))
+            if final:
+                ends.append((now, stream))
+            w.next_seq += 1
+        if rows:
+            with self.lock:
+                self.conn.execute("BEGIN")
+                try:
+                    self.conn.executemany("INSERT OR IGNORE INTO stream(id, key, first_ns) VALUES (?, ?, ?)",
+                                          streams)
+                    self.conn.executemany("INSERT INTO chunk VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    self.conn.executemany("UPDATE stream SET end_ns = ? WHERE id = ?", ends)
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
         if now - self._swept_ns > 10e9:
             self.sweep(now)
 

@@ -255,7 +255,7 @@ class Engine:
             return 1
         req.tokens.append(token)
         req.log_probs.append(log_prob)
-        reason = (FinishReason.STOP_WORDS if ends_with_stop_word(req.tokens, p.stop_words)
+        reason = (FinishReason.STOP_WORDS if p.stop_words and ends_with_stop_word(req.tokens, p.stop_words)
                   else FinishReason.LENGTH if len(req.tokens) >= req.max_total_len else None)
         if reason is not None:
             self._finish(req, reason, [token], [log_prob])

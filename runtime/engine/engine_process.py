@@ -10,8 +10,9 @@ checkpoint itself) that builds `Engine.from_engine_dir`, owns the device and run
   arrival_ns), cancellations (by key once a request's `cancel_requested` is set or its `is_cancelled` answers
   true, by request id for `stop`), shutdown;
 - back: one message per engine iteration holding a row for every request it changed (new tokens and log probs,
-  finished, error, finish reason, timing and KV block counts) and the metrics hook calls it made; a rank
-  failure; the end.
+  finished, error, finish reason, timing and KV block counts), as columns (`StepRows`: a few lists whatever the
+  number of rows, so a 256-row step pickles fast and leaves the garbage collector nothing per row), and the
+  metrics hook calls it made; a rank failure; the end.
 
 A receiver thread applies each message to the serving side's `Request`s (their tokens, log probs, status and
 timings, as the response path reads them) and calls their `on_update`, then replays the metrics calls on
@@ -41,12 +42,44 @@ log = logging.getLogger(__name__)
 ENGINE_PROCESS_ENV = "ENGINESMITH_ENGINE_PROCESS"
 SHUT_DOWN = "the engine shut down before the request finished"
 
-Row = tuple[int, list[int], list[float], bool, "str | None", "str | None", int, int, int, int, int]
-"""(key, new tokens, new log probs, finished, error, finish reason, first_scheduled_ns, first_token_ns,
-last_token_ns, kv_new_blocks, kv_reused_blocks): what one iteration changed of one request."""
+Columns = tuple[list[int], list[int], list[float], dict[int, tuple["str | None", "str | None"]]]
+"""A StepRows as it is sent: (ints, tokens, log_probs, ends)."""
+ROW_INTS = 7
+"""Per row: key, new tokens, first_scheduled_ns, first_token_ns, last_token_ns, kv_new_blocks, kv_reused_blocks."""
 Call = tuple[str, tuple, "dict | None"]
 """(metrics hook name, args, kwargs) of one call the engine made (on_first_token and on_token go as plain
 lists of their arguments)."""
+
+
+class StepRows:
+    """What one iteration changed of its requests, one row per update, in flat lists."""
+
+    __slots__ = ("ints", "tokens", "log_probs", "ends")
+
+    def __init__(self):
+        self.ints: list[int] = []
+        """ROW_INTS values per row: the request's key, how many new tokens it has, its timings and KV block counts
+        after the iteration."""
+        self.tokens: list[int] = []
+        """Every row's new tokens, one row after the other (log_probs alike)."""
+        self.log_probs: list[float] = []
+        self.ends: dict[int, tuple[str | None, str | None]] = {}
+        """Row index -> (error, finish reason) of the rows that finished."""
+
+    def __len__(self) -> int:
+        return len(self.ints) // ROW_INTS
+
+    def add(self, key: int, u: TokenUpdate, reason: str | None = None) -> None:
+        if u.finished:
+            self.ends[len(self)] = (u.error, reason)
+        r = u.request
+        self.ints += (key, len(u.new_tokens), r.first_scheduled_ns, r.first_token_ns, r.last_token_ns, r.kv_new_blocks,
+                      r.kv_reused_blocks)
+        self.tokens += u.new_tokens
+        self.log_probs += u.new_log_probs
+
+    def columns(self) -> Columns:
+        return self.ints, self.tokens, self.log_probs, self.ends
 
 
 class EngineProcessError(RuntimeError):
@@ -228,25 +261,33 @@ class EngineProcess:
         else:
             log.error("engine process receiver: unknown message %r", msg[0])
 
-    def _apply(self, rows: list[Row]) -> None:
+    def _apply(self, columns: Columns) -> None:
+        ints, tokens, log_probs, ends = columns
+        keys = ints[::ROW_INTS]
         with self._lock:
             live = self._live
-            reqs = [live.pop(row[0], None) if row[3] else live.get(row[0]) for row in rows]
-            self._cancel_sent.difference_update(row[0] for row in rows if row[3])
-        for r, (_, tokens, log_probs, finished, error, reason, t_sched, t_first, t_last, kv_new, kv_reused) in zip(
-                reqs, rows, strict=True):
+            reqs = [live.pop(key, None) if i in ends else live.get(key) for i, key in enumerate(keys)]
+            self._cancel_sent.difference_update(keys[i] for i in ends)
+        at = 0
+        for i, r in enumerate(reqs):
+            j = ROW_INTS * i
+            n = ints[j + 1]
+            new_tokens, new_log_probs = tokens[at: at + n], log_probs[at: at + n]
+            at += n
             if r is None:
                 continue
-            r.tokens.extend(tokens)
-            r.log_probs.extend(log_probs)
-            r.first_scheduled_ns, r.first_token_ns, r.last_token_ns = t_sched, t_first, t_last
-            r.kv_new_blocks, r.kv_reused_blocks = kv_new, kv_reused
-            if finished:
+            r.tokens.extend(new_tokens)
+            r.log_probs.extend(new_log_probs)
+            r.first_scheduled_ns, r.first_token_ns, r.last_token_ns, r.kv_new_blocks, r.kv_reused_blocks = \
+                ints[j + 2: j + ROW_INTS]
+            end = ends.get(i)
+            if end is None:
+                r.status, error = Status.RUNNING, None
+            else:
+                error, reason = end
                 r.status, r.error = Status.FINISHED, error
                 r.finish_reason = FinishReason(reason) if reason else None
-            else:
-                r.status = Status.RUNNING
-            TokenUpdate(r, tokens, log_probs, finished, error).deliver()
+            TokenUpdate(r, new_tokens, new_log_probs, end is not None, error).deliver()
 
     def _replay(self, metrics: tuple[list[float], list[float], list[Call]]) -> None:
         """The iteration's metrics calls: its first tokens and tokens (order among them does not matter to a
@@ -320,7 +361,7 @@ class EngineCore:
     def __init__(self, conn: Any):
         self.conn = conn
         self._send_lock = threading.Lock()
-        self.rows: list[Row] = []
+        self.rows = StepRows()
         self.first_tokens: list[float] = []
         """Arguments of the iteration's on_first_token calls (one per request; the ones of on_token below)."""
         self.tokens: list[float] = []
@@ -369,8 +410,8 @@ class EngineCore:
         """Send what the iteration's callbacks gathered (the engine's on_step_end)."""
         if not (self.rows or self.calls or self.first_tokens or self.tokens):
             return
-        msg = ("step", self.rows, (self.first_tokens, self.tokens, self.calls))
-        self.rows, self.first_tokens, self.tokens, self.calls = [], [], [], []
+        msg = ("step", self.rows.columns(), (self.first_tokens, self.tokens, self.calls))
+        self.rows, self.first_tokens, self.tokens, self.calls = StepRows(), [], [], []
         try:
             self._send(msg)
         except OSError:
@@ -389,17 +430,17 @@ class EngineCore:
             engine.submit(r)
         except RequestError as e:  # the serving side checked the same limits: only a shutdown gets here
             self._requests.pop(key, None)
-            self._send(("step", [(key, [], [], True, str(e), FinishReason.FAILED.value, 0, 0, 0, 0, 0)],
-                        ([], [], [])))
+            rows = StepRows()
+            rows.add(key, TokenUpdate(r, [], [], True, str(e)), FinishReason.FAILED.value)
+            self._send(("step", rows.columns(), ([], [], [])))
 
     def _updated(self, key: int, u: TokenUpdate) -> None:
-        r = u.request
-        self.rows.append((key, u.new_tokens, u.new_log_probs, u.finished, u.error,
-                          r.finish_reason.value if u.finished and r.finish_reason is not None else None,
-                          r.first_scheduled_ns, r.first_token_ns, r.last_token_ns, r.kv_new_blocks,
-                          r.kv_reused_blocks))
         if u.finished:
+            reason = u.request.finish_reason
+            self.rows.add(key, u, reason.value if reason is not None else None)
             self._requests.pop(key, None)
+        else:
+            self.rows.add(key, u)
 
 
 class MetricsCalls:

@@ -10,10 +10,14 @@ is the difference of two scrapes, reused / (reused + missed)).
 
 Every update is an IPC round trip to the server process, so gauges are written at most once per `period_s`
 (the backend's `stats_check_period_ms` plays the same role) and latency observations are buffered until then.
+A histogram takes one observation per call, so a period's writes are a round trip per output token: with
+`publisher=True` (the served model) they are made by a thread of their own, never by the thread calling the
+hooks (the engine's loop, or the engine process's receiver).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -61,12 +65,14 @@ class TritonMetrics:
     """The runtime's metrics hook: call the `on_*` methods from the engine loop (any thread)."""
 
     def __init__(self, pb_utils: Any, model_name: str, version: str = "1", *, max_batch_size: int | None = None,
-                 tokens_per_block: int | None = None, period_s: float = 0.1, clock=time.monotonic):
+                 tokens_per_block: int | None = None, period_s: float = 0.1, clock=time.monotonic,
+                 publisher: bool = False):
         self._pb = pb_utils
         self._base = {"model": model_name, "version": str(version)}
         self._period_s = period_s
         self._clock = clock
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one flush at a time: a later one's values are written last
         self._families: list[Any] = []
         self.gauges = {name: self._gauge_metrics(name, *spec) for name, spec in _GAUGES.items()}
         self.histograms = {name: self._histogram(name, *spec) for name, spec in _HISTOGRAMS.items()}
@@ -82,6 +88,12 @@ class TritonMetrics:
         if tokens_per_block is not None:
             self._state[("nv_trt_llm_kv_cache_block_metrics", "tokens_per")] = tokens_per_block
         self.flush()
+        self._wake = threading.Event()
+        self._closed = False
+        self._publisher: threading.Thread | None = None
+        if publisher:
+            self._publisher = threading.Thread(target=self._publish, name="metrics-publisher", daemon=True)
+            self._publisher.start()
 
     # -- construction -------------------------------------------------------------------------
     def _family(self, name: str, description: str, kind: Any) -> Any:
@@ -133,7 +145,7 @@ class TritonMetrics:
                     self._state[("nv_trt_llm_kv_cache_block_metrics", category)] = total
             self._pending["nv_trt_llm_iteration_batch_size"].append(batch_size)
         if active and not self._published_active:
-            self.flush()  # idle -> busy: publish at once, not a period later (short requests would never show)
+            self._flush_soon()  # idle -> busy: publish at once, not a period later (short requests would never show)
         else:
             self._maybe_flush()
 
@@ -168,10 +180,40 @@ class TritonMetrics:
     # -- writing ------------------------------------------------------------------------------
     def _maybe_flush(self) -> None:
         if self._clock() - self._last_flush >= self._period_s:
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Flush now, in this thread, or have the publisher thread do it."""
+        if self._publisher is None:
             self.flush()
+        else:
+            self._wake.set()
+
+    def _publish(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            try:
+                self.flush()
+            except Exception:  # a failed write must not stop the ones after it
+                logging.getLogger(__name__).exception("publishing the runtime's metrics failed")
+
+    def close(self) -> None:
+        """Stop the publisher thread (if any) and write what is pending."""
+        self._closed = True
+        if self._publisher is not None:
+            self._wake.set()
+            self._publisher.join(timeout=10)
+        self.flush()
 
     def flush(self) -> None:
         """Write every pending value to Triton now (also called by the runtime at shutdown)."""
+        with self._write_lock:
+            self._write()
+
+    def _write(self) -> None:
         with self._lock:
             now = self._clock()
             elapsed, self._last_flush = now - self._last_flush, now

@@ -106,8 +106,9 @@ class Scheduler:
         out = Schedule()
         budget = self.max_num_tokens
         scheduled: set[int] = set()
-        for req in self.running:  # blocks the last iteration completed can be shared from now on
-            self.cache.publish(req.seq_id, req.tokens, req.num_computed)
+        if self.cache.enable_reuse:
+            for req in self.running:  # blocks the last iteration completed can be shared from now on
+                self.cache.publish(req.seq_id, req.tokens, req.num_computed)
         # Generation requests first, then unfinished (chunked) contexts, then new admissions.
         for req in sorted(self.running, key=lambda r: r.is_prefill):
             if req.status is not Status.RUNNING:
@@ -160,7 +161,10 @@ class Scheduler:
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         """Make room for `num_tokens` positions of a running request; False if no block is free."""
-        if self.cache.new_blocks_needed(req.seq_id, num_tokens) > self.cache.num_free_blocks:
+        need = self.cache.new_blocks_needed(req.seq_id, num_tokens)
+        if not need:  # most decode steps: the last block has room
+            return True
+        if need > self.cache.num_free_blocks:
             if self.policy == "guaranteed_no_evict":
                 raise AssertionError("guaranteed_no_evict reserved blocks ran out: reservation bug")
             return False

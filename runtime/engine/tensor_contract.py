@@ -7,6 +7,7 @@ tensors of one response. Names, dtypes and shapes follow tensorrt_llm/config.pbt
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,22 +160,32 @@ def perf_metrics(req: Request) -> dict[str, int | float]:
             "acceptance_rate": 0.0, "total_accepted_draft_tokens": 0, "total_draft_tokens": 0}
 
 
-def response_arrays(spec: RowSpec, req: Request, tokens: list[int], log_probs: list[float]) -> dict[str, np.ndarray]:
-    """Output tensors of one response (batch 1, beam 1) of row `spec`: `tokens` are what this response carries.
-    Shapes are upstream's: output_ids [1, 1, n], output_log_probs [1, 1, n], every other output [1, 1]."""
-    out = {
-        "output_ids": np.asarray(tokens, dtype=np.int32).reshape(1, 1, -1),
-        "sequence_length": np.array([[len(tokens)]], dtype=np.int32),
-        "batch_index": np.array([[spec.batch_index]], dtype=np.int32),
-        "sequence_index": np.zeros((1, 1), dtype=np.int32),
-    }
-    if spec.return_log_probs:
+def response_arrays(spec: RowSpec, req: Request, tokens: list[int], log_probs: list[float],
+                    names: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """Output tensors of one response (batch 1, beam 1) of row `spec`: `tokens` are what this response carries;
+    `names`: only these outputs (None: every one the row asked for). Shapes are upstream's: output_ids [1, 1, n],
+    output_log_probs [1, 1, n], every other output [1, 1]."""
+    def want(name: str) -> bool:
+        return names is None or name in names
+
+    out = {}
+    if want("output_ids"):
+        out["output_ids"] = np.asarray(tokens, dtype=np.int32).reshape(1, 1, -1)
+    if want("sequence_length"):
+        out["sequence_length"] = np.array([[len(tokens)]], dtype=np.int32)
+    if want("batch_index"):
+        out["batch_index"] = np.array([[spec.batch_index]], dtype=np.int32)
+    if want("sequence_index"):
+        out["sequence_index"] = np.zeros((1, 1), dtype=np.int32)
+    if spec.return_log_probs and want("cum_log_probs"):
         out["cum_log_probs"] = np.array([[sum(req.log_probs)]], dtype=np.float32)
+    if spec.return_log_probs and want("output_log_probs"):
         out["output_log_probs"] = np.asarray(log_probs, dtype=np.float32).reshape(1, 1, -1)
-    if spec.return_perf_metrics:
-        out.update({name: np.array([[value]], dtype=PERF_OUTPUTS[name]) for name, value in perf_metrics(req).items()})
-    if spec.return_num_tokens[0]:
+    if spec.return_perf_metrics and (names is None or not PERF_OUTPUTS.keys().isdisjoint(names)):
+        out.update({name: np.array([[value]], dtype=PERF_OUTPUTS[name])
+                    for name, value in perf_metrics(req).items() if want(name)})
+    if spec.return_num_tokens[0] and want("num_input_tokens"):
         out["num_input_tokens"] = np.array([[len(req.prompt)]], dtype=np.int32)
-    if spec.return_num_tokens[1]:
+    if spec.return_num_tokens[1] and want("num_output_tokens"):
         out["num_output_tokens"] = np.array([[len(req.output)]], dtype=np.int32)
     return out

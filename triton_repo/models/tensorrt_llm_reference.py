@@ -61,8 +61,8 @@ class _Responder:
 
     A streamed row sends each new token as it comes, and ends with a response of its last tokens, or of none
     (sequence_length 0, as upstream's backend does) when it ended without one (end_id, cancellation).
-    Streamed chunks are recorded in the ledger first, under the row's own stream id, for the ensemble's
-    postprocessing (triton_repo/detokenize.py)."""
+    Streamed chunks are recorded in the ledger first (`chunk`; the ResponseQueue records a batch's together),
+    under the row's own stream id, for the ensemble's postprocessing (triton_repo/detokenize.py)."""
 
     def __init__(self, sender, num_rows: int, output_names: set[str], ledger: LedgerWriter | None = None,
                  key: str = ""):
@@ -75,11 +75,10 @@ class _Responder:
         flags = FINAL if update.finished and self.remaining == 0 else 0
         req = update.request
         if update.error is not None:
-            self._record(spec, req, None)
+            self._ended(spec, req)
             self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 f"request {req.request_id or '<no id>'} row {spec.batch_index} failed: {update.error}")), flags=flags)
         elif spec.streaming and (update.new_tokens or update.finished):
-            self._record(spec, req, update)
             self._send(spec, req, update.new_tokens, req.log_probs[len(req.log_probs) - len(update.new_tokens):],
                        flags)
         elif not spec.streaming and update.finished:
@@ -98,20 +97,25 @@ class _Responder:
             pb_utils.Logger.log_warn(f"tensorrt_llm (reference): stream ledger unavailable: {e}")
             return False
 
-    def _record(self, spec: RowSpec, req: Request, update: TokenUpdate | None) -> None:
+    def chunk(self, spec: RowSpec, update: TokenUpdate) -> tuple[str, str, list[int], bool] | None:
+        """The ledger's record of the chunk `on_update` will stream for this update (None: it streams none)."""
+        if self.ledger is None or not spec.streaming or update.error is not None:
+            return None
+        if not (update.new_tokens or update.finished):
+            return None
+        return stream_id(update.request), self.key, update.new_tokens, update.finished
+
+    def _ended(self, spec: RowSpec, req: Request) -> None:
         if self.ledger is None or not spec.streaming:
             return
         try:
-            if update is None:
-                self.ledger.ended(stream_id(req))
-            else:
-                self.ledger.sent(stream_id(req), self.key, update.new_tokens, update.finished)
-        except sqlite3.Error as e:  # the ensemble's text falls back to decoding this chunk alone
+            self.ledger.ended(stream_id(req))
+        except sqlite3.Error as e:
             pb_utils.Logger.log_warn(f"tensorrt_llm (reference): stream ledger unavailable: {e}")
 
     def _send(self, spec: RowSpec, req: Request, tokens: list[int], log_probs: list[float], flags: int) -> None:
-        arrays = response_arrays(spec, req, tokens, log_probs)
-        tensors = [pb_utils.Tensor(name, arr) for name, arr in arrays.items() if name in self.output_names]
+        arrays = response_arrays(spec, req, tokens, log_probs, self.output_names)
+        tensors = [pb_utils.Tensor(name, arr) for name, arr in arrays.items()]
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
 
@@ -120,6 +124,19 @@ def stream_id(req: Request) -> str:
 
 
 Pending = tuple[_Responder, RowSpec, TokenUpdate]
+
+
+def record_chunks(pending: list[Pending]) -> None:
+    """Record the streamed chunks of `pending` in the stream ledger, in one transaction, before any is sent."""
+    by_ledger: dict[int, tuple[LedgerWriter, list]] = {}
+    for responder, spec, update in pending:
+        if (chunk := responder.chunk(spec, update)) is not None:
+            by_ledger.setdefault(id(responder.ledger), (responder.ledger, []))[1].append(chunk)
+    for ledger, chunks in by_ledger.values():
+        try:
+            ledger.sent_many(chunks)
+        except sqlite3.Error as e:  # the ensemble's text falls back to decoding these chunks alone
+            pb_utils.Logger.log_warn(f"tensorrt_llm (reference): stream ledger unavailable: {e}")
 
 
 def merge_updates(batch: list[Pending]) -> list[Pending]:
@@ -218,7 +235,9 @@ class ResponseQueue:
                 batch, self._items = self._items, []
                 if self._stopping and not batch:
                     return True
-            for responder, spec, update in self.interval.release(merge_updates(batch)):
+            pending = self.interval.release(merge_updates(batch))
+            record_chunks(pending)
+            for responder, spec, update in pending:
                 if update.finished:
                     with self._cv:
                         self._live.pop(id(update.request), None)
@@ -319,7 +338,7 @@ class TritonPythonModel:
         c = self.engine.config
         return TritonMetrics(pb_utils, args["model_name"], args.get("model_version", "1"),
                              max_batch_size=c.max_batch_size, tokens_per_block=c.tokens_per_block,
-                             period_s=self.stats_period_s)
+                             period_s=self.stats_period_s, publisher=True)
 
     def execute(self, requests):
         for request in requests:
@@ -382,6 +401,6 @@ class TritonPythonModel:
         self.engine.shutdown()
         self.responses.close()
         if self.engine.metrics is not None:
-            self.engine.metrics.flush()
+            self.engine.metrics.close()
         if self.ledger is not None:
             self.ledger.close()
