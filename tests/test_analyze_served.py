@@ -1,5 +1,6 @@
 """The analysis on real runs of the served tiny model (build.max_batch_size = 2): a crafted overload
-(8 requests in flight: 6 wait for a batch slot) is named queueing; one request at a time is not."""
+(16 requests in flight: 14 wait for a batch slot, so the queue dominates even where a loaded machine delays
+requests on their way in) is named queueing; one request at a time is not."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def runs(served):
     tok = load_tokenizer(served.tokenizer_dir)
-    prompts = random_prompts(tok, 25, 16, 32, seed=5)
+    prompts = random_prompts(tok, 33, 16, 32, seed=5)
     cfg = BenchConfig(served.grpc_url, "tensorrt_llm", served.metrics_url,
-                      [LoadPoint("concurrency", 1), LoadPoint("concurrency", 8)], num_prompts=24, warmup=1,
+                      [LoadPoint("concurrency", 1), LoadPoint("concurrency", 16)], num_prompts=32, warmup=1,
                       metrics_period_s=0.05)
     return asyncio.run(run_bench(cfg, prompts, tok, show_progress=False))
 
@@ -53,8 +54,8 @@ def test_analyze_command_with_the_plan(served, runs, tmp_path):
     r = CliRunner().invoke(app, ["analyze", str(written["bench"]), "--plan", str(recipe),
                                  "--markdown", str(tmp_path / "analysis.md")])
     assert r.exit_code == 0, r.output
-    assert "== c8: bottleneck = queueing (batch slots)" in r.output and "plan: 1 GPU(s)" in r.output
+    assert "== c16: bottleneck = queueing (batch slots)" in r.output and "plan: 1 GPU(s)" in r.output
     md = (tmp_path / "analysis.md").read_text()
-    assert "| c8 | queueing | batch slots |" in md
+    assert "| c16 | queueing | batch slots |" in md
     r = CliRunner().invoke(app, ["analyze", str(written["c1"]), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["analyses"][0]["bottleneck"] != "queueing"
