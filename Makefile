@@ -61,8 +61,8 @@ INTERPRETER_SKIP = $(foreach c,64-None-True 128-32-False 128-None-False 64-32-Tr
 # about one of two cores idle on average; its report follows the main one. Either failing fails the target.
 INTERPRETER_LOG = $(OUT)/interpreter-tests.log
 # The main pass in TEST_WORKERS processes, a test file each at a time (pytest-xdist): most tests wait on servers,
-# subprocesses and sockets, so two cores keep three busy.
-TEST_WORKERS ?= 3
+# subprocesses and sockets; two of them beside the interpreter pass keep two cores busy.
+TEST_WORKERS ?= 2
 test: venv
 	@mkdir -p $(OUT)
 	@TRITON_INTERPRET=1 $(PY) -m pytest -q -rs -p no:cacheprovider --basetemp=$(OUT)/.interpreter-tmp \
