@@ -179,8 +179,10 @@ def sample(logits: torch.Tensor, rows: list[SequenceSampler]) -> tuple[list[int]
     A row whose every token is banned (bad words, min_tokens) gets NO_TOKEN. Greedy rows without penalties or
     bad words (min_tokens included: load tools ask for it on every request) run as one batch; the others row by row.
     """
-    batched = [i for i, r in enumerate(rows) if _batched(r)]
-    if len(batched) == len(rows):
+    batched, alone = [], []
+    for i, r in enumerate(rows):
+        (batched if _batched(r) else alone).append(i)
+    if not alone:
         return _sample_batched(logits, rows)
     out_tokens, out_logp = [0] * len(rows), [0.0] * len(rows)
     if batched:
@@ -188,7 +190,7 @@ def sample(logits: torch.Tensor, rows: list[SequenceSampler]) -> tuple[list[int]
         toks, lps = _sample_batched(logits.index_select(0, index), [rows[i] for i in batched])
         for i, tok, lp in zip(batched, toks, lps, strict=True):
             out_tokens[i], out_logp[i] = tok, lp
-    for i in sorted(set(range(len(rows))) - set(batched)):
+    for i in alone:
         x = rows[i].process(logits[i])
         if not torch.isfinite(x.max()):  # every token banned: this row alone fails
             out_tokens[i], out_logp[i] = NO_TOKEN, float("-inf")
