@@ -4,6 +4,7 @@ client goes away, `serve --openai-port`, and the bench's openai backend."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -24,6 +25,7 @@ from enginesmith.client.http import HttpClient
 from enginesmith.client.params import GenerateParams
 from enginesmith.client.server_stats import metric_total, metrics_sample
 from tests.client_served import MAX_BATCH
+from tests.served_processes import engine_holder, paused
 from tests.support import REPO_ROOT, tiny_hf_model
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
@@ -278,21 +280,25 @@ def wait_idle(served, before: float) -> tuple[float, dict]:
 def test_a_client_that_disconnects_cancels_its_request_on_the_server(front, oai, served, stream):
     before = metric_total(httpx.get(served.metrics_url).text, "nv_trt_llm_output_tokens_total", "tensorrt_llm")
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0}
-    if stream:
-        with oai.completions.create(**body, stream=True, extra_body={"min_tokens": LONG}) as chunks:
-            for i, _ in enumerate(chunks):
-                if i == 3:
-                    break  # leaving the block closes the connection
-    else:  # a whole (non-streamed) response: close the socket while the server generates it
-        payload = json.dumps({**body, "min_tokens": LONG}).encode()
-        host, port = front.removeprefix("http://").removesuffix("/v1").split(":")
-        with socket.create_connection((host, int(port))) as s:
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-            deadline = time.monotonic() + 60
-            while generated_since(served, before)[0] < 3:
-                assert time.monotonic() < deadline, "generation did not start"
-                time.sleep(0.05)
+    engine = engine_holder(served.server.proc.pid, "tensorrt_llm")
+    with contextlib.ExitStack() as stopped:  # the engine is paused while the client goes away (however loaded
+        if stream:  # the machine, the cancellation reaches the server before the request could end)
+            with oai.completions.create(**body, stream=True, extra_body={"min_tokens": LONG}) as chunks:
+                for i, _ in enumerate(chunks):
+                    if i == 3:
+                        stopped.enter_context(paused(engine))
+                        break  # leaving the block closes the connection
+        else:  # a whole (non-streamed) response: close the socket while the server generates it
+            payload = json.dumps({**body, "min_tokens": LONG}).encode()
+            host, port = front.removeprefix("http://").removesuffix("/v1").split(":")
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                deadline = time.monotonic() + 60
+                while generated_since(served, before)[0] < 3:
+                    assert time.monotonic() < deadline, "generation did not start"
+                    time.sleep(0.05)
+                stopped.enter_context(paused(engine))
     generated, state = wait_idle(served, before)
     assert state.get("active") == 0 and state.get("kv_used") == 0
     assert 3 <= generated < LONG

@@ -11,7 +11,6 @@ stops the server (last: the module's server is gone after it).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -29,6 +28,7 @@ import torch
 
 from enginesmith.builders.mapping import Mapping
 from enginesmith.runtime.engine.iteration_log import read_iteration_log
+from tests.served_processes import engine_holder, engine_process, paused
 from tests.support import REPO_ROOT, convert_tiny, tiny_hf_model
 from tests.test_engine import PROMPTS, write_engine_dir
 
@@ -269,7 +269,7 @@ def test_cancelled_stream_frees_its_kv_blocks(server, how, model):
     assert error is None  # its responses, so a tiny model runs far ahead of what the client has seen
     seen = 1
     busy = _wait_for_record(log, start, lambda x: x.kv_used_blocks > 0)
-    with _paused(_engine_holder(server, model)):  # however loaded the machine, the stop comes before the end
+    with paused(engine_holder(server.proc.pid, model)):  # however loaded the machine, the stop precedes the end
         if how == "grpc_cancel":
             s.close(cancel=True)
         else:
@@ -432,40 +432,9 @@ def test_metrics_hook_reports_the_kv_pool_and_iterations(server, model):
         assert values[name] - before.get(name, 0) == grew, (name, before, values)
 
 
-def _stub(server, model: str):
-    """The Python-backend stub process that serves `model`."""
-    import psutil
-
-    stubs = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
-             if f"/{model}/1/model.py" in " ".join(p.cmdline())]
-    assert len(stubs) == 1, [p.cmdline() for p in stubs]
-    return stubs[0]
-
-
-def _engine_process(server, model: str):
-    """The engine process of `model`: the spawned child of the stub that serves it."""
-    (child,) = [p for p in _stub(server, model).children() if "spawn_main" in " ".join(p.cmdline())]
-    return child
-
-
-def _engine_holder(server, model: str):
-    """The process whose threads run `model`'s engine loop: its engine process, or the stub itself."""
-    return _engine_process(server, model) if model == PROCESS_MODEL else _stub(server, model)
-
-
-@contextlib.contextmanager
-def _paused(proc):
-    """`proc` stopped (SIGSTOP) for the block: what the block sends waits for it, and nothing is generated."""
-    proc.suspend()
-    try:
-        yield
-    finally:
-        proc.resume()
-
-
 def test_killed_engine_process_stops_the_server_with_its_reason(server):
     """Last of the module's server tests: the server is gone after it."""
-    engine = _engine_process(server, PROCESS_MODEL)
+    engine = engine_process(server.proc.pid, PROCESS_MODEL)
     os.kill(engine.pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while server.proc.poll() is None and time.monotonic() < deadline:
