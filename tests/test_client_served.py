@@ -181,12 +181,12 @@ def test_ctrl_c_in_the_client_command_stops_a_streamed_ensemble_request(served, 
     tokens_before = metric_total(httpx.get(served.metrics_url).text, "nv_trt_llm_output_tokens_total", "tensorrt_llm")
     n = 470
     url = served.grpc_url if protocol == "stream" else served.http_url
-    cmd = [sys.executable, "-m", "enginesmith.builders.cli", "client", protocol, PROMPT, "--url", url,
-           "--max-tokens", str(n), "--min-tokens", str(n), "--stream"]
-    # SIGINT at its default even where the tests run with it ignored (a background job), so Python maps it to
-    # KeyboardInterrupt as in a terminal
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIGINT raises KeyboardInterrupt as in a terminal, even where the tests run with it ignored (a background
+    # job); set in the child's Python, not by a preexec_fn (a fork beside this process's gRPC clients can abort)
+    cmd = [sys.executable, "-c", "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "runpy.run_module('enginesmith.builders.cli', run_name='__main__', alter_sys=True)",
+           "client", protocol, PROMPT, "--url", url, "--max-tokens", str(n), "--min-tokens", str(n), "--stream"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout.read(1), proc.stderr.read().decode()  # the first streamed text
         proc.send_signal(signal.SIGINT)

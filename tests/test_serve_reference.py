@@ -37,6 +37,8 @@ MODEL = "tensorrt_llm"
 PROCESS_MODEL = "tensorrt_llm_process"
 """The same engine, served from a process of its own (parameter engine_process: true)."""
 MODELS = [MODEL, PROCESS_MODEL]
+MAX_SEQ_LEN = 1024
+"""Long enough that a request stopped as soon as the client has seen it generate is far from its end."""
 INTERVAL_MODEL = "tensorrt_llm_interval4"
 """The same engine, streamed 4 steps' tokens at a time after the first (parameter stream_interval)."""
 
@@ -67,7 +69,8 @@ def server(tmp_path_factory):
     from enginesmith.triton_repo.server import TritonServer
 
     root = tmp_path_factory.mktemp("serve")
-    engine_dir = write_engine_dir(root / "engine", convert_tiny(root, "llama", Mapping.create(1, 1)))
+    engine_dir = write_engine_dir(root / "engine", convert_tiny(root, "llama", Mapping.create(1, 1)),
+                                  max_seq_len=MAX_SEQ_LEN)
     logs = {m: root / f"iterations-{m}.jsonl" for m in MODELS}
     add_model(root / "repo", MODEL, tensorrt_llm_config(engine_dir))  # its log: through the environment
     add_model(root / "repo", PROCESS_MODEL, tensorrt_llm_config(engine_dir, PROCESS_MODEL, engine_process="true",
@@ -263,8 +266,9 @@ def test_cancelled_stream_frees_its_kv_blocks(server, how, model):
     log = server.iteration_logs[model]
     start = len(read_iteration_log(log))
     s = Stream(server.grpc_url)
-    prompt, n = list(range(3, 19)), 112  # max_seq_len 128: the longest run, the widest window to stop it in
-    s.send("victim", tensors(prompt, n, streaming=np.bool_(True)), model=model)
+    prompt = list(range(3, 19))
+    n = MAX_SEQ_LEN - len(prompt)  # the longest run (no end_id before it), the widest window to stop it in
+    s.send("victim", tensors(prompt, n, streaming=np.bool_(True), min_tokens=np.int32(n)), model=model)
     result, error = s.events.get(timeout=60)  # it is generating; stop it at once: the engine does not wait for
     assert error is None  # its responses, so a tiny model runs far ahead of what the client has seen
     seen = 1
@@ -289,13 +293,13 @@ BAD = [
     ("empty prompt", "tensorrt_llm", dict(prompt=[], max_tokens=4), "input_ids is empty"),
     ("max_tokens 0", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=0),
      "request_output_len=0 is outside [1, 2147483647]"),
-    ("beyond max_seq_len", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=500), "exceed max_seq_len=128"),
+    ("beyond max_seq_len", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=1023), "exceed max_seq_len=1024"),
     ("prompt too long", "tensorrt_llm", dict(prompt=[5] * 65, max_tokens=4), "more than max_input_len=64"),
     ("wrong dtype", "tensorrt_llm", dict(prompt=[5, 6], max_tokens=4, dtype=np.int64),
      "is 'INT64', but model 'tensorrt_llm' expects 'INT32'"),
     ("unknown model", "nope", dict(prompt=[5, 6], max_tokens=4), "nope"),
-    ("engine process: beyond max_seq_len", PROCESS_MODEL, dict(prompt=[5, 6], max_tokens=500),
-     "exceed max_seq_len=128"),
+    ("engine process: beyond max_seq_len", PROCESS_MODEL, dict(prompt=[5, 6], max_tokens=1023),
+     "exceed max_seq_len=1024"),
     ("engine process: token outside the vocabulary", PROCESS_MODEL, dict(prompt=[5, 10**6], max_tokens=4),
      "input_ids has token id 1000000, outside the vocabulary"),
 ]

@@ -184,6 +184,30 @@ def test_startup_failure_reports_the_log_tail(tmp_path, sp_tok):
     assert server.proc is None  # stopped and reaped
 
 
+def test_servers_start_beside_a_running_grpc_client():
+    """A process whose gRPC client runs (the bench, the tests, a notebook) starts servers too: the launch must
+    not fork this process into running gRPC's fork handlers (a preexec_fn did, and about one child in ten
+    aborted with "Epoll1Poller ... epoll_wait error: Bad file descriptor" before the server ran)."""
+    import subprocess
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from enginesmith.triton_repo.server import _terminated_with_this_process
+
+    nowhere = free_endpoints()
+    client = grpcclient.InferenceServerClient(f"{nowhere.grpc_address}:{nowhere.grpc_port}")
+    client.start_stream(callback=lambda result, error: None)
+    with pytest.raises(InferenceServerException):  # nothing listens there: the client's poller is busy
+        client.is_server_live()
+    try:
+        runs = [subprocess.run(_terminated_with_this_process(["true", "x"]), capture_output=True) for _ in range(100)]
+    finally:
+        client.stop_stream()
+        client.close()
+    assert [(r.returncode, r.stderr) for r in runs if r.returncode or r.stderr] == []
+
+
 # ---- discovery and ports ------------------------------------------------------------------------------------
 def test_tritonserver_on_path_wins(tmp_path, monkeypatch):
     from enginesmith.triton_repo.discovery import find_server

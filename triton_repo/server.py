@@ -5,12 +5,13 @@ The binary and its environment come from `triton_repo.discovery` (on PATH, else 
 start, naming the process that holds one. The server runs in its own process group, so the Python-backend
 stubs (and mpirun's ranks) are stopped with it: SIGTERM first, then SIGKILL to the group after a timeout,
 then the process is reaped. On Linux it also gets SIGTERM when the process that started it dies, even by
-SIGKILL (PR_SET_PDEATHSIG), so no server outlives its `serve`.
+SIGKILL (PR_SET_PDEATHSIG), so no server outlives its `serve`. That is set by a tiny interpreter that then
+execs the server, never by a preexec_fn: a fork of a process whose gRPC client is running (every bench and
+test that starts a server after using one) runs gRPC's fork handlers, which abort about one child in ten.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import shutil
@@ -22,7 +23,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from enginesmith.triton_repo.discovery import ServerBinary, ServerNotFound, find_server
@@ -156,9 +156,8 @@ class TritonServer:
         env = {**os.environ, "ENGINESMITH_PYTHON": sys.executable, **self.binary.env, **self.extra_env}
         with open(self.log_path, "ab") as log:
             self._log_start = self._ready_at = log.tell()
-            self.proc = subprocess.Popen(self.argv(), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_terminate_with_this_process())
+            self.proc = subprocess.Popen(_terminated_with_this_process(self.argv()), env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def is_ready(self) -> bool:
         try:
@@ -281,19 +280,25 @@ class TritonServer:
         self.stop()
 
 
-def _terminate_with_this_process() -> Callable[[], None] | None:
-    """A preexec_fn: the child gets SIGTERM (a graceful stop) when the thread starting it ends, i.e. this
-    process when that is the main thread. Linux only; None elsewhere and from other threads."""
+_EXEC_WITH_PDEATHSIG = (
+    "import ctypes, os, sys\n"
+    f"ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, {int(signal.SIGTERM)})\n"
+    "if os.getppid() != int(sys.argv[1]):\n"  # the parent died before prctl took effect
+    "    sys.exit(1)\n"
+    "try:\n"
+    "    os.execv(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as e:\n"
+    "    sys.exit(f'cannot run {sys.argv[2]}: {e.strerror}')\n")
+
+
+def _terminated_with_this_process(argv: list[str]) -> list[str]:
+    """`argv` run so that it gets SIGTERM (a graceful stop) when the thread starting it ends, i.e. this process
+    when that is the main thread: a short-lived interpreter sets PR_SET_PDEATHSIG (kept across exec) and
+    execs `argv` in its place (same pid). Linux main thread only; elsewhere `argv` as it is."""
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # died before prctl took effect
-            os._exit(1)
-
-    return preexec
+        return argv
+    program = shutil.which(argv[0]) or argv[0]
+    return [sys.executable, "-I", "-S", "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), program, *argv[1:]]
 
 
 def _temp_log() -> Path:
