@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -120,3 +122,19 @@ def test_a_stub_that_ends_with_a_stopping_server_is_not_blamed(tmp_path, monkeyp
     else:
         assert result == (f"the Python-backend stub of model 'tensorrt_llm_bls' (pid {stub.pid}) died; Triton would "
                           f"keep reporting ready while requests to it fail: {HUNG}")
+
+
+def test_a_server_that_hangs_after_its_stop_is_killed(tmp_path):
+    """A model stopped the server (its rank died), Triton logged the stop and then hung past its own exit timeout
+    (2.51 can, after "Exit timeout expired. Exiting immediately."): `serve` must not wait for ever."""
+    log = tmp_path / "server.log"
+    log.write_text("I1207 server.cc:2598] ready\n")
+    server = TritonServer(tmp_path, log_path=log, exit_timeout_s=1, stop_timeout_s=1)
+    server.proc = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                    "signal.SIG_IGN); time.sleep(120)"], start_new_session=True)
+    server._ready_at = log.stat().st_size
+    threading.Timer(0.5, lambda: log.write_text(log.read_text() + f"{RANK_HUNG}\nSignal (15) received.\n")).start()
+    t = time.monotonic()
+    assert server.watch(poll_s=0.05) is None
+    assert time.monotonic() - t < 30 and server.proc.returncode == -signal.SIGKILL
+    assert server.failure_reason() == HUNG

@@ -81,6 +81,7 @@ class TritonServer:
         self.mpi_placement = dict(hosts=hosts, slots_per_host=slots_per_host, hostfile=hostfile)
         self.proc: subprocess.Popen | None = None
         self._log_start = self._ready_at = 0
+        self._stop_scan: tuple[int, bool] | None = None  # (log offset read up to, stop signal seen)
         """Offsets into the log (it is appended to): where this start's lines begin, and the ready point."""
 
     # ---- addresses --------------------------------------------------------------------------------------
@@ -188,12 +189,15 @@ class TritonServer:
 
     def _log_text(self, start: int) -> str:
         """The log from byte `start` on (the file may hold earlier runs)."""
+        return self._log_bytes(start).decode(errors="replace")
+
+    def _log_bytes(self, start: int) -> bytes:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(start)
-                return f.read().decode(errors="replace")
+                return f.read()
         except OSError:
-            return ""
+            return b""
 
     def failure_reason(self) -> str:
         """One line: why this run failed after it was ready (`server_log.failure_cause`), else since its start."""
@@ -237,12 +241,19 @@ class TritonServer:
         a Python-backend stub present at readiness has died: Triton keeps reporting ready then, while every request
         to that model fails, so a server that lost one must not go on as if healthy. A stub that ends after the
         server was told to stop (by a model whose rank died, say) is the shutdown's doing: the server's exit and
-        its log then tell why."""
+        its log then tell why. A server told to stop that is still there `exit_timeout_s + stop_timeout_s` later
+        (Triton 2.51 can hang after "Exit timeout expired. Exiting immediately.") is killed with its group."""
         import psutil
 
         assert self.proc is not None, "start() first"
-        watched = self.stubs()
+        watched, stop_seen = self.stubs(), None
         while self.proc is not None and self.proc.poll() is None:
+            if stop_seen is None and self._stopping():
+                stop_seen = time.monotonic()
+            if stop_seen is not None and time.monotonic() - stop_seen > self.exit_timeout_s + self.stop_timeout_s:
+                _kill_group(self.proc.pid)
+                self.proc.wait()
+                break
             for pid, model in watched.items():
                 try:
                     alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -255,7 +266,15 @@ class TritonServer:
         return None
 
     def _stopping(self) -> bool:
-        return stop_signalled(self._log_text(self._ready_at))
+        """Whether the log shows a stop signal since readiness (read on from where the last call ended)."""
+        if self._stop_scan is None or self._stop_scan[0] < self._ready_at:
+            self._stop_scan = (self._ready_at, False)
+        start, seen = self._stop_scan
+        if not seen:
+            overlap = max(self._ready_at, start - 64)  # a line cut by the previous read is read whole
+            data = self._log_bytes(overlap)
+            self._stop_scan = (overlap + len(data), stop_signalled(data.decode(errors="replace")))
+        return self._stop_scan[1]
 
     def stop(self) -> int | None:
         """SIGTERM, wait up to stop_timeout_s, then SIGKILL the whole process group; reap. Idempotent."""
