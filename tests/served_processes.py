@@ -1,6 +1,6 @@
-"""The processes of a running tritonserver's Python models, found by their command lines, and a way to stop
-one while a test sends a cancellation: however loaded the machine, the stop is on record before the engine
-takes another step."""
+"""The processes of a running tritonserver's Python models, found by their command lines, and a way to hold
+one stopped while a test cancels a request: the cancellation travels while nothing is generated, so even a
+loaded machine does not finish the request first."""
 
 from __future__ import annotations
 
@@ -27,15 +27,18 @@ def stub_process(server_pid: int, model: str) -> psutil.Process:
 
 def engine_process(server_pid: int, model: str) -> psutil.Process:
     """The engine process of `model` (parameter engine_process on): the spawned child of its stub."""
-    (child,) = [p for p in stub_process(server_pid, model).children() if "spawn_main" in " ".join(p.cmdline())]
+    (child,) = _spawned(stub_process(server_pid, model))
     return child
 
 
 def engine_holder(server_pid: int, model: str) -> psutil.Process:
     """The process whose threads run `model`'s engine loop: its engine process, or the stub itself."""
     stub = stub_process(server_pid, model)
-    spawned = [p for p in stub.children() if "spawn_main" in " ".join(p.cmdline())]
-    return spawned[0] if spawned else stub
+    return next(iter(_spawned(stub)), stub)
+
+
+def _spawned(stub: psutil.Process) -> list[psutil.Process]:
+    return [p for p in stub.children() if "spawn_main" in " ".join(p.cmdline())]
 
 
 @contextlib.contextmanager

@@ -81,8 +81,9 @@ class TritonServer:
         self.mpi_placement = dict(hosts=hosts, slots_per_host=slots_per_host, hostfile=hostfile)
         self.proc: subprocess.Popen | None = None
         self._log_start = self._ready_at = 0
-        self._stop_scan: tuple[int, bool] | None = None  # (log offset read up to, stop signal seen)
         """Offsets into the log (it is appended to): where this start's lines begin, and the ready point."""
+        self._scanned, self._stop_logged = 0, False
+        """How far `_stopping` has read the log, and whether it found the stop signal there."""
 
     # ---- addresses --------------------------------------------------------------------------------------
     def _host(self, address: str) -> str:
@@ -157,6 +158,7 @@ class TritonServer:
         env = {**os.environ, "ENGINESMITH_PYTHON": sys.executable, **self.binary.env, **self.extra_env}
         with open(self.log_path, "ab") as log:
             self._log_start = self._ready_at = log.tell()
+            self._scanned, self._stop_logged = 0, False
             self.proc = subprocess.Popen(_terminated_with_this_process(self.argv()), env=env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -267,14 +269,11 @@ class TritonServer:
 
     def _stopping(self) -> bool:
         """Whether the log shows a stop signal since readiness (read on from where the last call ended)."""
-        if self._stop_scan is None or self._stop_scan[0] < self._ready_at:
-            self._stop_scan = (self._ready_at, False)
-        start, seen = self._stop_scan
-        if not seen:
-            overlap = max(self._ready_at, start - 64)  # a line cut by the previous read is read whole
-            data = self._log_bytes(overlap)
-            self._stop_scan = (overlap + len(data), stop_signalled(data.decode(errors="replace")))
-        return self._stop_scan[1]
+        if not self._stop_logged:
+            start = max(self._ready_at, self._scanned - 64)  # a line cut by the previous read is read whole
+            data = self._log_bytes(start)
+            self._scanned, self._stop_logged = start + len(data), stop_signalled(data.decode(errors="replace"))
+        return self._stop_logged
 
     def stop(self) -> int | None:
         """SIGTERM, wait up to stop_timeout_s, then SIGKILL the whole process group; reap. Idempotent."""
