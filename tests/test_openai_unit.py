@@ -203,7 +203,7 @@ def test_the_openai_command_reports_what_it_cannot_reach(tmp_path):
 
     from enginesmith.builders.cli import app
     from tests.support import REPO_ROOT
-    from enginesmith.triton_repo.server import free_port
+    from enginesmith.triton_repo.ports import free_port
 
     data = yaml.safe_load((REPO_ROOT / "recipes" / "tiny-llama.yaml").read_text())
     data["model"]["source"] = str(tmp_path / "no-model")

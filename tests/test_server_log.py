@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.support import REPO_ROOT
-from enginesmith.triton_repo.ports import port_holder, port_taken
+from enginesmith.triton_repo.ports import free_port, port_holder, port_taken
 from enginesmith.triton_repo.server import PortInUse, TritonServer, free_endpoints
 from enginesmith.triton_repo.server_log import error_lines, failure_report, stop_signalled
 
@@ -88,6 +88,16 @@ def test_a_free_port_is_not_taken():
     ep = free_endpoints()
     assert not port_taken("127.0.0.1", ep.http_port)
     assert port_holder(ep.http_port) == "no process this user can see"
+
+
+def test_free_ports_are_picked_below_the_ephemeral_range():
+    """A port the kernel hands out for a bind to port 0 (a rank's rendezvous in another test worker, say) can
+    be taken between the pick and the server's bind ("gRPC port ... is in use by pid N (spawn_main)")."""
+    from enginesmith.triton_repo.ports import LOWEST_PICKED_PORT, _ephemeral_ports
+
+    low = _ephemeral_ports()[0]
+    ports = {free_port() for _ in range(50)}
+    assert all(LOWEST_PICKED_PORT <= p < low for p in ports) and len(ports) > 40, sorted(ports)
 
 
 HUNG = "tensorrt_llm (reference): rank 1 sent no heartbeat in 20 s (hung, or its node is gone); stopping the server"

@@ -3,9 +3,40 @@
 from __future__ import annotations
 
 import errno
+import random
 import socket
 
 MAX_COMMAND = 160
+LOWEST_PICKED_PORT = 20000
+"""`free_port` picks from here up to the kernel's ephemeral range."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on, picked at random below the kernel's ephemeral range: the ports it hands out for
+    a bind to port 0 (torch's rendezvous, gloo, another test worker's engine) and for outgoing connections never
+    take it between this check and the server's own bind."""
+    pick = random.SystemRandom()  # not the seeded module state: parallel test processes would pick alike
+    low, high = LOWEST_PICKED_PORT, _ephemeral_ports()[0]
+    for _ in range(200 if high - low >= 1000 else 0):
+        port = pick.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as s:  # no room below the ephemeral range: let the kernel pick
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def port_taken(address: str, port: int) -> bool:

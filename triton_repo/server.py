@@ -16,7 +16,6 @@ import os
 import sys
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from enginesmith.triton_repo.discovery import ServerBinary, ServerNotFound, find_server
 from enginesmith.triton_repo.launch import Endpoints, build_mpirun_argv, build_server_argv
-from enginesmith.triton_repo.ports import port_holder, port_taken
+from enginesmith.triton_repo.ports import free_port, port_holder, port_taken
 from enginesmith.triton_repo.server_log import failure_cause, failure_report, stop_signalled
 
 __all__ = ["TritonServer", "ServerError", "PortInUse", "ServerNotFound", "free_endpoints", "find_server"]
@@ -46,12 +45,6 @@ class PortInUse(ServerError):
         self.kind, self.address, self.port, self.holder = kind, address, port, holder
         super().__init__(f"{kind} port {port} on {address} is in use by {holder}: stop that process or choose "
                          "another port")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def free_endpoints(address: str = "127.0.0.1") -> Endpoints:

@@ -103,7 +103,7 @@ class FrontProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout_s: float = 120.0) -> FrontProcess:
-        from enginesmith.triton_repo.server import free_port
+        from enginesmith.triton_repo.ports import free_port
 
         for attempt in range(1 if self.requested_port else 3):
             self.port = self.requested_port or free_port()
